@@ -1,0 +1,269 @@
+"""The pydantic v2 schema of a radsynth config: one root with a section per stage.
+
+Every model forbids unknown keys, so a typo in a YAML preset or a ``key=value`` override is an error that
+names the key, never a silently ignored setting. Paths stay as given (relative to the working directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Modality = Literal["ct", "mri", "xray"]
+SplitName = Literal["train", "holdout", "test"]
+SPLIT_NAMES: tuple[SplitName, ...] = ("train", "holdout", "test")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class ImageFolderSource(Section):
+    """2D images (PNG 8/16-bit, JPEG) listed in a CSV, with an optional folder of masks of the same stem."""
+
+    csv: str = "manifest.csv"
+    images_dir: str = "images"
+    masks_dir: str | None = "masks"
+    id_column: str = "id"
+    patient_column: str = "patient_id"
+    text_column: str | None = None
+    attribute_columns: list[str] = Field(default_factory=list)
+    split_column: str | None = Field(None, description="use the CSV's own split instead of computing one")
+    pixel_spacing_mm: tuple[float, float] = (1.0, 1.0)
+    mask_threshold: int | None = Field(
+        128, description="binarise 8-bit masks (0/255) at this value; null keeps integer label values as stored"
+    )
+
+
+class MsdSource(Section):
+    """MSD or nnU-Net v2 raw folder: ``dataset.json`` (optional here) with ``imagesTr``/``labelsTr``."""
+
+    images_dir: str = "imagesTr"
+    labels_dir: str = "labelsTr"
+
+
+class DicomSource(Section):
+    """DICOM series anywhere under the root; labels from NIfTI files or DICOM-SEG objects."""
+
+    labels_dir: str | None = Field(None, description="NIfTI labels named <SeriesInstanceUID>.nii.gz")
+    use_seg: bool = Field(True, description="match DICOM-SEG objects found under the root to their series")
+
+
+PhantomKind = Literal["chest_xray", "ct_torso", "brain_mri"]
+
+
+class PhantomSource(Section):
+    """The built-in procedural phantoms: synthetic anatomy, not patient data."""
+
+    kind: PhantomKind = "chest_xray"
+    n_cases: int = Field(200, ge=3)
+    size: int = Field(128, ge=32, description="2D image side in pixels (chest_xray)")
+    shape: tuple[int, int, int] = Field((64, 64, 64), description="3D volume shape in voxels (ct_torso, brain_mri)")
+    seed: int = 0
+
+
+class IntensityConfig(Section):
+    """Modality-aware normalisation to [-1, 1]; ``auto`` picks the CT window for CT, percentiles otherwise."""
+
+    mode: Literal["auto", "ct_window", "percentile", "none"] = "auto"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    @field_validator("ct_window", "percentiles")
+    @classmethod
+    def _increasing(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"must be increasing (low < high), got {list(value)}")
+        return value
+
+
+class PreprocessConfig(Section):
+    target_shape: list[int] = Field(description="output grid in voxels, one entry per spatial axis")
+    target_spacing: list[float] | None = Field(
+        None, description="resample to this spacing (mm) then crop/pad; null resizes straight to target_shape"
+    )
+    orientation: Literal["RAS"] = "RAS"
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+
+    @model_validator(mode="after")
+    def _same_rank(self) -> PreprocessConfig:
+        if len(self.target_shape) not in (2, 3):
+            raise ValueError(f"target_shape must have 2 or 3 entries, got {self.target_shape}")
+        if any(n < 1 for n in self.target_shape):
+            raise ValueError(f"target_shape entries must be positive, got {self.target_shape}")
+        if self.target_spacing is not None and len(self.target_spacing) != len(self.target_shape):
+            raise ValueError("target_spacing must have as many entries as target_shape")
+        return self
+
+
+class SplitConfig(Section):
+    """Patient-level split fractions; a patient's cases always land in one split."""
+
+    train: float = Field(0.7, ge=0, le=1)
+    holdout: float = Field(0.15, ge=0, le=1)
+    test: float = Field(0.15, ge=0, le=1)
+    seed: int = 0
+    stratify_by: str | None = Field(None, description="attribute to balance across splits, e.g. finding")
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitConfig:
+        total = self.train + self.holdout + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + holdout + test must sum to 1, got {total:g}")
+        return self
+
+    def fractions(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in SPLIT_NAMES}
+
+
+class DataConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    format: Literal["phantom", "msd", "image_folder", "dicom"]
+    root: str | None = Field(None, description="input folder (not used by phantom)")
+    modality: Modality | None = Field(None, description="required unless the source says it (phantom, DICOM)")
+    body_region: str | None = None
+    license: str = "unknown"
+    label_names: dict[int, str] | None = Field(
+        None, description="label value -> name, 0 is background; overrides the source's own"
+    )
+    image_folder: ImageFolderSource = Field(default_factory=ImageFolderSource)
+    msd: MsdSource = Field(default_factory=MsdSource)
+    dicom: DicomSource = Field(default_factory=DicomSource)
+    phantom: PhantomSource = Field(default_factory=PhantomSource)
+    preprocess: PreprocessConfig
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataConfig:
+        if self.format != "phantom" and self.root is None:
+            raise ValueError(f"data.root is required for format '{self.format}'")
+        if self.format in ("msd", "image_folder") and self.modality is None:
+            raise ValueError(f"data.modality is required for format '{self.format}' (one of ct, mri, xray)")
+        if self.label_names is not None and self.label_names.get(0, "background") != "background":
+            raise ValueError("label_names[0] must be 'background'")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.preprocess.target_shape)
+
+
+# --------------------------------------------------------------------------------- generator stages
+# These sections are declared now so presets are complete and validated; the training and sampling
+# stages (later issues) read them.
+
+
+class AutoencoderConfig(Section):
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, False])
+    kl_weight: float = Field(1e-6, ge=0)
+    adversarial_weight: float = Field(0.0, ge=0)
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> AutoencoderConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels entry")
+        return self
+
+
+class DiffusionConfig(Section):
+    channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, True, True])
+    num_head_channels: int = Field(32, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    objective: Literal["epsilon", "v_prediction", "rectified_flow"] = "v_prediction"
+    num_train_timesteps: int = Field(1000, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_steps: int = Field(5000, ge=1)
+    ema_decay: float | None = Field(0.999, gt=0, lt=1)
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    validate_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> DiffusionConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels entry")
+        return self
+
+
+class ConditioningConfig(Section):
+    text_encoder: Literal["trained", "pretrained"] = "trained"
+    pretrained_path: str | None = Field(None, description="local Hugging Face folder; never downloaded")
+    attributes: list[str] = Field(default_factory=list, description="attributes rendered into the prompt")
+    max_tokens: int = Field(64, ge=4)
+    embed_dim: int = Field(256, ge=8)
+    condition_dropout: float = Field(0.1, ge=0, lt=1)
+    use_masks: bool = Field(False, description="ControlNet over one-hot label maps")
+
+    @model_validator(mode="after")
+    def _pretrained_needs_path(self) -> ConditioningConfig:
+        if self.text_encoder == "pretrained" and not self.pretrained_path:
+            raise ValueError("conditioning.pretrained_path is required when text_encoder is 'pretrained'")
+        return self
+
+
+class SamplingConfig(Section):
+    scheduler: Literal["ddpm", "ddim", "dpm_solver", "flow_match_euler"] = "ddim"
+    num_inference_steps: int = Field(50, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    num_samples: int = Field(64, ge=1)
+    batch_size: int = Field(8, ge=1)
+    prompts: list[str] = Field(default_factory=list, description="empty: use prompts of the test split")
+    output_format: Literal["auto", "nifti", "png16"] = "auto"
+
+
+class ScoringConfig(Section):
+    feature_spaces: list[Literal["random_cnn", "radiomics", "self_supervised"]] = Field(
+        default_factory=lambda: ["random_cnn", "radiomics"]
+    )
+    bootstrap_samples: int = Field(200, ge=10)
+    nearest_neighbour_chunk: int = Field(1024, ge=1)
+    copy_detection_recall: float = Field(0.95, gt=0, lt=1)
+
+
+class ReleaseConfig(Section):
+    formats: list[Literal["nnunet", "msd", "monai", "imagefolder", "png16", "dicom"]] = Field(
+        default_factory=lambda: ["nnunet", "monai"]
+    )
+    destination: str | None = Field(None, description="release folder; default <output_dir>/release")
+    internal: bool = Field(False, description="allows samples derived from real images (mask bank, inpainting)")
+    keep_versions: int = Field(5, ge=1)
+
+
+class RuntimeConfig(Section):
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    num_workers: int = Field(0, ge=0)
+
+
+class RadsynthConfig(Section):
+    data: DataConfig
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
+    release: ReleaseConfig = Field(default_factory=ReleaseConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.runtime.output_dir)

@@ -1,0 +1,1 @@
+"""Prefect flows and the CLI. The only package that imports Prefect; nothing imports this package."""

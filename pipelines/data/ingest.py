@@ -1,0 +1,122 @@
+"""The data stage: source -> records -> checks -> patient-disjoint splits -> preprocessed cache -> manifest.
+
+Plain Python: the Prefect flows call ``ingest`` as a task, notebooks call it directly. Nothing is written
+for a run until every case has passed its checks; the manifest and summary are written last, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from radsynth.configs.errors import UserInputError
+from radsynth.configs.schema import DataConfig, RadsynthConfig
+
+from .adapters import read_source
+from .cache import PreprocessedCache, cache_key
+from .checks import check_image, check_label
+from .io import Image, read_image
+from .manifest import CaseRecord, check_unique_case_ids, write_manifest
+from .preprocess import PreprocessedCase, preprocess_case
+from .splits import assign_splits
+from .summary import summarize
+
+
+@dataclass
+class IngestResult:
+    records: list[CaseRecord]
+    manifest_path: Path
+    summary_path: Path
+    cache_dir: Path
+    summary: dict
+    preprocessed: int  # cases preprocessed in this run (the rest came from the cache)
+
+
+def data_dir(config: RadsynthConfig) -> Path:
+    return config.output_dir / "data"
+
+
+def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
+    data = config.data
+    out = data_dir(config)
+    where = data.root or f"phantom:{data.phantom.kind}"
+
+    records = read_source(data, out / "source")
+    if not records:
+        raise UserInputError(where, "no cases found", f"see the layout expected by format '{data.format}'")
+    check_unique_case_ids(records, where)
+    if data.label_names is not None:
+        records = [record.model_copy(update={"label_names": dict(data.label_names)}) for record in records]
+    _check_dimensions(records, data)
+    records = assign_splits(records, data.split, where)
+
+    cache = PreprocessedCache(out / "cache", cache_key(data))
+    todo = [record for record in records if not cache.is_current(record.case_id, record.sha256)]
+    with cache:
+        for record, case in _preprocess_all(todo, data, config.runtime.num_workers, progress):
+            cache.put(record.case_id, record.sha256, case)
+
+    manifest_path = write_manifest(records, out / "manifest.jsonl")
+    summary = summarize(records, cache)
+    summary.update(manifest=str(manifest_path), cache=str(cache.folder))
+    summary_path = _write_json(summary, out / "summary.json")
+    return IngestResult(records, manifest_path, summary_path, cache.folder, summary, len(todo))
+
+
+def load_case(record: CaseRecord, data: DataConfig) -> tuple[Image, Image | None]:
+    """Read and check one case's image and label, decoding source conventions (8-bit 0/255 masks)."""
+    image = read_image(record.image, pixel_spacing=record.spacing)
+    check_image(image, record.image)
+    if record.label is None:
+        return image, None
+    label = read_image(record.label, pixel_spacing=record.spacing)
+    threshold = data.image_folder.mask_threshold if data.format == "image_folder" else None
+    if threshold is not None:
+        label.array = (label.array >= threshold).astype(np.uint8)
+    label.array = check_label(label, image, record.label_names, record.label)
+    return image, label
+
+
+def preprocess_record(record: CaseRecord, data: DataConfig) -> PreprocessedCase:
+    image, label = load_case(record, data)
+    return preprocess_case(image, label, record.modality, data.preprocess)
+
+
+def _preprocess_all(records: list[CaseRecord], data: DataConfig, workers: int, progress: bool):
+    bar = tqdm(total=len(records), desc="preprocess", unit="case", disable=not progress or not records)
+    if workers > 1 and len(records) > 4 * workers:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            chunk = max(1, len(records) // (8 * workers))
+            for record, case in zip(records, pool.map(preprocess_record, records, [data] * len(records),
+                                                      chunksize=chunk)):
+                bar.update()
+                yield record, case
+    else:
+        for record in records:
+            yield record, preprocess_record(record, data)
+            bar.update()
+    bar.close()
+
+
+def _check_dimensions(records: list[CaseRecord], data: DataConfig) -> None:
+    expected = data.spatial_dims
+    for record in records:
+        if record.spatial_dims != expected:
+            raise UserInputError(
+                record.image,
+                f"image is {record.spatial_dims}D but data.preprocess.target_shape has {expected} entries",
+                f"use a {record.spatial_dims}D target_shape for this dataset",
+            )
+
+
+def _write_json(payload: dict, path: Path) -> Path:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
+    return path

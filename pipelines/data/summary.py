@@ -1,0 +1,107 @@
+"""The dataset summary printed after ingest: counts, splits, geometry, labels and attribute frequencies.
+
+Only aggregates: no patient id, no case text. Attribute values are counted only when they look categorical
+(few distinct values); numeric attributes such as age are summarised by range and median.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+
+from .cache import PreprocessedCache
+from .manifest import CaseRecord
+from .splits import split_counts
+
+MAX_CATEGORIES = 20
+
+
+def summarize(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict:
+    train = [record for record in records if record.split == "train"] or list(records)
+    cached = [cache.get(record.case_id) for record in train]
+    return {
+        "dataset_cases": len(records),
+        "patients": len({record.patient_id for record in records}),
+        "modality": dict(Counter(record.modality for record in records)),
+        "body_region": dict(Counter(record.body_region for record in records)),
+        "origin": dict(Counter(record.origin for record in records)),
+        "licenses": dict(Counter(record.license for record in records)),
+        "splits": split_counts(records),
+        "with_label": sum(record.label is not None for record in records),
+        "source_shape": _range([record.shape for record in records]),
+        "source_spacing": _range([record.spacing for record in records]),
+        "preprocessed_shape": list(cached[0].image.shape[1:]) if cached else None,
+        "label_names": {str(k): v for k, v in records[0].label_names.items()} if records else {},
+        "label_fraction_train": _label_fractions(cached, records[0].label_names if records else {}),
+        "intensity_train": _intensity_reference(cached),
+        "attributes": _attributes(records),
+    }
+
+
+def _range(values: list[tuple]) -> dict:
+    array = np.array([list(v) for v in values], dtype=np.float64)
+    return {"min": array.min(0).round(4).tolist(), "median": np.median(array, 0).round(4).tolist(),
+            "max": array.max(0).round(4).tolist()}
+
+
+def _label_fractions(cases, label_names: dict[int, str]) -> dict[str, float]:
+    labels = [case.label for case in cases if case.label is not None]
+    if not labels:
+        return {}
+    counts = np.zeros(max(label_names) + 1, dtype=np.int64)
+    for label in labels:
+        counts += np.bincount(label.ravel().astype(np.int64), minlength=len(counts))[: len(counts)]
+    total = counts.sum()
+    return {name: round(float(counts[value] / total), 6) for value, name in label_names.items()}
+
+
+def _intensity_reference(cases) -> dict:
+    """The median physical range over train cases: how generated images are mapped back to physical units."""
+    if not cases:
+        return {}
+    lows = [case.intensity.low for case in cases]
+    highs = [case.intensity.high for case in cases]
+    return {"mode": cases[0].intensity.mode, "low": float(np.median(lows)), "high": float(np.median(highs))}
+
+
+def _attributes(records: Sequence[CaseRecord]) -> dict[str, dict]:
+    keys = sorted({key for record in records for key in record.attributes})
+    summary = {}
+    for key in keys:
+        values = [record.attributes.get(key) for record in records]
+        present = [v for v in values if v is not None and v != ""]
+        numeric = [v for v in present if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if numeric and len(numeric) == len(present) and len(set(numeric)) > MAX_CATEGORIES:
+            summary[key] = {"min": min(numeric), "median": float(np.median(numeric)), "max": max(numeric),
+                            "missing": len(values) - len(present)}
+        elif len(set(map(str, present))) <= MAX_CATEGORIES:
+            summary[key] = dict(Counter(str(v) for v in values if v is not None and v != "").most_common())
+            if len(present) < len(values):
+                summary[key]["(missing)"] = len(values) - len(present)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for the terminal."""
+    splits = summary["splits"]
+    lines = [
+        f"cases {summary['dataset_cases']}  patients {summary['patients']}  "
+        f"modality {_inline(summary['modality'])}  region {_inline(summary['body_region'])}  "
+        f"origin {_inline(summary['origin'])}",
+        "splits  " + "  ".join(f"{name} {s['cases']} cases / {s['patients']} patients" for name, s in splits.items()),
+        f"source shape {summary['source_shape']['median']} (median)  spacing {summary['source_spacing']['median']} mm"
+        f"  ->  preprocessed {summary['preprocessed_shape']}",
+        f"labels ({summary['with_label']} cases with a label map): "
+        + ", ".join(f"{name} {fraction:.2%}" for name, fraction in summary["label_fraction_train"].items()),
+    ]
+    for key, counts in summary["attributes"].items():
+        lines.append(f"  {key}: {_inline(counts)}")
+    lines.append(f"licenses: {_inline(summary['licenses'])}")
+    lines.append(f"manifest {summary['manifest']}")
+    return "\n".join(lines)
+
+
+def _inline(mapping: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in mapping.items())
