@@ -125,7 +125,7 @@ class DataConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     format: Literal["phantom", "msd", "image_folder", "dicom"]
     root: str | None = Field(None, description="input folder (not used by phantom)")
-    modality: Modality | None = Field(None, description="required unless the source says it (phantom, DICOM)")
+    modality: Modality | None = Field(None, description="required for image folders; MSD, DICOM and phantoms can say it themselves")
     body_region: str | None = None
     license: str = "unknown"
     label_names: dict[int, str] | None = Field(
@@ -142,8 +142,8 @@ class DataConfig(Section):
     def _source_needs(self) -> DataConfig:
         if self.format != "phantom" and self.root is None:
             raise ValueError(f"data.root is required for format '{self.format}'")
-        if self.format in ("msd", "image_folder") and self.modality is None:
-            raise ValueError(f"data.modality is required for format '{self.format}' (one of ct, mri, xray)")
+        if self.format == "image_folder" and self.modality is None:
+            raise ValueError("data.modality is required for format 'image_folder' (one of ct, mri, xray)")
         if self.label_names is not None and self.label_names.get(0, "background") != "background":
             raise ValueError("label_names[0] must be 'background'")
         return self

@@ -89,19 +89,19 @@ def preprocess_record(record: CaseRecord, data: DataConfig) -> PreprocessedCase:
 
 
 def _preprocess_all(records: list[CaseRecord], data: DataConfig, workers: int, progress: bool):
-    bar = tqdm(total=len(records), desc="preprocess", unit="case", disable=not progress or not records)
-    if workers > 1 and len(records) > 4 * workers:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+    # `with` closes the bar on error too, so the error message starts on a line of its own.
+    with tqdm(total=len(records), desc="preprocess", unit="case", disable=not progress or not records) as bar:
+        if workers > 1 and len(records) > 4 * workers:
             chunk = max(1, len(records) // (8 * workers))
-            for record, case in zip(records, pool.map(preprocess_record, records, [data] * len(records),
-                                                      chunksize=chunk)):
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                cases = pool.map(preprocess_record, records, [data] * len(records), chunksize=chunk)
+                for record, case in zip(records, cases):
+                    bar.update()
+                    yield record, case
+        else:
+            for record in records:
+                yield record, preprocess_record(record, data)
                 bar.update()
-                yield record, case
-    else:
-        for record in records:
-            yield record, preprocess_record(record, data)
-            bar.update()
-    bar.close()
 
 
 def _check_dimensions(records: list[CaseRecord], data: DataConfig) -> None:

@@ -77,17 +77,21 @@ def to_ras(image: Image) -> Image:
     return Image(np.ascontiguousarray(array), image.affine @ inverse)
 
 
-def resample(image: Image, scale: np.ndarray, shape: tuple[int, ...], order: int) -> Image:
-    """Resample onto a grid whose voxel is ``scale`` old voxels wide, keeping the field of view centred.
+def resample(image: Image, scale: np.ndarray, shape: tuple[int, ...] | None, order: int) -> Image:
+    """Resample onto a grid whose voxel is ``scale`` old voxels wide.
 
-    Centres follow ``align_corners=False``: new voxel j sits at old coordinate (j + 0.5) * scale - 0.5.
-    Images are Gaussian-prefiltered along axes that shrink (anti-aliasing); labels use nearest neighbour.
+    With ``shape`` the grid has that shape and ``scale`` must be old shape / new shape (resize); without it
+    the spacing is exact and the shape is floor(old / scale) (spacing mode). Centres follow
+    ``align_corners=False``: new voxel j sits at old coordinate (j + 0.5) * scale - 0.5. Images are
+    Gaussian-prefiltered along axes that shrink (anti-aliasing); labels use nearest neighbour.
     """
     scale = np.asarray(scale, dtype=np.float64)
+    grid = {"size": tuple(shape)} if shape is not None else {
+        "scale_factor": tuple(float(f) for f in 1.0 / scale), "recompute_scale_factor": False}
     array = image.array
     if order == 0:
         tensor = torch.from_numpy(np.ascontiguousarray(array).astype(np.int32, copy=False))[None, None].float()
-        out = F.interpolate(tensor, size=shape, mode="nearest-exact")[0, 0].numpy().astype(array.dtype)
+        out = F.interpolate(tensor, mode="nearest-exact", **grid)[0, 0].numpy().astype(array.dtype)
     else:
         array = array.astype(np.float32, copy=False)
         sigma = np.where(scale > 1, np.sqrt(np.maximum(scale**2 - 1, 0)) / 2, 0)
@@ -95,7 +99,7 @@ def resample(image: Image, scale: np.ndarray, shape: tuple[int, ...], order: int
             array = ndimage.gaussian_filter(array, sigma=sigma, mode="nearest")
         mode = "bilinear" if array.ndim == 2 else "trilinear"
         tensor = torch.from_numpy(np.ascontiguousarray(array))[None, None]
-        out = F.interpolate(tensor, size=shape, mode=mode, align_corners=False)[0, 0].numpy()
+        out = F.interpolate(tensor, mode=mode, align_corners=False, **grid)[0, 0].numpy()
     step = np.eye(len(scale) + 1)
     step[:-1, :-1] = np.diag(scale)
     step[:-1, -1] = (scale - 1) / 2
@@ -115,16 +119,11 @@ def crop_or_pad(image: Image, shape: tuple[int, ...], fill: float) -> Image:
     return Image(out, image.affine @ shift)
 
 
-def target_grid(image: Image, config: PreprocessConfig) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Scale (old voxels per new voxel) and the resampled shape, before any crop/pad."""
-    old_shape = np.array(image.array.shape)
+def target_grid(image: Image, config: PreprocessConfig) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """(scale, shape) for ``resample``: the target shape when resizing, None when the spacing decides it."""
     if config.target_spacing is None:
-        new_shape = tuple(config.target_shape)
-        return old_shape / np.array(new_shape), new_shape
-    scale = np.array(config.target_spacing) / np.array(spacing_of(image.affine))
-    new_shape = tuple(max(1, int(round(n))) for n in old_shape / scale)
-    # Rounding the shape changes the spacing slightly; keep the field of view exact instead.
-    return old_shape / np.array(new_shape), new_shape
+        return np.array(image.array.shape) / np.array(config.target_shape), tuple(config.target_shape)
+    return np.array(config.target_spacing) / np.array(spacing_of(image.affine)), None
 
 
 # ------------------------------------------------------------------------------------------ one case

@@ -68,7 +68,11 @@ def _cases(images_dir: Path) -> list[tuple[str, Path]]:
         match = CHANNEL_SUFFIX.match(stem)
         if match and match["channel"] != "0000":
             raise UserInputError(path, f"channel {match['channel']} found", "one channel per case (_0000 only)")
-        cases[match["case"] if match else stem] = path
+        case_id = match["case"] if match else stem
+        if case_id in cases:
+            raise UserInputError(path, f"duplicate case id '{case_id}' (also {cases[case_id].name})",
+                                 "one image file per case")
+        cases[case_id] = path
     return list(cases.items())
 
 
