@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up radsynth in ./.venv: `bash scripts/setup.sh` for running, `bash scripts/setup.sh --test` adds test tools.
+#
+# torch is installed before the project so that pip keeps it: a torch already in .venv (for example a
+# CUDA build you installed) is left alone; otherwise RADSYNTH_TORCH (default torch==2.13.0) is installed,
+# which on the project's CPU machines resolves to the local CPU wheel rather than gigabytes of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  .venv/bin/python -m pip install --quiet "${RADSYNTH_TORCH:-torch==2.13.0}"
+fi
+# (This machine's pip config names local indexes that may be absent; drop those warnings, keep pip's status.)
+.venv/bin/python -m pip install --quiet --editable ".${extras}" 2> >(grep -v "is ignored: it is neither" >&2)
+.venv/bin/python -c "import torch, radsynth.flows.cli; print(f'radsynth ready: torch {torch.__version__}, .venv/bin/radsynth')"

@@ -1,0 +1,36 @@
+"""The install contract: every code folder is a listed radsynth.* package, and no generic name is installed."""
+
+import tomllib
+from pathlib import Path
+
+from .conftest import REPO
+
+ROOTS = {"configs": "radsynth.configs", "generators": "radsynth.generators", "pipelines": "radsynth.pipelines",
+         "flows": "radsynth.flows"}
+
+
+def test_every_package_folder_is_listed_under_the_radsynth_import_root():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {package: folder for folder, package in ROOTS.items()}
+    on_disk = set()
+    for folder, package in ROOTS.items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder).parts
+            on_disk.add(".".join((package, *relative)))
+    assert set(setuptools["packages"]) == on_disk
+    assert all(name.startswith("radsynth.") for name in setuptools["packages"])
+
+
+def test_console_script_points_at_the_cli():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"radsynth": "radsynth.flows.cli:main"}
+    import radsynth.flows.cli
+
+    assert Path(radsynth.flows.cli.__file__).resolve().parent == REPO / "flows"
+
+
+def test_prefect_is_imported_only_in_flows():
+    offenders = [path for root in ("configs", "generators", "pipelines") for path in (REPO / root).rglob("*.py")
+                 if "import prefect" in path.read_text() or "from prefect" in path.read_text()]
+    assert offenders == []
