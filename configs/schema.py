@@ -7,7 +7,7 @@ names the key, never a silently ignored setting. Paths stay as given (relative t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -54,6 +54,7 @@ class DicomSource(Section):
     use_seg: bool = Field(True, description="match DICOM-SEG objects found under the root to their series")
 
 
+Voxels = Annotated[int, Field(ge=24)]
 PhantomKind = Literal["chest_xray", "ct_torso", "brain_mri"]
 
 
@@ -63,7 +64,8 @@ class PhantomSource(Section):
     kind: PhantomKind = "chest_xray"
     n_cases: int = Field(200, ge=3)
     size: int = Field(128, ge=32, description="2D image side in pixels (chest_xray)")
-    shape: tuple[int, int, int] = Field((64, 64, 64), description="3D volume shape in voxels (ct_torso, brain_mri)")
+    # Below ~24 voxels per axis small structures (the spine at 22 mm voxels) drop out of the phantoms.
+    shape: tuple[Voxels, Voxels, Voxels] = Field((64, 64, 64), description="3D shape in voxels (ct_torso, brain_mri)")
     seed: int = 0
 
 

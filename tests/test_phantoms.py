@@ -12,6 +12,7 @@ from radsynth.configs.schema import DataConfig
 from radsynth.pipelines.data.adapters.phantom import read_phantom
 from radsynth.pipelines.data.io import read_image
 from radsynth.pipelines.data.manifest import file_sha256
+from radsynth.pipelines.data.phantoms.cohort import GENERATOR_VERSION
 from radsynth.pipelines.data.phantoms import (
     BRAIN_MRI_FINDING_FREQUENCIES,
     CHEST_XRAY_FINDING_FREQUENCIES,
@@ -251,7 +252,7 @@ def test_adapter_writes_nifti_whose_affine_matches_the_record(tmp_path, kind):
 def test_adapter_reuses_a_complete_folder_and_redoes_an_incomplete_one(tmp_path):
     data = data_config("chest_xray", 5)
     records = read_phantom(data, tmp_path)
-    folder = tmp_path / "phantom-chest_xray-3-5-64"
+    folder = tmp_path / f"phantom-chest_xray-v{GENERATOR_VERSION}-3-5-64"
     manifest = folder / "cases.jsonl"
     stamps = {p: p.stat().st_mtime_ns for p in [manifest, *folder.rglob("*.png")]}
     again = read_phantom(data, tmp_path)

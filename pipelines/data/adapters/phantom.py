@@ -17,6 +17,7 @@ from radsynth.configs.schema import DataConfig, PhantomSource
 
 from ..io import scaling_affine, write_nifti, write_png
 from ..manifest import CaseRecord, file_sha256, read_manifest, write_manifest
+from ..phantoms.cohort import GENERATOR_VERSION
 from ..phantoms import CohortSlot, PhantomCase, generate_case, grid_shape, kind_module, plan_cohort
 
 MANIFEST_NAME = "cases.jsonl"
@@ -47,7 +48,7 @@ def read_phantom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
 def phantom_folder_name(source: PhantomSource) -> str:
     grid = grid_shape(source.kind, source.size, source.shape)
     grid_name = str(grid[0]) if len(grid) == 2 else "x".join(map(str, grid))
-    return f"phantom-{source.kind}-{source.seed}-{source.n_cases}-{grid_name}"
+    return f"phantom-{source.kind}-v{GENERATOR_VERSION}-{source.seed}-{source.n_cases}-{grid_name}"
 
 
 def _complete_manifest(folder: Path, n_cases: int) -> list[CaseRecord] | None:
