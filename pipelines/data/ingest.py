@@ -90,7 +90,8 @@ def preprocess_record(record: CaseRecord, data: DataConfig) -> PreprocessedCase:
 
 def _preprocess_all(records: list[CaseRecord], data: DataConfig, workers: int, progress: bool):
     # `with` closes the bar on error too, so the error message starts on a line of its own.
-    with tqdm(total=len(records), desc="preprocess", unit="case", disable=not progress or not records) as bar:
+    disable = True if not progress or not records else None  # None: only on a terminal
+    with tqdm(total=len(records), desc="preprocess", unit="case", disable=disable) as bar:
         if workers > 1 and len(records) > 4 * workers:
             chunk = max(1, len(records) // (8 * workers))
             with ProcessPoolExecutor(max_workers=workers) as pool:

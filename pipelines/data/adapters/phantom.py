@@ -39,7 +39,7 @@ def read_phantom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
     # One process, in order: a case takes milliseconds, mostly in small GIL-bound numpy calls, so threads
     # measured slower and a process pool's start-up (and fork hazards inside Prefect) would not pay off.
     slots = plan_cohort(source.kind, source.n_cases, source.seed)
-    progress = tqdm(slots, desc=f"phantom {source.kind}", unit="case", leave=False)
+    progress = tqdm(slots, desc=f"phantom {source.kind}", unit="case", leave=False, disable=None)
     records = [_write_case(source, slot, folder) for slot in progress]
     write_manifest(records, folder / MANIFEST_NAME)
     return records
