@@ -13,6 +13,8 @@ from pathlib import Path
 
 def configure_prefect(output_dir: str | Path) -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path(output_dir).resolve() / ".prefect"))
+    # Prefect creates only the last folder of its home; a fresh run folder has no parents yet.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub look-ups at run time, ever

@@ -10,10 +10,12 @@ cd "$(dirname "$0")/.."
 extras=""
 if [ "${1:-}" = "--test" ]; then extras="[test]"; fi
 
+# pip, minus the warnings of a pip config that names local indexes which may be absent (pip's status is kept).
+pip_install() { .venv/bin/python -m pip install --quiet "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  .venv/bin/python -m pip install --quiet "${RADSYNTH_TORCH:-torch==2.13.0}"
+  pip_install "${RADSYNTH_TORCH:-torch==2.13.0}"
 fi
-# (This machine's pip config names local indexes that may be absent; drop those warnings, keep pip's status.)
-.venv/bin/python -m pip install --quiet --editable ".${extras}" 2> >(grep -v "is ignored: it is neither" >&2)
+pip_install --editable ".${extras}"
 .venv/bin/python -c "import torch, radsynth.flows.cli; print(f'radsynth ready: torch {torch.__version__}, .venv/bin/radsynth')"

@@ -2,6 +2,9 @@
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -35,3 +38,16 @@ def test_build_runs_the_ingest_task_in_a_prefect_flow_and_reports_json(prefect_s
             return [(flows[run.flow_id], run.state.type.value) for run in await client.read_flow_runs()]
 
     assert asyncio.run(build_runs()) == [("build", "COMPLETED")]
+
+
+def test_build_in_a_fresh_run_folder_starts_its_own_ephemeral_server(msd_config, tmp_path):
+    """The quick-start path: no harness, no server, a run folder that does not exist yet."""
+    config = msd_config(f"runtime.output_dir={tmp_path / 'fresh' / 'run'}")
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    done = subprocess.run([sys.executable, "-m", "radsynth.flows.cli", "build", str(path), "--json"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["dataset_cases"] == 6
+    assert (tmp_path / "fresh" / "run" / ".prefect" / "prefect.db").is_file()  # Prefect's SQLite lives in the run
