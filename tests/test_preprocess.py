@@ -103,3 +103,14 @@ def test_resize_mode_reaches_the_target_shape_for_2d():
     case = preprocess_case(image, None, "xray", PreprocessConfig(target_shape=[64, 64]))
     assert case.image.shape == (1, 64, 64) and case.label is None
     np.testing.assert_allclose(np.linalg.norm(case.affine[:2, :2], axis=0), [4.0, 3.125])
+
+
+def test_a_label_too_small_for_the_target_grid_is_reported_as_lost():
+    label = np.zeros((64, 64), np.uint8)
+    label[10:40, 10:40] = 1
+    label[49, 49] = 2  # one pixel off the 4k+2 sampling grid: gone at a quarter of the resolution
+    image = Image(np.random.default_rng(4).random((64, 64)).astype(np.float32), np.eye(3))
+    case = preprocess_case(image, Image(label, np.eye(3)), "xray", PreprocessConfig(target_shape=[16, 16]))
+    assert case.lost_labels == (2,)
+    kept = preprocess_case(image, Image(label, np.eye(3)), "xray", PreprocessConfig(target_shape=[64, 64]))
+    assert kept.lost_labels == ()

@@ -23,7 +23,7 @@ from radsynth.configs.schema import DataConfig
 
 from .preprocess import IntensityMap, PreprocessedCase
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 
 
 def cache_key(data: DataConfig) -> str:
@@ -83,12 +83,18 @@ class PreprocessedCache:
             "sha256": sha256,
             "intensity": json.dumps(vars(case.intensity)),
             "original_shape": json.dumps(list(case.original_shape)),
+            "lost_labels": json.dumps(list(case.lost_labels)),
         }
         save_file(tensors, str(self._staging / f"{case_id}.safetensors"), metadata=metadata)
 
     # ------------------------------------------------------------------------------------ reading
     def get(self, case_id: str) -> PreprocessedCase:
         return read_cached_case(self.path(case_id))
+
+    def metadata(self, case_id: str) -> dict[str, str]:
+        """A case's metadata without reading its arrays."""
+        with safe_open(str(self.path(case_id)), framework="numpy") as handle:
+            return handle.metadata() or {}
 
 
 def read_cached_case(path: str | Path) -> PreprocessedCase:
@@ -102,4 +108,5 @@ def read_cached_case(path: str | Path) -> PreprocessedCase:
         intensity=IntensityMap(**json.loads(metadata["intensity"])),
         original_shape=tuple(json.loads(metadata["original_shape"])),
         original_affine=tensors["original_affine"],
+        lost_labels=tuple(json.loads(metadata.get("lost_labels", "[]"))),
     )

@@ -137,6 +137,9 @@ class PreprocessedCase:
     intensity: IntensityMap
     original_shape: tuple[int, ...]
     original_affine: np.ndarray
+    # Label values in the source that did not survive resampling (a 1-pixel nodule at half resolution):
+    # the case's text may still name that finding, so the summary reports them.
+    lost_labels: tuple[int, ...] = ()
 
 
 def preprocess_case(
@@ -145,6 +148,7 @@ def preprocess_case(
     if image.spatial_dims != len(config.target_shape):
         raise ValueError(f"image is {image.spatial_dims}D but target_shape has {len(config.target_shape)} entries")
     original_shape, original_affine = image.array.shape, image.affine
+    source_labels = set(np.unique(label.array).tolist()) if label is not None else set()
     image = to_ras(image)
     label = to_ras(label) if label is not None else None
     intensity = fit_intensity_map(image.array, modality, config.intensity)
@@ -158,6 +162,7 @@ def preprocess_case(
     image = crop_or_pad(image, target, fill=background)
     label = crop_or_pad(label, target, fill=0) if label is not None else None
 
+    kept_labels = set(np.unique(label.array).tolist()) if label is not None else set()
     return PreprocessedCase(
         image=intensity.forward(image.array)[None],
         label=label.array[None] if label is not None else None,
@@ -165,6 +170,7 @@ def preprocess_case(
         intensity=intensity,
         original_shape=tuple(original_shape),
         original_affine=original_affine,
+        lost_labels=tuple(sorted(source_labels - kept_labels)),
     )
 
 

@@ -6,6 +6,7 @@ Only aggregates: no patient id, no case text. Attribute values are counted only 
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 
@@ -35,6 +36,7 @@ def summarize(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict:
         "preprocessed_shape": list(cached[0].image.shape[1:]) if cached else None,
         "label_names": {str(k): v for k, v in records[0].label_names.items()} if records else {},
         "label_fraction_train": _label_fractions(cached, records[0].label_names if records else {}),
+        "labels_lost_in_preprocessing": _lost_labels(records, cache),
         "intensity_train": _intensity_reference(cached),
         "attributes": _attributes(records),
     }
@@ -55,6 +57,15 @@ def _label_fractions(cases, label_names: dict[int, str]) -> dict[str, float]:
         counts += np.bincount(label.ravel().astype(np.int64), minlength=len(counts))[: len(counts)]
     total = counts.sum()
     return {name: round(float(counts[value] / total), 6) for value, name in label_names.items()}
+
+
+def _lost_labels(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict[str, int]:
+    """Cases per label whose label vanished at the target grid: a finding in the text but not in the mask."""
+    lost: Counter[str] = Counter()
+    for record in records:
+        for value in json.loads(cache.metadata(record.case_id).get("lost_labels", "[]")):
+            lost[record.label_names.get(value, str(value))] += 1
+    return dict(lost)
 
 
 def _intensity_reference(cases) -> dict:
@@ -96,6 +107,9 @@ def format_summary(summary: dict) -> str:
         f"labels ({summary['with_label']} cases with a label map): "
         + ", ".join(f"{name} {fraction:.2%}" for name, fraction in summary["label_fraction_train"].items()),
     ]
+    if summary["labels_lost_in_preprocessing"]:
+        lines.append("warning: labels lost at the target grid (cases): "
+                     + _inline(summary["labels_lost_in_preprocessing"]) + "; consider a larger target_shape")
     for key, counts in summary["attributes"].items():
         lines.append(f"  {key}: {_inline(counts)}")
     lines.append(f"licenses: {_inline(summary['licenses'])}")
