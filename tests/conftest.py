@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image as PILImage
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -35,7 +36,7 @@ def blob_volume(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.nd
     label = np.zeros(shape, np.uint8)
     label[radius < 0.5] = 1
     label[radius < 0.25] = 2
-    image = (100 + 200 * label + rng.normal(0, 10, shape)).astype(np.float32)
+    image = (100 + 200 * label.astype(np.float32) + rng.normal(0, 10, shape)).astype(np.float32)
     return image, label
 
 
@@ -59,15 +60,20 @@ def write_msd_folder(root: Path, n_cases: int = 6, shape=(12, 14, 10), dialect: 
     return root
 
 
-def write_image_folder(root: Path, n_cases: int = 8, shape=(40, 36), seed: int = 0, bits: int = 16) -> Path:
-    """PNG images + 0/255 masks + a CSV with two images per patient and a few attributes."""
+def write_image_folder(root: Path, n_cases: int = 8, shape=(40, 36), seed: int = 0, bits: int = 16,
+                       suffix: str = ".png") -> Path:
+    """Images (16/8-bit PNG or JPEG) + 0/255 PNG masks + a CSV with two images per patient and attributes."""
     rng = np.random.default_rng(seed)
     rows = ["id,patientid,finding,sex,age,report"]
     for index in range(n_cases):
         image, label = blob_volume(rng, shape)
         scaled = (image - image.min()) / (image.max() - image.min())
         pixels = (scaled * (65535 if bits == 16 else 255)).astype(np.uint16 if bits == 16 else np.uint8)
-        write_png(root / "images" / f"img{index:03d}.png", pixels)
+        if suffix == ".png":
+            write_png(root / "images" / f"img{index:03d}.png", pixels)
+        else:
+            (root / "images").mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(pixels).save(root / "images" / f"img{index:03d}{suffix}", quality=95)
         write_png(root / "masks" / f"img{index:03d}.png", ((label > 0) * 255).astype(np.uint8))
         finding = "nodule" if index % 4 == 0 else "none"
         rows.append(f"img{index:03d},p{index // 2},{finding},{'MF'[index % 2]},{40 + index},chest film {index}")

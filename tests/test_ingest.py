@@ -26,6 +26,8 @@ def test_msd_and_nnunet_folders_become_a_manifest_with_cached_tensors(msd_config
     assert case.image.shape == (1, 16, 16, 16) and case.image.dtype == np.float32
     assert case.label.dtype == np.uint8 and set(np.unique(case.label)) == {0, 1, 2}
     np.testing.assert_allclose(np.linalg.norm(case.affine[:3, :3], axis=0), [1.5, 1.5, 1.5])
+    # Image and label still line up after reorientation and resampling: the lesion is the bright part.
+    assert case.image[case.label == 2].mean() > case.image[case.label == 1].mean() > case.image[case.label == 0].mean()
     assert result.summary["splits"]["train"]["cases"] + result.summary["splits"]["holdout"]["cases"] \
         + result.summary["splits"]["test"]["cases"] == 6
 
@@ -49,8 +51,9 @@ def test_a_changed_file_is_preprocessed_again(msd_config, tmp_path):
     assert ingest(config, progress=False).preprocessed == 1
 
 
-def test_image_folder_with_16_bit_pngs_masks_and_csv_attributes(tmp_path):
-    root = write_image_folder(tmp_path / "cxr")
+@pytest.mark.parametrize("bits, suffix", [(16, ".png"), (8, ".png"), (8, ".jpg")])
+def test_image_folder_with_pngs_or_jpegs_masks_and_csv_attributes(tmp_path, bits, suffix):
+    root = write_image_folder(tmp_path / "cxr", bits=bits, suffix=suffix)
     config = load_config(REPO / "configs" / "cxr.yaml", [
         f"data.root={root}", "data.image_folder.attribute_columns=[finding, sex, age]",
         "data.image_folder.text_column=report", "data.preprocess.target_shape=[16,16]",
@@ -63,6 +66,8 @@ def test_image_folder_with_16_bit_pngs_masks_and_csv_attributes(tmp_path):
     assert first.text == "chest film 0" and first.shape == (40, 36) and first.label.endswith("img000.png")
     case = read_cached_case(result.cache_dir / "img000.safetensors")
     assert set(np.unique(case.label)) == {0, 1}  # 0/255 masks binarised
+    # The blob (label 1) is brighter than the background in every encoding, after preprocessing too.
+    assert case.image[case.label == 1].mean() > case.image[case.label == 0].mean() + 0.5
     assert result.summary["attributes"]["finding"] == {"none": 6, "nodule": 2}
 
 
