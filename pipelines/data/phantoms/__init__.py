@@ -12,7 +12,7 @@ process, bit for bit. Follow-up images of one patient share that patient's anato
 their findings are drawn independently.
 
 Each kind is a module with the same small interface: ``LABEL_NAMES``, ``FINDING_FREQUENCIES``, ``MODALITY``,
-``BODY_REGION``, ``CASE_PREFIX``, ``spacing_for(shape)``, ``sample_anatomy(rng, sex, age)``,
+``BODY_REGION``, ``CASE_PREFIX``, ``FIELD_OF_VIEW_MM``, ``sample_anatomy(rng, sex, age)``,
 ``sample_study(rng, anatomy)``, ``render(anatomy, study, shape, rng)`` and ``caption(attributes)``.
 """
 

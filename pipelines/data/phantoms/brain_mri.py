@@ -17,11 +17,13 @@ import numpy as np
 from .captions import brain_mri_caption as caption  # noqa: F401  (part of the kind's interface)
 from .shapes import (
     Ellipsoid,
+    VolumeStudy,
     blob_mask,
     choose,
     ellipsoid_in_unit_frame,
     equivalent_diameter_mm,
     gaussian_blur,
+    grid_spacing,
     interior_voxels,
     log_uniform,
     normalised_grid,
@@ -56,22 +58,6 @@ class HeadAnatomy:
     folding_scale: float
 
 
-@dataclass(frozen=True)
-class BrainStudy:
-    finding: str
-    side: str | None = None
-    lesion_diameter_mm: float = 0.0
-    noise: float = 0.02
-    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def attributes(self) -> dict[str, str]:
-        return {"finding": self.finding} | ({"side": self.side} if self.side else {})
-
-
-def spacing_for(shape: tuple[int, ...]) -> tuple[float, ...]:
-    return tuple(FIELD_OF_VIEW_MM / n for n in shape)
-
-
 def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> HeadAnatomy:
     size = rng.uniform(0.95, 1.04) * (0.96 if sex == "F" else 1.0)
     return HeadAnatomy(
@@ -82,22 +68,22 @@ def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> HeadAnatomy:
     )
 
 
-def sample_study(rng: np.random.Generator, anatomy: HeadAnatomy) -> BrainStudy:
+def sample_study(rng: np.random.Generator, anatomy: HeadAnatomy) -> VolumeStudy:
     finding = choose(rng, FINDING_FREQUENCIES)
     common = dict(noise=rng.uniform(0.015, 0.03), shift=tuple(rng.uniform(-0.03, 0.03, size=3)))
     if finding == "none":
-        return BrainStudy(finding, **common)
+        return VolumeStudy(finding, **common)
     diameter = log_uniform(rng, *_TUMOUR_DIAMETER_MM)
     side = "right" if rng.random() < 0.5 else "left"
-    return BrainStudy(finding, side=side, lesion_diameter_mm=diameter, **common)
+    return VolumeStudy(finding, side=side, lesion_diameter_mm=diameter, **common)
 
 
 def render(
-    anatomy: HeadAnatomy, study: BrainStudy, shape: tuple[int, ...], rng: np.random.Generator
+    anatomy: HeadAnatomy, study: VolumeStudy, shape: tuple[int, ...], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | str]]:
     """T1-like volume (float32, >= 0), label map (uint8) and the attributes measured on what was drawn."""
     shape = tuple(int(n) for n in shape)
-    spacing = spacing_for(shape)
+    spacing = grid_spacing(FIELD_OF_VIEW_MM, shape)
     head = ellipsoid_in_unit_frame(shape, study.shift, anatomy.head_radii)
     box, depth = head.radius(shape)
     depth_full = np.full(shape, np.inf, np.float32)
@@ -139,7 +125,7 @@ def _draw_head(
 
 
 def _draw_ventricles(
-    anatomy: HeadAnatomy, study: BrainStudy, image: np.ndarray, label: np.ndarray, shape: tuple[int, ...]
+    anatomy: HeadAnatomy, study: VolumeStudy, image: np.ndarray, label: np.ndarray, shape: tuple[int, ...]
 ) -> str:
     s = anatomy.ventricle_scale
     ventricles = np.zeros(shape, bool)
@@ -156,7 +142,7 @@ def _draw_ventricles(
 
 def _draw_tumour(
     rng: np.random.Generator,
-    study: BrainStudy,
+    study: VolumeStudy,
     image: np.ndarray,
     label: np.ndarray,
     spacing: tuple[float, ...],
@@ -181,7 +167,7 @@ def _draw_tumour(
     return {"lesion_size_mm": round(equivalent_diameter_mm(tumour, spacing)), "lobe": _lobe(center, shape, study)}
 
 
-def _lobe(center: tuple[int, ...], shape: tuple[int, ...], study: BrainStudy) -> str:
+def _lobe(center: tuple[int, ...], shape: tuple[int, ...], study: VolumeStudy) -> str:
     """A coarse lobe name from the position: front, back, low-lateral, or the top in between."""
     x, y, z = (2.0 * (c + 0.5) / n - 1.0 - s for c, n, s in zip(center, shape, study.shift))
     if y > 0.25:

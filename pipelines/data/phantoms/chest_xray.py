@@ -25,6 +25,7 @@ from .shapes import (
     ellipsoid_in_unit_frame,
     equivalent_diameter_mm,
     gaussian_blur,
+    grid_spacing,
     interior_voxels,
     log_uniform,
     normalised_grid,
@@ -110,10 +111,6 @@ class ChestStudy:
         return {"finding": self.finding, "view": self.view} | {k: v for k, v in described.items() if v is not None}
 
 
-def spacing_for(shape: tuple[int, ...]) -> tuple[float, ...]:
-    return tuple(FIELD_OF_VIEW_MM / n for n in shape)
-
-
 def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> ChestAnatomy:
     female = sex == "F"
     return ChestAnatomy(
@@ -175,7 +172,7 @@ def render(
     shape = (int(shape[0]), int(shape[1]))
     canvas = _Canvas(
         shape,
-        spacing_for(shape)[0],
+        grid_spacing(FIELD_OF_VIEW_MM, shape)[0],
         np.zeros(shape, np.float32),
         np.zeros(shape, np.uint8),
         smooth_noise(rng, shape, correlation=shape[0] / 28),

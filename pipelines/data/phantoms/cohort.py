@@ -10,7 +10,7 @@ import numpy as np
 
 from ..manifest import AttributeValue
 from . import brain_mri, chest_xray, ct_torso
-from .shapes import choose
+from .shapes import choose, grid_spacing
 
 # Bump whenever drawing changes, so folders of phantoms written by an older generator are never reused.
 GENERATOR_VERSION = 1
@@ -136,7 +136,7 @@ def generate_case(
         image=image,
         label=label,
         label_names=dict(module.LABEL_NAMES),
-        spacing=module.spacing_for(shape),
+        spacing=grid_spacing(module.FIELD_OF_VIEW_MM, shape),
         attributes=attributes,
         text=module.caption(attributes),
         patient_id=slot.patient_id,

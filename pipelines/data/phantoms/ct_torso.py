@@ -18,11 +18,13 @@ import numpy as np
 from .captions import ct_torso_caption as caption  # noqa: F401  (part of the kind's interface)
 from .shapes import (
     Ellipsoid,
+    VolumeStudy,
     blob_mask,
     choose,
     ellipsoid_in_unit_frame,
     equivalent_diameter_mm,
     gaussian_blur,
+    grid_spacing,
     interior_voxels,
     log_uniform,
     normalised_grid,
@@ -76,22 +78,6 @@ class TorsoAnatomy:
     vertebra_phase: float
 
 
-@dataclass(frozen=True)
-class TorsoStudy:
-    finding: str
-    side: str | None = None
-    lesion_diameter_mm: float = 0.0
-    noise_hu: float = 15.0
-    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
-
-    def attributes(self) -> dict[str, str]:
-        return {"finding": self.finding} | ({"side": self.side} if self.side else {})
-
-
-def spacing_for(shape: tuple[int, ...]) -> tuple[float, ...]:
-    return tuple(FIELD_OF_VIEW_MM / n for n in shape)
-
-
 def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> TorsoAnatomy:
     female = sex == "F"
     return TorsoAnatomy(
@@ -106,17 +92,17 @@ def sample_anatomy(rng: np.random.Generator, sex: str, age: int) -> TorsoAnatomy
     )
 
 
-def sample_study(rng: np.random.Generator, anatomy: TorsoAnatomy) -> TorsoStudy:
+def sample_study(rng: np.random.Generator, anatomy: TorsoAnatomy) -> VolumeStudy:
     finding = choose(rng, FINDING_FREQUENCIES)
-    common = dict(noise_hu=rng.uniform(10.0, 20.0), shift=tuple(rng.uniform(-0.02, 0.02, size=3)))
+    common = dict(noise=rng.uniform(10.0, 20.0), shift=tuple(rng.uniform(-0.02, 0.02, size=3)))
     if finding == "none":
-        return TorsoStudy(finding, **common)
+        return VolumeStudy(finding, **common)
     diameter = log_uniform(rng, *_LESION_DIAMETER_MM[finding])
     if finding == "liver_tumour":
         side = "right" if rng.random() < 0.7 else "left"  # hepatic lobe: the right lobe is much larger
     else:
         side = "right" if rng.random() < 0.55 else "left"
-    return TorsoStudy(finding, side=side, lesion_diameter_mm=diameter, **common)
+    return VolumeStudy(finding, side=side, lesion_diameter_mm=diameter, **common)
 
 
 @dataclass
@@ -140,12 +126,12 @@ class _Volume:
 
 
 def render(
-    anatomy: TorsoAnatomy, study: TorsoStudy, shape: tuple[int, ...], rng: np.random.Generator
+    anatomy: TorsoAnatomy, study: VolumeStudy, shape: tuple[int, ...], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | str]]:
     """HU volume (float32), label map (uint8) and the attributes measured on what was drawn."""
     shape = tuple(int(n) for n in shape)
     hu, label = np.full(shape, AIR, np.float32), np.zeros(shape, np.uint8)
-    volume = _Volume(shape, spacing_for(shape), hu, label, study.shift)
+    volume = _Volume(shape, grid_spacing(FIELD_OF_VIEW_MM, shape), hu, label, study.shift)
     texture = smooth_noise(rng, shape, correlation=max(2.0, shape[0] / 12))
     inner_body = _draw_body(anatomy, volume, texture)
     _draw_abdominal_organs(anatomy, volume, texture)
@@ -153,7 +139,7 @@ def render(
     _draw_spine(anatomy, volume, texture)
     measured = _draw_finding(rng, volume, study, lungs)
     hu = gaussian_blur(volume.hu, 0.4)  # partial-volume softening of edges
-    hu += rng.normal(0.0, study.noise_hu, shape).astype(np.float32)
+    hu += rng.normal(0.0, study.noise, shape).astype(np.float32)
     return hu.astype(np.float32), volume.label, measured
 
 
@@ -247,7 +233,7 @@ def _draw_spine(anatomy: TorsoAnatomy, volume: _Volume, texture: np.ndarray) -> 
 
 
 def _draw_finding(
-    rng: np.random.Generator, volume: _Volume, study: TorsoStudy, lungs: dict[str, np.ndarray]
+    rng: np.random.Generator, volume: _Volume, study: VolumeStudy, lungs: dict[str, np.ndarray]
 ) -> dict[str, float | int | str]:
     if study.finding == "none":
         return {}

@@ -263,3 +263,22 @@ def interior_voxels(mask: np.ndarray, spacing: Sequence[float], depth_mm: float)
     depth = ndimage.distance_transform_edt(np.pad(mask[box], 1), sampling=spacing)[(slice(1, -1),) * mask.ndim]
     reachable = min(depth_mm, 0.8 * float(depth.max()))
     return place(mask.shape, box, depth >= reachable)
+
+
+def grid_spacing(field_of_view_mm: float, shape: tuple[int, ...]) -> tuple[float, ...]:
+    """Millimetres per voxel when a square/cubic field of view is sampled on ``shape``."""
+    return tuple(field_of_view_mm / n for n in shape)
+
+
+@dataclass(frozen=True)
+class VolumeStudy:
+    """One 3D scan: the finding, its side and size, noise (in the image's own units) and a small shift."""
+
+    finding: str
+    side: str | None = None
+    lesion_diameter_mm: float = 0.0
+    noise: float = 0.0
+    shift: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    def attributes(self) -> dict[str, str]:
+        return {"finding": self.finding} | ({"side": self.side} if self.side else {})
