@@ -113,17 +113,21 @@ class SeriesSpec:
     extra: dict = field(default_factory=dict)
 
 
-def ct_dataset(spec: SeriesSpec, k: int, study_uid: str, frame_uid: str) -> Dataset:
-    image = spec.volume_hu[k]
+def new_dataset(sop_class: str) -> Dataset:
+    """An empty Part 10 dataset of one SOP class, with its file meta."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
+def ct_dataset(spec: SeriesSpec, k: int, study_uid: str, frame_uid: str) -> Dataset:
+    image = spec.volume_hu[k]
+    ds = new_dataset(CTImageStorage)
     ds.StudyInstanceUID = study_uid
     ds.SeriesInstanceUID = spec.series_uid
     ds.FrameOfReferenceUID = frame_uid
@@ -614,13 +618,7 @@ def test_seg_without_highdicom_names_the_extra(tmp_path, monkeypatch):
 
 def test_digital_radiograph_becomes_a_16_bit_png_case(tmp_path):
     pixels = np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 20
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds = new_dataset(DigitalXRayImageStorageForPresentation)
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality, ds.PatientID, ds.ViewPosition, ds.BodyPartExamined = "DX", RAW_PATIENT_ID, "PA", "CHEST"
     ds.ImagerPixelSpacing = [0.15, 0.2]
