@@ -645,3 +645,32 @@ def test_sidecar_records_no_identifiers(tmp_path):
     sidecar = json.loads((Path(record.image).parent / f"{record.case_id}.json").read_text())
     assert sidecar["source_sha256"] == record.sha256
     assert spec.series_uid not in json.dumps(sidecar)
+
+
+# ------------------------------------------------------------------------------------------- ingest
+
+
+def test_dicom_series_with_seg_go_through_ingest_with_label_and_image_aligned(tmp_path):
+    from radsynth.configs import load_config
+    from radsynth.pipelines.data.cache import read_cached_case
+    from radsynth.pipelines.data.ingest import ingest
+
+    volume = np.full((12, 16, 14), -900.0, np.float32)  # air-like background, a dense block inside
+    mask = np.zeros(volume.shape, np.uint8)
+    mask[1:6, 2:9, 6:12] = 1  # off centre on every axis, so a flipped or swapped axis would miss it
+    volume[mask == 1] = 300.0
+    spec = SeriesSpec(volume, oblique_geometry())
+    datasets = write_series(tmp_path / "in" / "ct", spec)
+    write_seg(tmp_path / "in" / "seg" / "seg.dcm", datasets, mask, ["organ"])
+    config = load_config("ct-abdomen", [f"data.root={tmp_path / 'in'}", "data.format=dicom",
+                                        "data.preprocess.target_shape=[16,16,16]", "data.preprocess.target_spacing=null",
+                                        f"runtime.output_dir={tmp_path / 'run'}"])
+    result = ingest(config, progress=False)
+    (record,) = result.records
+    assert record.modality == "ct" and record.label_names == {0: "background", 1: "organ"}
+    case = read_cached_case(result.cache_dir / f"{record.case_id}.safetensors")
+    assert case.label.shape == case.image.shape == (1, 16, 16, 16)
+    # HU 300 inside the organ and -900 outside, through the CT window of [-1000, 1000]: 0.3 and -0.9
+    # (the block's rim is blended by linear interpolation, hence the margins).
+    assert float(np.median(case.image[case.label == 1])) > 0.1
+    assert abs(float(np.median(case.image[case.label == 0])) + 0.9) < 0.05
