@@ -79,3 +79,14 @@ def test_ingest_cli_json_reports_paths_and_counts_on_its_last_line(msd_config, c
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["command"] == "ingest" and report["dataset_cases"] == 6 and report["preprocessed_now"] == 6
     assert (tmp_path / "run" / "data" / "manifest.jsonl").samefile(report["manifest"])
+
+
+def test_summary_label_fractions_and_intensity_reference_match_the_cached_train_cases(msd_config):
+    result = ingest(msd_config(), progress=False)
+    train = [r for r in result.records if r.split == "train"]
+    cases = [read_cached_case(result.cache_dir / f"{r.case_id}.safetensors") for r in train]
+    labels = np.concatenate([case.label.ravel() for case in cases])
+    expected = {name: round(float((labels == value).mean()), 6) for value, name in train[0].label_names.items()}
+    assert result.summary["label_fraction_train"] == expected
+    assert result.summary["intensity_train"]["low"] == float(np.median([case.intensity.low for case in cases]))
+    assert result.summary["splits"]["train"]["cases"] == len(train)

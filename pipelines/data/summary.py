@@ -21,7 +21,7 @@ MAX_CATEGORIES = 20
 
 def summarize(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict:
     train = [record for record in records if record.split == "train"] or list(records)
-    cached = [cache.get(record.case_id) for record in train]
+    label_names = records[0].label_names if records else {}
     return {
         "dataset_cases": len(records),
         "patients": len({record.patient_id for record in records}),
@@ -33,11 +33,8 @@ def summarize(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict:
         "with_label": sum(record.label is not None for record in records),
         "source_shape": _range([record.shape for record in records]),
         "source_spacing": _range([record.spacing for record in records]),
-        "preprocessed_shape": list(cached[0].image.shape[1:]) if cached else None,
-        "label_names": {str(k): v for k, v in records[0].label_names.items()} if records else {},
-        "label_fraction_train": _label_fractions(cached, records[0].label_names if records else {}),
+        **_train_statistics(train, cache, label_names),
         "labels_lost_in_preprocessing": _lost_labels(records, cache),
-        "intensity_train": _intensity_reference(cached),
         "attributes": _attributes(records),
     }
 
@@ -48,15 +45,30 @@ def _range(values: list[tuple]) -> dict:
             "max": array.max(0).round(4).tolist()}
 
 
-def _label_fractions(cases, label_names: dict[int, str]) -> dict[str, float]:
-    labels = [case.label for case in cases if case.label is not None]
-    if not labels:
-        return {}
-    counts = np.zeros(max(label_names) + 1, dtype=np.int64)
-    for label in labels:
-        counts += np.bincount(label.ravel().astype(np.int64), minlength=len(counts))[: len(counts)]
+def _train_statistics(train: Sequence[CaseRecord], cache: PreprocessedCache, label_names: dict[int, str]) -> dict:
+    """One streaming pass over the cached train cases (3D datasets do not fit in memory at once).
+
+    The intensity reference is the median physical range over train cases: how generated images are mapped
+    back to physical units.
+    """
+    shape, lows, highs, mode = None, [], [], None
+    counts = np.zeros(max(label_names, default=0) + 1, dtype=np.int64)
+    for record in train:
+        case = cache.get(record.case_id)
+        shape, mode = list(case.image.shape[1:]), case.intensity.mode
+        lows.append(case.intensity.low)
+        highs.append(case.intensity.high)
+        if case.label is not None:
+            counts += np.bincount(case.label.ravel().astype(np.int64), minlength=len(counts))[: len(counts)]
     total = counts.sum()
-    return {name: round(float(counts[value] / total), 6) for value, name in label_names.items()}
+    return {
+        "preprocessed_shape": shape,
+        "label_names": {str(value): name for value, name in label_names.items()},
+        "label_fraction_train": {name: round(float(counts[value] / total), 6) for value, name in label_names.items()}
+        if total else {},
+        "intensity_train": {"mode": mode, "low": float(np.median(lows)), "high": float(np.median(highs))}
+        if lows else {},
+    }
 
 
 def _lost_labels(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dict[str, int]:
@@ -66,15 +78,6 @@ def _lost_labels(records: Sequence[CaseRecord], cache: PreprocessedCache) -> dic
         for value in json.loads(cache.metadata(record.case_id).get("lost_labels", "[]")):
             lost[record.label_names.get(value, str(value))] += 1
     return dict(lost)
-
-
-def _intensity_reference(cases) -> dict:
-    """The median physical range over train cases: how generated images are mapped back to physical units."""
-    if not cases:
-        return {}
-    lows = [case.intensity.low for case in cases]
-    highs = [case.intensity.high for case in cases]
-    return {"mode": cases[0].intensity.mode, "low": float(np.median(lows)), "high": float(np.median(highs))}
 
 
 def _attributes(records: Sequence[CaseRecord]) -> dict[str, dict]:
