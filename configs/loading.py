@@ -38,7 +38,7 @@ def validate_config(raw: dict[str, Any], where: str | Path = "<config>") -> Rads
 
 
 def config_to_yaml(config: RadsynthConfig) -> str:
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -161,15 +161,17 @@ class DataConfig(Section):
 
 
 class AutoencoderConfig(Section):
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64], description="len 3: 4x downsampling per axis")
     latent_channels: int = Field(4, ge=1)
     num_res_blocks: int = Field(1, ge=1)
     attention_levels: list[bool] = Field(default_factory=lambda: [False, False, False])
+    norm_num_groups: int = Field(32, ge=1)
     kl_weight: float = Field(1e-6, ge=0)
     adversarial_weight: float = Field(0.0, ge=0)
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
 
     @model_validator(mode="after")
     def _levels_match(self) -> AutoencoderConfig:
@@ -183,6 +185,7 @@ class DiffusionConfig(Section):
     attention_levels: list[bool] = Field(default_factory=lambda: [False, True, True])
     num_head_channels: int = Field(32, ge=1)
     num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(32, ge=1)
     objective: Literal["epsilon", "v_prediction", "rectified_flow"] = "v_prediction"
     num_train_timesteps: int = Field(1000, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
@@ -196,6 +199,7 @@ class DiffusionConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     validate_every: int = Field(500, ge=1)
+    log_every: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _levels_match(self) -> DiffusionConfig:
@@ -210,6 +214,10 @@ class ConditioningConfig(Section):
     attributes: list[str] = Field(default_factory=list, description="attributes rendered into the prompt")
     max_tokens: int = Field(64, ge=4)
     embed_dim: int = Field(256, ge=8)
+    text_layers: int = Field(2, ge=1)
+    text_heads: int = Field(4, ge=1)
+    include_text: bool = Field(True, description="append the case's report/caption after the attributes")
+    class_attribute: str | None = Field(None, description="also feed this attribute as a class embedding")
     condition_dropout: float = Field(0.1, ge=0, lt=1)
     use_masks: bool = Field(False, description="ControlNet over one-hot label maps")
 
@@ -218,6 +226,22 @@ class ConditioningConfig(Section):
         if self.text_encoder == "pretrained" and not self.pretrained_path:
             raise ValueError("conditioning.pretrained_path is required when text_encoder is 'pretrained'")
         return self
+
+
+class FinetuneConfig(Section):
+    """Adapt a trained model to a subset (a rare finding, 5-50 cases) without touching the base folder."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+    from_: str | None = Field(None, alias="from", description="folder of the trained base model")
+    filter: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="attribute values the cases must have, e.g. {finding: pneumothorax}")
+    method: Literal["lora", "full"] = "lora"
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    max_cases: int = Field(50, ge=1)
+    max_steps: int = Field(500, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
 
 
 class SamplingConfig(Section):
@@ -261,6 +285,7 @@ class RadsynthConfig(Section):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)

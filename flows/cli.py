@@ -56,7 +56,7 @@ def _command(commands, name: str, run: Callable, help_text: str) -> None:
 def _show_config(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     if not args.json:
         print(config_to_yaml(config), end="")
-    return config.model_dump(mode="json")
+    return config.model_dump(mode="json", by_alias=True)
 
 
 def _ingest(config: RadsynthConfig, args: argparse.Namespace) -> dict:

@@ -14,7 +14,7 @@ PRESETS = ["demo", "cxr", "hippocampus", "ct-abdomen"]
 def test_every_preset_validates_and_round_trips_through_yaml(name, tmp_path):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert set(RadsynthConfig.model_fields) == {
-        "data", "autoencoder", "diffusion", "conditioning", "sampling", "scoring", "release", "runtime"}
+        "data", "autoencoder", "diffusion", "conditioning", "finetune", "sampling", "scoring", "release", "runtime"}
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(config_to_yaml(config))
     assert load_config(dumped) == config
@@ -26,11 +26,13 @@ def test_preset_name_resolves_to_the_shipped_file():
 
 def test_overrides_are_parsed_as_yaml_values_at_any_depth():
     config = load_config("demo", ["runtime.seed=7", "data.preprocess.target_shape=[32, 32]",
-                                  "data.split.stratify_by=null", "sampling.prompts=[a, b]"])
+                                  "data.split.stratify_by=null", "sampling.prompts=[a, b]",
+                                  "finetune.from=runs/demo/model", "finetune.filter={finding: pneumothorax}"])
     assert config.runtime.seed == 7
     assert config.data.preprocess.target_shape == [32, 32]
     assert config.data.split.stratify_by is None
     assert config.sampling.prompts == ["a", "b"]
+    assert config.finetune.from_ == "runs/demo/model" and config.finetune.filter == {"finding": "pneumothorax"}
 
 
 @pytest.mark.parametrize(
