@@ -217,14 +217,15 @@ class ConditioningConfig(Section):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     include_text: bool = Field(True, description="append the case's report/caption after the attributes")
-    class_attribute: str | None = Field(None, description="also feed this attribute as a class embedding")
     condition_dropout: float = Field(0.1, ge=0, lt=1)
     use_masks: bool = Field(False, description="ControlNet over one-hot label maps")
 
     @model_validator(mode="after")
-    def _pretrained_needs_path(self) -> ConditioningConfig:
+    def _consistent(self) -> ConditioningConfig:
         if self.text_encoder == "pretrained" and not self.pretrained_path:
             raise ValueError("conditioning.pretrained_path is required when text_encoder is 'pretrained'")
+        if self.embed_dim % self.text_heads:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by text_heads ({self.text_heads})")
         return self
 
 

@@ -45,6 +45,7 @@ def test_overrides_are_parsed_as_yaml_values_at_any_depth():
         ("data.split.train=0.9", "train + holdout + test must sum to 1"),
         ("data.phantom.n_cases=-4", "data.phantom.n_cases: Input should be greater than or equal to 3 (got -4)"),
         ("data.phantom.shape=[16,64,64]", "data.phantom.shape.0: Input should be greater than or equal to 24 (got 16)"),
+        ("conditioning.embed_dim=10", "embed_dim (10) must be divisible by text_heads (4)"),
         ("runtime.seed", "override 'runtime.seed' is not key=value"),
         ("runtime.device.cuda=1", "'runtime.device' is a value, not a section"),
     ],

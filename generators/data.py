@@ -1,0 +1,128 @@
+"""Training data for the generators: preprocessed cases from the cache, and latents encoded once.
+
+Batches are chosen by ``batch_indices(step)``: a pure function of (seed, step), so training can be killed
+and resumed at any checkpoint and see exactly the batches it would have seen. Images are read lazily from
+the cache (3D datasets do not fit in memory); latents, 4^D times smaller, are kept in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from radsynth.pipelines.data.cache import read_cached_case
+from radsynth.pipelines.data.manifest import CaseRecord
+
+from .prompts import render_prompt
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+    """Indices of the batch for ``step``: epochs are seeded permutations, each process takes its own slice.
+
+    ``step`` counts from 0. The last partial batch of an epoch wraps into the next epoch's permutation, so
+    every batch is full and the schedule never depends on where a run was interrupted.
+    """
+    global_batch = batch_size * world
+    start = step * global_batch
+    epoch_first, epoch_last = start // n_items, (start + global_batch - 1) // n_items
+    order = np.concatenate([_epoch_permutation(n_items, seed, epoch) for epoch in range(epoch_first, epoch_last + 1)])
+    offset = start - epoch_first * n_items
+    chosen = order[offset : offset + global_batch]
+    return chosen[rank * batch_size : (rank + 1) * batch_size]
+
+
+def _epoch_permutation(n_items: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_items)
+
+
+def step_generator(seed: int, step: int, rank: int = 0, device: str | torch.device = "cpu") -> torch.Generator:
+    """The random stream of one training step (noise, timesteps, condition dropout), reproducible on resume."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(np.random.default_rng([seed, step, rank, 7]).integers(2**62)))
+    return generator
+
+
+@dataclass
+class ConditioningSpec:
+    """How a case becomes text: which attributes lead the prompt, and whether its own text follows."""
+
+    attribute_keys: Sequence[str] = ()
+    include_text: bool = True
+
+    def prompt(self, record: CaseRecord) -> str:
+        return render_prompt(record.text if self.include_text else "", record.attributes, list(self.attribute_keys))
+
+
+class CachedImages:
+    """Preprocessed images (and labels) of a set of cases, read from the cache on demand."""
+
+    def __init__(self, records: Sequence[CaseRecord], cache_dir: str | Path, conditioning: ConditioningSpec):
+        if not records:
+            raise ValueError("no cases to train on")
+        self.records = list(records)
+        self.cache_dir = Path(cache_dir)
+        self.prompts = [conditioning.prompt(record) for record in self.records]
+        self.spacings = torch.tensor([_grid_spacing(self._path(r)) for r in self.records], dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _path(self, record: CaseRecord) -> Path:
+        return self.cache_dir / f"{record.case_id}.safetensors"
+
+    def images(self, indices: Sequence[int]) -> torch.Tensor:
+        return torch.stack([load_file(str(self._path(self.records[i])))["image"] for i in indices])
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        return {"images": self.images(indices), "prompts": [self.prompts[i] for i in indices],
+                "spacing": self.spacings[list(indices)]}
+
+
+def _grid_spacing(path: Path) -> list[float]:
+    affine = load_file(str(path))["affine"].double().numpy()
+    return np.linalg.norm(affine[:-1, :-1], axis=0).tolist()
+
+
+class CachedLatents:
+    """Latent means and standard deviations of a set of cases, encoded once by the trained autoencoder.
+
+    Each step samples z = mu + sigma * eps from the stored posterior, which is what the diffusion model would
+    see had every batch been encoded afresh, at a fraction of the cost.
+    """
+
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[str], spacing: torch.Tensor):
+        self.mu, self.sigma, self.prompts, self.spacing = mu, sigma, list(prompts), spacing
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch(self, indices: Sequence[int], generator: torch.Generator) -> dict:
+        index = torch.as_tensor(np.asarray(indices))
+        mu, sigma = self.mu[index], self.sigma[index]
+        noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+        return {"latents": mu + sigma * noise, "prompts": [self.prompts[i] for i in indices],
+                "spacing": self.spacing[index]}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        prompts = "\n".join(p.replace("\n", " ") for p in self.prompts)
+        save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous(), "spacing": self.spacing.contiguous()},
+                  str(temporary), metadata={"prompts": prompts})
+        temporary.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> CachedLatents:
+        from safetensors import safe_open
+
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            prompts = (handle.metadata() or {}).get("prompts", "").split("\n")
+        return cls(tensors["mu"], tensors["sigma"], prompts, tensors["spacing"])

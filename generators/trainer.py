@@ -1,0 +1,159 @@
+"""The training loop every generator shares: accelerate, checkpoints you can kill and resume, metrics.
+
+A trainer (``AutoencoderTrainer``, ``DiffusionTrainer``) supplies ``train_step(step) -> logs``, which draws its
+batch and randomness from ``step`` alone (see ``generators.data``). The loop counts optimizer steps, writes
+metrics to CSV, saves ``accelerate`` checkpoints (models, optimizers, LR schedulers, EMA, RNG, step) every N
+steps keeping the last K, and on start resumes from the newest complete checkpoint. Because nothing random
+is carried between steps except what a checkpoint holds, a resumed run continues the exact loss curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    validate_every: int | None = None
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
+    device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
+    progress: bool = True
+
+
+class LoopState:
+    """The step counter, saved inside every checkpoint with the models."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def make_accelerator(settings: LoopSettings) -> Accelerator:
+    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=on_cpu,
+                       gradient_accumulation_steps=settings.gradient_accumulation_steps)
+
+
+class TrainingLoop:
+    def __init__(self, run_dir: str | Path, settings: LoopSettings, accelerator: Accelerator | None = None):
+        self.run_dir = Path(run_dir)
+        self.settings = settings
+        self.accelerator = accelerator or make_accelerator(settings)
+        self.state = LoopState()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.checkpoint_dir = self.run_dir / "checkpoints"
+        self.metrics_path = self.run_dir / "metrics.csv"
+
+    # ---------------------------------------------------------------------------------------- run
+    def run(self, train_step: Callable[[int], dict[str, float]],
+            validate: Callable[[int], dict[str, float] | None] | None = None) -> int:
+        """Train until ``max_steps``; returns the step resumed from (0 for a fresh run)."""
+        resumed_from = self.resume()
+        settings = self.settings
+        bar = tqdm(total=settings.max_steps, initial=self.state.step, desc=self.run_dir.name, unit="step",
+                   disable=None if settings.progress and self.accelerator.is_main_process else True)
+        started, steps_done = time.perf_counter(), 0
+        while self.state.step < settings.max_steps:
+            logs = train_step(self.state.step)
+            self.state.step += 1
+            steps_done += 1
+            bar.update()
+            step = self.state.step
+            if step % settings.log_every == 0 or step == settings.max_steps:
+                elapsed = time.perf_counter() - started
+                self._log(step, {**logs, "steps_per_s": steps_done / max(elapsed, 1e-9)})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
+            if validate and settings.validate_every and (step % settings.validate_every == 0 or step == settings.max_steps):
+                extra = validate(step)
+                if extra:
+                    self._log(step, extra, kind="validation")
+            if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        return resumed_from
+
+    # -------------------------------------------------------------------------------- checkpoints
+    def checkpoints(self) -> list[Path]:
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoint_dir.iterdir() if CHECKPOINT_PATTERN.match(p.name) and p.is_dir()]
+        return sorted(found)
+
+    def save_checkpoint(self) -> Path:
+        """accelerate's state, written to a temporary folder and renamed: a kill mid-save leaves no half checkpoint."""
+        final = self.checkpoint_dir / f"step-{self.state.step:07d}"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            partial = self.checkpoint_dir / f".partial-{final.name}"
+            shutil.rmtree(partial, ignore_errors=True)
+            self.accelerator.save_state(str(partial))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+            for old in self.checkpoints()[: -self.settings.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def resume(self) -> int:
+        checkpoints = self.checkpoints()
+        if not checkpoints:
+            self._truncate_metrics(0)
+            return 0
+        self.accelerator.load_state(str(checkpoints[-1]))
+        self._truncate_metrics(self.state.step)
+        return self.state.step
+
+    # ------------------------------------------------------------------------------------ metrics
+    def _log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
+        if not self.accelerator.is_main_process:
+            return
+        new_file = not self.metrics_path.exists()
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", newline="") as handle:
+            writer = csv.writer(handle)
+            if new_file:
+                writer.writerow(["step", "kind", "name", "value"])
+            for name, value in values.items():
+                writer.writerow([step, kind, name, f"{float(value):.8g}"])
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows a killed run logged after its last checkpoint, so the resumed curve continues cleanly."""
+        if not self.accelerator.is_main_process or not self.metrics_path.exists():
+            return
+        with open(self.metrics_path, newline="") as handle:
+            rows = list(csv.reader(handle))
+        kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= step]
+        temporary = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        with open(temporary, "w", newline="") as handle:
+            csv.writer(handle).writerows(kept)
+        os.replace(temporary, self.metrics_path)
+
+
+def read_metrics(path: str | Path, name: str, kind: str = "train") -> dict[int, float]:
+    """One metric's curve from metrics.csv, by step."""
+    with open(path, newline="") as handle:
+        return {int(row["step"]): float(row["value"]) for row in csv.DictReader(handle)
+                if row["name"] == name and row["kind"] == kind}
