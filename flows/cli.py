@@ -41,16 +41,22 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="inspect configs").add_subparsers(title="config commands")
     _command(config, "show", _show_config, "print the resolved config (preset + overrides), validated")
     _command(commands, "ingest", _ingest, "read the data source, check, split by patient, preprocess, cache")
+    _command(commands, "train", _train, "train the autoencoder and the text-conditioned diffusion model")
+    generate = _command(commands, "generate", _generate, "sample N synthetic images with JSON sidecars")
+    generate.add_argument("--n", type=int, default=None, help="number of samples (default: sampling.num_samples)")
+    generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
+    generate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/samples)")
     _command(commands, "build", _build, "run the end-to-end build flow (Prefect)")
     return parser
 
 
-def _command(commands, name: str, run: Callable, help_text: str) -> None:
+def _command(commands, name: str, run: Callable, help_text: str) -> argparse.ArgumentParser:
     command = commands.add_parser(name, help=help_text, description=help_text)
     command.add_argument("config", metavar="CONFIG", help="a YAML file or a preset name (demo, cxr, ...)")
     command.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. runtime.seed=3 data.root=/data")
     command.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     command.set_defaults(run=run)
+    return command
 
 
 def _show_config(config: RadsynthConfig, args: argparse.Namespace) -> dict:
@@ -67,6 +73,35 @@ def _ingest(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     print(format_summary(result.summary))
     return {"command": "ingest", "preprocessed_now": result.preprocessed,
             "summary_path": str(result.summary_path), **result.summary}
+
+
+def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.data.ingest import ingest
+    from radsynth.pipelines.training import train
+
+    ingest(config, progress=not args.json)  # a no-op when the cache is current
+    result = train(config, progress=not args.json)
+    print(f"model {result.model_dir} (hash {result.model_hash[:12]}), {result.diffusion_steps} diffusion steps"
+          + (f", resumed from step {result.resumed_from}" if result.resumed_from else ""))
+    print("autoencoder on holdout: " + ", ".join(f"{k} {v:.4g}" for k, v in result.autoencoder_holdout.items()))
+    return {"command": "train", "model_dir": str(result.model_dir), "model_hash": result.model_hash,
+            "diffusion_steps": result.diffusion_steps, "resumed_from": result.resumed_from,
+            "scaling_factor": result.scaling_factor, "autoencoder_holdout": result.autoencoder_holdout}
+
+
+def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.sampling.generate import generate
+    from radsynth.pipelines.training import model_dir
+
+    n_samples = args.n if args.n is not None else config.sampling.num_samples
+    if n_samples < 1:
+        raise UserInputError("--n", f"{n_samples} samples", "a positive number")
+    result = generate(config, args.model or model_dir(config), n_samples, args.out or config.output_dir / "samples",
+                      progress=not args.json)
+    print(f"{len(result.written)} samples written to {result.sample_dir} ({result.skipped} already there); "
+          f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")
+    return {"command": "generate", "sample_dir": str(result.sample_dir), "written": len(result.written),
+            "skipped": result.skipped, "model_hash": result.model_hash, "latent_std": result.latent_std}
 
 
 def _build(config: RadsynthConfig, args: argparse.Namespace) -> dict:

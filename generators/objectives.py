@@ -1,0 +1,200 @@
+"""What the diffusion backbone learns to predict, and the inference schedulers that can sample it.
+
+Three objectives share one interface (``noisy_and_target``):
+
+- ``epsilon``: the UNet predicts the added noise (DDPM).
+- ``v_prediction``: it predicts v = sqrt(a) * noise - sqrt(1 - a) * x0 (steadier at high noise levels, where
+  epsilon-trained latent models drift; see DESIGN "Known pitfalls").
+- ``rectified_flow``: x_t = (1 - t) x0 + t noise on a straight path and the UNet predicts the velocity
+  noise - x0; the UNet's timestep is t * num_train_timesteps, the convention of diffusers'
+  ``FlowMatchEulerDiscreteScheduler`` (sigma = t, timestep = sigma * 1000).
+
+Training and sampling must agree on the noise schedule and the prediction type, so both come from here:
+``TrainingObjective`` for the trainer and ``build_inference_scheduler`` for the pipelines. diffusers
+schedulers accept latents of any rank, so the same code drives 2D (4D tensors) and 3D (5D tensors) models.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SchedulerMixin,
+)
+
+from radsynth.configs.errors import UserInputError
+
+OBJECTIVES = ("epsilon", "v_prediction", "rectified_flow")
+DIFFUSION_SCHEDULERS = ("ddpm", "ddim", "dpm_solver")  # sample epsilon / v_prediction models
+FLOW_SCHEDULERS = ("flow_match_euler",)  # sample rectified_flow models
+FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+
+# The latent-diffusion schedule of MONAI's LDM tutorials and MAISI: betas linear in sqrt between these ends.
+# It keeps a little more signal at t = T than Stable Diffusion's (0.00085, 0.012) on small latents.
+NOISE_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise UserInputError(
+            "diffusion.objective", f"unknown objective '{objective}'", f"allowed: {', '.join(OBJECTIVES)}"
+        )
+
+
+def _is_flow(objective: str) -> bool:
+    return objective == "rectified_flow"
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) so that one value per sample broadcasts over channels and any spatial rank."""
+    return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+
+class TrainingObjective:
+    """Draws training timesteps and turns (clean latents, noise, timesteps) into (model input, regression target).
+
+    ``timesteps`` are integer indices in [0, num_train_timesteps) for epsilon / v_prediction and continuous
+    t in (0, 1) for rectified flow; ``model_timesteps`` is what the UNet is given in both cases.
+    """
+
+    def __init__(self, name: str, num_train_timesteps: int = 1000, flow_timestep_sampling: str = "logit_normal"):
+        _check_objective(name)
+        if flow_timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
+            raise ValueError(
+                f"flow_timestep_sampling must be one of {FLOW_TIMESTEP_SAMPLING}, got {flow_timestep_sampling!r}"
+            )
+        self.name = name
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.flow_timestep_sampling = flow_timestep_sampling
+        # The forward (noising) process for the discrete objectives; rectified flow needs none.
+        self.noise_scheduler = None if self.is_flow else DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps, prediction_type=name, clip_sample=False, **NOISE_SCHEDULE
+        )
+
+    @property
+    def is_flow(self) -> bool:
+        return _is_flow(self.name)
+
+    def __repr__(self) -> str:
+        return f"TrainingObjective({self.name!r}, num_train_timesteps={self.num_train_timesteps})"
+
+    def sample_timesteps(
+        self, batch_size: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        # Draw on the generator's own device (a CPU generator cannot fill a CUDA tensor), then move.
+        draw_device = generator.device if generator is not None else device
+        if not self.is_flow:
+            timesteps = torch.randint(
+                0, self.num_train_timesteps, (batch_size,), generator=generator, device=draw_device
+            )
+        elif self.flow_timestep_sampling == "uniform":
+            timesteps = torch.rand(batch_size, generator=generator, device=draw_device)
+        else:
+            # Logit-normal t (Stable Diffusion 3): more training signal at mid noise levels, where the
+            # velocity is hardest to predict; sigmoid keeps t strictly inside (0, 1).
+            timesteps = torch.sigmoid(torch.randn(batch_size, generator=generator, device=draw_device))
+        return timesteps.to(device) if device is not None else timesteps
+
+    def noisy_and_target(
+        self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (noisy_latents, target, model_timesteps) for an MSE between the UNet output and target."""
+        if self.is_flow:
+            t = _per_sample(timesteps, latents)
+            noisy = (1 - t) * latents + t * noise
+            return noisy, noise - latents, timesteps.to(latents.device) * self.num_train_timesteps
+        timesteps = timesteps.to(device=latents.device, dtype=torch.long)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.name == "epsilon":
+            target = noise
+        else:
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, target, timesteps
+
+
+def build_inference_scheduler(objective: str, scheduler: str, num_train_timesteps: int = 1000) -> SchedulerMixin:
+    """A diffusers scheduler that samples a model trained with ``objective`` (same schedule, same prediction type)."""
+    _check_objective(objective)
+    allowed = FLOW_SCHEDULERS if _is_flow(objective) else DIFFUSION_SCHEDULERS
+    if scheduler not in DIFFUSION_SCHEDULERS + FLOW_SCHEDULERS:
+        raise UserInputError(
+            "sampling.scheduler",
+            f"unknown scheduler '{scheduler}'",
+            f"allowed with objective {objective}: {', '.join(allowed)}",
+        )
+    if scheduler not in allowed:
+        raise UserInputError(
+            "sampling.scheduler",
+            f"'{scheduler}' cannot sample a model trained with objective '{objective}'",
+            f"allowed with objective {objective}: {', '.join(allowed)}",
+        )
+    if scheduler == "flow_match_euler":
+        # shift=1: sigma = t exactly as in training (resolution shifting is for much larger latents).
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
+    common = {"num_train_timesteps": num_train_timesteps, "prediction_type": objective, **NOISE_SCHEDULE}
+    if scheduler == "ddpm":
+        # "trailing" starts sampling at t = T - 1, the noise level that pure Gaussian latents actually have.
+        return DDPMScheduler(clip_sample=False, timestep_spacing="trailing", **common)
+    if scheduler == "ddim":
+        # clip_sample=False: the [-1, 1] clip is meant for pixels and washes latents out (see latent_clip);
+        # set_alpha_to_one: the last step lands on the clean prediction instead of leaving t=0 noise behind.
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", **common)
+    return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", **common)
+
+
+# ---------------------------------------------------------------------------- predicted clean latents
+# Pipelines may clip the clean latents implied by a model output (x0 at about +-3 latent std works, see
+# DESIGN). Not every diffusers scheduler can clip (DPM-Solver, FlowMatchEuler cannot), so the clip is done on
+# the model output itself: model output -> implied x0 -> clip -> the model output that implies the clipped x0.
+
+
+def _flow_sigma(scheduler: SchedulerMixin, timestep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    sigma = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1) / scheduler.config.num_train_timesteps
+    return _per_sample(sigma, like)
+
+
+def _alphas(scheduler: SchedulerMixin, timestep: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    index = torch.as_tensor(timestep).reshape(-1).long().cpu()
+    alpha_bar = _per_sample(scheduler.alphas_cumprod[index], like)
+    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def predicted_clean_latents(
+    scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The clean latents x0 that ``model_output`` implies for ``sample`` at ``timestep`` (a scheduler timestep)."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return sample - _flow_sigma(scheduler, timestep, sample) * model_output
+    signal, noise_level = _alphas(scheduler, timestep, sample)
+    if scheduler.config.prediction_type == "epsilon":
+        return (sample - noise_level * model_output) / signal
+    if scheduler.config.prediction_type == "v_prediction":
+        return signal * sample - noise_level * model_output
+    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+
+
+def model_output_for_clean_latents(
+    scheduler: SchedulerMixin, sample: torch.Tensor, clean: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The inverse of ``predicted_clean_latents``: the model output that implies ``clean`` for ``sample``."""
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return (sample - clean) / _flow_sigma(scheduler, timestep, sample)
+    signal, noise_level = _alphas(scheduler, timestep, sample)
+    noise = (sample - signal * clean) / noise_level
+    if scheduler.config.prediction_type == "epsilon":
+        return noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return signal * noise - noise_level * clean
+    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+
+
+def clip_predicted_clean_latents(
+    scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor, limit: float
+) -> torch.Tensor:
+    """``model_output`` changed only as far as needed to keep its implied clean latents within [-limit, limit]."""
+    clean = predicted_clean_latents(scheduler, sample, model_output, timestep)
+    clipped = clean.clamp(-limit, limit)
+    return model_output_for_clean_latents(scheduler, sample, clipped, timestep).to(model_output.dtype)

@@ -1,0 +1,57 @@
+"""The model card: README.md inside a saved model folder, in the Hugging Face card style.
+
+Aggregates only: case, patient and split counts, modalities, sources and licenses; never a patient id,
+case id or report text.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+from radsynth.configs import RadsynthConfig
+
+from .data.manifest import CaseRecord
+from .data.splits import split_counts
+
+
+def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRecord], summary: dict,
+                     autoencoder_holdout: dict[str, float], digest: str, steps: int) -> Path:
+    origins = Counter(record.origin for record in records)
+    licenses = Counter(record.license for record in records)
+    front_matter = {"library_name": "radsynth", "tags": ["medical-imaging", "latent-diffusion", "synthetic-data"],
+                    "license": "other", "model_hash": digest}
+    splits = split_counts(records)
+    lines = [
+        "---", yaml.safe_dump(front_matter, sort_keys=False).strip(), "---", "",
+        f"# radsynth latent diffusion model: {config.data.name}", "",
+        "A text-conditioned latent diffusion model (MONAI AutoencoderKL + DiffusionModelUNet, diffusers scheduler)",
+        f"trained from scratch by radsynth on local data. Modality: {', '.join(summary['modality'])}; "
+        f"region: {', '.join(summary['body_region'])}; image grid {summary['preprocessed_shape']}.", "",
+        "## Intended use", "",
+        "Generating synthetic images for research and for augmenting training sets, after radsynth's scoring and",
+        "privacy gate. Not for diagnosis. Samples are synthetic and must be labelled as such.", "",
+        "## Training data", "",
+        f"- cases: {len(records)} from {summary['patients']} patients "
+        f"(origin: {', '.join(f'{k} {v}' for k, v in origins.items())})",
+        *[f"- {name}: {count['cases']} cases, {count['patients']} patients" for name, count in splits.items()],
+        "- only the train split was used for training; holdout and test were never seen",
+        f"- licenses: {', '.join(f'{k} ({v} cases)' for k, v in licenses.items())}", "",
+        "## Training", "",
+        f"- diffusion steps: {steps}; objective: {config.diffusion.objective}; "
+        f"autoencoder steps: {config.autoencoder.max_steps}",
+        "- autoencoder reconstruction on the holdout split (physical units): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items()), "",
+        "```yaml",
+        yaml.safe_dump({key: config.model_dump(mode="json", by_alias=True)[key]
+                        for key in ("autoencoder", "diffusion", "conditioning", "sampling")}, sort_keys=False).strip(),
+        "```", "",
+        "## Limitations", "",
+        "Small data and many steps make copies of training images: read the privacy scores next to the realism",
+        "scores before releasing samples. Phantom-trained models learn procedural shapes, not anatomy.", "",
+    ]
+    path = folder / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,126 @@
+"""The generate stage: a trained model folder -> N synthetic images with JSON sidecars.
+
+Each sample's seed derives from (model hash, sampling settings, sample index), so any shard of the N can
+be redone or skipped exactly: a sample whose sidecar already records the same seed and model is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from tqdm.auto import tqdm
+
+from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.generators.data import ConditioningSpec
+from radsynth.generators.objectives import build_inference_scheduler
+
+from ..data.ingest import data_dir
+from ..data.manifest import read_manifest
+from .text_to_image import RadsynthTextToImagePipeline, model_hash
+from .writers import write_sample
+
+# Settings that change what one sample looks like; batch size and sample count do not.
+SEED_FIELDS = ("scheduler", "num_inference_steps", "guidance_scale")
+
+
+@dataclass
+class GenerateResult:
+    sample_dir: Path
+    written: list[str]
+    skipped: int
+    model_hash: str
+    latent_std: float | None  # health check: ~1 for a sane sampler (training latents are scaled to std 1)
+
+
+def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool = True) -> RadsynthTextToImagePipeline:
+    model_dir = Path(model_dir)
+    if not progress:
+        diffusers_logging.disable_progress_bar()
+    if not (model_dir / "model_index.json").is_file():
+        raise UserInputError(model_dir, "no trained model here", "run `radsynth train CONFIG` first")
+    pipeline = RadsynthTextToImagePipeline.from_pretrained(model_dir, use_safetensors=True)
+    pipeline.scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
+                                                   config.diffusion.num_train_timesteps)
+    device = "cuda" if config.runtime.device in ("auto", "cuda") and torch.cuda.is_available() else (
+        "cpu" if config.runtime.device == "auto" else config.runtime.device)
+    return pipeline.to(device)
+
+
+def sample_seed(digest: str, config: RadsynthConfig, index: int) -> int:
+    settings = {field: getattr(config.sampling, field) for field in SEED_FIELDS}
+    key = json.dumps({"model": digest, "seed": config.runtime.seed, **settings, "index": index}, sort_keys=True)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def sampling_prompts(config: RadsynthConfig) -> list[str]:
+    """The configured prompts, or else the prompts of the test split (conditions of real, unseen cases)."""
+    if config.sampling.prompts:
+        return list(config.sampling.prompts)
+    records = read_manifest(data_dir(config) / "manifest.jsonl")
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    prompts = [conditioning.prompt(record) for record in records if record.split == "test"]
+    if not prompts:
+        raise UserInputError("sampling.prompts", "no prompts and an empty test split", "give sampling.prompts")
+    return prompts
+
+
+def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, sample_dir: str | Path,
+             prompts: list[str] | None = None, progress: bool = True) -> GenerateResult:
+    pipeline = load_pipeline(model_dir, config, progress)
+    pipeline.set_progress_bar_config(disable=True)
+    digest = model_hash(pipeline)
+    prompts = prompts or sampling_prompts(config)
+    sample_dir = Path(sample_dir)
+    fmt = config.sampling.output_format
+    if fmt == "auto":
+        fmt = "png16" if pipeline.config.spatial_dims == 2 else "nifti"
+
+    todo = [i for i in range(n_samples) if not _done(sample_dir, i, sample_seed(digest, config, i), digest)]
+    written, latent_stds = [], []
+    batch = config.sampling.batch_size
+    for start in tqdm(range(0, len(todo), batch), desc="generate", unit="batch", disable=None if progress else True):
+        indices = todo[start:start + batch]
+        seeds = [sample_seed(digest, config, i) for i in indices]
+        batch_prompts = [prompts[i % len(prompts)] for i in indices]
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        output = pipeline(batch_prompts, num_inference_steps=config.sampling.num_inference_steps,
+                          guidance_scale=config.sampling.guidance_scale, generator=generators, output_type="physical")
+        latent_stds.append(output.latent_std)
+        for index, seed, prompt, image in zip(indices, seeds, batch_prompts, np.asarray(output.images)):
+            sidecar = {"prompt": prompt, "seed": seed, "scheduler": config.sampling.scheduler,
+                       "num_inference_steps": config.sampling.num_inference_steps,
+                       "guidance_scale": config.sampling.guidance_scale, "model_hash": digest, "sample_index": index,
+                       "modality": pipeline.config.modality, "derived_from_real": False}
+            write_sample(sample_dir, _sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
+                         png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high))
+            written.append(_sample_id(index))
+    return GenerateResult(sample_dir, written, n_samples - len(todo), digest,
+                          float(np.mean(latent_stds)) if latent_stds else None)
+
+
+def _sample_id(index: int) -> str:
+    return f"syn_{index:06d}"
+
+
+def _done(sample_dir: Path, index: int, seed: int, digest: str) -> bool:
+    sidecar = sample_dir / f"{_sample_id(index)}.json"
+    if not sidecar.is_file():
+        return False
+    recorded = json.loads(sidecar.read_text())
+    return recorded.get("seed") == seed and recorded.get("model_hash") == digest and (
+        sample_dir / recorded.get("file", "")).is_file()
+
+
+def _affine(pipeline: RadsynthTextToImagePipeline) -> np.ndarray:
+    """Voxel-to-world of a generated grid: the training grid's spacing (RAS), centred on the origin."""
+    spacing = np.asarray(pipeline.config.spacing, dtype=np.float64)
+    shape = np.asarray(pipeline.config.image_shape, dtype=np.float64)
+    affine = np.diag([*spacing, 1.0])
+    affine[:-1, -1] = -0.5 * (shape - 1) * spacing
+    return affine

@@ -1,0 +1,245 @@
+"""The train stage: autoencoder -> latent scale -> latents cached once -> diffusion backbone -> saved pipeline.
+
+Plain Python over the data stage's manifest and cache. Each part resumes from its own checkpoints, and a
+part whose final weights exist is loaded instead of retrained, so ``radsynth train`` can be killed and rerun.
+The result is a diffusers-style folder (``model_index.json``, one folder per component with ``config.json``
+and safetensors) with a model card, that ``RadsynthTextToImagePipeline.from_pretrained`` rebuilds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.generators.autoencoder import RadsynthAutoencoder
+from radsynth.generators.autoencoder_trainer import (
+    AutoencoderTrainer,
+    calibrate_scaling_factor,
+    holdout_reconstruction,
+)
+from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
+from radsynth.generators.diffusion_trainer import DiffusionTrainer
+from radsynth.generators.losses import AutoencoderLoss
+from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
+from radsynth.generators.text_encoder import load_text_encoder
+from radsynth.generators.trainer import LoopSettings
+from radsynth.generators.unet import RadsynthUNet
+
+from .data.ingest import data_dir
+from .data.manifest import CaseRecord, read_manifest
+from .model_card import write_model_card
+from .sampling.grids import save_grid
+from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
+
+AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    model_hash: str
+    autoencoder_holdout: dict[str, float]
+    scaling_factor: float
+    diffusion_steps: int
+    resumed_from: int
+
+
+def train_dir(config: RadsynthConfig) -> Path:
+    return config.output_dir / "train"
+
+
+def model_dir(config: RadsynthConfig) -> Path:
+    return config.output_dir / MODEL_DIR
+
+
+def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
+    torch.manual_seed(config.runtime.seed)  # weight initialisation
+    records, summary = _ingested(config)
+    cache_dir = Path(summary["cache"])
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    train_images = CachedImages(_split(records, "train"), cache_dir, conditioning)
+    intensity = summary["intensity_train"]
+
+    autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
+    latents = _cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
+                              config.autoencoder.batch_size)
+
+    text_encoder = load_text_encoder(
+        config.conditioning.text_encoder, config.conditioning.pretrained_path, captions=train_images.prompts,
+        max_length=config.conditioning.max_tokens, embed_dim=config.conditioning.embed_dim,
+        num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads)
+    unet = _unet(config, autoencoder, text_encoder.embed_dim)
+    diffusion = config.diffusion
+    trainer = DiffusionTrainer(
+        unet, text_encoder, latents, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
+        train_dir(config) / DIFFUSION_DIR, _loop_settings(config, progress),
+        learning_rate=diffusion.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
+        batch_size=diffusion.batch_size, condition_dropout=config.conditioning.condition_dropout,
+        max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+
+    def pipeline_now() -> RadsynthTextToImagePipeline:
+        unet_now, text_now = trainer.modules()
+        return _pipeline(config, unet_now, autoencoder, text_now, summary, latents)
+
+    validation_prompts = _validation_prompts(records, conditioning)
+
+    def validate(step: int) -> dict[str, float]:
+        with trainer.inference_weights():
+            return _validation_grid(pipeline_now(), validation_prompts, config,
+                                    train_dir(config) / DIFFUSION_DIR / "samples" / f"step-{step:07d}.png")
+
+    resumed_from = trainer.fit(validate)
+    with trainer.inference_weights():
+        pipeline = pipeline_now()
+        out = _save_pipeline(pipeline, model_dir(config))
+        digest = model_hash(pipeline)  # of the saved (EMA) weights, before the training weights come back
+    write_model_card(out, config, records, summary, holdout, digest, trainer.loop.state.step)
+    return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
+
+
+# ----------------------------------------------------------------------------------------------- parts
+
+
+def _ingested(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
+    manifest, summary = data_dir(config) / "manifest.jsonl", data_dir(config) / "summary.json"
+    if not summary.is_file():
+        raise UserInputError(manifest, "no ingested dataset", "run `radsynth ingest CONFIG` first")
+    return read_manifest(manifest), json.loads(summary.read_text())
+
+
+def _split(records: list[CaseRecord], split: str) -> list[CaseRecord]:
+    chosen = [record for record in records if record.split == split]
+    if not chosen:
+        raise UserInputError("data.split", f"the {split} split is empty", "give it a non-zero fraction")
+    return chosen
+
+
+def _loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | None = None,
+                   checkpoint_every: int | None = None, validate: bool = True) -> LoopSettings:
+    diffusion = config.diffusion
+    return LoopSettings(
+        max_steps=max_steps or diffusion.max_steps, checkpoint_every=checkpoint_every or diffusion.checkpoint_every,
+        keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every,
+        validate_every=diffusion.validate_every if validate else None,
+        gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
+        mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress)
+
+
+def _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress):
+    """Trained (or loaded, when its final folder exists) autoencoder with its latent scale, and holdout metrics."""
+    final = train_dir(config) / AUTOENCODER_DIR / "final"
+    metrics_path = final / "holdout_metrics.json"
+    if (final / "config.json").is_file() and metrics_path.is_file():
+        return RadsynthAutoencoder.from_pretrained(final, use_safetensors=True), json.loads(metrics_path.read_text())
+    settings = config.autoencoder
+    autoencoder = RadsynthAutoencoder(
+        spatial_dims=config.data.spatial_dims, channels=tuple(settings.channels),
+        latent_channels=settings.latent_channels, num_res_blocks=settings.num_res_blocks,
+        attention_levels=tuple(settings.attention_levels), norm_num_groups=settings.norm_num_groups)
+    loss = AutoencoderLoss(settings.kl_weight, settings.adversarial_weight, config.data.spatial_dims)
+    loop = _loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
+                          validate=False)
+    loop.gradient_accumulation_steps = 1
+    trainer = AutoencoderTrainer(autoencoder, loss, train_images, train_dir(config) / AUTOENCODER_DIR, loop,
+                                 settings.learning_rate, settings.batch_size, config.runtime.seed,
+                                 config.diffusion.max_grad_norm)
+    autoencoder = trainer.fit()
+    calibrate_scaling_factor(autoencoder, train_images, settings.batch_size)
+    holdout_images = CachedImages(_split(records, "holdout"), cache_dir, conditioning)
+    holdout = holdout_reconstruction(autoencoder, holdout_images, settings.batch_size,
+                                     intensity["low"], intensity["high"])
+    _save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
+    _write_json(final / "holdout_metrics.json", holdout)
+    return autoencoder, holdout
+
+
+@torch.no_grad()
+def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path, batch_size: int) -> CachedLatents:
+    """Posterior mean and std of every training image, encoded once (reused while the autoencoder is the same)."""
+    stamp = path.with_suffix(".json")
+    identity = {"scaling_factor": autoencoder.scaling_factor, "cases": [r.case_id for r in images.records]}
+    if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
+        return CachedLatents.load(path)
+    autoencoder.eval()
+    mus, sigmas = [], []
+    for start in range(0, len(images), batch_size):
+        x = images.images(range(start, min(start + batch_size, len(images)))).to(autoencoder.device)
+        _, z_mu, z_sigma = autoencoder(x)
+        mus.append(z_mu.cpu() * autoencoder.scaling_factor)
+        sigmas.append(z_sigma.cpu() * autoencoder.scaling_factor)
+    latents = CachedLatents(torch.cat(mus), torch.cat(sigmas), images.prompts, images.spacings)
+    latents.save(path)
+    _write_json(stamp, identity)
+    return latents
+
+
+def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim: int) -> RadsynthUNet:
+    settings = config.diffusion
+    latent_channels = autoencoder.config.latent_channels
+    return RadsynthUNet(
+        spatial_dims=config.data.spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
+        channels=tuple(settings.channels), attention_levels=tuple(settings.attention_levels),
+        num_res_blocks=settings.num_res_blocks, num_head_channels=settings.num_head_channels,
+        cross_attention_dim=context_dim, norm_num_groups=settings.norm_num_groups,
+        use_spacing=config.data.spatial_dims == 3)
+
+
+def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedLatents) -> RadsynthTextToImagePipeline:
+    scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
+                                          config.diffusion.num_train_timesteps)
+    spacing = tuple(float(s) for s in latents.spacing.median(dim=0).values.tolist())
+    intensity = summary["intensity_train"]
+    # "physical" output inverts the preprocessing map; with no normalisation, [-1, 1] maps to itself.
+    low, high = (-1.0, 1.0) if intensity["mode"] == "none" else (intensity["low"], intensity["high"])
+    return RadsynthTextToImagePipeline(
+        unet=unet, vae=autoencoder, text_encoder=text_encoder, scheduler=scheduler,
+        modality=next(iter(summary["modality"])), spatial_dims=config.data.spatial_dims,
+        image_shape=tuple(summary["preprocessed_shape"]), spacing=spacing,
+        intensity_low=low, intensity_high=high, latent_clip=3.0)
+
+
+def _validation_prompts(records: list[CaseRecord], conditioning: ConditioningSpec, limit: int = 6) -> list[str]:
+    """One prompt per value of the leading attribute (a finding), from the test split, rarest last."""
+    cases = [r for r in records if r.split == "test"] or records
+    key = next(iter(conditioning.attribute_keys), None)
+    chosen: dict[str, CaseRecord] = {}
+    for record in cases:
+        chosen.setdefault(str(record.attributes.get(key)) if key else record.case_id, record)
+    return [conditioning.prompt(record) for record in list(chosen.values())[:limit]]
+
+
+@torch.no_grad()
+def _validation_grid(pipeline, prompts: list[str], config: RadsynthConfig, path: Path, per_prompt: int = 4) -> dict:
+    generator = torch.Generator().manual_seed(config.runtime.seed)
+    output = pipeline([p for p in prompts for _ in range(per_prompt)], num_inference_steps=min(
+        config.sampling.num_inference_steps, 50), guidance_scale=config.sampling.guidance_scale, generator=generator,
+        output_type="np")
+    save_grid(np.asarray(output["images"]), rows=len(prompts), path=path)
+    return {"latent_std": float(output["latent_std"])}
+
+
+def _save_pipeline(pipeline: RadsynthTextToImagePipeline, folder: Path) -> Path:
+    return _save_atomically(lambda partial: pipeline.save_pretrained(partial, safe_serialization=True), folder)
+
+
+def _save_atomically(save, folder: Path) -> Path:
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2))
+    os.replace(temporary, path)
