@@ -80,6 +80,8 @@ def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     from radsynth.pipelines.training import train
 
     ingest(config, progress=not args.json)  # a no-op when the cache is current
+    if config.finetune.from_:
+        return _finetune(config, args)
     result = train(config, progress=not args.json)
     print(f"model {result.model_dir} (hash {result.model_hash[:12]}), {result.diffusion_steps} diffusion steps"
           + (f", resumed from step {result.resumed_from}" if result.resumed_from else ""))
@@ -87,6 +89,16 @@ def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     return {"command": "train", "model_dir": str(result.model_dir), "model_hash": result.model_hash,
             "diffusion_steps": result.diffusion_steps, "resumed_from": result.resumed_from,
             "scaling_factor": result.scaling_factor, "autoencoder_holdout": result.autoencoder_holdout}
+
+
+def _finetune(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.finetuning import finetune
+
+    result = finetune(config, progress=not args.json)
+    print(f"fine-tuned model {result.model_dir} (hash {result.model_hash[:12]}) from base {result.base_model_hash[:12]}"
+          f" on {result.cases} cases, {result.steps} steps")
+    return {"command": "train", "finetune": True, "model_dir": str(result.model_dir), "model_hash": result.model_hash,
+            "base_model_hash": result.base_model_hash, "cases": result.cases, "steps": result.steps}
 
 
 def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:

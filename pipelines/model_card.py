@@ -18,7 +18,8 @@ from .data.splits import split_counts
 
 
 def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRecord], summary: dict,
-                     autoencoder_holdout: dict[str, float], digest: str, steps: int) -> Path:
+                     autoencoder_holdout: dict[str, float], digest: str, steps: int,
+                     base_model: dict | None = None) -> Path:
     origins = Counter(record.origin for record in records)
     licenses = Counter(record.license for record in records)
     front_matter = {"library_name": "radsynth", "tags": ["medical-imaging", "latent-diffusion", "synthetic-data"],
@@ -39,11 +40,13 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *[f"- {name}: {count['cases']} cases, {count['patients']} patients" for name, count in splits.items()],
         "- only the train split was used for training; holdout and test were never seen",
         f"- licenses: {', '.join(f'{k} ({v} cases)' for k, v in licenses.items())}", "",
+        *([f"Fine-tuned ({base_model['method']}) from base model {base_model['hash'][:16]} on the cases matching "
+            f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
         "## Training", "",
         f"- diffusion steps: {steps}; objective: {config.diffusion.objective}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
-        "- autoencoder reconstruction on the holdout split (physical units): "
-        + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items()), "",
+        *(["- autoencoder reconstruction on the holdout split (physical units): "
+           + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []), "",
         "```yaml",
         yaml.safe_dump({key: config.model_dump(mode="json", by_alias=True)[key]
                         for key in ("autoencoder", "diffusion", "conditioning", "sampling")}, sort_keys=False).strip(),

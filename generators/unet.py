@@ -1,0 +1,125 @@
+"""The diffusion backbone: MONAI's DiffusionModelUNet (2D or 3D) with cross-attention to text tokens.
+
+Wrapped as a diffusers ModelMixin/ConfigMixin so that it saves and loads as a pipeline component. Two optional
+conditionings sit on top of the text: class labels (added to the timestep embedding, MONAI's mechanism) and
+the voxel spacing, which becomes one extra context token so a 3D model trained on mixed resolutions knows the
+physical size of a voxel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from monai.networks.nets import DiffusionModelUNet
+from torch import Tensor, nn
+
+__all__ = ["RadsynthUNet", "SpacingEmbedding"]
+
+
+class SpacingEmbedding(nn.Module):
+    """Voxel spacing (B, spatial_dims) in mm -> one context token (B, 1, dim).
+
+    The log makes 0.5 mm and 2 mm symmetric around 1 mm. The final LayerNorm puts the token on the scale of
+    text-encoder outputs (which end in a LayerNorm too), so neither dominates the attention logits.
+    """
+
+    def __init__(self, spatial_dims: int, dim: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(spatial_dims, dim), nn.SiLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, spacing: Tensor) -> Tensor:
+        return self.mlp(torch.log(spacing)).unsqueeze(1)
+
+
+class RadsynthUNet(ModelMixin, ConfigMixin):
+    """Noise/velocity predictor on (scaled) latents, conditioned on text tokens via cross-attention."""
+
+    @register_to_config
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        channels: tuple[int, ...] = (64, 128, 128),
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        cross_attention_dim: int = 256,
+        norm_num_groups: int = 32,
+        num_class_embeds: int | None = None,
+        use_spacing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = DiffusionModelUNet(
+            spatial_dims=spatial_dims,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=tuple(channels),
+            attention_levels=tuple(attention_levels),
+            num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels,
+            norm_num_groups=norm_num_groups,
+            with_conditioning=True,
+            cross_attention_dim=cross_attention_dim,
+            num_class_embeds=num_class_embeds,
+        )
+        self.spacing_embedding = SpacingEmbedding(spatial_dims, cross_attention_dim) if use_spacing else None
+
+    def conditioning_context(
+        self, encoder_hidden_states: Tensor, spacing: Tensor | Sequence[float] | None = None
+    ) -> Tensor:
+        """The cross-attention context: the text tokens, plus the spacing token when the model uses spacing.
+
+        Public so that a ControlNet beside this UNet can attend to exactly the same context.
+        """
+        if self.spacing_embedding is None:
+            return encoder_hidden_states
+        if spacing is None:
+            raise ValueError("this UNet was built with use_spacing=True: pass spacing (B, spatial_dims) in mm")
+        batch = encoder_hidden_states.shape[0]
+        spacing = torch.as_tensor(spacing, device=encoder_hidden_states.device, dtype=torch.float32)
+        if spacing.ndim == 1:
+            spacing = spacing.expand(batch, -1)
+        if spacing.shape != (batch, self.config.spatial_dims) or not bool((spacing > 0).all()):
+            raise ValueError(
+                f"spacing must be positive with shape ({batch}, {self.config.spatial_dims}) or "
+                f"({self.config.spatial_dims},), got {tuple(spacing.shape)}"
+            )
+        token = self.spacing_embedding(spacing.to(self.spacing_embedding.mlp[0].weight.dtype))
+        return torch.cat([encoder_hidden_states, token.to(encoder_hidden_states.dtype)], dim=1)
+
+    def forward(
+        self,
+        sample: Tensor,
+        timestep: Tensor | float | int,
+        encoder_hidden_states: Tensor,
+        class_labels: Tensor | None = None,
+        spacing: Tensor | Sequence[float] | None = None,
+        down_block_additional_residuals: tuple[Tensor, ...] | None = None,
+        mid_block_additional_residual: Tensor | None = None,
+    ) -> Tensor:
+        """Prediction of sample's shape.
+
+        timestep: a scalar or a (B,) tensor; floats are kept as they are (rectified flow passes t * 1000).
+        spacing: (B, spatial_dims) or (spatial_dims,) in mm; read only when the model was built with use_spacing.
+        The two residual arguments are the ControlNet hooks of MONAI's UNet, passed through unchanged.
+        """
+        batch = sample.shape[0]
+        timesteps = torch.as_tensor(timestep, device=sample.device)
+        if timesteps.ndim == 0 or timesteps.numel() == 1:
+            # MONAI's sinusoidal embedding needs one timestep per batch element.
+            timesteps = timesteps.reshape(1).expand(batch)
+        if timesteps.shape != (batch,):
+            raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timesteps.shape)}")
+        context = self.conditioning_context(encoder_hidden_states, spacing)
+        return self.net(
+            sample,
+            timesteps,
+            context=context,
+            class_labels=class_labels,
+            down_block_additional_residuals=down_block_additional_residuals,
+            mid_block_additional_residual=mid_block_additional_residual,
+        )

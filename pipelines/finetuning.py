@@ -1,0 +1,103 @@
+"""The fine-tune stage: adapt a trained model to a subset (one rare finding, 5-50 cases), base left intact.
+
+``radsynth train CONFIG finetune.from=runs/demo/model finetune.filter="{finding: pneumothorax}"`` reads the
+base folder (never writes it), picks the train-split cases that match the filter, encodes them with the
+base autoencoder, trains LoRA factors on the UNet's attention (or the whole UNet, ``method: full``), and
+saves a complete, self-contained pipeline folder next to the base one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.generators.data import CachedImages, ConditioningSpec
+from radsynth.generators.diffusion_trainer import DiffusionTrainer
+from radsynth.generators.lora import add_lora, merge_lora
+from radsynth.generators.objectives import TrainingObjective
+
+from .data.manifest import CaseRecord
+from .model_card import write_model_card
+from .sampling.generate import load_pipeline
+from .sampling.text_to_image import model_hash
+from .training import _cached_latents, _ingested, _loop_settings, _save_pipeline, train_dir
+
+
+@dataclass
+class FinetuneResult:
+    model_dir: Path
+    model_hash: str
+    base_model_hash: str
+    cases: int
+    steps: int
+
+
+def finetuned_model_dir(config: RadsynthConfig) -> Path:
+    tag = "-".join(f"{key}-{value}" for key, value in sorted(config.finetune.filter.items())) or "all"
+    name = f"model-finetune-{config.finetune.method}-{tag}"
+    return config.output_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def _run_key(config: RadsynthConfig, base_hash: str) -> str:
+    """Checkpoints belong to one base model and one set of fine-tune settings: a run never resumes another's
+    state (a different rank would not even load). ``max_steps`` is left out so a longer run continues."""
+    settings = config.finetune.model_dump(mode="json", exclude={"max_steps"})
+    return hashlib.sha256(json.dumps({"base": base_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def matching_cases(records: list[CaseRecord], filter: dict, limit: int) -> list[CaseRecord]:
+    """Train-split cases whose attributes equal every filter value (compared as text), first ``limit``."""
+    wanted = {key: str(value) for key, value in filter.items()}
+    chosen = [r for r in records if r.split == "train"
+              and all(str(r.attributes.get(key)) == value for key, value in wanted.items())]
+    return chosen[:limit]
+
+
+def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
+    settings = config.finetune
+    if not settings.from_:
+        raise UserInputError("finetune.from", "missing", "the folder of a trained model")
+    torch.manual_seed(config.runtime.seed)
+    base = load_pipeline(settings.from_, config, progress)
+    base_hash = model_hash(base)
+    records, summary = _ingested(config)
+    subset = matching_cases(records, settings.filter, settings.max_cases)
+    if not subset:
+        raise UserInputError("finetune.filter", f"no train-split case matches {settings.filter}",
+                             "attribute values as they appear in the manifest, e.g. {finding: pneumothorax}")
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
+    images = CachedImages(subset, summary["cache"], conditioning)
+    latents = _cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
+
+    unet, text_encoder = base.unet, base.text_encoder
+    text_encoder.requires_grad_(False)  # the vocabulary was fitted on the full dataset; keep the encoder as is
+    if settings.method == "lora":
+        add_lora(unet, settings.rank, settings.alpha)
+    else:
+        unet.requires_grad_(True)
+    unet.train()
+    trainer = DiffusionTrainer(
+        unet, text_encoder, latents, TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
+        run_dir, _loop_settings(config, progress, max_steps=settings.max_steps, validate=False),
+        learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
+        batch_size=min(config.diffusion.batch_size, len(subset)), condition_dropout=config.conditioning.condition_dropout,
+        max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
+    trainer.fit()
+    with trainer.inference_weights() as (trained_unet, _):
+        if settings.method == "lora":
+            merge_lora(trained_unet)
+        base.unet = trained_unet
+        out = _save_pipeline(base, finetuned_model_dir(config))
+        digest = model_hash(base)
+    write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
+                     base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,
+                                 "filter": settings.filter})
+    (run_dir / "finetune.json").write_text(json.dumps({"base_hash": base_hash, "hash": digest, "cases": len(subset)}))
+    return FinetuneResult(out, digest, base_hash, len(subset), trainer.loop.state.step)

@@ -1,0 +1,83 @@
+"""Fine-tuning on a rare finding: LoRA changes only attention projections and never the base folder."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from radsynth.configs import UserInputError
+from radsynth.generators.lora import add_lora, merge_lora
+from radsynth.generators.unet import RadsynthUNet
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.finetuning import finetune
+from radsynth.pipelines.sampling.generate import generate
+from radsynth.pipelines.training import train
+
+from .test_training_stage import tiny_config
+
+
+def folder_digest(folder):
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    run = tmp_path_factory.mktemp("base")
+    config = tiny_config(run, "diffusion.max_steps=3", "diffusion.validate_every=100", "data.phantom.n_cases=40")
+    ingest(config, progress=False)
+    return run, train(config, progress=False)
+
+
+def test_lora_merge_is_exactly_the_low_rank_update_and_starts_as_identity():
+    torch.manual_seed(0)
+    unet = RadsynthUNet(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=8, cross_attention_dim=32)
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, context = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    reference = unet(x, torch.tensor([10, 500]), context)
+    factors = add_lora(unet, rank=4, alpha=4)
+    assert all(p.requires_grad for p in factors)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    torch.testing.assert_close(unet(x, torch.tensor([10, 500]), context), reference)  # B = 0 at the start
+    with torch.no_grad():
+        for p in factors:
+            p.add_(0.05 * torch.randn_like(p))
+    adapted = unet(x, torch.tensor([10, 500]), context)
+    merge_lora(unet)
+    assert not any("lora_" in k for k in unet.state_dict())
+    torch.testing.assert_close(unet(x, torch.tensor([10, 500]), context), adapted, rtol=1e-4, atol=1e-5)
+    changed = {k for k, v in unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(base_model, tmp_path, method):
+    run, base = base_model
+    digest_before = folder_digest(base.model_dir)
+    config = tiny_config(run, f"finetune.from={base.model_dir}", "finetune.filter={finding: effusion}",
+                         f"finetune.method={method}", "finetune.max_steps=4", "finetune.learning_rate=0.01")
+    result = finetune(config, progress=False)
+    assert folder_digest(base.model_dir) == digest_before
+    assert result.base_model_hash == base.model_hash and result.model_hash != base.model_hash
+    assert 1 <= result.cases <= 50
+    tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(base.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert tuned.keys() == original.keys()  # a plain UNet: LoRA merged, nothing extra
+    changed = {k for k in tuned if not torch.equal(tuned[k], original[k])}
+    if method == "lora":
+        assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
+    else:
+        assert any(k.rsplit(".", 2)[-2] not in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
+    assert "Fine-tuned" in (result.model_dir / "README.md").read_text()
+    out = generate(config, result.model_dir, 2, tmp_path / "samples", progress=False)
+    assert out.model_hash == result.model_hash
+
+
+def test_a_filter_that_matches_no_case_is_a_user_error(base_model):
+    run, base = base_model
+    config = tiny_config(run, f"finetune.from={base.model_dir}", "finetune.filter={finding: unicorn}")
+    with pytest.raises(UserInputError, match="no train-split case matches"):
+        finetune(config, progress=False)
