@@ -16,7 +16,6 @@ import platform
 import shutil
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

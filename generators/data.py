@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from radsynth.pipelines.data.cache import read_cached_case
 from radsynth.pipelines.data.manifest import CaseRecord
 
 from .prompts import render_prompt

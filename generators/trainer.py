@@ -105,11 +105,14 @@ class TrainingLoop:
     def save_checkpoint(self) -> Path:
         """accelerate's state, written to a temporary folder and renamed: a kill mid-save leaves no half checkpoint."""
         final = self.checkpoint_dir / f"step-{self.state.step:07d}"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            partial = self.checkpoint_dir / f".partial-{final.name}"
+        partial = self.checkpoint_dir / f".partial-{final.name}"
+        main = self.accelerator.is_main_process
+        if main:
             shutil.rmtree(partial, ignore_errors=True)
-            self.accelerator.save_state(str(partial))
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(partial))  # every process: each saves its own RNG state
+        self.accelerator.wait_for_everyone()
+        if main:
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self.checkpoints()[: -self.settings.keep_checkpoints]:

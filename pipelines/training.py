@@ -33,6 +33,7 @@ from radsynth.generators.trainer import LoopSettings
 from radsynth.generators.unet import RadsynthUNet
 
 from .data.ingest import data_dir
+from .data.io import write_json
 from .data.manifest import CaseRecord, read_manifest
 from .model_card import write_model_card
 from .sampling.grids import save_grid
@@ -90,17 +91,23 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
 
     validation_prompts = _validation_prompts(records, conditioning)
 
-    def validate(step: int) -> dict[str, float]:
+    def validate(step: int) -> dict[str, float] | None:
+        if not trainer.loop.accelerator.is_main_process:
+            return None
         with trainer.inference_weights():
             return _validation_grid(pipeline_now(), validation_prompts, config,
                                     train_dir(config) / DIFFUSION_DIR / "samples" / f"step-{step:07d}.png")
 
     resumed_from = trainer.fit(validate)
+    accelerator = trainer.loop.accelerator
     with trainer.inference_weights():
         pipeline = pipeline_now()
-        out = _save_pipeline(pipeline, model_dir(config))
         digest = model_hash(pipeline)  # of the saved (EMA) weights, before the training weights come back
-    write_model_card(out, config, records, summary, holdout, digest, trainer.loop.state.step)
+        if accelerator.is_main_process:  # under `accelerate launch` every process holds the same weights
+            _save_pipeline(pipeline, model_dir(config))
+            write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
+    accelerator.wait_for_everyone()
+    out = model_dir(config)
     return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
 
 
@@ -155,8 +162,10 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
     holdout_images = CachedImages(_split(records, "holdout"), cache_dir, conditioning)
     holdout = holdout_reconstruction(autoencoder, holdout_images, settings.batch_size,
                                      intensity["low"], intensity["high"])
-    _save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
-    _write_json(final / "holdout_metrics.json", holdout)
+    if trainer.loop.accelerator.is_main_process:
+        _save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
+        write_json(final / "holdout_metrics.json", holdout)
+    trainer.loop.accelerator.wait_for_everyone()
     return autoencoder, holdout
 
 
@@ -176,7 +185,7 @@ def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path
         sigmas.append(z_sigma.cpu() * autoencoder.scaling_factor)
     latents = CachedLatents(torch.cat(mus), torch.cat(sigmas), images.prompts, images.spacings)
     latents.save(path)
-    _write_json(stamp, identity)
+    write_json(stamp, identity)
     return latents
 
 
@@ -236,10 +245,3 @@ def _save_atomically(save, folder: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)
     return folder
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)

@@ -6,8 +6,6 @@ for a run until every case has passed its checks; the manifest and summary are w
 
 from __future__ import annotations
 
-import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +19,7 @@ from radsynth.configs.schema import DataConfig, RadsynthConfig
 from .adapters import read_source
 from .cache import PreprocessedCache, cache_key
 from .checks import check_image, check_label
-from .io import Image, read_image
+from .io import Image, read_image, write_json
 from .manifest import CaseRecord, check_unique_case_ids, write_manifest
 from .preprocess import PreprocessedCase, preprocess_case
 from .splits import assign_splits
@@ -65,7 +63,7 @@ def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
     manifest_path = write_manifest(records, out / "manifest.jsonl")
     summary = summarize(records, cache)
     summary.update(manifest=str(manifest_path), cache=str(cache.folder))
-    summary_path = _write_json(summary, out / "summary.json")
+    summary_path = write_json(out / "summary.json", summary)
     return IngestResult(records, manifest_path, summary_path, cache.folder, summary, len(todo))
 
 
@@ -114,10 +112,3 @@ def _check_dimensions(records: list[CaseRecord], data: DataConfig) -> None:
                 f"image is {record.spatial_dims}D but data.preprocess.target_shape has {expected} entries",
                 f"use a {record.spatial_dims}D target_shape for this dataset",
             )
-
-
-def _write_json(payload: dict, path: Path) -> Path:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2))
-    os.replace(temporary, path)
-    return path

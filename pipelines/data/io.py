@@ -7,6 +7,7 @@ temporary name and ``os.replace`` so a crash never leaves a half-written file be
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -112,6 +113,14 @@ def write_png(path: str | Path, array: np.ndarray) -> Path:
         raise TypeError(f"PNG needs uint8 or uint16, got {array.dtype}")
     image = PILImage.fromarray(array)
     return _atomic(Path(path), lambda temporary: image.save(temporary, format="PNG"))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return _atomic(Path(path), lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, payload: object) -> Path:
+    return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def _atomic(path: Path, write) -> Path:

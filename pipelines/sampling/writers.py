@@ -9,9 +9,7 @@ written the image already written is removed again, so a crashed shard can simpl
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -19,7 +17,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 
 from radsynth.configs.errors import UserInputError
-from radsynth.pipelines.data.io import scaling_affine, spacing_of, write_nifti, write_png
+from radsynth.pipelines.data.io import scaling_affine, spacing_of, write_nifti, write_png, write_text
 
 SYNTHETIC_DESCRIPTION = "radsynth synthetic"
 PNG_MAX = 65535
@@ -88,7 +86,7 @@ def write_sample(
     sidecar_path = out_dir / f"{sample_id}.json"
     write()
     try:
-        _write_text_atomic(sidecar_path, text + "\n")
+        write_text(sidecar_path, text + "\n")
     except BaseException:
         image_path.unlink(missing_ok=True)  # an image without its provenance must not stay behind
         raise
@@ -134,17 +132,6 @@ def _write_nifti(path: Path, image: np.ndarray, affine: np.ndarray) -> Path:
         volume_affine[:2, :2], volume_affine[:2, 3] = affine[:2, :2], affine[:2, 2]
         image, affine = image[..., None], volume_affine
     return write_nifti(path, image.astype(np.float32), affine, description=SYNTHETIC_DESCRIPTION)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 def _json_default(value: object) -> object:

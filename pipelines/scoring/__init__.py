@@ -1,0 +1,1 @@
+"""Scoring: realism, conditioning adherence, privacy leakage and utility of synthetic images."""
