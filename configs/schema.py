@@ -217,6 +217,7 @@ class ConditioningConfig(Section):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     include_text: bool = Field(True, description="append the case's report/caption after the attributes")
+    class_attribute: str | None = Field(None, description="also feed this attribute as a learned class embedding")
     condition_dropout: float = Field(0.1, ge=0, lt=1)
     use_masks: bool = Field(False, description="ControlNet over one-hot label maps")
 

@@ -94,8 +94,10 @@ class CachedLatents:
     see had every batch been encoded afresh, at a fraction of the cost.
     """
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[str], spacing: torch.Tensor):
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[str], spacing: torch.Tensor,
+                 class_labels: torch.Tensor | None = None):
         self.mu, self.sigma, self.prompts, self.spacing = mu, sigma, list(prompts), spacing
+        self.class_labels = class_labels  # (N,) class indices, 0 = none; set by the trainer's caller
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -104,8 +106,11 @@ class CachedLatents:
         index = torch.as_tensor(np.asarray(indices))
         mu, sigma = self.mu[index], self.sigma[index]
         noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
-        return {"latents": mu + sigma * noise, "prompts": [self.prompts[i] for i in indices],
-                "spacing": self.spacing[index]}
+        batch = {"latents": mu + sigma * noise, "prompts": [self.prompts[i] for i in indices],
+                 "spacing": self.spacing[index]}
+        if self.class_labels is not None:
+            batch["class_labels"] = self.class_labels[index]
+        return batch
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

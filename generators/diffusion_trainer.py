@@ -82,7 +82,11 @@ class DiffusionTrainer:
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
         timesteps = self.objective.sample_timesteps(len(clean), device=device, generator=generator)
         noisy, target, model_timesteps = self.objective.noisy_and_target(clean, noise, timesteps)
-        prediction = self.unet(noisy, model_timesteps, context, spacing=batch["spacing"].to(device))
+        class_labels = batch.get("class_labels")
+        if class_labels is not None:  # dropped conditions lose their class too: index 0 is the null class
+            class_labels = (class_labels * keep).to(device)
+        prediction = self.unet(noisy, model_timesteps, context, class_labels=class_labels,
+                               spacing=batch["spacing"].to(device))
         return F.mse_loss(prediction.float(), target.float())
 
     def modules(self) -> tuple[RadsynthUNet, torch.nn.Module]:

@@ -26,7 +26,7 @@ from .data.manifest import CaseRecord
 from .model_card import write_model_card
 from .sampling.generate import load_pipeline
 from .sampling.text_to_image import model_hash
-from .training import _cached_latents, _ingested, _loop_settings, _save_pipeline, train_dir
+from .training import _cached_latents, _ingested, _loop_settings, _save_pipeline, class_labels, train_dir
 
 
 @dataclass
@@ -75,6 +75,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     images = CachedImages(subset, summary["cache"], conditioning)
     latents = _cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
+    latents.class_labels = class_labels(subset, base.config.class_attribute, list(base.config.class_names))
 
     unet, text_encoder = base.unet, base.text_encoder
     text_encoder.requires_grad_(False)  # the vocabulary was fitted on the full dataset; keep the encoder as is

@@ -71,12 +71,14 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
     latents = _cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
                               config.autoencoder.batch_size)
+    class_names = class_vocabulary(train_images.records, config.conditioning.class_attribute)
+    latents.class_labels = class_labels(train_images.records, config.conditioning.class_attribute, class_names)
 
     text_encoder = load_text_encoder(
         config.conditioning.text_encoder, config.conditioning.pretrained_path, captions=train_images.prompts,
         max_length=config.conditioning.max_tokens, embed_dim=config.conditioning.embed_dim,
         num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads)
-    unet = _unet(config, autoencoder, text_encoder.embed_dim)
+    unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None)
     diffusion = config.diffusion
     trainer = DiffusionTrainer(
         unet, text_encoder, latents, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
@@ -87,7 +89,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
 
     def pipeline_now() -> RadsynthTextToImagePipeline:
         unet_now, text_now = trainer.modules()
-        return _pipeline(config, unet_now, autoencoder, text_now, summary, latents)
+        return _pipeline(config, unet_now, autoencoder, text_now, summary, latents, class_names)
 
     validation_prompts = _validation_prompts(records, conditioning)
 
@@ -189,18 +191,34 @@ def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path
     return latents
 
 
-def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim: int) -> RadsynthUNet:
+def class_vocabulary(records: list[CaseRecord], attribute: str | None) -> list[str]:
+    """The values of the class attribute seen in training; index 0 is kept for 'none' (the null class)."""
+    if not attribute:
+        return []
+    return sorted({str(r.attributes[attribute]) for r in records if r.attributes.get(attribute) not in (None, "")})
+
+
+def class_labels(records: list[CaseRecord], attribute: str | None, names: list[str]) -> torch.Tensor | None:
+    if not names:
+        return None
+    values = [str(r.attributes.get(attribute)) for r in records]
+    return torch.tensor([names.index(v) + 1 if v in names else 0 for v in values])
+
+
+def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim: int,
+          num_class_embeds: int | None) -> RadsynthUNet:
     settings = config.diffusion
     latent_channels = autoencoder.config.latent_channels
     return RadsynthUNet(
         spatial_dims=config.data.spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
         channels=tuple(settings.channels), attention_levels=tuple(settings.attention_levels),
         num_res_blocks=settings.num_res_blocks, num_head_channels=settings.num_head_channels,
-        cross_attention_dim=context_dim, norm_num_groups=settings.norm_num_groups,
+        cross_attention_dim=context_dim, norm_num_groups=settings.norm_num_groups, num_class_embeds=num_class_embeds,
         use_spacing=config.data.spatial_dims == 3)
 
 
-def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedLatents) -> RadsynthTextToImagePipeline:
+def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedLatents,
+              class_names: list[str]) -> RadsynthTextToImagePipeline:
     scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
                                           config.diffusion.num_train_timesteps)
     spacing = tuple(float(s) for s in latents.spacing.median(dim=0).values.tolist())
@@ -211,7 +229,8 @@ def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedL
         unet=unet, vae=autoencoder, text_encoder=text_encoder, scheduler=scheduler,
         modality=next(iter(summary["modality"])), spatial_dims=config.data.spatial_dims,
         image_shape=tuple(summary["preprocessed_shape"]), spacing=spacing,
-        intensity_low=low, intensity_high=high, latent_clip=3.0)
+        intensity_low=low, intensity_high=high, latent_clip=3.0,
+        class_attribute=config.conditioning.class_attribute if class_names else None, class_names=class_names)
 
 
 def _validation_prompts(records: list[CaseRecord], conditioning: ConditioningSpec, limit: int = 6) -> list[str]:

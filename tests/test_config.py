@@ -7,7 +7,7 @@ from radsynth.flows.cli import main
 
 from .conftest import REPO
 
-PRESETS = ["demo", "cxr", "hippocampus", "ct-abdomen"]
+PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen"]
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import re
 import json
 from dataclasses import dataclass
 
@@ -61,6 +62,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         intensity_low: float = 0.0,
         intensity_high: float = 1.0,
         latent_clip: float | None = None,
+        class_attribute: str | None = None,
+        class_names: tuple[str, ...] | list[str] = (),
     ):
         super().__init__()
         if modality not in MODALITIES:
@@ -83,6 +86,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
             intensity_low=float(intensity_low),
             intensity_high=float(intensity_high),
             latent_clip=None if latent_clip is None else float(latent_clip),
+            class_attribute=class_attribute,
+            class_names=tuple(class_names),
         )
 
     # ---------------------------------------------------------------------------------------- helpers
@@ -107,6 +112,17 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         states = self.text_encoder.encode(["", *prompts])
         null = states[:1].expand(len(prompts), *states.shape[1:])
         return torch.cat([null, states[1:]])
+
+    def class_labels_for(self, prompts: list[str], guided: bool) -> torch.Tensor | None:
+        """Class indices read from the prompts' ``attribute: value`` part (0, the null class, when absent)."""
+        attribute = self.config.class_attribute
+        if not attribute:
+            return None
+        names = list(self.config.class_names)
+        pattern = re.compile(rf"(?:^|; ){re.escape(attribute)}: ([^;.]+)")
+        values = [match.group(1).strip() if (match := pattern.search(prompt)) else None for prompt in prompts]
+        labels = torch.tensor([names.index(v) + 1 if v in names else 0 for v in values])
+        return torch.cat([torch.zeros_like(labels), labels]) if guided else labels
 
     def prepare_latents(
         self, batch_size: int, generator, latents: torch.Tensor | None, device: torch.device, dtype: torch.dtype
@@ -155,6 +171,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         device, dtype = self._execution_device, self.unet.dtype
 
         context = self.encode_prompts(prompts, guided).to(device=device, dtype=dtype)
+        class_labels = self.class_labels_for(prompts, guided)
+        class_labels = class_labels.to(device) if class_labels is not None else None
         latents = self.prepare_latents(batch_size, generator, latents, device, dtype)
         spacing = None
         if getattr(self.unet.config, "use_spacing", False):
@@ -168,7 +186,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
             if hasattr(self.scheduler, "scale_model_input"):
                 model_input = self.scheduler.scale_model_input(model_input, timestep)
             # Rectified flow: FlowMatchEuler's timesteps are already sigma * 1000, the unit the UNet trained on.
-            prediction = self.unet(model_input, timestep, encoder_hidden_states=context, spacing=spacing)
+            prediction = self.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
+                                   spacing=spacing)
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
