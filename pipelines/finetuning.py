@@ -26,7 +26,7 @@ from .data.manifest import CaseRecord
 from .model_card import write_model_card
 from .sampling.generate import load_pipeline
 from .sampling.text_to_image import model_hash
-from .training import _cached_latents, _ingested, _loop_settings, _save_pipeline, class_labels, train_dir
+from .training import cached_latents, ingested_dataset, loop_settings, save_pipeline, class_labels, train_dir
 
 
 @dataclass
@@ -66,7 +66,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     torch.manual_seed(config.runtime.seed)
     base = load_pipeline(settings.from_, config, progress)
     base_hash = model_hash(base)
-    records, summary = _ingested(config)
+    records, summary = ingested_dataset(config)
     subset = matching_cases(records, settings.filter, settings.max_cases)
     if not subset:
         raise UserInputError("finetune.filter", f"no train-split case matches {settings.filter}",
@@ -74,7 +74,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     images = CachedImages(subset, summary["cache"], conditioning)
-    latents = _cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
+    latents = cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
     latents.class_labels = class_labels(subset, base.config.class_attribute, list(base.config.class_names))
 
     unet, text_encoder = base.unet, base.text_encoder
@@ -86,7 +86,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     unet.train()
     trainer = DiffusionTrainer(
         unet, text_encoder, latents, TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
-        run_dir, _loop_settings(config, progress, max_steps=settings.max_steps, validate=False),
+        run_dir, loop_settings(config, progress, max_steps=settings.max_steps, validate=False),
         learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
         batch_size=min(config.diffusion.batch_size, len(subset)), condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
@@ -95,7 +95,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         if settings.method == "lora":
             merge_lora(trained_unet)
         base.unet = trained_unet
-        out = _save_pipeline(base, finetuned_model_dir(config))
+        out = save_pipeline(base, finetuned_model_dir(config))
         digest = model_hash(base)
     write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
                      base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,

@@ -61,19 +61,19 @@ def model_dir(config: RadsynthConfig) -> Path:
 
 
 def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
-    torch.manual_seed(config.runtime.seed)  # weight initialisation
-    records, summary = _ingested(config)
+    records, summary = ingested_dataset(config)
     cache_dir = Path(summary["cache"])
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     train_images = CachedImages(_split(records, "train"), cache_dir, conditioning)
     intensity = summary["intensity_train"]
 
     autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
-    latents = _cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
+    latents = cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
                               config.autoencoder.batch_size)
     class_names = class_vocabulary(train_images.records, config.conditioning.class_attribute)
     latents.class_labels = class_labels(train_images.records, config.conditioning.class_attribute, class_names)
 
+    torch.manual_seed(config.runtime.seed + 1)  # initial weights do not depend on whether the autoencoder was loaded
     text_encoder = load_text_encoder(
         config.conditioning.text_encoder, config.conditioning.pretrained_path, captions=train_images.prompts,
         max_length=config.conditioning.max_tokens, embed_dim=config.conditioning.embed_dim,
@@ -82,7 +82,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     diffusion = config.diffusion
     trainer = DiffusionTrainer(
         unet, text_encoder, latents, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
-        train_dir(config) / DIFFUSION_DIR, _loop_settings(config, progress),
+        train_dir(config) / DIFFUSION_DIR, loop_settings(config, progress),
         learning_rate=diffusion.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
         batch_size=diffusion.batch_size, condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
@@ -106,7 +106,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
         pipeline = pipeline_now()
         digest = model_hash(pipeline)  # of the saved (EMA) weights, before the training weights come back
         if accelerator.is_main_process:  # under `accelerate launch` every process holds the same weights
-            _save_pipeline(pipeline, model_dir(config))
+            save_pipeline(pipeline, model_dir(config))
             write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
     accelerator.wait_for_everyone()
     out = model_dir(config)
@@ -116,7 +116,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
 # ----------------------------------------------------------------------------------------------- parts
 
 
-def _ingested(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
+def ingested_dataset(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
     manifest, summary = data_dir(config) / "manifest.jsonl", data_dir(config) / "summary.json"
     if not summary.is_file():
         raise UserInputError(manifest, "no ingested dataset", "run `radsynth ingest CONFIG` first")
@@ -130,7 +130,7 @@ def _split(records: list[CaseRecord], split: str) -> list[CaseRecord]:
     return chosen
 
 
-def _loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | None = None,
+def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | None = None,
                    checkpoint_every: int | None = None, validate: bool = True) -> LoopSettings:
     diffusion = config.diffusion
     return LoopSettings(
@@ -148,12 +148,13 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
     if (final / "config.json").is_file() and metrics_path.is_file():
         return RadsynthAutoencoder.from_pretrained(final, use_safetensors=True), json.loads(metrics_path.read_text())
     settings = config.autoencoder
+    torch.manual_seed(config.runtime.seed)
     autoencoder = RadsynthAutoencoder(
         spatial_dims=config.data.spatial_dims, channels=tuple(settings.channels),
         latent_channels=settings.latent_channels, num_res_blocks=settings.num_res_blocks,
         attention_levels=tuple(settings.attention_levels), norm_num_groups=settings.norm_num_groups)
     loss = AutoencoderLoss(settings.kl_weight, settings.adversarial_weight, config.data.spatial_dims)
-    loop = _loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
+    loop = loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
                           validate=False)
     loop.gradient_accumulation_steps = 1
     trainer = AutoencoderTrainer(autoencoder, loss, train_images, train_dir(config) / AUTOENCODER_DIR, loop,
@@ -172,7 +173,7 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
 
 
 @torch.no_grad()
-def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path, batch_size: int) -> CachedLatents:
+def cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path, batch_size: int) -> CachedLatents:
     """Posterior mean and std of every training image, encoded once (reused while the autoencoder is the same)."""
     stamp = path.with_suffix(".json")
     identity = {"scaling_factor": autoencoder.scaling_factor, "cases": [r.case_id for r in images.records]}
@@ -246,6 +247,7 @@ def _validation_prompts(records: list[CaseRecord], conditioning: ConditioningSpe
 @torch.no_grad()
 def _validation_grid(pipeline, prompts: list[str], config: RadsynthConfig, path: Path, per_prompt: int = 4) -> dict:
     generator = torch.Generator().manual_seed(config.runtime.seed)
+    pipeline.set_progress_bar_config(disable=True)  # the training bar already shows progress
     output = pipeline([p for p in prompts for _ in range(per_prompt)], num_inference_steps=min(
         config.sampling.num_inference_steps, 50), guidance_scale=config.sampling.guidance_scale, generator=generator,
         output_type="np")
@@ -253,7 +255,7 @@ def _validation_grid(pipeline, prompts: list[str], config: RadsynthConfig, path:
     return {"latent_std": float(output["latent_std"])}
 
 
-def _save_pipeline(pipeline: RadsynthTextToImagePipeline, folder: Path) -> Path:
+def save_pipeline(pipeline: RadsynthTextToImagePipeline, folder: Path) -> Path:
     return _save_atomically(lambda partial: pipeline.save_pretrained(partial, safe_serialization=True), folder)
 
 

@@ -81,3 +81,16 @@ def test_a_filter_that_matches_no_case_is_a_user_error(base_model):
     config = tiny_config(run, f"finetune.from={base.model_dir}", "finetune.filter={finding: unicorn}")
     with pytest.raises(UserInputError, match="no train-split case matches"):
         finetune(config, progress=False)
+
+
+def test_a_saved_model_loads_in_a_fresh_process_that_imports_only_the_pipeline(base_model):
+    """diffusers loads components only from already-imported modules: the pipeline module must import them."""
+    import subprocess
+    import sys
+
+    _, base = base_model
+    code = ("from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline as P, model_hash; "
+            f"print(model_hash(P.from_pretrained({str(base.model_dir)!r}, use_safetensors=True)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.strip().splitlines()[-1] == base.model_hash

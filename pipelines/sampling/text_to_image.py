@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import re
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,12 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+# The component classes must be imported for from_pretrained: diffusers loads a component only from a module
+# that is already imported (model_index.json names it, but naming a module never runs its code).
+from radsynth.generators.autoencoder import RadsynthAutoencoder  # noqa: F401
 from radsynth.generators.objectives import clip_predicted_clean_latents
+from radsynth.generators.text_encoder import PretrainedTextEncoder, RadsynthTextEncoder  # noqa: F401
+from radsynth.generators.unet import RadsynthUNet  # noqa: F401
 
 MODALITIES = ("ct", "mri", "xray")
 OUTPUT_TYPES = ("np", "pt", "physical")
