@@ -280,6 +280,7 @@ class RuntimeConfig(Section):
     seed: int = 0
     output_dir: str = "runs/default"
     num_workers: int = Field(0, ge=0)
+    tensorboard: bool = Field(False, description="also log training metrics for TensorBoard (extra: tensorboard)")
 
 
 class RadsynthConfig(Section):

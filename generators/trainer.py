@@ -22,6 +22,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from radsynth.configs.errors import UserInputError
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 
 
@@ -36,6 +38,7 @@ class LoopSettings:
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
     device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
     progress: bool = True
+    tensorboard: bool = False  # metrics.csv always; TensorBoard events in <run>/tensorboard as well
 
 
 class LoopState:
@@ -66,6 +69,8 @@ class TrainingLoop:
         self.accelerator.register_for_checkpointing(self.state)
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.csv"
+        log_events = settings.tensorboard and self.accelerator.is_main_process
+        self.tensorboard = _tensorboard_writer(self.run_dir) if log_events else None
 
     # ---------------------------------------------------------------------------------------- run
     def run(self, train_step: Callable[[int], dict[str, float]],
@@ -93,6 +98,8 @@ class TrainingLoop:
             if step % settings.checkpoint_every == 0 or step == settings.max_steps:
                 self.save_checkpoint()
         bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         return resumed_from
 
     # -------------------------------------------------------------------------------- checkpoints
@@ -141,6 +148,8 @@ class TrainingLoop:
                 writer.writerow(["step", "kind", "name", "value"])
             for name, value in values.items():
                 writer.writerow([step, kind, name, f"{float(value):.8g}"])
+                if self.tensorboard is not None:
+                    self.tensorboard.add_scalar(f"{kind}/{name}", float(value), step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop rows a killed run logged after its last checkpoint, so the resumed curve continues cleanly."""
@@ -153,6 +162,15 @@ class TrainingLoop:
         with open(temporary, "w", newline="") as handle:
             csv.writer(handle).writerows(kept)
         os.replace(temporary, self.metrics_path)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserInputError("runtime.tensorboard", "tensorboard is not installed",
+                             "pip install 'radsynth[tensorboard]', or set runtime.tensorboard: false") from None
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def read_metrics(path: str | Path, name: str, kind: str = "train") -> dict[int, float]:

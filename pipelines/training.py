@@ -138,7 +138,8 @@ def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | No
         keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every,
         validate_every=diffusion.validate_every if validate else None,
         gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
-        mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress)
+        mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress,
+        tensorboard=config.runtime.tensorboard)
 
 
 def _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress):

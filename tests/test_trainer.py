@@ -24,14 +24,14 @@ class Interrupt(Exception):
     pass
 
 
-def regression_run(run_dir, stop_at=None, max_steps=12):
+def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False):
     """A tiny model fitted with Adam and a cosine schedule; randomness comes from the step number only."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     loop = TrainingLoop(run_dir, LoopSettings(max_steps=max_steps, checkpoint_every=4, keep_checkpoints=2,
-                                              log_every=1, device="cpu", progress=False))
+                                              log_every=1, device="cpu", progress=False, tensorboard=tensorboard))
     model, optimizer, schedule = loop.accelerator.prepare(model, optimizer, schedule)
     weights = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
@@ -75,3 +75,15 @@ def test_a_finished_run_does_nothing_when_started_again(tmp_path):
     before = (tmp_path / "run" / "metrics.csv").read_text()
     loop, resumed_from = regression_run(tmp_path / "run")
     assert resumed_from == 12 and (tmp_path / "run" / "metrics.csv").read_text() == before
+
+
+def test_tensorboard_events_carry_the_same_curve_as_the_csv(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    regression_run(tmp_path / "run", tensorboard=True)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = {event.step: event.value for event in events.Scalars("train/loss")}
+    csv_curve = read_metrics(tmp_path / "run" / "metrics.csv", "loss")
+    assert sorted(logged) == sorted(csv_curve) == list(range(1, 13))
+    np.testing.assert_allclose([logged[s] for s in range(1, 13)], [csv_curve[s] for s in range(1, 13)], rtol=1e-6)

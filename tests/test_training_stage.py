@@ -139,3 +139,16 @@ def test_class_embeddings_train_save_and_follow_the_prompted_attribute(tmp_path)
         second = unet(x, torch.tensor([500]), context, class_labels=torch.tensor([2]))
     assert not torch.allclose(first, second)
     assert len(generate(config, result.model_dir, 2, tmp_path / "samples", progress=False).written) == 2
+
+
+def test_bf16_mixed_precision_with_gradient_accumulation_trains_and_resumes(tmp_path):
+    config = tiny_config(tmp_path, "runtime.precision=bf16", "diffusion.gradient_accumulation_steps=2",
+                         "diffusion.max_steps=4", "diffusion.checkpoint_every=2", "diffusion.validate_every=100")
+    ingest(config, progress=False)
+    first = train(config, progress=False)
+    losses = read_metrics(tmp_path / "train" / "diffusion" / "metrics.csv", "loss")
+    assert sorted(losses) == [1, 2, 3, 4] and all(np.isfinite(list(losses.values())))
+    longer = train(tiny_config(tmp_path, "runtime.precision=bf16", "diffusion.gradient_accumulation_steps=2",
+                               "diffusion.max_steps=6", "diffusion.checkpoint_every=2", "diffusion.validate_every=100"),
+                   progress=False)
+    assert first.diffusion_steps == 4 and longer.resumed_from == 4 and longer.diffusion_steps == 6
