@@ -127,7 +127,8 @@ class DataConfig(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     format: Literal["phantom", "msd", "image_folder", "dicom"]
     root: str | None = Field(None, description="input folder (not used by phantom)")
-    modality: Modality | None = Field(None, description="required for image folders; MSD, DICOM and phantoms can say it themselves")
+    modality: Modality | None = Field(
+        None, description="required for image folders; MSD, DICOM and phantoms can say it themselves")
     body_region: str | None = None
     license: str = "unknown"
     label_names: dict[int, str] | None = Field(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
@@ -55,6 +56,9 @@ class LoopState:
 
 
 def make_accelerator(settings: LoopSettings) -> Accelerator:
+    # accelerate keeps one process-wide state: a second training in the same process (a notebook, the build
+    # flow) with another precision must clear it. The distributed (partial) state is kept.
+    AcceleratorState._reset_state()
     on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=on_cpu,
                        gradient_accumulation_steps=settings.gradient_accumulation_steps)
@@ -91,7 +95,8 @@ class TrainingLoop:
                 elapsed = time.perf_counter() - started
                 self._log(step, {**logs, "steps_per_s": steps_done / max(elapsed, 1e-9)})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            if validate and settings.validate_every and (step % settings.validate_every == 0 or step == settings.max_steps):
+            last = step == settings.max_steps
+            if validate and settings.validate_every and (step % settings.validate_every == 0 or last):
                 extra = validate(step)
                 if extra:
                     self._log(step, extra, kind="validation")

@@ -85,10 +85,12 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         unet.requires_grad_(True)
     unet.train()
     trainer = DiffusionTrainer(
-        unet, text_encoder, latents, TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
+        unet, text_encoder, latents,
+        TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
         run_dir, loop_settings(config, progress, max_steps=settings.max_steps, validate=False),
         learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
-        batch_size=min(config.diffusion.batch_size, len(subset)), condition_dropout=config.conditioning.condition_dropout,
+        batch_size=min(config.diffusion.batch_size, len(subset)),
+        condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
     trainer.fit()
     with trainer.inference_weights() as (trained_unet, _):

@@ -174,7 +174,8 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
 
 
 @torch.no_grad()
-def cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path, batch_size: int) -> CachedLatents:
+def cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path,
+                   batch_size: int) -> CachedLatents:
     """Posterior mean and std of every training image, encoded once (reused while the autoencoder is the same)."""
     stamp = path.with_suffix(".json")
     identity = {"scaling_factor": autoencoder.scaling_factor, "cases": [r.case_id for r in images.records]}

@@ -111,8 +111,9 @@ def crop_or_pad(image: Image, shape: tuple[int, ...], fill: float) -> Image:
     source = image.array
     out = np.full(shape, fill, dtype=source.dtype)
     offset = [(old - new) // 2 for old, new in zip(source.shape, shape)]
-    source_slices = tuple(slice(max(o, 0), max(o, 0) + min(old, new)) for o, old, new in zip(offset, source.shape, shape))
-    target_slices = tuple(slice(max(-o, 0), max(-o, 0) + min(old, new)) for o, old, new in zip(offset, source.shape, shape))
+    sizes = [min(old, new) for old, new in zip(source.shape, shape)]
+    source_slices = tuple(slice(max(o, 0), max(o, 0) + n) for o, n in zip(offset, sizes))
+    target_slices = tuple(slice(max(-o, 0), max(-o, 0) + n) for o, n in zip(offset, sizes))
     out[target_slices] = source[source_slices]
     shift = np.eye(len(shape) + 1)
     shift[:-1, -1] = offset

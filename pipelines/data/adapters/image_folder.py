@@ -39,7 +39,8 @@ def read_image_folder(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
                                  f"a file named {case_id} with suffix {', '.join(RASTER_SUFFIXES)}")
         patient = row[source.patient_column].strip()
         if not patient:
-            raise UserInputError(where, f"empty {source.patient_column} for id '{case_id}'", "every image needs a patient id")
+            raise UserInputError(where, f"empty {source.patient_column} for id '{case_id}'",
+                                 "every image needs a patient id")
         image_path, mask_path = images[case_id], masks.get(case_id)
         attributes = {column: _parse(row[column]) for column in source.attribute_columns}
         text = row[source.text_column].strip() if source.text_column else ""

@@ -112,7 +112,8 @@ def _label_names(meta: dict, where: Path) -> dict[int, str]:
         else:  # nnU-Net v2: {"background": 0, "tumour": 1}; region-based labels are lists and unsupported
             names = {int(value): str(name) for name, value in labels.items()}
     except (TypeError, ValueError):
-        raise UserInputError(where, "'labels' must map integers to names", "region-based labels are not supported") from None
+        raise UserInputError(where, "'labels' must map integers to names",
+                             "region-based labels are not supported") from None
     names[0] = "background"
     return dict(sorted(names.items()))
 
