@@ -79,7 +79,11 @@ def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     from radsynth.pipelines.data.ingest import ingest
     from radsynth.pipelines.training import train
 
-    ingest(config, progress=not args.json)  # a no-op when the cache is current
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every rank runs this: the main one ingests, the others then find the cache.
+    with PartialState().main_process_first():
+        ingest(config, progress=not args.json)  # a no-op when the cache is current
     if config.finetune.from_:
         return _finetune(config, args)
     result = train(config, progress=not args.json)
