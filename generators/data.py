@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from radsynth.pipelines.data.io import spacing_of
 from radsynth.pipelines.data.manifest import CaseRecord
 
 from .prompts import render_prompt
@@ -83,8 +85,9 @@ class CachedImages:
 
 
 def _grid_spacing(path: Path) -> list[float]:
-    affine = load_file(str(path))["affine"].double().numpy()
-    return np.linalg.norm(affine[:-1, :-1], axis=0).tolist()
+    """The case's voxel spacing, reading only its affine (not the image) from the cache file."""
+    with safe_open(str(path), framework="numpy") as handle:
+        return list(spacing_of(handle.get_tensor("affine")))
 
 
 class CachedLatents:
@@ -124,8 +127,6 @@ class CachedLatents:
 
     @classmethod
     def load(cls, path: str | Path) -> CachedLatents:
-        from safetensors import safe_open
-
         tensors = load_file(str(path))
         with safe_open(str(path), framework="pt") as handle:
             prompts = (handle.metadata() or {}).get("prompts", "").split("\n")
