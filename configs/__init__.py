@@ -1,7 +1,7 @@
 """Config schema, presets and loading, shared by every stage."""
 
 from .errors import UserInputError
-from .loading import config_to_yaml, load_config, preset_path, validate_config
+from .loading import config_to_yaml, load_config, load_scoring_config, preset_path, validate_config
 from .schema import RadsynthConfig
 
-__all__ = ["RadsynthConfig", "UserInputError", "config_to_yaml", "load_config", "preset_path", "validate_config"]
+__all__ = ["RadsynthConfig", "UserInputError", "config_to_yaml", "load_config", "load_scoring_config", "preset_path", "validate_config"]

@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .errors import UserInputError
-from .schema import RadsynthConfig
+from .schema import RadsynthConfig, ScoringConfig
 
 
 def preset_path(name_or_path: str | Path) -> Path:
@@ -35,6 +35,26 @@ def validate_config(raw: dict[str, Any], where: str | Path = "<config>") -> Rads
         return RadsynthConfig.model_validate(raw)
     except ValidationError as error:
         raise UserInputError(where, *_describe(error)) from None
+
+
+def load_scoring_config(overrides: list[str] | tuple[str, ...] = (), where: str = "<command line>") -> ScoringConfig:
+    """A ``scoring`` section from ``scoring.key=value`` overrides alone (``radsynth score`` has no config file)."""
+    raw: dict[str, Any] = {}
+    for override in overrides:
+        if not override.startswith("scoring."):
+            raise UserInputError(where, f"override '{override}' is not a scoring setting", "scoring.<key>=<value>")
+        _apply_override(raw, override, Path(where))
+    try:
+        return ScoringConfig.model_validate(raw.get("scoring", {}))
+    except ValidationError as error:
+        problem, allowed = _describe(error)
+        # The schema path starts inside the section: put the section back in front of the key.
+        if problem.startswith("unknown"):
+            problem = problem.replace("key '", "key 'scoring.", 1)
+            allowed = f"allowed: {', '.join(ScoringConfig.model_fields)}"
+        else:
+            problem = f"scoring.{problem}"
+        raise UserInputError(where, problem, allowed) from None
 
 
 def config_to_yaml(config: RadsynthConfig) -> str:

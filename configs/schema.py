@@ -259,11 +259,36 @@ class SamplingConfig(Section):
 
 class ScoringConfig(Section):
     feature_spaces: list[Literal["random_cnn", "radiomics", "self_supervised"]] = Field(
-        default_factory=lambda: ["random_cnn", "radiomics"]
+        default_factory=lambda: ["random_cnn", "radiomics", "self_supervised"]
     )
+    sample_dir: str | None = Field(None, description="samples to score; default <output_dir>/samples")
+    max_samples: int | None = Field(None, ge=2, description="score at most this many samples (the first ones)")
     bootstrap_samples: int = Field(200, ge=10)
     nearest_neighbour_chunk: int = Field(1024, ge=1)
     copy_detection_recall: float = Field(0.95, gt=0, lt=1)
+    pixel_comparison_size: int = Field(64, ge=8, description="pixel nearest neighbours compare at most this per side")
+    pixel_max_shift: int = Field(2, ge=0, description="shifts (pixels) tolerated by the pixel nearest neighbour")
+    self_supervised_steps: int = Field(300, ge=1)
+    segmenter_steps: int = Field(300, ge=1)
+    classifier_steps: int = Field(300, ge=1)
+    attributes: list[str] | None = Field(
+        None, description="prompt attributes to score adherence and strata on; default conditioning.attributes"
+    )
+    min_stratum_size: int = Field(8, ge=2, description="strata with fewer samples are listed, not scored")
+    membership_inference: bool = True
+    membership_samples: int = Field(64, ge=4, description="members (train) and as many non-members (holdout)")
+    membership_timesteps: int = Field(10, ge=1)
+    utility: bool = True
+    utility_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 1.0])
+    utility_seeds: int = Field(3, ge=1)
+    utility_steps: int = Field(300, ge=1)
+
+    @field_validator("utility_fractions")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if not value or any(not 0 < f <= 1 for f in value):
+            raise ValueError(f"fractions must lie in (0, 1], got {value}")
+        return value
 
 
 class ReleaseConfig(Section):

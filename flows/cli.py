@@ -24,7 +24,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return USER_ERROR_EXIT
     try:
-        config = load_config(args.config, args.overrides)
+        # `score` audits plain folders and has no config file; every other command starts from one.
+        config = load_config(args.config, args.overrides) if hasattr(args, "config") else None
         result = args.run(config, args)
     except UserInputError as error:
         print(f"radsynth: error: {error}", file=sys.stderr)
@@ -46,6 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=int, default=None, help="number of samples (default: sampling.num_samples)")
     generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
     generate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/samples)")
+    evaluate = _command(commands, "evaluate", _evaluate, "score a build's samples: realism, adherence, privacy, utility")
+    evaluate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
+    evaluate.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
+    evaluate.add_argument("--out", default=None, help="scorecard folder (default: <output_dir>/eval)")
+    _score_command(commands)
     _command(commands, "build", _build, "run the end-to-end build flow (Prefect)")
     return parser
 
@@ -57,6 +63,23 @@ def _command(commands, name: str, run: Callable, help_text: str) -> argparse.Arg
     command.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
     command.set_defaults(run=run)
     return command
+
+
+def _score_command(commands) -> None:
+    help_text = "score any folders of images (PNG or NIfTI; masks in a sibling labels/ or masks/ folder)"
+    command = commands.add_parser("score", help=help_text, description=help_text)
+    command.add_argument("--synthetic", required=True, help="the images to audit")
+    command.add_argument("--train", required=True, help="the generator's training images")
+    command.add_argument("--holdout", required=True, help="real images the generator never saw (privacy reference)")
+    command.add_argument("--test", default=None, help="more unseen real images (evaluation of real-trained models)")
+    command.add_argument("--out", default="scorecard", help="folder for scorecard.json, scorecard.md, per_sample.csv")
+    command.add_argument("--modality", choices=("ct", "mri", "xray"), default=None,
+                         help="ct maps intensities through the CT window; otherwise percentiles of --train")
+    command.add_argument("--attributes", nargs="*", default=[], help="metadata.csv columns to stratify and score on")
+    command.add_argument("overrides", nargs="*", metavar="scoring.key=value", help="e.g. scoring.bootstrap_samples=100")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--json", action="store_true", help="end with one JSON object on stdout")
+    command.set_defaults(run=_score)
 
 
 def _show_config(config: RadsynthConfig, args: argparse.Namespace) -> dict:
@@ -118,6 +141,38 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
           f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")
     return {"command": "generate", "sample_dir": str(result.sample_dir), "written": len(result.written),
             "skipped": result.skipped, "model_hash": result.model_hash, "latent_std": result.latent_std}
+
+
+def _evaluate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.scoring.evaluate import evaluate
+
+    result = evaluate(config, model_dir=args.model, sample_dir=args.samples, out_dir=args.out,
+                      log=(lambda _: None) if args.json else print)
+    return _scored("evaluate", result)
+
+
+def _score(config: None, args: argparse.Namespace) -> dict:
+    from radsynth.configs import load_scoring_config
+    from radsynth.pipelines.scoring.evaluate import ScoringInputs, score
+    from radsynth.pipelines.scoring.loading import folder_set
+
+    settings = load_scoring_config(args.overrides)
+    train = folder_set(args.train, "train", is_synthetic=False, modality=args.modality)
+    sets = {name: folder_set(path, name, is_synthetic=name == "synthetic", reference=train)
+            for name, path in (("synthetic", args.synthetic), ("holdout", args.holdout), ("test", args.test)) if path}
+    inputs = ScoringInputs(sets["synthetic"], train, sets["holdout"], sets.get("test"), attributes=args.attributes)
+    result = score(inputs, settings, args.out, seed=args.seed, log=(lambda _: None) if args.json else print)
+    return _scored("score", result)
+
+
+def _scored(command: str, result) -> dict:
+    card = result.scorecard
+    for name, verdict in card.verdicts.items():
+        print(f"{name}: {'PASS' if verdict['passed'] else 'FAIL'}" + "".join(f"; {r}" for r in verdict.get("reasons", [])))
+    print(f"scorecard {result.paths['json']} ({len(card.rows)} numbers, "
+          f"{sum(bool(r.get('flagged')) for r in card.per_sample)} of {len(card.per_sample)} samples flagged)")
+    return {"command": command, **{k: str(v) for k, v in result.paths.items()}, "sizes": card.sizes,
+            "verdicts": card.verdicts, "seconds": result.seconds}
 
 
 def _build(config: RadsynthConfig, args: argparse.Namespace) -> dict:

@@ -9,9 +9,10 @@ Ages are binned to decades: the model learns from more cases per value, and a pr
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 
-__all__ = ["AGE_BIN_WIDTH", "OLDEST_AGE_BIN", "age_bin", "render_prompt"]
+__all__ = ["AGE_BIN_WIDTH", "OLDEST_AGE_BIN", "age_bin", "parse_prompt", "prompt_attributes", "render_prompt"]
 
 AGE_BIN_WIDTH = 10
 OLDEST_AGE_BIN = 90  # one open bin from here on ("90+"), as the DICOM adapter caps ages at 90
@@ -51,9 +52,32 @@ def render_prompt(text: str, attributes: Mapping[str, object], keys: Sequence[st
 
     With no attribute to show the prompt is the text alone, so an empty case renders as "" (the null prompt).
     """
-    parts = [f"{key}: {_format_value(key, attributes[key])}" for key in keys if not _is_missing(attributes.get(key))]
+    parts = [f"{key}: {value}" for key, value in prompt_attributes(attributes, keys).items()]
     text = " ".join(text.split())
     if not parts:
         return text
     header = "; ".join(parts) + "."
     return f"{header} {text}" if text else header
+
+
+def prompt_attributes(attributes: Mapping[str, object], keys: Sequence[str]) -> dict[str, str]:
+    """The attributes a prompt shows, as shown ("age": "60-69"): what a scorer compares synthetic samples on."""
+    return {key: _format_value(key, attributes[key]) for key in keys if not _is_missing(attributes.get(key))}
+
+
+_HEADER_END = re.compile(r"\.(?: |$)")
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """The attribute header of a rendered prompt back as a dict; ``{}`` when the prompt has no header.
+
+    ``parse_prompt("finding: nodule; sex: F; age: 60-69. Solitary nodule.")`` gives
+    ``{"finding": "nodule", "sex": "F", "age": "60-69"}``. The header ends at the first ". " (or a final "."),
+    so values with inner dots ("0.52") survive.
+    """
+    end = _HEADER_END.search(prompt)
+    header = prompt[: end.start()] if end else prompt
+    pairs = [part.split(": ", 1) for part in header.split("; ")]
+    if not all(len(pair) == 2 and pair[0].strip() and " " not in pair[0].strip() for pair in pairs):
+        return {}  # free text only, or text that merely contains a colon
+    return {key.strip(): value.strip() for key, value in pairs}

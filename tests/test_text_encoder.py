@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from radsynth.configs.errors import UserInputError  # noqa: E402
-from radsynth.generators.prompts import age_bin, render_prompt  # noqa: E402
+from radsynth.generators.prompts import age_bin, parse_prompt, render_prompt  # noqa: E402
 from radsynth.generators.text_encoder import (  # noqa: E402
     SPECIAL_TOKENS,
     PretrainedTextEncoder,
@@ -268,3 +268,13 @@ def test_render_prompt_follows_keys_skips_missing_and_appends_text():
     assert render_prompt("", {"age": 91}, ["age"]) == "age: 90+."
     assert render_prompt("only text", attributes, []) == "only text"
     assert render_prompt("", {"finding": None}, ["finding"]) == ""
+
+
+def test_parse_prompt_inverts_render_prompt_and_ignores_free_text():
+    attributes = {"finding": "nodule", "sex": "F", "age": 64, "ratio": 0.52}
+    keys = ["finding", "sex", "age", "ratio"]
+    prompt = render_prompt("Solitary nodule. Left lung.", attributes, keys)
+    assert parse_prompt(prompt) == {"finding": "nodule", "sex": "F", "age": "60-69", "ratio": "0.52"}
+    assert parse_prompt(render_prompt("", {"finding": "none"}, ["finding"])) == {"finding": "none"}
+    assert parse_prompt("A chest radiograph: no findings.") == {}
+    assert parse_prompt("") == {}

@@ -1,0 +1,194 @@
+"""Build the ``ImageSet`` objects a scorecard compares, from a build or from plain folders.
+
+Two sources:
+- a build (``radsynth evaluate``): real splits from the preprocessed cache (already on the model's grid and
+  intensity scale), synthetic samples from the generate stage's folder (sidecars give prompt and units);
+- any folders (``radsynth score``): PNG or NIfTI files, masks optional in a sibling ``labels/`` or ``masks/``
+  folder with the same file names, patient ids optional in a ``metadata.csv`` (columns ``file`` or ``id``,
+  ``patient_id``, any attribute columns). Every set is brought onto the training folder's grid (the shape of
+  its first image) and one intensity map fitted on the training images, so that a difference between sets is
+  a difference of content and not of file format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.configs.schema import IntensityConfig
+from radsynth.generators.data import ConditioningSpec
+from radsynth.generators.prompts import parse_prompt, prompt_attributes
+
+from ..data.ingest import data_dir
+from ..data.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, read_image, spacing_of, strip_image_suffix
+from ..data.manifest import CaseRecord, read_manifest
+from ..data.preprocess import IntensityMap, fit_intensity_map
+from ..sampling.writers import png16_to_physical
+from .image_sets import ImageSet
+
+MASK_FOLDERS = ("labels", "masks")
+METADATA_FILE = "metadata.csv"
+IMAGE_SUFFIXES = (*NIFTI_SUFFIXES, *RASTER_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------- a build
+
+
+def build_summary(config: RadsynthConfig) -> dict:
+    path = data_dir(config) / "summary.json"
+    if not path.is_file():
+        raise UserInputError(path, "no ingested data for this config", "run `radsynth ingest CONFIG` first")
+    return json.loads(path.read_text())
+
+
+def cached_split(config: RadsynthConfig, split: str, limit: int | None = None) -> ImageSet:
+    """The real cases of one split, from the preprocessed cache, as the model saw them."""
+    summary = build_summary(config)
+    records = [r for r in read_manifest(data_dir(config) / "manifest.jsonl") if r.split == split][:limit]
+    if not records:
+        raise UserInputError(data_dir(config) / "manifest.jsonl", f"the {split} split is empty",
+                             "a dataset with train, holdout and test cases")
+    cache_dir = Path(summary["cache"])
+    arrays = [load_file(str(cache_dir / f"{r.case_id}.safetensors")) for r in records]
+    images = np.stack([a["image"][0] for a in arrays]).astype(np.float32)
+    masks = np.stack([a["label"][0] for a in arrays]).astype(np.int64) if all("label" in a for a in arrays) else None
+    with safe_open(str(cache_dir / f"{records[0].case_id}.safetensors"), framework="numpy") as handle:
+        spacing = spacing_of(handle.get_tensor("affine"))
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    return ImageSet(images, [r.case_id for r in records], [r.patient_id for r in records], spacing,
+                    IntensityMap(**summary["intensity_train"]), is_synthetic=False, masks=masks,
+                    conditions=[_conditions(r, config) for r in records],
+                    prompts=[conditioning.prompt(r) for r in records], name=split)
+
+
+def _conditions(record: CaseRecord, config: RadsynthConfig) -> dict[str, str]:
+    keys = list(config.conditioning.attributes) or sorted(record.attributes)
+    return prompt_attributes(record.attributes, keys)
+
+
+def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic") -> ImageSet:
+    """Generated samples (image + JSON sidecar) on the reference's grid and intensity scale.
+
+    The sidecar's prompt gives each sample's conditions; PNG samples are mapped back to physical units through
+    the sidecar's ``png_low``/``png_high`` first. Samples without a sidecar are read like any image folder.
+    """
+    folder = Path(folder)
+    files = _image_files(folder)
+    images, ids, prompts, masks = [], [], [], []
+    mask_folder = _mask_folder(folder)
+    for path in files:
+        sample_id = strip_image_suffix(path.name)
+        sidecar_path = path.with_name(f"{sample_id}.json")
+        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+        physical = _read_physical(path, sidecar)
+        images.append(_on_grid(reference.intensity.forward(physical), reference.images.shape[1:], order=1))
+        ids.append(sample_id)
+        prompts.append(str(sidecar.get("prompt", "")))
+        if mask_folder is not None:
+            masks.append(_read_mask(mask_folder, path.name, reference.images.shape[1:]))
+    return ImageSet(np.stack(images), ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
+                    masks=np.stack(masks) if mask_folder is not None else None,
+                    conditions=[parse_prompt(p) for p in prompts], prompts=prompts, name=name)
+
+
+# ---------------------------------------------------------------------------------------- any folder
+
+
+def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: ImageSet | None = None,
+               modality: str | None = None) -> ImageSet:
+    """All images of a folder. Without a reference the folder *is* the reference: its first image's shape is
+    the grid and an intensity map is fitted on all its pixels (``modality`` "ct" uses the CT window)."""
+    folder = Path(folder)
+    files = _image_files(folder)
+    arrays = [_read_physical(path, {}) for path in files]
+    if reference is None:
+        shape = arrays[0].shape
+        pooled = np.concatenate([a[:: max(1, a.size // 200_000)].ravel() for a in arrays])
+        intensity = fit_intensity_map(pooled, modality or "xray", IntensityConfig())
+        if intensity.high <= intensity.low:
+            raise UserInputError(folder, "every training pixel has the same value", "real images with contrast")
+        spacing = read_image(files[0]).spacing[: len(shape)]
+    else:
+        shape, intensity, spacing = reference.images.shape[1:], reference.intensity, reference.spacing
+    images = np.stack([_on_grid(intensity.forward(a), shape, order=1) for a in arrays])
+    mask_folder = _mask_folder(folder)
+    masks = np.stack([_read_mask(mask_folder, p.name, shape) for p in files]) if mask_folder is not None else None
+    ids = [strip_image_suffix(p.name) for p in files]
+    metadata = _metadata(folder, ids)
+    groups = [metadata.get(i, {}).get("patient_id") or i for i in ids]
+    conditions = [{k: v for k, v in metadata.get(i, {}).items() if k not in ("patient_id", "file", "id") and v}
+                  for i in ids]
+    return ImageSet(images, ids, groups, spacing, intensity, is_synthetic, masks, conditions, name=name)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise UserInputError(folder, "not a folder", "a folder of .png or .nii.gz images")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise UserInputError(folder, "no images in this folder", f"files ending in {', '.join(IMAGE_SUFFIXES)}")
+    return files
+
+
+def _mask_folder(folder: Path) -> Path | None:
+    return next((folder / name for name in MASK_FOLDERS if (folder / name).is_dir()), None)
+
+
+def _read_physical(path: Path, sidecar: dict) -> np.ndarray:
+    array = np.asarray(read_image(path).array, dtype=np.float64)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]  # a 2D sample written as a one-slice NIfTI
+    if "png_low" in sidecar and path.suffix.lower() == ".png":
+        return png16_to_physical(array, float(sidecar["png_low"]), float(sidecar["png_high"]))
+    return array.astype(np.float32)
+
+
+def _read_mask(mask_folder: Path, file_name: str, shape: Sequence[int]) -> np.ndarray:
+    stem = strip_image_suffix(file_name)
+    candidates = [mask_folder / file_name, *(mask_folder / f"{stem}{s}" for s in IMAGE_SUFFIXES)]
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise UserInputError(mask_folder, f"no mask for image '{file_name}'",
+                             "one mask per image with the same name, or no mask folder at all")
+    mask = np.asarray(read_image(path).array)
+    if mask.ndim == 3 and mask.shape[-1] == 1:
+        mask = mask[..., 0]
+    if not np.allclose(mask, np.round(mask)):
+        raise UserInputError(path, "mask has non-integer values", "integer label maps, 0 = background")
+    if mask.dtype == np.uint8 and mask.max() == 255 and set(np.unique(mask)) <= {0, 255}:
+        mask = mask // 255  # an 8-bit 0/255 binary mask
+    return _on_grid(mask.astype(np.float32), shape, order=0).astype(np.int64)
+
+
+def _on_grid(array: np.ndarray, shape: Sequence[int], order: int) -> np.ndarray:
+    """Resize onto ``shape`` when it differs (linear for images, nearest for masks)."""
+    array = np.asarray(array, dtype=np.float32)
+    if tuple(array.shape) == tuple(shape):
+        return array
+    if array.ndim != len(shape):
+        raise UserInputError("images", f"a {array.ndim}D image among {len(shape)}D ones", "one dimensionality per run")
+    mode = ("bilinear" if len(shape) == 2 else "trilinear") if order == 1 else "nearest"
+    tensor = torch.from_numpy(array)[None, None]
+    kwargs = {"align_corners": False} if order == 1 else {}
+    return F.interpolate(tensor, size=tuple(shape), mode=mode, **kwargs)[0, 0].numpy()
+
+
+def _metadata(folder: Path, ids: list[str]) -> dict[str, dict[str, str]]:
+    path = folder / METADATA_FILE
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    key = "file" if rows and "file" in rows[0] else "id"
+    if rows and key not in rows[0]:
+        raise UserInputError(path, "no 'file' or 'id' column", "columns file (or id), patient_id, attributes...")
+    return {strip_image_suffix(row[key]): {k: (v or "").strip() for k, v in row.items()} for row in rows}

@@ -1,0 +1,159 @@
+"""The scorecard: every number with its interval, its real reference, its feature space and its sample sizes.
+
+One row per (section, metric, feature space, stratum). ``scorecard.json`` holds the rows, the sample sizes,
+the privacy verdict and the software versions; ``scorecard.md`` is the same as tables for people;
+``per_sample.csv`` is one row per synthetic image (flags, nearest-neighbour ids and distances) for the
+release filter and for anyone auditing a single image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import platform
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import write_text
+from .bootstrap import Estimate
+
+SOFTWARE = ("radsynth", "torch", "monai", "diffusers", "torchmetrics", "numpy", "scipy")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for package in SOFTWARE:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _number(value) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _estimate_fields(estimate: Estimate | float | None, prefix: str = "") -> dict:
+    if isinstance(estimate, Estimate):
+        return {f"{prefix}value": _number(estimate.value), f"{prefix}ci_low": _number(estimate.ci_low),
+                f"{prefix}ci_high": _number(estimate.ci_high), f"{prefix}sd": _number(estimate.sd)}
+    return {f"{prefix}value": _number(estimate)}
+
+
+@dataclass
+class Scorecard:
+    sizes: dict[str, int] = field(default_factory=dict)
+    rows: list[dict] = field(default_factory=list)
+    per_sample: list[dict] = field(default_factory=list)
+    verdicts: dict[str, dict] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    def add(self, section: str, metric: str, estimate: Estimate | float | None, *, feature_space: str = "-",
+            stratum: str = "all", reference: Estimate | float | None = None, reference_name: str = "",
+            n: int | None = None, better: str = "", note: str = "") -> dict:
+        """One number. ``reference`` is what real data scores on the same metric at the same n (the floor or
+        ceiling the value is read against); ``better`` says which direction is good ("lower", "higher",
+        "near reference", "near 0.5")."""
+        row = {"section": section, "metric": metric, "feature_space": feature_space, "stratum": stratum,
+               **_estimate_fields(estimate), "reference_name": reference_name or None,
+               **_estimate_fields(reference, "reference_"), "n": n, "better": better or None, "note": note or None}
+        self.rows.append(row)
+        return row
+
+    def find(self, section: str, metric: str, feature_space: str = "-", stratum: str = "all") -> dict | None:
+        return next((r for r in self.rows if (r["section"], r["metric"], r["feature_space"], r["stratum"])
+                     == (section, metric, feature_space, stratum)), None)
+
+    def to_dict(self) -> dict:
+        return {"sizes": self.sizes, "verdicts": self.verdicts, "rows": self.rows, "notes": self.notes,
+                "settings": self.settings, "software": software_versions(),
+                "flagged_samples": sum(bool(r.get("flagged")) for r in self.per_sample)}
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        out_dir = Path(out_dir)
+        paths = {"json": out_dir / "scorecard.json", "markdown": out_dir / "scorecard.md",
+                 "per_sample": out_dir / "per_sample.csv"}
+        write_text(paths["per_sample"], self.per_sample_csv())
+        write_text(paths["markdown"], self.markdown())
+        # The JSON goes last: its presence says the scorecard is complete.
+        write_text(paths["json"], json.dumps(self.to_dict(), indent=2, default=_json_default, allow_nan=False) + "\n")
+        return paths
+
+    def per_sample_csv(self) -> str:
+        columns: list[str] = []
+        for row in self.per_sample:
+            columns += [key for key in row if key not in columns]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.per_sample:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+        return buffer.getvalue()
+
+    def markdown(self) -> str:
+        lines = ["# radsynth scorecard", ""]
+        lines += ["Sample sizes: " + ", ".join(f"{k} {v}" for k, v in self.sizes.items()), ""]
+        for name, verdict in self.verdicts.items():
+            status = "PASS" if verdict.get("passed") else "FAIL"
+            reasons = "; ".join(verdict.get("reasons", [])) or "all checks within limits"
+            lines.append(f"**{name}: {status}**: {reasons}")
+        lines.append("")
+        for section in dict.fromkeys(r["section"] for r in self.rows):
+            lines += [f"## {section}", "", "| metric | feature space | stratum | value (95% CI) | reference | n | better |",
+                      "|---|---|---|---|---|---|---|"]
+            for r in (r for r in self.rows if r["section"] == section):
+                reference = f"{r['reference_name']}: {_interval(r, 'reference_')}" if r["reference_name"] else ""
+                lines.append(f"| {r['metric']} | {r['feature_space']} | {r['stratum']} | {_interval(r)} | {reference} "
+                             f"| {r['n'] if r['n'] is not None else ''} | {r['better'] or ''} |")
+            lines.append("")
+        if self.notes:
+            lines += ["## Notes", "", *(f"- {note}" for note in self.notes), ""]
+        flagged = sum(bool(r.get("flagged")) for r in self.per_sample)
+        lines += [f"Per-sample table: per_sample.csv ({len(self.per_sample)} samples, {flagged} flagged).", ""]
+        versions = software_versions()
+        lines += ["Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+        return "\n".join(lines)
+
+
+def _format(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}"
+
+
+def _interval(row: dict, prefix: str = "") -> str:
+    value = row.get(f"{prefix}value")
+    low, high = row.get(f"{prefix}ci_low"), row.get(f"{prefix}ci_high")
+    if low is None or high is None:
+        return _format(value)
+    return f"{_format(value)} ({_format(low)} to {_format(high)})"
+
+
+def _cell(value: object) -> object:
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.6g}" if math.isfinite(value) else ""
+    if isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return value
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        item = value.item()
+        return None if isinstance(item, float) and not math.isfinite(item) else item
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, Estimate)):
+        return str(value) if isinstance(value, Path) else value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
