@@ -46,10 +46,17 @@ class AttributeClassifier:
         return self
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, batch_size: int = 64) -> list[str]:
+    def predict_proba(self, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+        """Softmax probabilities (N, number of classes), columns in the order of ``classes``; the scores an
+        AUC is computed from."""
         self.network.eval()
-        indices = [self.network(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)]
-        return [self.classes[int(i)] for i in torch.cat(indices)]
+        logits = [self.network(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        if not logits:
+            return np.zeros((0, len(self.classes)), dtype=np.float32)
+        return torch.softmax(torch.cat(logits), dim=1).numpy()
+
+    def predict(self, images: torch.Tensor, batch_size: int = 64) -> list[str]:
+        return [self.classes[int(i)] for i in self.predict_proba(images, batch_size).argmax(1)]
 
     def balanced_accuracy(self, images: torch.Tensor, labels: Sequence[str]) -> float:
         """Mean over classes of the share predicted right (chance: 1 / number of classes present)."""

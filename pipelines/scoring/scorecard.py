@@ -47,7 +47,8 @@ def _estimate_fields(estimate: Estimate | float | None, prefix: str = "") -> dic
     if isinstance(estimate, Estimate):
         return {f"{prefix}value": _number(estimate.value), f"{prefix}ci_low": _number(estimate.ci_low),
                 f"{prefix}ci_high": _number(estimate.ci_high), f"{prefix}sd": _number(estimate.sd)}
-    return {f"{prefix}value": _number(estimate)}
+    # A plain number has no interval: the same keys, empty, so every row has the same columns.
+    return {f"{prefix}value": _number(estimate), f"{prefix}ci_low": None, f"{prefix}ci_high": None, f"{prefix}sd": None}
 
 
 @dataclass

@@ -1,0 +1,524 @@
+"""Score synthetic images against the real data: realism, adherence, privacy and utility, in one scorecard.
+
+``score`` takes the sets (synthetic, train, holdout, optional test) and, when the generator is at hand, its
+pipeline for the white-box probes; ``evaluate`` builds those sets from a radsynth build. Every realism number
+is read against its real-vs-real floor at the same sample size; every privacy number against what unseen
+real images (the holdout) score on the same check.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.configs.schema import ScoringConfig
+
+from .bootstrap import Estimate
+from .image_sets import ImageSet
+from .scorecard import Scorecard
+
+CALIBRATION_SOURCES = 256
+
+
+@dataclass
+class ScoringInputs:
+    synthetic: ImageSet
+    train: ImageSet
+    holdout: ImageSet
+    test: ImageSet | None = None
+    pipeline: object | None = None  # a RadsynthTextToImagePipeline: enables round-trip copies and membership inference
+    attributes: list[str] = field(default_factory=list)
+
+    @property
+    def unseen(self) -> ImageSet:
+        """Real images the generator never saw (holdout + test): the realism floor's stand-in for synthetic."""
+        if self.test is None:
+            return self.holdout
+        return _concatenate(self.holdout, self.test, "unseen")
+
+    @property
+    def evaluation(self) -> ImageSet:
+        """Where a model trained on real data is scored: the test split, else the holdout."""
+        return self.test if self.test is not None else self.holdout
+
+
+@dataclass
+class ScoreResult:
+    scorecard: Scorecard
+    paths: dict[str, Path]
+    seconds: dict[str, float]
+
+
+def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, seed: int = 0,
+          log=print) -> ScoreResult:
+    _check_compatible(inputs)
+    card = Scorecard(sizes={"synthetic": len(inputs.synthetic), "train": len(inputs.train),
+                            "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0})
+    card.settings = settings.model_dump(mode="json")
+    card.per_sample = [{"sample_id": i, "is_synthetic": True, "prompt": p, **{f"cond_{k}": v for k, v in c.items()}}
+                       for i, p, c in zip(inputs.synthetic.ids, inputs.synthetic.prompts, inputs.synthetic.conditions)]
+    seconds: dict[str, float] = {}
+
+    def timed(name, step):
+        started = time.perf_counter()
+        log(f"scoring: {name}")
+        result = step()
+        seconds[name] = round(time.perf_counter() - started, 2)
+        return result
+
+    features = timed("features", lambda: _features(inputs, settings, seed))
+    timed("realism", lambda: _realism(card, inputs, features, settings, seed))
+    timed("adherence", lambda: _adherence(card, inputs, settings, seed))
+    timed("privacy", lambda: _privacy(card, inputs, features, settings, seed))
+    if settings.utility:
+        timed("utility", lambda: _utility(card, inputs, settings, seed))
+    for row in card.per_sample:
+        row["flagged"] = bool(row.get("pixel_copy") or row.get("embedding_copy"))
+    card.settings["seconds"] = seconds
+    paths = card.write(out_dir)
+    return ScoreResult(card, paths, seconds)
+
+
+# ------------------------------------------------------------------------------------------ features
+
+
+@dataclass
+class FeatureTable:
+    """Features of every set in one space, plus the extractor (its ``extract`` embeds new images)."""
+
+    name: str
+    extractor: object
+    synthetic: np.ndarray
+    train: np.ndarray
+    holdout: np.ndarray
+    test: np.ndarray | None
+    uses_masks: bool = False
+
+    def embed(self, images: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
+        return self.extractor.extract(images, masks if self.uses_masks else None)
+
+    @property
+    def unseen(self) -> np.ndarray:
+        return self.holdout if self.test is None else np.concatenate([self.holdout, self.test])
+
+
+def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> list[FeatureTable]:
+    from .features import RadiomicsFeatures, RandomCNNFeatures, SelfSupervisedEncoder
+
+    dims = inputs.train.spatial_dims
+    sets = [inputs.synthetic, inputs.train, inputs.holdout, inputs.test]
+    with_masks = all(s.masks is not None for s in sets if s is not None)
+    # Per-label radiomics only when every set has label maps (synthetic ones: their conditioning masks).
+    labels = sorted(set(np.unique(inputs.train.masks).tolist()) - {0}) if with_masks else None
+    tables = []
+    for name in settings.feature_spaces:
+        if name == "random_cnn":
+            extractor = RandomCNNFeatures(dims, seed=seed)
+        elif name == "radiomics":
+            extractor = RadiomicsFeatures(dims, labels=labels)
+        else:
+            # Trained on train + holdout together, so neither the members nor the non-members are favoured.
+            extractor = SelfSupervisedEncoder(dims, seed=seed)
+            extractor.fit(np.concatenate([inputs.train.images, inputs.holdout.images]),
+                          steps=settings.self_supervised_steps)
+        arrays = [None if s is None else extractor.extract(s.images, s.masks if with_masks else None) for s in sets]
+        tables.append(FeatureTable(name, extractor, *arrays, uses_masks=with_masks))
+    return tables
+
+
+def _primary(features: list[FeatureTable]) -> FeatureTable:
+    """The space privacy is judged in: the self-supervised one when present (it is trained to see copies)."""
+    return next((t for t in features if t.name == "self_supervised"), features[0])
+
+
+# ------------------------------------------------------------------------------------------- realism
+
+
+def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
+             seed: int) -> None:
+    from . import realism
+    from .diversity import ms_ssim_diversity_comparison
+
+    def rbf(table: FeatureTable):
+        # One bandwidth for the synthetic value and its floor, or the two would be on different kernels.
+        bandwidth = realism.median_bandwidth(table.train, table.unseen, seed=seed)
+        return lambda a, b: realism.rbf_mmd(a, b, bandwidth=bandwidth)
+
+    metrics = {
+        "frechet_distance": (realism.frechet_distance_features, "lower"),
+        "fd_infinity": (lambda a, b: realism.fd_infinity(a, b, seed=seed), "lower"),
+        "kid": (lambda a, b: realism.kernel_inception_distance(a, b, subsets=20, seed=seed)[0], "lower"),
+        "rbf_mmd": (None, "lower"),
+        "precision": (lambda a, b: realism.precision_recall(b, a)[0], "near reference"),
+        "recall": (lambda a, b: realism.precision_recall(b, a)[1], "near reference"),
+        "density": (lambda a, b: realism.density_coverage(b, a)[0], "near reference"),
+        "coverage": (lambda a, b: realism.density_coverage(b, a)[1], "near reference"),
+    }
+    unseen = inputs.unseen
+    for table in features:
+        for metric, (function, better) in metrics.items():
+            function = function or rbf(table)
+            result = realism.with_real_floor(function, table.synthetic, table.train, table.unseen,
+                                             inputs.synthetic.groups, inputs.train.groups, unseen.groups,
+                                             n_boot=settings.bootstrap_samples, seed=seed)
+            card.add("realism", metric, result["synthetic"], feature_space=table.name, reference=result["real_floor"],
+                     reference_name="real vs real", n=result["n"], better=better)
+    _realism_strata(card, inputs, features[0], settings, seed)
+    diversity = ms_ssim_diversity_comparison(inputs.synthetic.images, unseen.images, inputs.synthetic.groups,
+                                             unseen.groups, n_boot=settings.bootstrap_samples, seed=seed)
+    card.add("realism", "ms_ssim_between_samples", diversity["synthetic"], feature_space="pixels",
+             reference=diversity["real"], reference_name="unseen real pairs", n=diversity["n"],
+             better="near reference (lower = more diverse)")
+    _intensity(card, inputs, settings, seed)
+
+
+def _strata(inputs: ScoringInputs, settings: ScoringConfig) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, synthetic mask, unseen-real mask) per attribute value with enough images on both sides."""
+    strata = []
+    unseen = inputs.unseen
+    for key in inputs.attributes:
+        values = sorted({c.get(key) for c in inputs.synthetic.conditions} - {None})
+        for value in values:
+            synthetic = np.array([c.get(key) == value for c in inputs.synthetic.conditions])
+            real = np.array([c.get(key) == value for c in unseen.conditions])
+            strata.append((f"{key}={value}", synthetic, real))
+    return [(name, s, r) for name, s, r in strata if s.sum() >= 2]
+
+
+def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig,
+                    seed: int) -> None:
+    from . import realism
+
+    unseen = inputs.unseen
+    for name, synthetic, real in _strata(inputs, settings):
+        train = np.array([c.get(name.split("=")[0]) == name.split("=", 1)[1] for c in inputs.train.conditions])
+        if min(synthetic.sum(), real.sum(), train.sum()) < settings.min_stratum_size:
+            card.notes.append(f"stratum {name}: {synthetic.sum()} synthetic, {real.sum()} unseen real, "
+                              f"{train.sum()} train images: below min_stratum_size {settings.min_stratum_size}, "
+                              "not scored")
+            continue
+        groups = [np.asarray(g)[m].tolist() for g, m in ((inputs.synthetic.groups, synthetic),
+                                                           (inputs.train.groups, train), (unseen.groups, real))]
+        for metric, function in (("frechet_distance", realism.frechet_distance_features),
+                                 ("coverage", lambda a, b: realism.density_coverage(b, a)[1])):
+            result = realism.with_real_floor(function, table.synthetic[synthetic], table.train[train],
+                                             table.unseen[real], *groups, n_boot=settings.bootstrap_samples, seed=seed)
+            card.add("realism", metric, result["synthetic"], feature_space=table.name, stratum=name,
+                     reference=result["real_floor"], reference_name="real vs real", n=result["n"])
+
+
+def _intensity(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> None:
+    from .adherence import intensity_plausibility
+
+    report = intensity_plausibility(inputs.synthetic, inputs.train, labels=_labels(inputs),
+                                    n_boot=settings.bootstrap_samples, seed=seed)
+    for label, row in report["per_label"].items():
+        card.add("realism", "intensity_median_in_real_range", row["share_inside"], feature_space="physical units",
+                 stratum=f"label {label}", reference=row["real_share_inside"], reference_name="real train",
+                 n=len(inputs.synthetic), better="higher", note=f"real range {row['real_range']}")
+    for record, flags in zip(card.per_sample, report["per_sample_outside"]):
+        record["intensity_outside_real_range"] = bool(flags)
+    card.verdicts["intensity"] = {"passed": bool(report["passed"]), "reasons": report.get("reasons", [])}
+
+
+# ----------------------------------------------------------------------------------------- adherence
+
+
+def _labels(inputs: ScoringInputs) -> list[int] | None:
+    """Label values to score per label: those of the training masks, when synthetic and real sets have masks."""
+    sets = (inputs.synthetic, inputs.train, inputs.evaluation)
+    if any(s.masks is None for s in sets):
+        return None
+    return sorted(set(np.unique(inputs.train.masks).tolist()) - {0}) or None
+
+
+def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> None:
+    from .adherence import label_volume_agreement, mask_dice_ratio
+
+    evaluation, labels = inputs.evaluation, _labels(inputs)
+    if labels is not None:
+        segmenter = _real_segmenter(inputs, labels, settings, seed)
+        report = mask_dice_ratio(segmenter, inputs.synthetic, evaluation, labels, n_boot=settings.bootstrap_samples,
+                                 seed=seed)
+        for name, row in report["per_label"].items():
+            card.add("adherence", "mask_dice_ratio", row["ratio"], feature_space="segmenter (real train)",
+                     stratum=f"label {name}", reference=row["real_dice"], reference_name="segmenter Dice on real test",
+                     n=row["n_synthetic"], better="near 1", note=f"synthetic Dice {row['synthetic_dice'].value:.3f}")
+        for record, sample in zip(card.per_sample, report["per_sample"]):
+            record.update({k: v for k, v in sample.items() if k != "id"})
+        volumes = label_volume_agreement(segmenter.predict(inputs.synthetic.images), inputs.synthetic.masks,
+                                         inputs.train.spacing, labels, segmenter.predict(evaluation.images),
+                                         evaluation.masks)
+        for name, row in volumes["per_label"].items():
+            reference = volumes["reference"][name] if volumes["reference"] else {}
+            card.add("adherence", "label_volume_median_abs_relative_error", row["median_absolute_relative_error"],
+                     feature_space="segmenter (real train)", stratum=f"label {name}",
+                     reference=reference.get("median_absolute_relative_error"), reference_name="real test",
+                     n=row["n"], better="near reference", note=f"volumes in {volumes['unit']}")
+    else:
+        card.notes.append("mask-Dice ratio: not applicable (the synthetic samples or the real data have no masks)")
+
+    for attribute in _scorable_attributes(inputs):
+        from .adherence import attribute_adherence
+
+        report = attribute_adherence(_real_classifier(inputs, attribute, settings, seed), inputs.synthetic, evaluation,
+                                     attribute, n_boot=settings.bootstrap_samples, seed=seed)
+        card.add("adherence", "attribute_balanced_accuracy_ratio", report["ratio"],
+                 feature_space="classifier (real train)", stratum=attribute,
+                 reference=report["real_balanced_accuracy"], reference_name="classifier on real test",
+                 n=report["n"], better="near 1", note=f"ratio at chance {report['chance_ratio']:.3g}")
+        for value, row in report["per_value"].items():
+            card.add("adherence", "attribute_accuracy", row["accuracy"], feature_space="classifier (real train)",
+                     stratum=f"{attribute}={value}", reference=report["chance"], reference_name="chance",
+                     n=row["n"], better="higher")
+        by_id = {row["id"]: row for row in report["per_sample"]}
+        for record in card.per_sample:
+            record.update({k: v for k, v in by_id.get(record["sample_id"], {}).items() if k != "id"})
+
+
+def _scorable_attributes(inputs: ScoringInputs) -> list[str]:
+    """Attributes with two or more values in the training data that the synthetic samples were prompted with."""
+    return [a for a in inputs.attributes
+            if len({c.get(a) for c in inputs.train.conditions} - {None}) >= 2
+            and any(c.get(a) for c in inputs.synthetic.conditions)]
+
+
+def _real_segmenter(inputs: ScoringInputs, labels: list[int], settings: ScoringConfig, seed: int):
+    from .segmenter import Segmenter
+
+    segmenter = Segmenter(inputs.train.spatial_dims, num_classes=max(labels) + 1, seed=seed)
+    return segmenter.fit(inputs.train.images, inputs.train.masks, steps=settings.segmenter_steps)
+
+
+def _real_classifier(inputs: ScoringInputs, attribute: str, settings: ScoringConfig, seed: int):
+    from .attribute_classifier import AttributeClassifier
+
+    classes = sorted({c.get(attribute) for c in inputs.train.conditions} - {None})
+    known = [i for i, c in enumerate(inputs.train.conditions) if c.get(attribute) in classes]
+    classifier = AttributeClassifier(inputs.train.images.shape[1:], classes, seed=seed)
+    return classifier.fit(torch.from_numpy(inputs.train.images[known])[:, None],
+                          [inputs.train.conditions[i][attribute] for i in known], steps=settings.classifier_steps)
+
+
+# ------------------------------------------------------------------------------------------- privacy
+
+
+def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
+             seed: int) -> None:
+    from . import privacy
+
+    synthetic, train, holdout = inputs.synthetic, inputs.train, inputs.holdout
+    pixel_kwargs = {"max_shift": settings.pixel_max_shift, "comparison_size": settings.pixel_comparison_size,
+                    "chunk": settings.nearest_neighbour_chunk}
+    pixel = privacy.pixel_nearest_neighbours(synthetic.images, train.images, **pixel_kwargs)
+    pixel_holdout = privacy.pixel_nearest_neighbours(holdout.images, train.images, **pixel_kwargs)
+    # Calibrated on unseen real images: at most 1% of them are flagged by chance.
+    pixel_threshold = privacy.threshold_at_false_positive_rate(pixel_holdout.correlation, 0.01)
+    pixel_copy = pixel.flags(pixel_threshold)
+    card.add("privacy", "pixel_copy_rate", float(pixel_copy.mean()), feature_space="pixels",
+             reference=float(pixel_holdout.flags(pixel_threshold).mean()), reference_name="holdout",
+             n=len(synthetic), better="near reference", note=f"correlation threshold {pixel_threshold:.4f}")
+    card.add("privacy", "pixel_nn_correlation_median", float(np.median(pixel.correlation)), feature_space="pixels",
+             reference=float(np.median(pixel_holdout.correlation)), reference_name="holdout", n=len(synthetic),
+             better="near reference")
+
+    table = _primary(features)
+    detector = _copy_detector(inputs, table, settings, seed)
+    flags, similarity, nn_index = detector.flags(table.synthetic, table.train)
+    holdout_flags, _, _ = detector.flags(table.holdout, table.train)
+    card.add("privacy", "embedding_copy_rate", float(flags.mean()), feature_space=table.name,
+             reference=float(holdout_flags.mean()), reference_name="holdout", n=len(synthetic), better="near reference",
+             note=f"similarity threshold {detector.threshold:.4f}: recall {detector.achieved_recall:.0%} on near "
+                  f"copies (target {detector.recall:.0%}), {detector.holdout_false_positive_rate:.0%} of holdout")
+    # The gate reads either check: a copy one of them misses (a flipped image in F2, a regenerated one in pixels)
+    # is still a copy. The holdout's rate under the same rule is what chance alone gives.
+    copy_rate = float((flags | pixel_copy).mean())
+    holdout_copy_rate = float((holdout_flags | pixel_holdout.flags(pixel_threshold)).mean())
+    card.add("privacy", "copy_rate", copy_rate, feature_space=f"pixels or {table.name}", reference=holdout_copy_rate,
+             reference_name="holdout", n=len(synthetic), better="near reference")
+
+    dcr = {}
+    for t in features:
+        dcr[t.name] = privacy.dcr_share(t.synthetic, t.train, t.holdout, synthetic.groups, train.groups,
+                                        holdout.groups, n_boot=settings.bootstrap_samples, seed=seed,
+                                        chunk=settings.nearest_neighbour_chunk)
+        card.add("privacy", "dcr_share", dcr[t.name]["share"], feature_space=t.name, reference=0.5,
+                 reference_name="private generator", n=len(synthetic), better="near 0.5",
+                 note="P(closer to train than to holdout); train subsampled to the holdout's size")
+    authenticity = privacy.authenticity_report(table.synthetic, table.train, table.holdout)
+    card.add("privacy", "authentic_share", authenticity["synthetic"], feature_space=table.name,
+             reference=authenticity["holdout_baseline"], reference_name="holdout", n=len(synthetic),
+             better="near reference")
+
+    primary_dcr = dcr[table.name]
+    for i, record in enumerate(card.per_sample):
+        record.update(pixel_nn_id=train.ids[pixel.train_index[i]], pixel_nn_correlation=float(pixel.correlation[i]),
+                      pixel_nn_l2=float(pixel.normalised_l2[i]), pixel_copy=bool(pixel_copy[i]),
+                      embedding_nn_id=train.ids[int(nn_index[i])], embedding_similarity=float(similarity[i]),
+                      embedding_copy=bool(flags[i]), dcr_train=float(primary_dcr["dcr_train"][i]),
+                      dcr_holdout=float(primary_dcr["dcr_holdout"][i]),
+                      authentic=bool(authenticity["per_sample"][i]))
+    _privacy_strata(card, inputs, flags | pixel_copy, primary_dcr)
+    membership = _membership(card, inputs, settings, seed)
+
+    verdict = privacy.privacy_verdict(primary_dcr, copy_rate, holdout_copy_rate, n_synthetic=len(synthetic),
+                                      n_holdout=len(holdout))
+    if membership is not None and membership["tpr_at_1pct_fpr"] > 0.02 + 0.01:
+        verdict["passed"] = False
+        verdict.setdefault("reasons", []).append(
+            f"membership inference TPR at 1% FPR {membership['tpr_at_1pct_fpr']:.3f} above 0.03")
+    card.verdicts["privacy"] = verdict
+
+
+def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig, seed: int):
+    """Calibrate the embedding-space copy threshold on near copies of training images we make ourselves."""
+    from . import privacy
+    from .features.augment import augment
+    from .near_copies import near_copies
+
+    # Copies of at most CALIBRATION_SOURCES training images: enough for a 95% quantile, bounded cost.
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(inputs.train), min(len(inputs.train), CALIBRATION_SOURCES), replace=False))
+    sources = inputs.train.subset(rows)
+    images = torch.from_numpy(sources.images)[:, None]
+    copies = {"augmented": augment(images, torch.Generator().manual_seed(seed), strength=0.5)[:, 0].numpy()}
+    for kind in ("noise", "flip_shift", "gamma"):
+        copies[kind] = near_copies(sources.images, kind, seed=seed)
+    if inputs.pipeline is not None:
+        from .generator_probes import autoencoder_round_trip, partial_noise_regeneration
+
+        copies["autoencoder_round_trip"] = autoencoder_round_trip(inputs.pipeline, images)[:, 0].numpy()
+        # What a memorising generator emits: a training latent partly noised and denoised again.
+        copies["partial_noise_regeneration"] = partial_noise_regeneration(
+            inputs.pipeline, images, sources.prompts, strength=0.3, seed=seed)[:, 0].numpy()
+    # A near copy keeps its source's label map (close enough for the small shifts of the copies made here).
+    embeddings = {kind: table.embed(copy, sources.masks) for kind, copy in copies.items()}
+    kinds = [kind for kind, e in embeddings.items() for _ in range(len(e))]
+    copy_embeddings = np.concatenate(list(embeddings.values()))
+    # Every kind of copy is held to the recall target, not only their mix.
+    detector = privacy.CopyDetector.calibrate(np.concatenate([table.train[rows]] * len(copies)), copy_embeddings,
+                                              settings.copy_detection_recall, train_embeddings=table.train,
+                                              copy_kinds=kinds, chunk=settings.nearest_neighbour_chunk)
+    return detector.with_false_positive_ceiling(copy_embeddings, table.holdout, table.train,
+                                                chunk=settings.nearest_neighbour_chunk)
+
+
+def _privacy_strata(card: Scorecard, inputs: ScoringInputs, copies: np.ndarray, dcr: dict) -> None:
+    closer_to_train = dcr["dcr_train"] < dcr["dcr_holdout"]
+    for key in inputs.attributes:
+        for value in sorted({c.get(key) for c in inputs.synthetic.conditions} - {None}):
+            rows = np.array([c.get(key) == value for c in inputs.synthetic.conditions])
+            card.add("privacy", "copy_rate (pixel or embedding)", float(copies[rows].mean()), stratum=f"{key}={value}",
+                     n=int(rows.sum()), better="lower")
+            card.add("privacy", "closer_to_train_share", float(closer_to_train[rows].mean()), stratum=f"{key}={value}",
+                     reference=0.5, reference_name="private generator", n=int(rows.sum()), better="near 0.5",
+                     note="no bootstrap: strata are small")
+
+
+def _membership(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> dict | None:
+    if inputs.pipeline is None or not settings.membership_inference:
+        card.notes.append("membership inference: not run (no generator given, or scoring.membership_inference off)")
+        return None
+    from .generator_probes import membership_inference_report
+
+    report = membership_inference_report(inputs.pipeline, inputs.train, inputs.holdout,
+                                         n_max=settings.membership_samples, timesteps=settings.membership_timesteps,
+                                         seed=seed, n_boot=settings.bootstrap_samples)
+    card.add("privacy", "membership_inference_auc", Estimate(**report["auc_ci"]), feature_space="denoising loss",
+             reference=0.5, reference_name="no membership signal", n=report["n_members"], better="near 0.5")
+    card.add("privacy", "membership_inference_tpr_at_1pct_fpr", report["tpr_at_1pct_fpr"],
+             feature_space="denoising loss", reference=0.01, reference_name="chance", n=report["n_members"],
+             better="near reference", note=report.get("fpr_resolution") or "")
+    return report
+
+
+# ------------------------------------------------------------------------------------------- utility
+
+
+def _utility(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> None:
+    from .utility import augmentation_gain, train_on_synthetic_test_on_real
+
+    evaluation, labels = inputs.evaluation, _labels(inputs)
+    tasks = ([("segmentation", None)] if labels is not None else []) + [
+        ("classification", a) for a in _scorable_attributes(inputs)]
+    if not tasks:
+        card.notes.append("utility: no task (needs masks on all sets, or a prompted attribute with two values)")
+        return
+    seeds = tuple(range(seed, seed + settings.utility_seeds))
+    for task, attribute in tasks:
+        stratum = attribute or "all labels"
+        tstr = train_on_synthetic_test_on_real(
+            inputs.synthetic, inputs.train, evaluation, labels=labels if task == "segmentation" else None,
+            attribute=attribute, segmentation_plan=_plan(settings), classification_plan=_plan(settings, 32),
+            seed=seed, n_boot=settings.bootstrap_samples)[task]
+        summary = tstr["mean"] if task == "segmentation" else tstr
+        metric = tstr["metric"]
+        card.add("utility", f"{metric} train-on-synthetic", summary["synthetic"], stratum=stratum,
+                 reference=summary["real"], reference_name="train-on-real", n=len(evaluation), better="near reference")
+        card.add("utility", f"{metric} synthetic minus real", summary["difference"], stratum=stratum, reference=0.0,
+                 reference_name="no loss", n=len(evaluation), better="higher")
+        gain = augmentation_gain(inputs.train, inputs.synthetic, evaluation, fractions=settings.utility_fractions,
+                                 seeds=seeds, task=task, labels=labels if task == "segmentation" else None,
+                                 attribute=attribute, plan=_plan(settings, 16 if task == "segmentation" else 32),
+                                 n_boot=settings.bootstrap_samples, bootstrap_seed=seed)
+        for row in gain["fractions"]:
+            card.add("utility", f"{metric} augmentation gain", row["gain"],
+                     stratum=f"{stratum}, {row['fraction']:.0%} real", reference=row["real_only"],
+                     reference_name="real only", n=len(evaluation), better="higher",
+                     note=f"mean over {len(seeds)} seeds; augmented {row['augmented'].value:.3f}")
+
+
+def _plan(settings: ScoringConfig, batch_size: int = 16):
+    from .utility import TrainingPlan
+
+    return TrainingPlan(steps=settings.utility_steps, batch_size=batch_size)
+
+
+# ----------------------------------------------------------------------------------------- a build
+
+
+def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample_dir: str | Path | None = None,
+             out_dir: str | Path | None = None, log=print) -> ScoreResult:
+    """Score a build's samples (``scoring.sample_dir`` or <output_dir>/samples) against its real splits."""
+    from ..sampling.generate import load_pipeline
+    from ..training import model_dir as default_model_dir
+    from .loading import cached_split, sample_set
+
+    train = cached_split(config, "train")
+    holdout = cached_split(config, "holdout")
+    test = cached_split(config, "test")
+    samples = Path(sample_dir or config.scoring.sample_dir or config.output_dir / "samples")
+    synthetic = sample_set(samples, train)
+    if config.scoring.max_samples:
+        synthetic = synthetic.subset(range(min(len(synthetic), config.scoring.max_samples)))
+    model = Path(model_dir or default_model_dir(config))
+    pipeline = load_pipeline(model, config, progress=False) if (model / "model_index.json").is_file() else None
+    attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
+        config.conditioning.attributes)
+    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes)
+    return score(inputs, config.scoring, out_dir or config.output_dir / "eval", seed=config.runtime.seed, log=log)
+
+
+def _check_compatible(inputs: ScoringInputs) -> None:
+    shape = inputs.train.images.shape[1:]
+    for image_set in (inputs.synthetic, inputs.holdout, inputs.test):
+        if image_set is not None and image_set.images.shape[1:] != shape:
+            raise UserInputError(image_set.name, f"images of shape {image_set.images.shape[1:]}",
+                                 f"the training images' shape {shape}")
+    for image_set, minimum in ((inputs.synthetic, 2), (inputs.train, 2), (inputs.holdout, 2)):
+        if len(image_set) < minimum:
+            raise UserInputError(image_set.name, f"{len(image_set)} images", f"at least {minimum} to score")
+
+
+def _concatenate(a: ImageSet, b: ImageSet, name: str) -> ImageSet:
+    masks = None if a.masks is None or b.masks is None else np.concatenate([a.masks, b.masks])
+    return ImageSet(np.concatenate([a.images, b.images]), a.ids + b.ids, a.groups + b.groups, a.spacing,
+                    a.intensity, a.is_synthetic, masks, a.conditions + b.conditions, a.prompts + b.prompts, name)
+
+
+__all__ = ["Estimate", "ScoreResult", "ScoringInputs", "evaluate", "score"]

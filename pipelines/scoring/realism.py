@@ -1,0 +1,527 @@
+"""Realism of a synthetic set against real images, measured on feature vectors of any feature space.
+
+Every function takes float feature arrays ``(N, F)`` (synthetic or "fake" first where the order matters, the
+real reference second) and works in float64. No metric here has an absolute scale that transfers between
+feature spaces or sample sizes, which is why ``with_real_floor`` pairs each value with what a second, patient-
+disjoint real set scores against the same reference at the same sample size.
+
+- Fréchet distance (FD) between Gaussians fitted to the two sets, and FD-infinity (Chong & Forsyth 2020),
+  which removes the first set's finite-sample bias by extrapolating FD over 1/N.
+- KID (Bińkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel, averaged over random subsets.
+- RBF-MMD: unbiased MMD^2 with a Gaussian kernel whose bandwidth comes from the median heuristic.
+- Precision / recall (Kynkäänniemi et al. 2019) and density / coverage (Naeem et al. 2020): k-nearest-neighbour
+  balls around each point estimate the support ("manifold") of each set.
+
+Pairwise distances are computed over row blocks, so 20k x 20k sets run in bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import scipy.linalg
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap
+
+__all__ = [
+    "DensityCoverage",
+    "FrechetDistance",
+    "KernelInceptionDistance",
+    "PrecisionRecall",
+    "RBFMaximumMeanDiscrepancy",
+    "density_coverage",
+    "fd_infinity",
+    "frechet_distance",
+    "frechet_distance_features",
+    "frechet_distance_from_factors",
+    "covariance_factor",
+    "gaussian_statistics",
+    "kernel_inception_distance",
+    "knn_radii",
+    "median_bandwidth",
+    "precision_recall",
+    "rbf_mmd",
+    "with_real_floor",
+]
+
+# One distance block holds at most this many float64 entries (64 MiB), whatever the set sizes.
+_BLOCK_ELEMENTS = 1 << 23
+# Squared distances below this share of the squared norms are rounding noise of the matmul form: exact copies.
+_COPY_TOLERANCE = 1e-12
+
+
+def _features(x: np.ndarray | torch.Tensor, name: str = "features") -> np.ndarray:
+    array = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    array = array.astype(np.float64, copy=False)
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected a (N, F) feature array, got shape {array.shape}")
+    return array
+
+
+# --------------------------------------------------------------------------------------------- Fréchet distance
+def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (ddof=1, as torchmetrics and MONAI) of an (N, F) feature array."""
+    x = _features(features)
+    if len(x) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {len(x)}")
+    return x.mean(axis=0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)), in float64.
+
+    When the product of covariances is singular (fewer samples than features, constant features) its square
+    root may not be finite; as in the reference FID code, ``eps`` is then added to both diagonals. Rounding
+    gives the square root a tiny imaginary part, which is dropped; a large one means the inputs are not
+    covariance matrices and raises. The value is not clipped at 0, so it can be about -1e-12 for equal inputs.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"mismatched statistics: means {mu1.shape} {mu2.shape}, covariances {sigma1.shape} "
+                         f"{sigma2.shape}")
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(mu1)) * eps
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"imaginary component {np.abs(covmean.imag).max():.3g} too large: not covariances")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def covariance_factor(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, L) with covariance = L @ L.T (ddof=1), L of shape (F, r) with r = min(N, F).
+
+    With fewer samples than features the centred data itself is a factor (rank <= N - 1); otherwise the
+    symmetric square root of the covariance from its eigendecomposition.
+    """
+    x = _features(features)
+    if len(x) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples, got {len(x)}")
+    mean = x.mean(axis=0)
+    centred = (x - mean) / np.sqrt(len(x) - 1)
+    if len(x) <= x.shape[1]:
+        return mean, centred.T
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    return mean, vectors * np.sqrt(np.clip(values, 0.0, None))
+
+
+def frechet_distance_from_factors(mu1: np.ndarray, factor1: np.ndarray, mu2: np.ndarray, factor2: np.ndarray) -> float:
+    """FD from covariance factors: Tr((S1 S2)^(1/2)) is the sum of the singular values of L1.T @ L2.
+
+    The nonzero eigenvalues of S1 S2 = L1 L1.T L2 L2.T are those of (L1.T L2)(L1.T L2).T, so no matrix square
+    root is needed: exact for singular covariances (no eps offset) and, with N < F, a small N x N problem
+    instead of an F x F one (about 100x faster for 20 samples of 480 features).
+    """
+    trace_sqrt = np.linalg.svd(factor1.T @ factor2, compute_uv=False).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + (factor1 ** 2).sum() + (factor2 ** 2).sum() - 2.0 * trace_sqrt)
+
+
+def frechet_distance_features(a: np.ndarray, b: np.ndarray) -> float:
+    """FD between Gaussians fitted to two (N, F) feature sets (equal to ``frechet_distance`` on their statistics)."""
+    return frechet_distance_from_factors(*covariance_factor(a), *covariance_factor(b))
+
+
+def fd_infinity(a: np.ndarray, b: np.ndarray, seed: int = 0, num_points: int = 15, min_size: int | None = None,
+                return_slope: bool = False) -> float | tuple[float, float]:
+    """FD-infinity (Chong & Forsyth 2020): the FD an infinitely large first set would have against ``b``.
+
+    FD is biased upwards by about c / N in the size N of each set. FD is computed between random subsets of
+    ``a`` (without replacement) of ``num_points`` sizes spread evenly over [min_size, len(a)] and the whole of
+    ``b``; a least-squares line of FD against 1/N is extrapolated to 1/N = 0. Subsets of a finite ``a`` vary
+    around ``a`` as (1/N - 1/len(a)), so the intercept removes ``a``'s own bias too. ``b``'s bias (~ c / len(b))
+    remains; compare with a real floor computed the same way.
+
+    min_size: default max(len(a) // 5, min(2 * F + 2, len(a) // 2)): below about 2F samples the covariance is
+        badly conditioned and FD stops being linear in 1/N; small sets (fewer than 4F samples) still get a
+        range of sizes to fit, over their upper half, but their extrapolation is rough.
+    Returns the intercept, or (intercept, slope) with ``return_slope``.
+    """
+    a, b = _features(a, "a"), _features(b, "b")
+    n = len(a)
+    if min_size is None:
+        min_size = max(n // 5, min(2 * a.shape[1] + 2, n // 2))
+    min_size = int(min(max(min_size, 2), n))
+    sizes = np.unique(np.linspace(min_size, n, num_points).astype(int))
+    if len(sizes) < 2:
+        raise ValueError(f"FD-infinity needs at least two subset sizes; got sizes {sizes.tolist()} for {n} samples")
+    rng = np.random.default_rng(seed)
+    mu_b, factor_b = covariance_factor(b)
+    distances = [frechet_distance_from_factors(*covariance_factor(a[rng.choice(n, size, replace=False)]), mu_b, factor_b)
+                 for size in sizes]
+    slope, intercept = np.polyfit(1.0 / sizes, distances, 1)
+    return (float(intercept), float(slope)) if return_slope else float(intercept)
+
+
+# --------------------------------------------------------------------------------------------- kernel distances
+def _unbiased_mmd2(sum_kxx_offdiag: float, sum_kyy_offdiag: float, sum_kxy: float, m: int, n: int) -> float:
+    """Unbiased MMD^2 (Gretton et al. 2012, eq. 3) from kernel sums; self-pairs (i, i) are left out."""
+    return sum_kxx_offdiag / (m * (m - 1)) + sum_kyy_offdiag / (n * (n - 1)) - 2.0 * sum_kxy / (m * n)
+
+
+def _polynomial_mmd2(x: np.ndarray, y: np.ndarray) -> float:
+    dim = x.shape[1]
+    kxx = (x @ x.T / dim + 1.0) ** 3
+    kyy = (y @ y.T / dim + 1.0) ** 3
+    kxy = (x @ y.T / dim + 1.0) ** 3
+    return _unbiased_mmd2(kxx.sum() - np.trace(kxx), kyy.sum() - np.trace(kyy), kxy.sum(), len(x), len(y))
+
+
+def kernel_inception_distance(a: np.ndarray, b: np.ndarray, subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID: mean and SD over ``subsets`` random subset pairs of the unbiased MMD^2 with k(x, y) = (x.y/F + 1)^3.
+
+    As Bińkowski et al. and torchmetrics' ``KernelInceptionDistance``: each subset draws ``subset_size``
+    samples (capped at the smaller set) without replacement from each set; the SD is the population SD of the
+    subset values (ddof=0, as torchmetrics). Unbiased, so it scatters around 0 for equal distributions.
+    When the subsets would be both whole sets, the value is computed once and the SD is 0.
+    """
+    a, b = _features(a, "a"), _features(b, "b")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if m == len(a) == len(b):  # every "subset" is the whole of both sets: one value, no spread
+        return _polynomial_mmd2(a, b), 0.0
+    rng = np.random.default_rng(seed)
+    values = np.array([_polynomial_mmd2(a[rng.choice(len(a), m, replace=False)],
+                                        b[rng.choice(len(b), m, replace=False)]) for _ in range(subsets)])
+    return float(values.mean()), float(values.std())
+
+
+def _squared_distance_blocks(x: np.ndarray, y: np.ndarray) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Row blocks of the squared Euclidean distance matrix between x and y (float64), exact copies snapped to 0.
+
+    The matmul form |x|^2 + |y|^2 - 2 x.y is fast but leaves ~1e-13 |x|^2 of rounding where two points are
+    equal; copies (bootstrap duplicates, memorised samples) must have distance exactly 0, so such entries are
+    snapped. Callers centre the data first, which keeps the norms, and the rounding, small.
+    """
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    y_norms = (yt * yt).sum(1)
+    rows = max(1, _BLOCK_ELEMENTS // max(1, len(y)))
+    for start in range(0, len(x), rows):
+        block = xt[start:start + rows]
+        x_norms = (block * block).sum(1)
+        norms = x_norms[:, None] + y_norms[None, :]
+        squared = (norms - 2.0 * block @ yt.T).clamp_min_(0.0)
+        squared[squared <= _COPY_TOLERANCE * norms] = 0.0
+        yield slice(start, start + len(block)), squared
+
+
+def _centred(*sets: np.ndarray) -> list[np.ndarray]:
+    centre = np.concatenate(sets).mean(axis=0)
+    return [s - centre for s in sets]
+
+
+def median_bandwidth(a: np.ndarray, b: np.ndarray, max_points: int = 1000, seed: int = 0) -> float:
+    """Median heuristic: the median Euclidean distance over all pairs i < j of the pooled set a + b.
+
+    Above ``max_points`` pooled points a seeded random subset is used (the median is stable long before, and
+    all pairs of 40k points would cost more than the MMD itself). Falls back to 1.0 when all points coincide.
+    """
+    pooled = np.concatenate([_features(a, "a"), _features(b, "b")])
+    if len(pooled) > max_points:
+        pooled = pooled[np.random.default_rng(seed).choice(len(pooled), max_points, replace=False)]
+    (pooled,) = _centred(pooled)
+    distances = np.concatenate([_upper_entries(squared.sqrt().numpy(), rows.start)
+                                for rows, squared in _squared_distance_blocks(pooled, pooled)])
+    bandwidth = float(np.median(distances)) if len(distances) else 0.0
+    return bandwidth if bandwidth > 0 else 1.0
+
+
+def _upper_entries(block: np.ndarray, row_offset: int) -> np.ndarray:
+    """Entries (i, j) with j > i of a row block whose first row is row ``row_offset`` of a square matrix."""
+    rows, cols = np.indices(block.shape)
+    return block[cols > rows + row_offset]
+
+
+def _rbf_sum(x: np.ndarray, y: np.ndarray, gamma: float) -> float:
+    return float(sum(torch.exp(-gamma * squared).sum() for _, squared in _squared_distance_blocks(x, y)))
+
+
+def rbf_mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, seed: int = 0) -> float:
+    """Unbiased MMD^2 with the Gaussian kernel k(x, y) = exp(-|x - y|^2 / (2 bandwidth^2)).
+
+    bandwidth: None = the median heuristic (``median_bandwidth`` on the pooled set, seeded subset above 1000
+        points). For a fair comparison with a real floor, pass the same fixed bandwidth to both calls, e.g.
+        ``median_bandwidth(train, unseen)``; with None each call picks its own.
+    Kernel sums are taken over row blocks, so memory stays bounded for large sets.
+    """
+    a, b = _features(a, "a"), _features(b, "b")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"MMD needs at least 2 samples per set, got {len(a)} and {len(b)}")
+    if bandwidth is None:
+        bandwidth = median_bandwidth(a, b, seed=seed)
+    gamma = 1.0 / (2.0 * bandwidth**2)
+    a, b = _centred(a, b)
+    # k(x, x) = 1 exactly (distances of a point to itself are snapped to 0), so the diagonal sums are m and n.
+    return _unbiased_mmd2(_rbf_sum(a, a, gamma) - len(a), _rbf_sum(b, b, gamma) - len(b), _rbf_sum(a, b, gamma),
+                          len(a), len(b))
+
+
+# ---------------------------------------------------------------------------------- k-NN manifold estimates
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Distance of each point to its k-th nearest neighbour among the *distinct* points of the same set.
+
+    Exact copies are merged first, so neither the point itself nor any copy of it or of a neighbour counts
+    twice. Without this, a point drawn k + 1 times by a patient-level bootstrap would get radius 0 and the
+    copies of each neighbour would shrink every radius around them; with it, repeating points weights them
+    (in density and coverage) but leaves the estimated manifold unchanged. NaN for every point when the set
+    has at most k distinct points (no k-th neighbour): the metrics are then NaN and the bootstrap drops the
+    replicate.
+    """
+    x = _features(features)
+    if len(x) <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {len(x)}")
+    distinct, inverse = np.unique(x, axis=0, return_inverse=True)
+    if len(distinct) <= k:
+        return np.full(len(x), np.nan)
+    (distinct,) = _centred(distinct)
+    radii = np.empty(len(distinct))
+    for rows, squared in _squared_distance_blocks(distinct, distinct):
+        local = torch.arange(rows.stop - rows.start)
+        squared[local, local + rows.start] = torch.inf  # the point itself
+        radii[rows] = squared.topk(k, dim=1, largest=False).values[:, -1].sqrt().numpy()
+    return radii[inverse.reshape(-1)]
+
+
+def _manifold_counts(real: np.ndarray, fake: np.ndarray, real_radii: np.ndarray,
+                     fake_radii: np.ndarray | None) -> dict[str, np.ndarray]:
+    """One blocked pass over fake x real distances, gathering what all four metrics need.
+
+    Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold
+    even when that point's radius is 0.
+    """
+    real_radii_t = torch.from_numpy(real_radii)
+    fake_radii_t = None if fake_radii is None else torch.from_numpy(fake_radii)
+    balls_containing_fake = np.zeros(len(fake), dtype=np.int64)
+    nearest_fake = torch.full((len(real),), torch.inf, dtype=torch.float64)
+    real_in_fake_ball = torch.zeros(len(real), dtype=torch.bool)
+    fake_c, real_c = _centred(fake, real)
+    for rows, squared in _squared_distance_blocks(fake_c, real_c):
+        distance = squared.sqrt_()
+        balls_containing_fake[rows] = (distance <= real_radii_t[None, :]).sum(1).numpy()
+        nearest_fake = torch.minimum(nearest_fake, distance.min(0).values)
+        if fake_radii_t is not None:
+            real_in_fake_ball |= (distance <= fake_radii_t[rows, None]).any(0)
+    return {"balls_containing_fake": balls_containing_fake, "nearest_fake": nearest_fake.numpy(),
+            "real_in_fake_ball": real_in_fake_ball.numpy()}
+
+
+def _check_pair(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    real, fake = _features(real, "real"), _features(fake, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: real {real.shape[1]} vs fake {fake.shape[1]}")
+    return real, fake
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    precision: share of fake points inside the real manifold (the union of balls around each real point with
+        its k-NN radius): are the samples realistic?
+    recall: share of real points inside the fake manifold: does the generator cover the real variety?
+    """
+    real, fake = _check_pair(real, fake)
+    real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
+    if np.isnan(real_radii).any() or np.isnan(fake_radii).any():
+        return float("nan"), float("nan")
+    counts = _manifold_counts(real, fake, real_radii, fake_radii)
+    return float((counts["balls_containing_fake"] > 0).mean()), float(counts["real_in_fake_ball"].mean())
+
+
+def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
+    """Density and coverage (Naeem et al. 2020), both built on real k-NN balls only (robust to fake outliers).
+
+    density: mean number of real balls containing a fake point, over k; E = 1 when fake and real come from
+        the same distribution (exchangeability: a fake point is within a real point's k-NN radius with
+        probability k / N), > 1 when fakes crowd dense real regions.
+    coverage: share of real points whose ball contains at least one fake point (mode dropping lowers it).
+    """
+    real, fake = _check_pair(real, fake)
+    real_radii = knn_radii(real, k)
+    if np.isnan(real_radii).any():
+        return float("nan"), float("nan")
+    counts = _manifold_counts(real, fake, real_radii, None)
+    density = counts["balls_containing_fake"].sum() / (k * len(fake))
+    coverage = (counts["nearest_fake"] <= real_radii).mean()
+    return float(density), float(coverage)
+
+
+# ------------------------------------------------------------------------------- torchmetrics-style objects
+def _as_float64(features: torch.Tensor | np.ndarray) -> torch.Tensor:
+    x = torch.as_tensor(features).detach().to(torch.float64)
+    if x.ndim != 2:
+        raise ValueError(f"expected (N, F) features, got shape {tuple(x.shape)}")
+    return x
+
+
+class FrechetDistance(Metric):
+    """FD as ``update(features, real) / compute()``: sums and outer-product sums in float64.
+
+    Only O(F^2) state per set whatever the number of samples, and any batching gives the same value as
+    ``frechet_distance_features`` on all features at once.
+    """
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_features = num_features
+        for side in ("real", "fake"):
+            self.add_state(f"{side}_sum", torch.zeros(num_features, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{side}_outer", torch.zeros(num_features, num_features, dtype=torch.float64),
+                           dist_reduce_fx="sum")
+            self.add_state(f"{side}_count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, features: torch.Tensor | np.ndarray, real: bool) -> None:
+        x = _as_float64(features).to(self.device)
+        if x.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} features, got {x.shape[1]}")
+        side = "real" if real else "fake"
+        setattr(self, f"{side}_sum", getattr(self, f"{side}_sum") + x.sum(0))
+        setattr(self, f"{side}_outer", getattr(self, f"{side}_outer") + x.T @ x)
+        setattr(self, f"{side}_count", getattr(self, f"{side}_count") + len(x))
+
+    def _statistics(self, side: str) -> tuple[np.ndarray, np.ndarray]:
+        n = float(getattr(self, f"{side}_count"))
+        if n < 2:
+            raise ValueError(f"FrechetDistance needs at least 2 {side} samples, got {int(n)}")
+        total = getattr(self, f"{side}_sum").cpu().numpy()
+        mean = total / n
+        sigma = (getattr(self, f"{side}_outer").cpu().numpy() - n * np.outer(mean, mean)) / (n - 1)
+        return mean, sigma
+
+    def compute(self) -> torch.Tensor:
+        return torch.tensor(frechet_distance(*self._statistics("fake"), *self._statistics("real")),
+                            dtype=torch.float64)
+
+
+class _FeatureSetMetric(Metric):
+    """Keeps all real and fake features (kernel and k-NN metrics need every sample) for ``compute``."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("real_features", default=[], dist_reduce_fx="cat")
+        self.add_state("fake_features", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: torch.Tensor | np.ndarray, real: bool) -> None:
+        (self.real_features if real else self.fake_features).append(_as_float64(features).to(self.device))
+
+    def _sets(self) -> tuple[np.ndarray, np.ndarray]:
+        """(real, fake) as float64 numpy arrays."""
+        if not self.real_features or not self.fake_features:
+            raise ValueError(f"{type(self).__name__}: update() with both real and fake features before compute()")
+        return (dim_zero_cat(self.real_features).cpu().numpy(), dim_zero_cat(self.fake_features).cpu().numpy())
+
+
+class KernelInceptionDistance(_FeatureSetMetric):
+    """KID as an update/compute object; ``compute`` returns (mean, sd) as ``kernel_inception_distance``."""
+
+    higher_is_better = False
+
+    def __init__(self, subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        real, fake = self._sets()
+        mean, sd = kernel_inception_distance(fake, real, self.subsets, self.subset_size, self.seed)
+        return torch.tensor(mean, dtype=torch.float64), torch.tensor(sd, dtype=torch.float64)
+
+
+class RBFMaximumMeanDiscrepancy(_FeatureSetMetric):
+    """Unbiased RBF-kernel MMD^2 as an update/compute object (see ``rbf_mmd``)."""
+
+    higher_is_better = False
+
+    def __init__(self, bandwidth: float | None = None, seed: int = 0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.bandwidth, self.seed = bandwidth, seed
+
+    def compute(self) -> torch.Tensor:
+        real, fake = self._sets()
+        return torch.tensor(rbf_mmd(fake, real, self.bandwidth, self.seed), dtype=torch.float64)
+
+
+class PrecisionRecall(_FeatureSetMetric):
+    """Improved precision/recall as an update/compute object; ``compute`` returns (precision, recall)."""
+
+    higher_is_better = True
+
+    def __init__(self, k: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        precision, recall = precision_recall(*self._sets(), k=self.k)
+        return torch.tensor(precision, dtype=torch.float64), torch.tensor(recall, dtype=torch.float64)
+
+
+class DensityCoverage(_FeatureSetMetric):
+    """Density/coverage as an update/compute object; ``compute`` returns (density, coverage)."""
+
+    higher_is_better = True
+
+    def __init__(self, k: int = 5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        density, coverage = density_coverage(*self._sets(), k=self.k)
+        return torch.tensor(density, dtype=torch.float64), torch.tensor(coverage, dtype=torch.float64)
+
+
+# ------------------------------------------------------------------------------------------ real-vs-real floor
+def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic: np.ndarray, train: np.ndarray,
+                    unseen: np.ndarray, synthetic_groups: Sequence[str] | None, train_groups: Sequence[str],
+                    unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0) -> dict:
+    """A two-set metric of the synthetic set against the training set, next to the real-vs-real floor.
+
+    metric(x, y) -> float compares a set x with the training reference y (FD, KID mean, 1 - coverage, ...).
+    Every realism metric depends on sample size, so both sides use the same n = min(len(synthetic),
+    len(unseen)) samples, drawn without replacement with ``seed``:
+    - synthetic: metric(synthetic subset, train);
+    - real_floor: metric(unseen subset, train). Unseen real images (holdout or test) are patient-disjoint
+      from train, so this is what a perfect generator, one drawing new patients from the real distribution,
+      would score at this n against this reference.
+    Each value carries a joint patient-level bootstrap CI (``bootstrap``): every replicate redraws the
+    compared set and the training set. Bootstrap units: synthetic samples are their own unit (None means
+    that), real images their patient id. A replicate repeats samples, so ``metric`` must tolerate duplicates
+    (the metrics in this module do: k-NN radii ignore exact copies, FD and MMD take repeats as weights).
+    Returns {"synthetic": Estimate, "real_floor": Estimate, "n": n, "n_reference": len(train)}.
+    """
+    synthetic, train, unseen = np.asarray(synthetic), np.asarray(train), np.asarray(unseen)
+    if synthetic_groups is None:
+        synthetic_groups = [f"synthetic-{i}" for i in range(len(synthetic))]
+    for name, values, groups in (("synthetic", synthetic, synthetic_groups), ("train", train, train_groups),
+                                 ("unseen", unseen, unseen_groups)):
+        if len(values) != len(groups):
+            raise ValueError(f"{name}: {len(values)} samples but {len(groups)} groups")
+    n = min(len(synthetic), len(unseen))
+    train_groups = list(train_groups)
+
+    def estimate(values: np.ndarray, groups: Sequence[str], stream: int) -> Estimate:
+        # one random stream per side, so the floor's subset does not depend on the synthetic set
+        chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
+        subset, subset_groups = values[chosen], [groups[i] for i in chosen]
+        return bootstrap(lambda rows, reference_rows: metric(subset[rows], train[reference_rows]),
+                         [subset_groups, train_groups], n_boot=n_boot, seed=seed)
+
+    return {"synthetic": estimate(synthetic, synthetic_groups, 0), "real_floor": estimate(unseen, unseen_groups, 1),
+            "n": n, "n_reference": len(train)}
