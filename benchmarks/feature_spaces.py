@@ -15,12 +15,13 @@ import time
 
 import numpy as np
 import torch
+from scipy import ndimage
+
 from radsynth.pipelines.scoring.features import (
     RadiomicsFeatures,
     RandomCNNFeatures,
     SelfSupervisedEncoder,
 )
-from scipy import ndimage
 
 
 def images(shape: tuple[int, ...], seed: int) -> tuple[np.ndarray, np.ndarray]:

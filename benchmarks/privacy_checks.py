@@ -16,13 +16,14 @@ import time
 
 import numpy as np
 import torch
+from scipy.ndimage import gaussian_filter
+
 from radsynth.pipelines.scoring.nearest_neighbours import chunked_nearest_neighbours
 from radsynth.pipelines.scoring.privacy import (
     authenticity_report,
     dcr_share,
     pixel_nearest_neighbours,
 )
-from scipy.ndimage import gaussian_filter
 
 
 def timed(function, *args, **kwargs) -> float:

@@ -4,4 +4,5 @@ from .errors import UserInputError
 from .loading import config_to_yaml, load_config, load_scoring_config, preset_path, validate_config
 from .schema import RadsynthConfig
 
-__all__ = ["RadsynthConfig", "UserInputError", "config_to_yaml", "load_config", "load_scoring_config", "preset_path", "validate_config"]
+__all__ = ["RadsynthConfig", "UserInputError", "config_to_yaml", "load_config", "load_scoring_config", "preset_path",
+           "validate_config"]

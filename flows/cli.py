@@ -99,10 +99,10 @@ def _ingest(config: RadsynthConfig, args: argparse.Namespace) -> dict:
 
 
 def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from accelerate import PartialState
+
     from radsynth.pipelines.data.ingest import ingest
     from radsynth.pipelines.training import train
-
-    from accelerate import PartialState
 
     # Under `accelerate launch` every rank runs this: the main one ingests, the others then find the cache.
     with PartialState().main_process_first():

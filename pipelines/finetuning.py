@@ -26,7 +26,7 @@ from .data.manifest import CaseRecord
 from .model_card import write_model_card
 from .sampling.generate import load_pipeline
 from .sampling.text_to_image import model_hash
-from .training import cached_latents, ingested_dataset, loop_settings, save_pipeline, class_labels, train_dir
+from .training import cached_latents, class_labels, ingested_dataset, loop_settings, save_pipeline, train_dir
 
 
 @dataclass

@@ -168,7 +168,7 @@ def test_one_patient_in_two_splits(capsys, folder):
     csv = root / "manifest.csv"
     lines = csv.read_text().splitlines()
     splits = ["train", "test", "train", "train", "holdout", "holdout"]  # img000/img001 share patient p0
-    csv.write_text("\n".join([lines[0] + ",split"] + [f"{l},{s}" for l, s in zip(lines[1:], splits)]) + "\n")
+    csv.write_text("\n".join([lines[0] + ",split"] + [f"{line},{s}" for line, s in zip(lines[1:], splits)]) + "\n")
     err = run_ingest(capsys, "cxr", *overrides, "data.image_folder.split_column=split")
     assert "one patient is in splits ['test', 'train'] (cases img000, img001)" in err
     assert "p0" not in err  # patient identifiers never appear in messages

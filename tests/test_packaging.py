@@ -1,7 +1,8 @@
 """The install contract: every code folder is a listed radsynth.* package, and no generic name is installed."""
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 from .conftest import REPO
 

@@ -12,7 +12,6 @@ from radsynth.configs.schema import DataConfig
 from radsynth.pipelines.data.adapters.phantom import read_phantom
 from radsynth.pipelines.data.io import read_image
 from radsynth.pipelines.data.manifest import file_sha256
-from radsynth.pipelines.data.phantoms.cohort import GENERATOR_VERSION
 from radsynth.pipelines.data.phantoms import (
     BRAIN_MRI_FINDING_FREQUENCIES,
     CHEST_XRAY_FINDING_FREQUENCIES,
@@ -24,6 +23,7 @@ from radsynth.pipelines.data.phantoms import (
     plan_cohort,
     sample_attributes,
 )
+from radsynth.pipelines.data.phantoms.cohort import GENERATOR_VERSION
 
 SMALL_GRIDS = {"chest_xray": (64, 64), "ct_torso": (32, 32, 32), "brain_mri": (32, 32, 32)}
 # The specified frequencies, written out so that a changed table in the code is caught too.

@@ -4,7 +4,12 @@ import pytest
 from radsynth.configs.schema import IntensityConfig, PreprocessConfig
 from radsynth.pipelines.data.io import Image
 from radsynth.pipelines.data.preprocess import (
-    crop_or_pad, fit_intensity_map, preprocess_case, resample, restore_geometry, to_ras,
+    crop_or_pad,
+    fit_intensity_map,
+    preprocess_case,
+    resample,
+    restore_geometry,
+    to_ras,
 )
 
 

@@ -12,7 +12,6 @@ import torch
 from PIL import Image as PILImage
 
 from radsynth.configs.errors import UserInputError
-
 from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.objectives import build_inference_scheduler
 from radsynth.generators.text_encoder import RadsynthTextEncoder, WordTokenizer

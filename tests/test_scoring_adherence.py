@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from radsynth.pipelines.data.phantoms import generate_cohort
 from radsynth.pipelines.data.preprocess import IntensityMap
 from radsynth.pipelines.scoring.adherence import (

@@ -8,6 +8,8 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage, stats
+
 from radsynth.pipelines.scoring.features import (
     FeatureExtractor,
     RadiomicsFeatures,
@@ -18,7 +20,6 @@ from radsynth.pipelines.scoring.features import (
 )
 from radsynth.pipelines.scoring.features.first_order import FIRST_ORDER_NAMES
 from radsynth.pipelines.scoring.features.glcm import GLCM_NAMES, neighbour_offsets
-from scipy import ndimage, stats
 
 torch.set_num_threads(1)
 

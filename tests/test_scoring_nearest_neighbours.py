@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from radsynth.pipelines.scoring import nearest_neighbours
 from radsynth.pipelines.scoring.nearest_neighbours import chunked_nearest_neighbours
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
 from radsynth.pipelines.scoring.bootstrap import Estimate
 from radsynth.pipelines.scoring.near_copies import (
     NEAR_COPY_KINDS,
@@ -31,7 +33,6 @@ from radsynth.pipelines.scoring.privacy import (
     privacy_verdict,
     threshold_at_false_positive_rate,
 )
-from scipy.ndimage import gaussian_filter
 
 SIZE = 64
 

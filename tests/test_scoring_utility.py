@@ -11,6 +11,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from radsynth.pipelines.scoring.image_sets import ImageSet
 from radsynth.pipelines.scoring.utility import (
     TrainingPlan,

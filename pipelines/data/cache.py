@@ -16,8 +16,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from radsynth.configs.schema import DataConfig
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap
 from radsynth.pipelines.scoring.nearest_neighbours import chunked_nearest_neighbours
 

@@ -17,8 +17,8 @@ from radsynth.configs.schema import DataConfig, PhantomSource
 
 from ..io import scaling_affine, write_nifti, write_png
 from ..manifest import CaseRecord, file_sha256, read_manifest, write_manifest
-from ..phantoms.cohort import GENERATOR_VERSION
 from ..phantoms import CohortSlot, PhantomCase, generate_case, grid_shape, kind_module, plan_cohort
+from ..phantoms.cohort import GENERATOR_VERSION
 
 MANIFEST_NAME = "cases.jsonl"
 PHANTOM_LICENSE = "CC0-1.0 (radsynth procedural phantom)"
