@@ -4,33 +4,30 @@ above 0.5) against a model with random weights (AUC about 0.5), plus known answe
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.text_encoder import RadsynthTextEncoder
-from radsynth.pipelines.data.ingest import data_dir, ingest
-from radsynth.pipelines.data.manifest import read_manifest
-from radsynth.pipelines.data.preprocess import IntensityMap
+from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.sampling.generate import load_pipeline
 from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline
 from radsynth.pipelines.scoring.generator_probes import (
     autoencoder_round_trip,
     denoising_losses,
-    mann_whitney_auc,
     membership_inference,
     membership_inference_report,
     partial_noise_regeneration,
     per_sample_denoising_loss,
-    tpr_at_fpr,
     training_objective_of,
 )
 from radsynth.pipelines.scoring.image_sets import ImageSet
+from radsynth.pipelines.scoring.loading import cached_split
+from radsynth.pipelines.scoring.privacy import pixel_nearest_neighbours, threshold_at_false_positive_rate
+from radsynth.pipelines.scoring.roc import mann_whitney_auc, tpr_at_fpr
 from radsynth.pipelines.training import train
 
 from .test_sampling_pipeline import PROMPTS, make_pipeline
@@ -50,20 +47,6 @@ OVERFIT = ["data.phantom.n_cases=40", "data.split.train=0.2", "data.split.holdou
            "conditioning.condition_dropout=0", "conditioning.class_attribute=finding"]
 
 
-def split_image_set(config, split: str) -> ImageSet:
-    """The ingested cases of one split as an ImageSet with the prompts the model trained on."""
-    records = [r for r in read_manifest(data_dir(config) / "manifest.jsonl") if r.split == split]
-    summary = json.loads((data_dir(config) / "summary.json").read_text())
-    cached = CachedImages(records, summary["cache"],
-                          ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text))
-    intensity = summary["intensity_train"]
-    return ImageSet(cached.images(range(len(records)))[:, 0].numpy(), [r.case_id for r in records],
-                    [r.patient_id for r in records], tuple(cached.spacings[0].tolist()),
-                    IntensityMap(intensity["mode"], intensity["low"], intensity["high"]), False,
-                    conditions=[{k: str(v) for k, v in r.attributes.items()} for r in records],
-                    prompts=cached.prompts, name=split)
-
-
 def as_batch(images: ImageSet) -> torch.Tensor:
     return torch.from_numpy(images.images).unsqueeze(1)
 
@@ -77,8 +60,8 @@ def overfitted(tmp_path_factory):
     train(config, progress=False)
     pipeline = load_pipeline(run / "model", config, progress=False)
     pipeline.set_progress_bar_config(disable=True)
-    return SimpleNamespace(config=config, pipeline=pipeline, train=split_image_set(config, "train"),
-                           holdout=split_image_set(config, "holdout"))
+    return SimpleNamespace(config=config, pipeline=pipeline, train=cached_split(config, "train"),
+                           holdout=cached_split(config, "holdout"))
 
 
 def mean_squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -312,8 +295,25 @@ def test_membership_inference_on_an_untrained_model_is_about_chance(overfitted, 
     config = tiny_config(tmp_path, "data.phantom.n_cases=160", "data.split.train=0.5", "data.split.holdout=0.5",
                          "data.split.test=0.0", *OVERFIT[4:])
     ingest(config, progress=False)
-    members, non_members = split_image_set(config, "train"), split_image_set(config, "holdout")
+    members, non_members = cached_split(config, "train"), cached_split(config, "holdout")
     report = membership_inference_report(random_weights_like(overfitted.pipeline), members, non_members,
                                          n_max=100, timesteps=10)
     assert report["n_members"] == report["n_non_members"] >= 60
     assert abs(report["auc"] - 0.5) <= 0.15, report["auc"]
+
+
+@pytest.mark.slow
+def test_round_trip_and_regenerated_copies_of_training_images_are_flagged_at_one_percent_false_positives(overfitted):
+    """The near copies a memorising generator emits, caught by the pixel check calibrated on unseen images."""
+    pipeline, train_set = overfitted.pipeline, overfitted.train
+    images = as_batch(train_set)
+    holdout = pixel_nearest_neighbours(overfitted.holdout.images, train_set.images)
+    threshold = threshold_at_false_positive_rate(holdout.correlation, 0.01)
+    assert holdout.flags(threshold).mean() <= 0.01
+    copies = {"round trip": autoencoder_round_trip(pipeline, images),
+              "regenerated": partial_noise_regeneration(pipeline, images, train_set.prompts, strength=0.1,
+                                                        num_inference_steps=20)}
+    for kind, copy in copies.items():
+        matches = pixel_nearest_neighbours(copy[:, 0].numpy(), train_set.images)
+        assert matches.flags(threshold).mean() >= 0.95, (kind, matches.correlation, threshold)
+        assert (matches.train_index == np.arange(len(train_set))).all(), kind

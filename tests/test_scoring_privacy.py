@@ -416,3 +416,12 @@ def test_false_positive_ceiling_keeps_a_weak_copy_detector_specific():
     # A detector that already meets the ceiling is left as it is.
     strong = CopyDetector.calibrate(train[:100], train[:100] + 1e-3, recall=0.95, train_embeddings=train)
     assert strong.with_false_positive_ceiling(train[:100] + 1e-3, holdout, train).threshold == strong.threshold
+
+
+def test_a_threshold_just_above_the_highest_float32_holdout_score_flags_none_of_them():
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(20, 16, 16)).astype(np.float32)
+    holdout = pixel_nearest_neighbours(rng.normal(size=(13, 16, 16)).astype(np.float32), train)
+    assert holdout.correlation.dtype == np.float32
+    threshold = threshold_at_false_positive_rate(holdout.correlation, 0.01)  # 13 images: none may be flagged
+    assert not holdout.flags(threshold).any()

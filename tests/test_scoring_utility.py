@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 from radsynth.pipelines.scoring.image_sets import ImageSet
+from radsynth.pipelines.scoring.roc import macro_auc, mann_whitney_auc
 from radsynth.pipelines.scoring.utility import (
     TrainingPlan,
     augmentation_gain,
-    macro_auc,
-    mann_whitney_auc,
     patient_subsample,
     train_on_synthetic_test_on_real,
 )
@@ -37,21 +36,21 @@ def noise_like(reference: ImageSet, seed: int) -> ImageSet:
 
 
 def test_mann_whitney_auc_known_values_and_brute_force():
-    assert mann_whitney_auc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
-    assert mann_whitney_auc(np.array([0.9, 0.8, 0.2, 0.1]), np.array([0, 0, 1, 1])) == 0.0
-    assert mann_whitney_auc(np.ones(6), np.array([0, 1, 0, 1, 0, 1])) == 0.5  # ties count half
-    assert np.isnan(mann_whitney_auc(np.array([0.3, 0.4]), np.array([1, 1])))  # no negatives: undefined
+    assert mann_whitney_auc(np.array([0.8, 0.9]), np.array([0.1, 0.2])) == 1.0
+    assert mann_whitney_auc(np.array([0.2, 0.1]), np.array([0.9, 0.8])) == 0.0
+    assert mann_whitney_auc(np.ones(3), np.ones(3)) == 0.5  # ties count half
+    assert np.isnan(macro_auc(np.array([[0.3, 0.7], [0.4, 0.6]]), np.array([1, 1])))  # no negatives: undefined
 
     rng = np.random.default_rng(0)
     scores = rng.integers(0, 5, 40).astype(float)  # many ties
     positive = rng.random(40) < 0.4
     pairs = [(p, n) for p, n in itertools.product(scores[positive], scores[~positive])]
     brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs])
-    assert mann_whitney_auc(scores, positive) == pytest.approx(brute)
+    assert mann_whitney_auc(scores[positive], scores[~positive]) == pytest.approx(brute)
 
     probabilities = rng.dirichlet(np.ones(3), size=30)
     truth = rng.integers(0, 3, 30)
-    expected = np.mean([mann_whitney_auc(probabilities[:, k], truth == k) for k in range(3)])
+    expected = np.mean([mann_whitney_auc(probabilities[truth == k, k], probabilities[truth != k, k]) for k in range(3)])
     assert macro_auc(probabilities, truth) == pytest.approx(expected)
     assert macro_auc(np.eye(3)[truth], truth) == 1.0
 

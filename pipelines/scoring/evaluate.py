@@ -60,6 +60,9 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
     card = Scorecard(sizes={"synthetic": len(inputs.synthetic), "train": len(inputs.train),
                             "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0})
     card.settings = settings.model_dump(mode="json")
+    card.notes.append("Bootstrap intervals of FD, KID and MMD can sit above their point value: a resample repeats "
+                      "images, which adds to these metrics' small-sample bias. Read each interval against the real "
+                      "floor's, which carries the same bias at the same n.")
     card.per_sample = [{"sample_id": i, "is_synthetic": True, "prompt": p, **{f"cond_{k}": v for k, v in c.items()}}
                        for i, p, c in zip(inputs.synthetic.ids, inputs.synthetic.prompts, inputs.synthetic.conditions)]
     seconds: dict[str, float] = {}
@@ -98,9 +101,12 @@ class FeatureTable:
     holdout: np.ndarray
     test: np.ndarray | None
     uses_masks: bool = False
+    mean: np.ndarray | float = 0.0  # the standardisation applied to every set (see _standardise)
+    sd: np.ndarray | float = 1.0
 
     def embed(self, images: np.ndarray, masks: np.ndarray | None) -> np.ndarray:
-        return self.extractor.extract(images, masks if self.uses_masks else None)
+        """Features of new images (near copies), mapped exactly like the sets' features."""
+        return (self.extractor.extract(images, masks if self.uses_masks else None) - self.mean) / self.sd
 
     @property
     def unseen(self) -> np.ndarray:
@@ -127,8 +133,34 @@ def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> list
             extractor.fit(np.concatenate([inputs.train.images, inputs.holdout.images]),
                           steps=settings.self_supervised_steps)
         arrays = [None if s is None else extractor.extract(s.images, s.masks if with_masks else None) for s in sets]
-        tables.append(FeatureTable(name, extractor, *arrays, uses_masks=with_masks))
+        table = FeatureTable(name, extractor, *arrays, uses_masks=with_masks)
+        tables.append(table if name == "self_supervised" else _standardise(table))
     return tables
+
+
+def _standardise(table: FeatureTable) -> FeatureTable:
+    """z-score every feature with the real images' mean and SD (one linear map for all sets).
+
+    Radiomics features come in unrelated units (a kurtosis, an energy, a grey-level count): unscaled, the
+    largest would decide every nearest neighbour. The self-supervised space is a unit-norm embedding and is
+    left as trained.
+    """
+    real = np.concatenate([a for a in (table.train, table.holdout, table.test) if a is not None])
+    mean, sd = real.mean(0), real.std(0)
+    sd[sd == 0] = 1.0
+    scaled = [None if a is None else (a - mean) / sd for a in (table.synthetic, table.train, table.holdout, table.test)]
+    return FeatureTable(table.name, table.extractor, *scaled, uses_masks=table.uses_masks, mean=mean, sd=sd)
+
+
+def _diagnostic_features(inputs: ScoringInputs) -> FeatureTable | None:
+    """The generator's own latents: realism there is a diagnostic, never a verdict (see GeneratorLatentFeatures)."""
+    if inputs.pipeline is None:
+        return None
+    from .generator_probes import GeneratorLatentFeatures
+
+    extractor = GeneratorLatentFeatures(inputs.pipeline)
+    sets = [inputs.synthetic, inputs.train, inputs.holdout, inputs.test]
+    return FeatureTable(extractor.name, extractor, *(None if s is None else extractor.extract(s.images) for s in sets))
 
 
 def _primary(features: list[FeatureTable]) -> FeatureTable:
@@ -160,14 +192,16 @@ def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
         "coverage": (lambda a, b: realism.density_coverage(b, a)[1], "near reference"),
     }
     unseen = inputs.unseen
-    for table in features:
+    diagnostic = _diagnostic_features(inputs)
+    for table in features + ([diagnostic] if diagnostic is not None else []):
         for metric, (function, better) in metrics.items():
             function = function or rbf(table)
             result = realism.with_real_floor(function, table.synthetic, table.train, table.unseen,
                                              inputs.synthetic.groups, inputs.train.groups, unseen.groups,
                                              n_boot=settings.bootstrap_samples, seed=seed)
             card.add("realism", metric, result["synthetic"], feature_space=table.name, reference=result["real_floor"],
-                     reference_name="real vs real", n=result["n"], better=better)
+                     reference_name="real vs real", n=result["n"], better=better,
+                     note="diagnostic only: the generator's own space" if table is diagnostic else "")
     _realism_strata(card, inputs, features[0], settings, seed)
     diversity = ms_ssim_diversity_comparison(inputs.synthetic.images, unseen.images, inputs.synthetic.groups,
                                              unseen.groups, n_boot=settings.bootstrap_samples, seed=seed)
@@ -428,12 +462,17 @@ def _membership(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig,
 
     report = membership_inference_report(inputs.pipeline, inputs.train, inputs.holdout,
                                          n_max=settings.membership_samples, timesteps=settings.membership_timesteps,
-                                         seed=seed, n_boot=settings.bootstrap_samples)
+                                         seed=seed, n_boot=settings.bootstrap_samples,
+                                         by=inputs.attributes[0] if inputs.attributes else None)
     card.add("privacy", "membership_inference_auc", Estimate(**report["auc_ci"]), feature_space="denoising loss",
              reference=0.5, reference_name="no membership signal", n=report["n_members"], better="near 0.5")
     card.add("privacy", "membership_inference_tpr_at_1pct_fpr", report["tpr_at_1pct_fpr"],
              feature_space="denoising loss", reference=0.01, reference_name="chance", n=report["n_members"],
              better="near reference", note=report.get("fpr_resolution") or "")
+    for value, row in report.get("by_condition", {}).items():
+        card.add("privacy", "membership_inference_auc", row["auc"], feature_space="denoising loss",
+                 stratum=f"{inputs.attributes[0]}={value}", reference=0.5, reference_name="no membership signal",
+                 n=min(row["n_members"], row["n_non_members"]), better="near 0.5", note="no bootstrap: strata are small")
     return report
 
 

@@ -28,28 +28,26 @@ import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
-from scipy.stats import rankdata
 
 from radsynth.generators.objectives import TrainingObjective, clip_predicted_clean_latents
 
 from .bootstrap import bootstrap
 from .image_sets import ImageSet
+from .roc import MAX_FPR, mann_whitney_auc, tpr_at_fpr
 
 __all__ = [
+    "GeneratorLatentFeatures",
     "MembershipResult",
     "autoencoder_round_trip",
     "denoising_losses",
     "evenly_spread_timesteps",
-    "mann_whitney_auc",
     "membership_inference",
     "membership_inference_report",
     "partial_noise_regeneration",
     "per_sample_denoising_loss",
-    "tpr_at_fpr",
     "training_objective_of",
 ]
 
-MAX_FPR = 0.01  # the operating point of Carlini et al.'s "membership inference from first principles"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -151,6 +149,27 @@ def autoencoder_round_trip(pipeline, images: torch.Tensor, batch_size: int = 16)
     with _eval_mode(pipeline.vae):
         return torch.cat([_decode(pipeline, _encode(pipeline, images[rows])) for rows in _batches(len(images),
                                                                                                   batch_size)])
+
+
+class GeneratorLatentFeatures:
+    """The generator's own autoencoder latents (posterior means, flattened) as a feature space: a diagnostic.
+
+    A model is not judged in a space it was trained to fit: its latents are what its diffusion model learnt to
+    reproduce, so realism measured there flatters it. Shown next to the independent spaces, a large gap says
+    the decoder, not the diffusion model, is where samples go wrong (or the other way round).
+    """
+
+    name = "generator_latents"
+
+    def __init__(self, pipeline, batch_size: int = 16):
+        self.pipeline, self.batch_size = pipeline, batch_size
+
+    def extract(self, images: np.ndarray, masks: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
+        tensor = _check_images(self.pipeline, torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None])
+        with _eval_mode(self.pipeline.vae), torch.no_grad():
+            latents = [_encode(self.pipeline, tensor[rows]).flatten(1).double().cpu()
+                       for rows in _batches(len(tensor), batch_size or self.batch_size)]
+        return torch.cat(latents).numpy()
 
 
 def _default_call_argument(pipeline, name: str):
@@ -345,32 +364,6 @@ def denoising_losses(
 
 
 # ----------------------------------------------------------------------------------- membership inference
-
-
-def mann_whitney_auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """P(score of a positive > score of a negative) + 1/2 P(equal): the ROC AUC via mid-ranks (ties count 1/2)."""
-    positive = np.asarray(positive_scores, dtype=np.float64).ravel()
-    negative = np.asarray(negative_scores, dtype=np.float64).ravel()
-    if len(positive) == 0 or len(negative) == 0:
-        raise ValueError("AUC needs at least one positive and one negative score")
-    ranks = rankdata(np.concatenate([positive, negative]), method="average")
-    n_pos, n_neg = len(positive), len(negative)
-    return float((ranks[:n_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def tpr_at_fpr(positive_scores: np.ndarray, negative_scores: np.ndarray, max_fpr: float = MAX_FPR) -> float:
-    """The largest TPR over thresholds whose FPR is at most ``max_fpr`` (no interpolation: conservative).
-
-    A sample is called positive when its score is >= the threshold. At most k = floor(max_fpr * M) negatives
-    may be called positive, so the threshold must lie above the (k+1)-th highest negative score v, and the best
-    such threshold calls every positive scoring above v. With M < 1 / max_fpr, k = 0: the TPR at FPR 0.
-    """
-    positive = np.asarray(positive_scores, dtype=np.float64).ravel()
-    negative = np.sort(np.asarray(negative_scores, dtype=np.float64).ravel())[::-1]
-    allowed = int(np.floor(max_fpr * len(negative) + 1e-9))
-    if allowed >= len(negative):
-        return 1.0
-    return float(np.mean(positive > negative[allowed]))
 
 
 @dataclass

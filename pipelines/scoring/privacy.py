@@ -65,7 +65,9 @@ class PixelMatches:
 
     def flags(self, threshold: float) -> np.ndarray:
         """Samples whose best correlation reaches ``threshold`` (see ``threshold_at_false_positive_rate``)."""
-        return self.correlation >= threshold
+        # In float64: a float32 array compared with a Python float is compared in float32 (NumPy 2), which
+        # would round a threshold set just above the highest holdout score back down onto it.
+        return self.correlation.astype(np.float64) >= threshold
 
 
 def _comparison_grid(images: np.ndarray | torch.Tensor, comparison_size: int, chunk: int) -> torch.Tensor:
@@ -241,9 +243,10 @@ class CopyDetector:
         say nothing. With the ceiling the detector stays specific and its reduced recall is reported instead.
         """
         holdout_similarity, _ = nearest_similarity(holdout_embeddings, train_embeddings, chunk)
+        holdout_similarity = np.asarray(holdout_similarity, np.float64)
         ceiling = threshold_at_false_positive_rate(holdout_similarity, max_false_positive_rate)
         threshold = max(self.threshold, ceiling)
-        copy_similarity, _ = nearest_similarity(copy_embeddings, train_embeddings, chunk)
+        copy_similarity = np.asarray(nearest_similarity(copy_embeddings, train_embeddings, chunk)[0], np.float64)
         return CopyDetector(threshold, self.recall, self.n_calibration,
                             achieved_recall=float((copy_similarity >= threshold).mean()),
                             holdout_false_positive_rate=float((holdout_similarity >= threshold).mean()))
@@ -252,7 +255,7 @@ class CopyDetector:
               chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(flagged as copy, similarity to the nearest training embedding, its index) per embedding."""
         similarity, index = nearest_similarity(embeddings, train_embeddings, chunk)
-        return similarity >= self.threshold, similarity, index
+        return np.asarray(similarity, np.float64) >= self.threshold, similarity, index
 
     def false_positive_rate(self, holdout_embeddings: np.ndarray, train_embeddings: np.ndarray,
                             chunk: int = 1024) -> float:

@@ -20,18 +20,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from .attribute_classifier import AttributeClassifier
 from .bootstrap import Estimate, bootstrap
 from .image_sets import ImageSet
+from .roc import macro_auc
 from .segmenter import Segmenter, per_label_dice
 
 __all__ = [
     "TrainingPlan",
     "augmentation_gain",
-    "macro_auc",
-    "mann_whitney_auc",
     "patient_subsample",
     "train_on_synthetic_test_on_real",
     "tstr_classification",
@@ -50,29 +48,6 @@ class TrainingPlan:
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
-
-
-def mann_whitney_auc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney U statistic: P(score of a positive > score of a negative), ties count half.
-
-    NaN when either class is missing (the AUC is undefined, not 0.5).
-    """
-    scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
-    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
-    if n_pos == 0 or n_neg == 0:
-        return math.nan
-    ranks = rankdata(scores)  # average ranks for ties
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def macro_auc(probabilities: np.ndarray, truth: np.ndarray) -> float:
-    """One-vs-rest macro AUC: the mean over classes present (with negatives) of each class's Mann-Whitney AUC.
-
-    probabilities: (N, K) scores per class; truth: (N,) class indices in 0..K-1.
-    """
-    aucs = [mann_whitney_auc(probabilities[:, k], truth == k) for k in range(probabilities.shape[1])]
-    finite = [a for a in aucs if np.isfinite(a)]
-    return float(np.mean(finite)) if finite else math.nan
 
 
 def _macro_dice(dice: np.ndarray, rows: np.ndarray) -> float:
