@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -147,6 +147,29 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------------------------------- call
 
+    def denoise(self, latents: torch.Tensor, timesteps, context: torch.Tensor, class_labels: torch.Tensor | None,
+                spacing: torch.Tensor | None, guidance_scale: float, step_kwargs: dict,
+                scheduler: SchedulerMixin | None = None) -> torch.Tensor:
+        """Run ``scheduler`` (default: the pipeline's, already set to its timesteps) from ``latents`` over
+        ``timesteps``. With guidance (> 1) ``context`` and ``class_labels`` hold the null half first. Also used to
+        regenerate a partly noised latent from the middle of the schedule (scoring's near copies)."""
+        scheduler = scheduler or self.scheduler
+        guided, latent_clip = guidance_scale > 1.0, self.config.latent_clip
+        for timestep in timesteps:
+            model_input = torch.cat([latents, latents]) if guided else latents
+            if hasattr(scheduler, "scale_model_input"):
+                model_input = scheduler.scale_model_input(model_input, timestep)
+            # Rectified flow: FlowMatchEuler's timesteps are already sigma * 1000, the unit the UNet trained on.
+            prediction = self.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
+                                   spacing=spacing)
+            if guided:
+                unconditional, conditional = prediction.chunk(2)
+                prediction = unconditional + guidance_scale * (conditional - unconditional)
+            if latent_clip is not None:
+                prediction = clip_predicted_clean_latents(scheduler, latents, prediction, timestep, latent_clip)
+            latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
+        return latents
+
     @torch.no_grad()
     def __call__(
         self,
@@ -183,23 +206,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         if getattr(self.unet.config, "use_spacing", False):
             spacing = torch.tensor(self.config.spacing, device=device).expand(context.shape[0], -1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = self._step_kwargs(generator)
-        latent_clip = self.config.latent_clip
-
-        for timestep in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([latents, latents]) if guided else latents
-            if hasattr(self.scheduler, "scale_model_input"):
-                model_input = self.scheduler.scale_model_input(model_input, timestep)
-            # Rectified flow: FlowMatchEuler's timesteps are already sigma * 1000, the unit the UNet trained on.
-            prediction = self.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
-                                   spacing=spacing)
-            if guided:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + guidance_scale * (conditional - unconditional)
-            if latent_clip is not None:
-                prediction = clip_predicted_clean_latents(self.scheduler, latents, prediction, timestep, latent_clip)
-            latents = self.scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
-
+        latents = self.denoise(latents, self.progress_bar(self.scheduler.timesteps), context, class_labels, spacing,
+                               guidance_scale, self._step_kwargs(generator))
         latent_std = float(latents.float().std())
         images = self.vae.decode(latents.to(self.vae.dtype)).float().clamp(-1.0, 1.0)
         self.maybe_free_model_hooks()

@@ -29,7 +29,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from radsynth.generators.objectives import TrainingObjective, clip_predicted_clean_latents
+from radsynth.generators.objectives import TrainingObjective
 
 from .bootstrap import bootstrap
 from .image_sets import ImageSet
@@ -249,20 +249,8 @@ def _regenerate(pipeline, clean: torch.Tensor, prompts: list[str], strength: flo
     class_labels = class_labels.to(device) if class_labels is not None else None
     spacing = _spacing_tensor(pipeline, spacing, context.shape[0], device)
     step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    latent_clip = pipeline.config.latent_clip
-    for timestep in timesteps:
-        model_input = torch.cat([latents, latents]) if guided else latents
-        if hasattr(scheduler, "scale_model_input"):
-            model_input = scheduler.scale_model_input(model_input, timestep)
-        prediction = pipeline.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
-                                   spacing=spacing)
-        if guided:
-            unconditional, conditional = prediction.chunk(2)
-            prediction = unconditional + guidance_scale * (conditional - unconditional)
-        if latent_clip is not None:
-            prediction = clip_predicted_clean_latents(scheduler, latents, prediction, timestep, latent_clip)
-        latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
-    return latents
+    return pipeline.denoise(latents, timesteps, context, class_labels, spacing, guidance_scale, step_kwargs,
+                            scheduler=scheduler)
 
 
 # ------------------------------------------------------------------------------------- denoising losses

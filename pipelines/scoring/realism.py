@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap
+from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap_many
 
 __all__ = [
     "DensityCoverage",
@@ -493,7 +493,9 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
                     unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0) -> dict:
     """A two-set metric of the synthetic set against the training set, next to the real-vs-real floor.
 
-    metric(x, y) -> float compares a set x with the training reference y (FD, KID mean, 1 - coverage, ...).
+    metric(x, y) -> float compares a set x with the training reference y (FD, KID mean, 1 - coverage, ...); it
+    may also return a dict of named numbers (several metrics from the same resamples), and the Estimates
+    come back as dicts with the same names.
     Every realism metric depends on sample size, so both sides use the same n = min(len(synthetic),
     len(unseen)) samples, drawn without replacement with ``seed``:
     - synthetic: metric(synthetic subset, train);
@@ -516,12 +518,22 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
     n = min(len(synthetic), len(unseen))
     train_groups = list(train_groups)
 
-    def estimate(values: np.ndarray, groups: Sequence[str], stream: int) -> Estimate:
+    names: list[str] = []  # set when ``metric`` returns a dict of named numbers
+
+    def evaluate(subset: np.ndarray, reference: np.ndarray) -> list[float]:
+        result = metric(subset, reference)
+        if isinstance(result, dict):
+            names[:] = list(result)
+            return [float(result[name]) for name in names]
+        return [float(result)]
+
+    def estimate(values: np.ndarray, groups: Sequence[str], stream: int) -> Estimate | dict[str, Estimate]:
         # one random stream per side, so the floor's subset does not depend on the synthetic set
         chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
         subset, subset_groups = values[chosen], [groups[i] for i in chosen]
-        return bootstrap(lambda rows, reference_rows: metric(subset[rows], train[reference_rows]),
-                         [subset_groups, train_groups], n_boot=n_boot, seed=seed)
+        estimates = bootstrap_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
+                                   [subset_groups, train_groups], n_boot=n_boot, seed=seed)
+        return dict(zip(names, estimates)) if names else estimates[0]
 
     return {"synthetic": estimate(synthetic, synthetic_groups, 0), "real_floor": estimate(unseen, unseen_groups, 1),
             "n": n, "n_reference": len(train)}
