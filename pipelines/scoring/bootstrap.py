@@ -68,6 +68,7 @@ def bootstrap_many(statistics: Callable[..., Sequence[float]], groups: Sequence[
     members = [group_members(g) for g in groups]
     rng = np.random.default_rng(seed)
     replicates = np.array([statistics(*(group_resample(m, rng) for m in members)) for _ in range(n_boot)], dtype=float)
+    replicates = replicates.reshape(n_boot, len(values))  # n_boot = 0: point values only, no interval
     return [_estimate(float(value), replicates[:, k], level) for k, value in enumerate(values)]
 
 
