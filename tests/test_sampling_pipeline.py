@@ -281,3 +281,31 @@ def test_a_failed_sidecar_write_leaves_no_image_and_no_temporary_file(tmp_path):
         write_sample(tmp_path, "s3", np.ones((4, 4, 4), np.float32), (1.0, 1.0, 1.0), "nifti", PROVENANCE)
     assert [path.name for path in tmp_path.iterdir()] == ["s3.json"]
     assert not any((tmp_path / "s3.json").iterdir())
+
+
+@pytest.mark.parametrize("fmt, shape", [("nifti", (6, 7, 5)), ("png16", (9, 8))])
+def test_a_label_map_is_written_on_the_image_grid_as_integers(tmp_path, fmt, shape):
+    rng = np.random.default_rng(2)
+    image = rng.uniform(0, 100, size=shape)
+    label = rng.integers(0, 4, size=shape)
+    affine = np.diag([0.5, 0.7, 2.0, 1.0])[: len(shape) + 1, : len(shape) + 1] if fmt == "nifti" else (0.5, 0.7)
+    paths = write_sample(tmp_path, "pair_1", image, affine, fmt, {**PROVENANCE, "mask_source": "generated"}, label=label)
+    sidecar = json.loads(paths.sidecar.read_text())
+    assert paths.label.name == sidecar["label_file"] == f"pair_1_label{''.join(paths.image.suffixes)}"
+    if fmt == "nifti":
+        written, image_file = nib.load(str(paths.label)), nib.load(str(paths.image))
+        np.testing.assert_array_equal(written.affine, image_file.affine)
+        values = np.asarray(written.dataobj)
+    else:
+        with PILImage.open(paths.label) as handle:
+            values = np.asarray(handle)
+    assert np.issubdtype(values.dtype, np.integer)
+    np.testing.assert_array_equal(values, label)
+
+
+def test_a_label_map_off_the_image_grid_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(ValueError, match="label shape"):
+        write_sample(tmp_path / "out", "s", np.zeros((4, 4)), (1.0, 1.0), "png16", PROVENANCE, label=np.zeros((4, 5), int))
+    with pytest.raises(ValueError, match="non-negative integers"):
+        write_sample(tmp_path / "out", "s", np.zeros((4, 4)), (1.0, 1.0), "png16", PROVENANCE, label=np.zeros((4, 4)))
+    assert not (tmp_path / "out").exists()

@@ -30,6 +30,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class SamplePaths(NamedTuple):
     image: Path
     sidecar: Path
+    label: Path | None = None
 
 
 def write_sample(
@@ -40,6 +41,7 @@ def write_sample(
     fmt: Literal["nifti", "png16"],
     sidecar: Mapping[str, object],
     png_range: tuple[float, float] | None = None,
+    label: np.ndarray | None = None,
 ) -> SamplePaths:
     """Write ``<sample_id>.nii.gz`` or ``<sample_id>.png`` plus ``<sample_id>.json`` into ``out_dir``.
 
@@ -49,6 +51,8 @@ def write_sample(
         The writer adds is_synthetic, format, file, shape and spacing (its values win over given ones).
     png_range: the physical (low, high) that png16 maps onto 0..65535 (values outside are clipped); use the
         model's intensity range so that all samples share one mapping. None: the sample's own min..max.
+    label: an integer label map (0 = background) on the image's grid, written as ``<sample_id>_label`` in the
+        image's format with the same affine (PNG: 8-bit, or 16-bit above 255 labels); the sidecar names it.
     """
     if not _SAFE_ID.match(sample_id):
         raise ValueError(f"sample_id must be a plain file name (letters, digits, . _ -), got {sample_id!r}")
@@ -61,6 +65,7 @@ def write_sample(
     if not np.isfinite(image).all():
         raise ValueError("image_physical has NaN or infinite values")
     affine = _affine(affine_or_spacing, image.ndim)
+    label = None if label is None else _check_label(label, image.shape)
     out_dir = Path(out_dir)
 
     record = {**sidecar, "is_synthetic": True, "format": fmt, "shape": list(image.shape),
@@ -80,17 +85,41 @@ def write_sample(
         write = lambda: write_png(image_path, physical_to_png16(image, low, high))  # noqa: E731
     else:
         raise UserInputError("sampling.output_format", f"unknown format '{fmt}'", "allowed: nifti, png16")
+    label_path = None
+    if label is not None:
+        label_path = image_path.with_name(f"{sample_id}_label{''.join(image_path.suffixes)}")
+        record["label_file"] = label_path.name
 
     # Serialise first: a sidecar that cannot be JSON fails before anything touches the disk.
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
     sidecar_path = out_dir / f"{sample_id}.json"
-    write()
     try:
+        write()
+        if label_path is not None:
+            _write_label(label_path, label, affine)
         write_text(sidecar_path, text + "\n")
     except BaseException:
-        image_path.unlink(missing_ok=True)  # an image without its provenance must not stay behind
+        for path in (image_path, label_path):  # an image without its provenance must not stay behind
+            if path is not None:
+                path.unlink(missing_ok=True)
         raise
-    return SamplePaths(image_path, sidecar_path)
+    return SamplePaths(image_path, sidecar_path, label_path)
+
+
+def _check_label(label: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    label = np.asarray(label)
+    if label.shape != shape:
+        raise ValueError(f"label shape {label.shape} differs from the image's {shape}")
+    if not np.issubdtype(label.dtype, np.integer) or (label.size and label.min() < 0):
+        raise ValueError(f"label must hold non-negative integers, got {label.dtype} from {label.min()}")
+    return label
+
+
+def _write_label(path: Path, label: np.ndarray, affine: np.ndarray) -> Path:
+    if path.name.endswith(".png"):
+        return write_png(path, label.astype(np.uint8 if label.max(initial=0) <= 255 else np.uint16))
+    dtype = np.uint8 if label.max(initial=0) <= 255 else np.int16
+    return _write_nifti(path, label.astype(dtype), affine)
 
 
 def physical_to_png16(image: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -131,7 +160,8 @@ def _write_nifti(path: Path, image: np.ndarray, affine: np.ndarray) -> Path:
         volume_affine = np.eye(4)
         volume_affine[:2, :2], volume_affine[:2, 3] = affine[:2, :2], affine[:2, 2]
         image, affine = image[..., None], volume_affine
-    return write_nifti(path, image.astype(np.float32), affine, description=SYNTHETIC_DESCRIPTION)
+    dtype = image.dtype if np.issubdtype(image.dtype, np.integer) else np.float32
+    return write_nifti(path, image.astype(dtype), affine, description=SYNTHETIC_DESCRIPTION)
 
 
 def _json_default(value: object) -> object:
