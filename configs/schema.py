@@ -291,13 +291,44 @@ class ScoringConfig(Section):
         return value
 
 
+class GateConfig(Section):
+    """Dataset-level release gates, read from the scorecard. Privacy limits can be tightened, never loosened:
+    their maxima are the defaults, so no config can wave a leaking dataset through."""
+
+    feature_space: Literal["random_cnn", "radiomics", "self_supervised"] = Field(
+        "self_supervised", description="the space the DCR share and coverage gates read (the others stay in the "
+        "scorecard: random CNN is a sanity baseline, and z-scored radiomics distances of off-distribution samples "
+        "collapse onto one hub training image)")
+    dcr_share_max_sd: float = Field(
+        2.0, gt=0, le=2.0, description="privacy: DCR share at most 0.5 + this many bootstrap SD (one-sided: only "
+        "'closer to train than to holdout' leaks); 2 SD keeps false refusals of private generators near 2.5%")
+    copy_rate_margin: float = Field(
+        0.01, ge=0, le=0.01, description="privacy: copy rate at most the holdout's rate + this (+ 2 SE sampling allowance)")
+    exact_copy_fraction: float = Field(
+        0.01, ge=0.01, le=0.5, description="privacy: a sample closer to a training image than this fraction of the "
+        "holdout's closest distance is an exact copy (16-bit rounding keeps a saved copy just above 0)")
+    membership_tpr_max: float = Field(
+        0.02, ge=0, le=0.02, description="privacy: membership-inference TPR at 1% FPR at most this (chance is 0.01)")
+    coverage_margin: float | None = Field(
+        0.05, ge=0, description="quality: coverage at least the real floor minus this; null: not gated")
+    mask_dice_ratio_min: float | None = Field(
+        0.9, ge=0, description="quality: segmenter Dice on synthetic / on real test, per label; null: not gated")
+    intensity: bool = Field(True, description="quality: per-label intensity within the real data's range")
+
+
 class ReleaseConfig(Section):
     formats: list[Literal["nnunet", "msd", "monai", "imagefolder", "png16", "dicom"]] = Field(
         default_factory=lambda: ["nnunet", "monai"]
     )
     destination: str | None = Field(None, description="release folder; default <output_dir>/release")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="default: data.name")
     internal: bool = Field(False, description="allows samples derived from real images (mask bank, inpainting)")
     keep_versions: int = Field(5, ge=1)
+    nnunet_dataset_id: int = Field(900, ge=1, le=999, description="nnU-Net's Dataset<ID>_<name> folder number")
+    drop_intensity_outliers: bool = Field(True, description="drop samples whose intensities leave the real range")
+    drop_attribute_mismatches: bool = Field(
+        False, description="drop samples the real-trained classifier reads as another prompted attribute value")
+    gate: GateConfig = Field(default_factory=GateConfig)
 
 
 class RuntimeConfig(Section):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml, load_config
 
 USER_ERROR_EXIT = 2
+GATE_REFUSED_EXIT = 3  # the command ran correctly and its answer is "no" (a release the gate refused)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,9 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as error:
         print(f"radsynth: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
+    exit_code = result.pop("exit_code", 0)
     if args.json:
         print(json.dumps(result, default=str))
-    return 0
+    return exit_code
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
     evaluate.add_argument("--out", default=None, help="scorecard folder (default: <output_dir>/eval)")
     _score_command(commands)
+    release = _command(commands, "release", _release, "filter, gate and publish the scored samples as a versioned dataset")
+    release.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
+    release.add_argument("--eval", default=None, help="scorecard folder (default: <output_dir>/eval)")
     _command(commands, "build", _build, "run the end-to-end build flow (Prefect)")
     return parser
 
@@ -173,6 +178,25 @@ def _scored(command: str, result) -> dict:
           f"{sum(bool(r.get('flagged')) for r in card.per_sample)} of {len(card.per_sample)} samples flagged)")
     return {"command": command, **{k: str(v) for k, v in result.paths.items()}, "sizes": card.sizes,
             "verdicts": card.verdicts, "seconds": result.seconds}
+
+
+def _release(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.release import ReleaseRefused, release
+
+    try:
+        result = release(config, samples_dir=args.samples, eval_dir=args.eval)
+    except ReleaseRefused as refused:
+        print(f"radsynth: release refused: {len(refused.gate.failed)} gate checks failed; report {refused.report}",
+              file=sys.stderr)
+        for check in refused.gate.failed:
+            print(f"  {check.name} [{check.stratum}]: {check.reason}", file=sys.stderr)
+        return {"command": "release", "gate_passed": False, "report": str(refused.report),
+                "failed": [check.name for check in refused.gate.failed], "exit_code": GATE_REFUSED_EXIT}
+    summary = result.summary()
+    print(f"{'already released as' if summary['reused'] else 'released'} {summary['release']}: "
+          f"{summary['n_released']} of {summary['n_scored']} samples ({summary['dropped']} dropped), "
+          f"formats {', '.join(summary['formats'])}")
+    return {"command": "release", **summary}
 
 
 def _build(config: RadsynthConfig, args: argparse.Namespace) -> dict:

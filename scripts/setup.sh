@@ -18,4 +18,15 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip_install "${RADSYNTH_TORCH:-torch==2.13.0}"
 fi
 pip_install --editable ".${extras}"
+if [ -n "$extras" ]; then
+  # nnU-Net's own dataset integrity check, which the release tests run on our output. nnunetv2's declared
+  # dependencies pull torch 2.15 + CUDA + torchvision, so it comes without them, plus what the check imports.
+  pip_install --no-deps nnunetv2==2.8.1 batchgenerators==0.25.5 acvl-utils==0.2.6
+  pip_install pandas scikit-image SimpleITK blosc2
+  # Debian's chromium renders the release's HTML report in a test (which skips without it).
+  if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "chromium could not be installed: the report rendering test will skip" >&2
+  fi
+fi
 .venv/bin/python -c "import torch, radsynth.flows.cli; print(f'radsynth ready: torch {torch.__version__}, .venv/bin/radsynth')"

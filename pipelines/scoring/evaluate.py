@@ -20,6 +20,7 @@ from radsynth.configs.schema import ScoringConfig
 
 from .bootstrap import Estimate
 from .image_sets import ImageSet
+from .nearest_neighbours import chunked_nearest_neighbours
 from .scorecard import Scorecard
 
 CALIBRATION_SOURCES = 256
@@ -403,6 +404,10 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
              better="near reference")
 
     primary_dcr = dcr[table.name]
+    holdout_dcr, _ = chunked_nearest_neighbours(table.holdout, table.train, chunk=settings.nearest_neighbour_chunk)
+    card.add("privacy", "min_dcr", float(primary_dcr["min_dcr"]), feature_space=table.name, n=len(synthetic),
+             reference=float(holdout_dcr.min()), reference_name="holdout's closest distance to train",
+             better="above 0", note="0, or far below the closest unseen real image, means an exact copy")
     for i, record in enumerate(card.per_sample):
         record.update(pixel_nn_id=train.ids[pixel.train_index[i]], pixel_nn_correlation=float(pixel.correlation[i]),
                       pixel_nn_l2=float(pixel.normalised_l2[i]), pixel_copy=bool(pixel_copy[i]),

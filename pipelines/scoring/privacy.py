@@ -408,6 +408,17 @@ def authenticity_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.nd
 # ------------------------------------------------------------------------------------------ verdict
 
 
+def copy_rate_limit(copy_rate: float, holdout_copy_rate: float, copy_margin: float = 0.01, max_sd: float = 2.0,
+                    n_synthetic: int | None = None, n_holdout: int | None = None) -> float:
+    """The highest synthetic copy rate a private generator may show: the holdout's rate + ``copy_margin``, plus
+    ``max_sd`` standard errors of the difference of two binomial rates (pooled) when both sizes are known."""
+    limit = holdout_copy_rate + copy_margin
+    if n_synthetic and n_holdout:
+        pooled = (copy_rate * n_synthetic + holdout_copy_rate * n_holdout) / (n_synthetic + n_holdout)
+        limit += max_sd * float(np.sqrt(pooled * (1.0 - pooled) * (1.0 / n_synthetic + 1.0 / n_holdout)))
+    return float(limit)
+
+
 def privacy_verdict(dcr_share_estimate: Estimate | dict, copy_rate: float, holdout_copy_rate: float, max_sd: float = 2.0,
                     copy_margin: float = 0.01, *, min_dcr: float | None = None, n_synthetic: int | None = None,
                     n_holdout: int | None = None) -> dict:
@@ -434,10 +445,7 @@ def privacy_verdict(dcr_share_estimate: Estimate | dict, copy_rate: float, holdo
     elif share > share_limit:
         reasons.append(f"DCR share {share:.3f} > {share_limit:.3f} (0.5 + {max_sd:g} SD): samples sit closer to "
                        "the training set than to unseen real images")
-    copy_limit = holdout_copy_rate + copy_margin
-    if n_synthetic and n_holdout:
-        pooled = (copy_rate * n_synthetic + holdout_copy_rate * n_holdout) / (n_synthetic + n_holdout)
-        copy_limit += max_sd * float(np.sqrt(pooled * (1.0 - pooled) * (1.0 / n_synthetic + 1.0 / n_holdout)))
+    copy_limit = copy_rate_limit(copy_rate, holdout_copy_rate, copy_margin, max_sd, n_synthetic, n_holdout)
     if copy_rate > copy_limit:
         reasons.append(f"copy rate {copy_rate:.3f} > {copy_limit:.3f} (holdout rate {holdout_copy_rate:.3f} + "
                        f"{copy_margin:g}{' + sampling allowance' if n_synthetic and n_holdout else ''})")

@@ -1,0 +1,203 @@
+"""The release stage: filter the scored samples, gate the dataset, write the formats, card and report, publish.
+
+``release(config)`` reads a build's samples (``<output_dir>/samples``) and scorecard (``<output_dir>/eval``), drops
+every sample the per-sample checks flag, evaluates the dataset-level gates and then either publishes a new
+version under ``<destination>/<name>/vN`` (atomically; the same build twice is a no-op) or writes a refusal
+report to ``<destination>/<name>/refused/`` and raises ``ReleaseRefused``. Nothing that names a training case
+(the per-sample table holds nearest-neighbour ids) is ever copied into a release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from radsynth.configs import RadsynthConfig
+from radsynth.configs.errors import UserInputError
+from radsynth.pipelines.data.io import write_json, write_text
+from radsynth.pipelines.scoring.scorecard import software_versions
+
+from .card import write_dataset_card
+from .formats import FORMAT_WRITERS, check_format_supports
+from .gate import GateCheck, GateResult, evaluate_gates
+from .publish import Published, publish
+from .report import write_html_report
+from .samples import DatasetInfo, ReleaseSample, read_sample_folder
+from .selection import Selection, read_per_sample, select_samples
+
+REFUSED = "refused"
+LIMITATIONS = (
+    "Scores are computed in feature spaces built offline (random CNN, radiomics, a self-supervised encoder trained on "
+    "the same real data); they are comparable with their real-vs-real floors, not with published FID values.",
+    "Privacy checks bound what they test (pixel and embedding near copies, distance to closest record, a white-box "
+    "membership attack); they are not a formal guarantee such as differential privacy.",
+    "Synthetic images reflect the training data, its biases and its label quality; rare findings are as "
+    "reliable as the few real cases they were learned from.",
+    "Not validated for any clinical use.",
+)
+
+
+class ReleaseRefused(Exception):
+    """The gate failed: nothing was published; ``report`` is the refusal report's folder."""
+
+    def __init__(self, gate: GateResult, report: Path):
+        self.gate, self.report = gate, report
+        failed = "; ".join(f"{c.name} [{c.stratum}]: {c.reason}" for c in gate.failed)
+        super().__init__(f"release refused by the gate ({len(gate.failed)} failed: {failed}); report in {report}")
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    published: Published
+    selection: Selection
+    gate: GateResult
+    formats: list[str]
+
+    def summary(self) -> dict:
+        folder = self.published.folder
+        return {"release": str(folder), "version": self.published.version, "reused": self.published.reused,
+                "latest": str(folder.parent / "latest"), "formats": self.formats, "gate_passed": self.gate.passed,
+                **self.selection.summary(), "report": str(folder / "report.html"), "card": str(folder / "README.md")}
+
+
+def release_root(config: RadsynthConfig) -> Path:
+    destination = Path(config.release.destination) if config.release.destination else config.output_dir / "release"
+    return destination / (config.release.name or config.data.name)
+
+
+def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_dir: str | Path | None = None,
+            model_dir: str | Path | None = None) -> ReleaseResult:
+    samples_dir = Path(samples_dir or config.scoring.sample_dir or config.output_dir / "samples")
+    eval_dir = Path(eval_dir or config.output_dir / "eval")
+    scorecard = _read_scorecard(eval_dir / "scorecard.json")
+    samples = read_sample_folder(samples_dir)
+    training_data = _training_summary(config)
+    info = dataset_info(config, samples, training_data)
+    for name in config.release.formats:  # a config the samples cannot fill is refused before any work
+        check_format_supports(name, samples, info)
+
+    selection = select_samples(samples, read_per_sample(eval_dir / "per_sample.csv"), config.release)
+    gate = evaluate_gates(scorecard, config.release.gate)
+    gate.checks.append(GateCheck("released_samples", "all", float(len(selection.kept)), 1.0, ">=",
+                                 bool(selection.kept), False, f"{len(selection.kept)} samples left after the filter"))
+    root = release_root(config)
+    if not gate.passed:
+        raise ReleaseRefused(gate, _write_refusal(root, gate, selection))
+
+    fingerprint = _fingerprint(config, selection.kept, eval_dir / "scorecard.json", gate)
+    model_card = Path(model_dir or config.output_dir / "model") / "README.md"
+
+    def write(folder: Path, version: str) -> None:
+        provenance = build_provenance(config, info, selection, scorecard, gate, training_data)
+        provenance["dataset"]["version"] = version
+        provenance["generator"]["model_card"] = "model_card.md" if model_card.is_file() else None
+        for name in config.release.formats:
+            FORMAT_WRITERS[name](selection.kept, _format_folder(folder, name, config, info), info)
+        if model_card.is_file():
+            write_text(folder / "model_card.md", model_card.read_text(encoding="utf-8"))
+        write_json(folder / "scorecard.json", scorecard)
+        write_json(folder / "provenance.json", {**provenance, "fingerprint": fingerprint})
+        write_html_report(folder, selection.kept, provenance)
+        write_dataset_card(folder, provenance)  # last: its structure section lists what is in the folder
+
+    published = publish(root, fingerprint, write, keep=config.release.keep_versions)
+    return ReleaseResult(published, selection, gate, list(config.release.formats))
+
+
+def dataset_info(config: RadsynthConfig, samples: list[ReleaseSample], training_data: dict) -> DatasetInfo:
+    attributes = list(config.conditioning.attributes)
+    modality = config.data.modality or next(iter(training_data.get("modality", {})), None) \
+        or str(samples[0].sidecar.get("modality", ""))
+    label_names = {int(k): str(v) for k, v in (training_data.get("label_names") or {}).items()}
+    return DatasetInfo(
+        name=config.release.name or config.data.name, modality=modality,
+        spatial_dims=len(samples[0].sidecar.get("shape") or ()) or 2,
+        label_names=label_names if all(s.label_path is not None for s in samples) else {},
+        attributes=attributes, class_attribute=config.conditioning.class_attribute or next(iter(attributes), None),
+        description=f"Synthetic {modality} images generated by radsynth from '{config.data.name}'",
+    )
+
+
+def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selection, scorecard: dict,
+                     gate: GateResult, training_data: dict) -> dict:
+    first = selection.kept[0].sidecar
+    return {
+        "dataset": {"name": info.name, "version": None, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "modality": info.modality, "spatial_dims": info.spatial_dims, "n_samples": len(selection.kept),
+                    "label_names": {str(k): v for k, v in info.label_names.items()},
+                    "formats": list(config.release.formats), "internal": config.release.internal,
+                    "derived_from_real": sum(s.derived_from_real for s in selection.kept), "license": info.license},
+        "generator": {key: first.get(key) for key in ("model_hash", "scheduler", "num_inference_steps", "guidance_scale")}
+        | {"objective": config.diffusion.objective, "model_card": None},
+        "training_data": training_data,
+        "config": config.model_dump(mode="json", by_alias=True),
+        "seeds": {"runtime_seed": config.runtime.seed,
+                  "sample_seeds": "derived from (model hash, sampling config, sample index); listed in each sidecar"},
+        "software": software_versions(),
+        "scorecard": {"sizes": scorecard.get("sizes", {}), "verdicts": scorecard.get("verdicts", {}),
+                      "rows": headline_rows(scorecard)},
+        "filter": selection.summary(),
+        "gate": gate.to_dict(),
+        "limitations": list(LIMITATIONS),
+    }
+
+
+def headline_rows(scorecard: dict) -> list[dict]:
+    """The rows a reader needs first: overall realism in every space, adherence, privacy and utility."""
+    headline = {"frechet_distance", "kid", "precision", "recall", "coverage", "ms_ssim_between_samples",
+                "mask_dice_ratio", "attribute_balanced_accuracy_ratio", "copy_rate", "dcr_share",
+                "membership_inference_auc", "membership_inference_tpr_at_1pct_fpr", "auc synthetic minus real",
+                "dice synthetic minus real"}
+    return [row for row in scorecard.get("rows", [])
+            if row["metric"] in headline and (row["stratum"] == "all" or row["metric"] == "mask_dice_ratio"
+                                              or row["section"] in ("adherence", "utility"))]
+
+
+def _format_folder(folder: Path, name: str, config: RadsynthConfig, info: DatasetInfo) -> Path:
+    if name == "nnunet":  # nnU-Net finds datasets by this folder name inside nnUNet_raw
+        return folder / "nnunet" / f"Dataset{config.release.nnunet_dataset_id:03d}_{info.name.replace('-', '_')}"
+    return folder / name
+
+
+def _read_scorecard(path: Path) -> dict:
+    if not path.is_file():
+        raise UserInputError(path, "no scorecard: the samples are not scored", "run `radsynth evaluate CONFIG` first")
+    try:
+        scorecard = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(path, f"scorecard is not valid JSON ({error})") from None
+    if not isinstance(scorecard, dict) or "rows" not in scorecard:
+        raise UserInputError(path, "has no 'rows'", "a scorecard.json written by `radsynth evaluate`")
+    return scorecard
+
+
+def _training_summary(config: RadsynthConfig) -> dict:
+    """The ingest summary minus local paths: counts, licenses, label names, attribute distributions."""
+    path = config.output_dir / "data" / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    return {key: value for key, value in summary.items() if key not in ("manifest", "cache")}
+
+
+def _fingerprint(config: RadsynthConfig, samples: list[ReleaseSample], scorecard: Path, gate: GateResult) -> str:
+    """Equal for equal builds: the released files' bytes, the scorecard, the release settings and the gate."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        for path in (sample.image_path, sample.label_path, sample.sidecar_path):
+            if path is not None:
+                digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    digest.update(hashlib.sha256(scorecard.read_bytes()).digest())
+    digest.update(json.dumps(config.release.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(json.dumps(gate.to_dict(), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _write_refusal(root: Path, gate: GateResult, selection: Selection) -> Path:
+    folder = root / REFUSED
+    report = {**gate.to_dict(), "filter": selection.summary(),
+              "refused_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    write_json(folder / "gate_report.json", report)
+    write_text(folder / "gate_report.md", gate.to_markdown())
+    return folder
