@@ -10,7 +10,7 @@ import pytest
 
 from radsynth.configs import UserInputError, load_config
 from radsynth.configs.schema import GateConfig, ReleaseConfig
-from radsynth.pipelines.release.gate import evaluate_gates, membership_tpr_limit
+from radsynth.pipelines.release.gate import evaluate_gates
 from radsynth.pipelines.release.publish import (
     ManifestError,
     latest,
@@ -20,6 +20,7 @@ from radsynth.pipelines.release.publish import (
 )
 from radsynth.pipelines.release.samples import ReleaseSample
 from radsynth.pipelines.release.selection import select_samples
+from radsynth.pipelines.scoring.privacy import membership_tpr_limit
 from radsynth.pipelines.scoring.roc import tpr_at_fpr
 
 
@@ -124,13 +125,13 @@ def test_membership_limit_keeps_signal_free_attacks_passing_and_catches_leaking_
     higher: AUC 0.92, like the demo model's 0.93) fails in at least 90%."""
     rng = np.random.default_rng(0)
     n, draws = 37, 400
-    limit = membership_tpr_limit(0.02, {"n": n})
+    limit = membership_tpr_limit(0.02, n)
     null = [tpr_at_fpr(rng.normal(size=n), rng.normal(size=n)) for _ in range(draws)]
     leaking = [tpr_at_fpr(rng.normal(2.0, size=n), rng.normal(size=n)) for _ in range(draws)]
     assert np.mean(np.array(null) > 0.02) > 0.4  # why a fixed 2% cannot be the limit at this size
     assert np.mean(np.array(null) > limit) <= 0.05
     assert np.mean(np.array(leaking) > limit) >= 0.9
-    assert membership_tpr_limit(0.02, {"n": 5000}) == 0.02  # at full resolution the limit is the configured one
+    assert membership_tpr_limit(0.02, 5000) == 0.02  # at full resolution the limit is the configured one
 
 
 # ------------------------------------------------------------------------------------------- selection

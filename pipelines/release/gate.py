@@ -30,11 +30,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
-from scipy.stats import hypergeom
-
 from radsynth.configs.schema import GateConfig
-from radsynth.pipelines.scoring.privacy import copy_rate_limit
+from radsynth.pipelines.scoring.privacy import copy_rate_limit, membership_tpr_limit
 
 
 @dataclass(frozen=True)
@@ -171,27 +168,8 @@ def _min_dcr(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
 
 def _membership(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
     row = next(_rows(rows, "privacy", "membership_inference_tpr_at_1pct_fpr"), None)
-    return [_check("membership_inference_tpr_at_1pct_fpr", row, membership_tpr_limit(gate.membership_tpr_max, row),
-                   "<=", True, "membership-inference TPR at 1% FPR")]
-
-
-def membership_tpr_limit(tpr_max: float, row: dict | None, false_positive_rate: float = 0.01,
-                         significance: float = 0.05) -> float | None:
-    """``tpr_max``, or what an attack without any signal exceeds by chance with probability ``significance``.
-
-    Members and non-members are equally many (n). The threshold lets ``j - 1 = floor(0.01 n)`` non-members through,
-    so a signal-free attack finds at least k members above it exactly when at least k of the top ``k + j - 1``
-    scores are members: a hypergeometric tail. With the 37 holdout images of the demo that tail puts up to 4
-    members (TPR 0.11) above every non-member by chance: a fixed 2% would refuse a private generator about half
-    the time. At large n the chance quantile falls below ``tpr_max`` and the limit is ``tpr_max``.
-    """
-    n = row.get("n") if row else None
-    if not n:
-        return None
-    allowed = int(np.floor(false_positive_rate * n))
-    chance_members = next(k for k in range(n + 1)
-                          if hypergeom.sf(k, 2 * n, n, k + 1 + allowed) <= significance)  # P(K > k) under no signal
-    return max(tpr_max, chance_members / n)
+    limit = membership_tpr_limit(gate.membership_tpr_max, row["n"]) if row and row.get("n") else None
+    return [_check("membership_inference_tpr_at_1pct_fpr", row, limit, "<=", True, "membership-inference TPR at 1% FPR")]
 
 
 def _coverage(rows: list[dict], gate: GateConfig) -> list[GateCheck]:

@@ -420,10 +420,11 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
 
     verdict = privacy.privacy_verdict(primary_dcr, copy_rate, holdout_copy_rate, n_synthetic=len(synthetic),
                                       n_holdout=len(holdout))
-    if membership is not None and membership["tpr_at_1pct_fpr"] > 0.02 + 0.01:
+    tpr_limit = privacy.membership_tpr_limit(0.02, membership["n_members"]) if membership is not None else None
+    if membership is not None and membership["tpr_at_1pct_fpr"] > tpr_limit:
         verdict["passed"] = False
         verdict.setdefault("reasons", []).append(
-            f"membership inference TPR at 1% FPR {membership['tpr_at_1pct_fpr']:.3f} above 0.03")
+            f"membership inference TPR at 1% FPR {membership['tpr_at_1pct_fpr']:.3f} above {tpr_limit:.3f}")
     card.verdicts["privacy"] = verdict
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.stats import hypergeom
 
 from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap
 from radsynth.pipelines.scoring.nearest_neighbours import chunked_nearest_neighbours
@@ -417,6 +418,21 @@ def copy_rate_limit(copy_rate: float, holdout_copy_rate: float, copy_margin: flo
         pooled = (copy_rate * n_synthetic + holdout_copy_rate * n_holdout) / (n_synthetic + n_holdout)
         limit += max_sd * float(np.sqrt(pooled * (1.0 - pooled) * (1.0 / n_synthetic + 1.0 / n_holdout)))
     return float(limit)
+
+
+def membership_tpr_limit(tpr_max: float, n: int, false_positive_rate: float = 0.01, significance: float = 0.05) -> float:
+    """``tpr_max``, or what an attack without any signal exceeds by chance with probability ``significance``.
+
+    Members and non-members are equally many (``n`` each). The threshold lets ``j - 1 = floor(0.01 n)`` non-members through,
+    so a signal-free attack finds at least k members above it exactly when at least k of the top ``k + j - 1``
+    scores are members: a hypergeometric tail. With the 37 holdout images of the demo that tail puts up to 4
+    members (TPR 0.11) above every non-member by chance: a fixed 2% would refuse a private generator about half
+    the time. At large n the chance quantile falls below ``tpr_max`` and the limit is ``tpr_max``.
+    """
+    allowed = int(np.floor(false_positive_rate * n))
+    chance_members = next(k for k in range(n + 1)
+                          if hypergeom.sf(k, 2 * n, n, k + 1 + allowed) <= significance)  # P(K > k) under no signal
+    return max(tpr_max, chance_members / n)
 
 
 def privacy_verdict(dcr_share_estimate: Estimate | dict, copy_rate: float, holdout_copy_rate: float, max_sd: float = 2.0,
