@@ -100,6 +100,8 @@ def test_unmeasured_privacy_fails_and_absent_masks_are_noted_not_gated():
     assert [c.name for c in result.failed] == ["membership_inference_tpr_at_1pct_fpr"]
     assert "not measured" in result.failed[0].reason
     assert any("mask-Dice" in note for note in result.notes)
+    no_ceiling = with_value(clean_scorecard(), "mask_dice_ratio", float("nan"))  # real Dice 0: a label never found
+    assert evaluate_gates(no_ceiling, GateConfig()).passed
     failed_intensity = clean_scorecard()
     failed_intensity["verdicts"]["intensity"] = {"passed": False, "reasons": ["label liver median 250 HU above range"]}
     failed = evaluate_gates(failed_intensity, GateConfig()).failed

@@ -98,7 +98,7 @@ def evaluate_gates(scorecard: dict, gate: GateConfig) -> GateResult:
         dice = list(_mask_dice(rows, gate))
         result.checks += dice
         if not dice:
-            result.notes.append("mask-Dice ratio: not gated (the samples or the real data have no masks)")
+            result.notes.append("mask-Dice ratio: not gated (no masks, or no label the segmenter finds on real data)")
     if gate.intensity:
         result.checks += _intensity(scorecard.get("verdicts", {}).get("intensity"))
     return result
@@ -183,7 +183,10 @@ def _coverage(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
 
 
 def _mask_dice(rows: list[dict], gate: GateConfig) -> Iterator[GateCheck]:
+    # A label the segmenter never finds on real test images has no ceiling (ratio NaN): it is not gated.
     for row in _rows(rows, "adherence", "mask_dice_ratio"):
+        if _value(row) is None:
+            continue
         yield _check("mask_dice_ratio", row, gate.mask_dice_ratio_min, ">=", False,
                      "segmenter Dice on synthetic over Dice on real test")
 
