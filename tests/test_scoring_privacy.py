@@ -367,6 +367,8 @@ def test_authenticity_without_copies_matches_the_holdout_baseline_and_copies_are
     assert report["difference"] == report["synthetic"] - report["holdout_baseline"]
     assert report["synthetic"] == report["per_sample"].mean()
     assert 0.2 < report["holdout_baseline"] < 0.95  # the baseline is informative, not all or nothing
+    closest = np.sqrt(((holdout[:, None, :] - train[None, :, :]) ** 2).sum(-1)).min()
+    assert report["holdout_min_distance"] == pytest.approx(closest, rel=1e-6)
     planted = synthetic.copy()
     planted[:400] = train[rng.permutation(2000)[:400]]
     with_copies = authenticity_report(planted, train, holdout)

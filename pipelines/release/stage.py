@@ -17,7 +17,9 @@ from pathlib import Path
 
 from radsynth.configs import RadsynthConfig
 from radsynth.configs.errors import UserInputError
+from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
+from radsynth.pipelines.scoring.evaluate import build_eval_dir, build_sample_dir
 from radsynth.pipelines.scoring.scorecard import software_versions
 
 from .card import write_dataset_card
@@ -70,8 +72,8 @@ def release_root(config: RadsynthConfig) -> Path:
 
 def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_dir: str | Path | None = None,
             model_dir: str | Path | None = None) -> ReleaseResult:
-    samples_dir = Path(samples_dir or config.scoring.sample_dir or config.output_dir / "samples")
-    eval_dir = Path(eval_dir or config.output_dir / "eval")
+    samples_dir = Path(samples_dir or build_sample_dir(config))
+    eval_dir = Path(eval_dir or build_eval_dir(config))
     scorecard = _read_scorecard(eval_dir / "scorecard.json")
     samples = read_sample_folder(samples_dir)
     training_data = _training_summary(config)
@@ -176,7 +178,7 @@ def _read_scorecard(path: Path) -> dict:
 
 def _training_summary(config: RadsynthConfig) -> dict:
     """The ingest summary minus local paths: counts, licenses, label names, attribute distributions."""
-    path = config.output_dir / "data" / "summary.json"
+    path = data_dir(config) / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     return {key: value for key, value in summary.items() if key not in ("manifest", "cache")}
 

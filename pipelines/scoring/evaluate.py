@@ -20,7 +20,6 @@ from radsynth.configs.schema import ScoringConfig
 
 from .bootstrap import Estimate
 from .image_sets import ImageSet
-from .nearest_neighbours import chunked_nearest_neighbours
 from .scorecard import Scorecard
 
 CALIBRATION_SOURCES = 256
@@ -404,9 +403,8 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
              better="near reference")
 
     primary_dcr = dcr[table.name]
-    holdout_dcr, _ = chunked_nearest_neighbours(table.holdout, table.train, chunk=settings.nearest_neighbour_chunk)
     card.add("privacy", "min_dcr", float(primary_dcr["min_dcr"]), feature_space=table.name, n=len(synthetic),
-             reference=float(holdout_dcr.min()), reference_name="holdout's closest distance to train",
+             reference=authenticity["holdout_min_distance"], reference_name="holdout's closest distance to train",
              better="above 0", note="0, or far below the closest unseen real image, means an exact copy")
     for i, record in enumerate(card.per_sample):
         record.update(pixel_nn_id=train.ids[pixel.train_index[i]], pixel_nn_correlation=float(pixel.correlation[i]),
@@ -540,6 +538,16 @@ def _plan(settings: ScoringConfig, batch_size: int = 16):
 # ----------------------------------------------------------------------------------------- a build
 
 
+def build_sample_dir(config: RadsynthConfig) -> Path:
+    """Where a build's samples are read from: ``scoring.sample_dir``, else <output_dir>/samples."""
+    return Path(config.scoring.sample_dir or config.output_dir / "samples")
+
+
+def build_eval_dir(config: RadsynthConfig) -> Path:
+    """Where ``evaluate`` writes a build's scorecard."""
+    return config.output_dir / "eval"
+
+
 def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample_dir: str | Path | None = None,
              out_dir: str | Path | None = None, log=print) -> ScoreResult:
     """Score a build's samples (``scoring.sample_dir`` or <output_dir>/samples) against its real splits."""
@@ -550,7 +558,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     train = cached_split(config, "train")
     holdout = cached_split(config, "holdout")
     test = cached_split(config, "test")
-    samples = Path(sample_dir or config.scoring.sample_dir or config.output_dir / "samples")
+    samples = Path(sample_dir or build_sample_dir(config))
     synthetic = sample_set(samples, train)
     if config.scoring.max_samples:
         synthetic = synthetic.subset(range(min(len(synthetic), config.scoring.max_samples)))
@@ -559,7 +567,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
         config.conditioning.attributes)
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes)
-    return score(inputs, config.scoring, out_dir or config.output_dir / "eval", seed=config.runtime.seed, log=log)
+    return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log)
 
 
 def _check_compatible(inputs: ScoringInputs) -> None:

@@ -368,10 +368,12 @@ def dcr_share(
 # ------------------------------------------------------------------------------------------ authenticity
 
 
-def _authentic(queries: np.ndarray, train: np.ndarray, train_self_distance: np.ndarray, chunk: int) -> np.ndarray:
+def _authentic(queries: np.ndarray, train: np.ndarray, train_self_distance: np.ndarray,
+               chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """(authentic or not, distance to the nearest training row) per query."""
     distance, index = chunked_nearest_neighbours(np.asarray(queries).reshape(len(queries), -1), train, k=1, chunk=chunk)
     distance, index = distance[:, 0], index[:, 0]
-    return (distance >= train_self_distance[index]) & (distance > 0)
+    return (distance >= train_self_distance[index]) & (distance > 0), distance
 
 
 def _train_self_distance(train: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,7 +390,7 @@ def authenticity(synthetic: np.ndarray, train: np.ndarray, chunk: int = 1024) ->
     0) is unauthentic even where the training set holds duplicates. Euclidean distance on flattened rows.
     """
     rows, self_distance = _train_self_distance(train, chunk)
-    return _authentic(synthetic, rows, self_distance, chunk)
+    return _authentic(synthetic, rows, self_distance, chunk)[0]
 
 
 def authenticity_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.ndarray, chunk: int = 1024) -> dict:
@@ -397,13 +399,15 @@ def authenticity_report(synthetic: np.ndarray, train: np.ndarray, holdout: np.nd
     Real holdout images are not copies, yet some fall closer to a training point than its neighbours by chance;
     a private generator matches that baseline. Returns {"per_sample": authentic or not per synthetic sample,
     "synthetic": authentic share of the synthetic set, "holdout_baseline": authentic share of the holdout images
-    scored as if synthetic, "difference": synthetic minus baseline}.
+    scored as if synthetic, "difference": synthetic minus baseline, "holdout_min_distance": the closest any
+    holdout image comes to a training point (how near unseen real data gets; an exact copy is far nearer)}.
     """
     rows, self_distance = _train_self_distance(train, chunk)
-    authentic = _authentic(synthetic, rows, self_distance, chunk)
-    baseline = float(_authentic(holdout, rows, self_distance, chunk).mean())
-    share = float(authentic.mean())
-    return {"per_sample": authentic, "synthetic": share, "holdout_baseline": baseline, "difference": share - baseline}
+    authentic, _ = _authentic(synthetic, rows, self_distance, chunk)
+    holdout_authentic, holdout_distance = _authentic(holdout, rows, self_distance, chunk)
+    baseline, share = float(holdout_authentic.mean()), float(authentic.mean())
+    return {"per_sample": authentic, "synthetic": share, "holdout_baseline": baseline, "difference": share - baseline,
+            "holdout_min_distance": float(holdout_distance.min())}
 
 
 # ------------------------------------------------------------------------------------------ verdict
