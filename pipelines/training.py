@@ -2,12 +2,16 @@
 
 Plain Python over the data stage's manifest and cache. Each part resumes from its own checkpoints, and a
 part whose final weights exist is loaded instead of retrained, so ``radsynth train`` can be killed and rerun.
+Each part's folder is stamped with a fingerprint of what it was trained from (its config section, the data
+manifest, seed, precision, and the parts upstream of it): a part whose fingerprint changed starts over, so
+a rerun after a config change redoes what changed and nothing else.
 The result is a diffusers-style folder (``model_index.json``, one folder per component with ``config.json``
 and safetensors) with a model card, that ``RadsynthTextToImagePipeline.from_pretrained`` rebuilds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import PartialState
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.autoencoder import RadsynthAutoencoder
@@ -40,6 +45,9 @@ from .sampling.grids import save_grid
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
+# Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
+# part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
+BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"}
 
 
 @dataclass
@@ -66,6 +74,11 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     train_images = CachedImages(_split(records, "train"), cache_dir, conditioning)
     intensity = summary["intensity_train"]
+    data_stamp = _file_sha256(Path(summary["manifest"])) + json.dumps(config.data.preprocess.model_dump(mode="json"))
+    autoencoder_stamp = part_fingerprint(config, "autoencoder", upstream=data_stamp)
+    start_over_if_changed(train_dir(config), autoencoder_stamp)  # the latents and the diffusion part go with it
+    start_over_if_changed(train_dir(config) / DIFFUSION_DIR,
+                          part_fingerprint(config, "diffusion", upstream=autoencoder_stamp, also=("conditioning",)))
 
     autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
     latents = cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
@@ -121,6 +134,31 @@ def ingested_dataset(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
     if not summary.is_file():
         raise UserInputError(manifest, "no ingested dataset", "run `radsynth ingest CONFIG` first")
     return read_manifest(manifest), json.loads(summary.read_text())
+
+
+def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: tuple[str, ...] = ()) -> str:
+    settings = {name: getattr(config, name).model_dump(mode="json") for name in (section, *also)}
+    settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
+    key = {"upstream": upstream, "seed": config.runtime.seed, "precision": config.runtime.precision, **settings}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def start_over_if_changed(folder: Path, fingerprint: str) -> None:
+    """Empty ``folder`` when it was trained from something else; then stamp it with ``fingerprint``.
+
+    A folder from before stamps existed is adopted as it is rather than deleted.
+    """
+    stamp = folder / "fingerprint.json"
+    state = PartialState()
+    if state.is_main_process:
+        if stamp.is_file() and json.loads(stamp.read_text())["fingerprint"] != fingerprint:
+            shutil.rmtree(folder)
+        write_json(stamp, {"fingerprint": fingerprint})
+    state.wait_for_everyone()
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _split(records: list[CaseRecord], split: str) -> list[CaseRecord]:

@@ -152,3 +152,33 @@ def test_bf16_mixed_precision_with_gradient_accumulation_trains_and_resumes(tmp_
                                "diffusion.max_steps=6", "diffusion.checkpoint_every=2", "diffusion.validate_every=100"),
                    progress=False)
     assert first.diffusion_steps == 4 and longer.resumed_from == 4 and longer.diffusion_steps == 6
+
+
+def test_a_training_part_starts_over_when_what_it_was_trained_from_changes(tmp_path):
+    from radsynth.pipelines.training import part_fingerprint, start_over_if_changed
+
+    base = tiny_config(tmp_path)
+    stamp = part_fingerprint(base, "diffusion", upstream="autoencoder-a", also=("conditioning",))
+    # How long a run goes and how often it logs, checkpoints or validates does not change what it learns so far:
+    # it keeps resuming.
+    bookkeeping = tiny_config(tmp_path, "diffusion.checkpoint_every=7", "diffusion.log_every=3",
+                              "diffusion.max_steps=9")
+    assert part_fingerprint(bookkeeping, "diffusion", upstream="autoencoder-a", also=("conditioning",)) == stamp
+    changed = [part_fingerprint(tiny_config(tmp_path, "diffusion.learning_rate=1e-3"), "diffusion", "autoencoder-a",
+                                also=("conditioning",)),
+               part_fingerprint(base, "diffusion", upstream="autoencoder-b", also=("conditioning",)),
+               part_fingerprint(tiny_config(tmp_path, "conditioning.attributes=[finding]"), "diffusion",
+                                "autoencoder-a", also=("conditioning",)),
+               part_fingerprint(tiny_config(tmp_path, "runtime.seed=1"), "diffusion", "autoencoder-a",
+                                also=("conditioning",))]
+    assert stamp not in changed and len(set(changed)) == len(changed)
+
+    folder = tmp_path / "diffusion"
+    (folder / "checkpoints").mkdir(parents=True)
+    start_over_if_changed(folder, stamp)  # a folder from before stamps is adopted, not deleted
+    assert (folder / "checkpoints").is_dir()
+    start_over_if_changed(folder, stamp)
+    assert (folder / "checkpoints").is_dir()
+    start_over_if_changed(folder, changed[0])
+    assert not (folder / "checkpoints").exists()
+    assert json.loads((folder / "fingerprint.json").read_text())["fingerprint"] == changed[0]

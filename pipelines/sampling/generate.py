@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def sampling_prompts(config: RadsynthConfig) -> list[str]:
 
 
 def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, sample_dir: str | Path,
-             prompts: list[str] | None = None, progress: bool = True) -> GenerateResult:
+             prompts: list[str] | None = None, progress: bool = True,
+             indices: Sequence[int] | None = None) -> GenerateResult:
+    """Samples 0..n_samples-1, or only ``indices`` of them (one shard of a fanned-out run)."""
     pipeline = load_pipeline(model_dir, config, progress)
     pipeline.set_progress_bar_config(disable=True)
     digest = model_hash(pipeline)
@@ -81,7 +84,8 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
     if fmt == "auto":
         fmt = "png16" if pipeline.config.spatial_dims == 2 else "nifti"
 
-    todo = [i for i in range(n_samples) if not _done(sample_dir, i, sample_seed(digest, config, i), digest)]
+    wanted = range(n_samples) if indices is None else indices
+    todo = [i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i), digest)]
     written, latent_stds = [], []
     batch = config.sampling.batch_size
     for start in tqdm(range(0, len(todo), batch), desc="generate", unit="batch", disable=None if progress else True):
@@ -97,19 +101,19 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
                        "num_inference_steps": config.sampling.num_inference_steps,
                        "guidance_scale": config.sampling.guidance_scale, "model_hash": digest, "sample_index": index,
                        "modality": pipeline.config.modality, "derived_from_real": False}
-            write_sample(sample_dir, _sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
+            write_sample(sample_dir, sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high))
-            written.append(_sample_id(index))
-    return GenerateResult(sample_dir, written, n_samples - len(todo), digest,
+            written.append(sample_id(index))
+    return GenerateResult(sample_dir, written, len(wanted) - len(todo), digest,
                           float(np.mean(latent_stds)) if latent_stds else None)
 
 
-def _sample_id(index: int) -> str:
+def sample_id(index: int) -> str:
     return f"syn_{index:06d}"
 
 
 def _done(sample_dir: Path, index: int, seed: int, digest: str) -> bool:
-    sidecar = sample_dir / f"{_sample_id(index)}.json"
+    sidecar = sample_dir / f"{sample_id(index)}.json"
     if not sidecar.is_file():
         return False
     recorded = json.loads(sidecar.read_text())
