@@ -1,8 +1,8 @@
 """Config schema, presets and loading, shared by every stage."""
 
 from .errors import UserInputError
-from .loading import config_to_yaml, load_config, load_scoring_config, preset_path, validate_config
+from .loading import apply_overrides, config_to_yaml, load_config, load_scoring_config, preset_path, validate_config
 from .schema import RadsynthConfig
 
-__all__ = ["RadsynthConfig", "UserInputError", "config_to_yaml", "load_config", "load_scoring_config", "preset_path",
-           "validate_config"]
+__all__ = ["RadsynthConfig", "UserInputError", "apply_overrides", "config_to_yaml", "load_config", "load_scoring_config",
+           "preset_path", "validate_config"]

@@ -30,6 +30,15 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_config(raw, path)
 
 
+def apply_overrides(config: RadsynthConfig, overrides: list[str] | tuple[str, ...],
+                    where: str = "<overrides>") -> RadsynthConfig:
+    """A loaded config with ``key=value`` overrides applied, validated again."""
+    raw = config.model_dump(mode="json", by_alias=True)
+    for override in overrides:
+        _apply_override(raw, override, Path(where))
+    return validate_config(raw, where)
+
+
 def validate_config(raw: dict[str, Any], where: str | Path = "<config>") -> RadsynthConfig:
     try:
         return RadsynthConfig.model_validate(raw)

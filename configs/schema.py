@@ -253,6 +253,7 @@ class SamplingConfig(Section):
     guidance_scale: float = Field(3.0, ge=0)
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
+    shard_size: int = Field(32, ge=1, description="samples per shard; shards are the unit of fan-out and of resume")
     prompts: list[str] = Field(default_factory=list, description="empty: use prompts of the test split")
     output_format: Literal["auto", "nifti", "png16"] = "auto"
 
@@ -331,6 +332,21 @@ class ReleaseConfig(Section):
     gate: GateConfig = Field(default_factory=GateConfig)
 
 
+class LaunchConfig(Section):
+    """``accelerate launch`` settings for multi-GPU / multi-node training; one process trains in the flow's own."""
+
+    num_processes: int = Field(1, ge=1, description="processes in all (GPUs over all machines)")
+    num_machines: int = Field(1, ge=1)
+    machine_rank: int = Field(0, ge=0)
+    main_process_ip: str | None = None
+    main_process_port: int | None = Field(None, ge=1, le=65535)
+    config_file: str | None = Field(None, description="an accelerate config YAML (`accelerate config`); flags above win")
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
+
+
 class RuntimeConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["no", "bf16", "fp16"] = "no"
@@ -338,6 +354,12 @@ class RuntimeConfig(Section):
     output_dir: str = "runs/default"
     num_workers: int = Field(0, ge=0)
     tensorboard: bool = Field(False, description="also log training metrics for TensorBoard (extra: tensorboard)")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="where sampling shards run: threads here, a Dask cluster (extra: dask) or Ray (extra: ray)")
+    cluster_address: str | None = Field(
+        None, description="an existing Dask scheduler or Ray cluster; default: start a local one")
+    workers: int | None = Field(None, ge=1, description="shards at a time; default one per GPU, else 1")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 class RadsynthConfig(Section):

@@ -1,28 +1,37 @@
-"""The ``build`` flow: from a config to a dataset. Today it ingests; later stages join it as tasks.
+"""The ``build`` flow: one config, from the raw data to a released dataset (or a refusal with reasons).
 
-Import this module only after ``radsynth.flows.settings.configure_prefect`` (the CLI does), so Prefect
-starts with the run folder's settings.
+train -> generate -> evaluate -> release, each a subflow. Every cached task is keyed on its config section
+and input hashes, so a rerun after a crash or a config change redoes only what changed; the result lists
+each task as "Completed" (ran now) or "Cached".
+
+Import this module only after ``radsynth.flows.settings.configure_prefect`` (the CLI and ``serve`` do), so
+Prefect starts with the run folder's settings.
 """
 
 from __future__ import annotations
 
-from prefect import flow, task
-from prefect.logging import get_run_logger
+from prefect import flow
 
-from radsynth.configs import RadsynthConfig
-from radsynth.pipelines.data.ingest import ingest
-from radsynth.pipelines.data.summary import format_summary
-
-
-@task(name="ingest")
-def ingest_task(config: RadsynthConfig) -> dict:
-    result = ingest(config, progress=False)
-    get_run_logger().info("ingested %d cases (%d preprocessed in this run)", len(result.records), result.preprocessed)
-    return {"preprocessed_now": result.preprocessed, **result.summary}
+from .stages import ConfigInput, evaluate_flow, generate_flow, release_flow, resolve_config, train_flow
 
 
 @flow(name="build", log_prints=True)
-def build_flow(config: RadsynthConfig) -> dict:
-    summary = ingest_task(config)
-    print(format_summary(summary))
-    return {"command": "build", "stages": ["ingest"], **summary}
+def build_flow(config: ConfigInput, overrides: list[str] | None = None) -> dict:
+    config = resolve_config(config, overrides)
+    trained = train_flow(config)
+    model = {"model_dir": trained["model_dir"], "model_hash": trained["model_hash"]}
+    generated = generate_flow(config, **model)
+    scored = evaluate_flow(config, **model)
+    released = release_flow(config, model_dir=trained["model_dir"])
+    stages = {"train": trained, "generate": generated, "evaluate": scored, "release": released}
+    return {
+        "command": "build",
+        "stages": list(stages),
+        "tasks": {name: state for stage in stages.values() for name, state in stage["tasks"].items()},
+        "dataset_cases": trained["dataset_cases"],
+        "model_dir": trained["model_dir"], "model_hash": trained["model_hash"],
+        "sample_dir": generated["sample_dir"],
+        "scorecard": scored["json"], "verdicts": scored["verdicts"], "headline": scored["headline"],
+        "release": {key: value for key, value in released.items() if key != "tasks"},
+        "gate_passed": released["gate_passed"],
+    }

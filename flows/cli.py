@@ -57,7 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     release = _command(commands, "release", _release, "filter, gate and publish the scored samples as a versioned dataset")
     release.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
     release.add_argument("--eval", default=None, help="scorecard folder (default: <output_dir>/eval)")
-    _command(commands, "build", _build, "run the end-to-end build flow (Prefect)")
+    _command(commands, "build", _build, "train, generate, evaluate and release in one Prefect flow (cached, resumable)")
+    serve = _command(commands, "serve", _serve, "register a scheduled build on a Prefect server and run its runs")
+    serve.add_argument("--cron", required=True, help='a cron schedule, e.g. "0 2 * * 0" (Sundays 02:00)')
+    serve.add_argument("--name", default=None, help="deployment name (default: the config file's name)")
     return parser
 
 
@@ -204,8 +207,34 @@ def _build(config: RadsynthConfig, args: argparse.Namespace) -> dict:
 
     configure_prefect(config.output_dir)
     from radsynth.flows.build import build_flow
+    from radsynth.flows.settings import quiet_user_errors
 
-    return build_flow(config)
+    quiet_user_errors()
+    result = build_flow(config)
+    ran = [name for name, state in result["tasks"].items() if state != "Cached"]
+    print(f"tasks run: {', '.join(ran) or 'none'}; from cache: {len(result['tasks']) - len(ran)}")
+    for name, verdict in result["verdicts"].items():
+        print(f"{name}: {'PASS' if verdict['passed'] else 'FAIL'}" + "".join(f"; {r}" for r in verdict.get("reasons", [])))
+    released = result["release"]
+    if not result["gate_passed"]:
+        print(f"radsynth: release refused: {len(released['failed'])} gate checks failed; report {released['report']}",
+              file=sys.stderr)
+        for reason in released["failed"]:
+            print(f"  {reason}", file=sys.stderr)
+        return {**result, "exit_code": GATE_REFUSED_EXIT}
+    print(f"{'already released as' if released['reused'] else 'released'} {released['release']}: "
+          f"{released['n_released']} of {released['n_scored']} samples; report {released['report']}")
+    return result
+
+
+def _serve(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.flows.settings import configure_prefect
+
+    configure_prefect(config.output_dir)
+    from radsynth.flows.serve import serve_build
+
+    serve_build(args.config, args.overrides, args.cron, args.name)  # returns when interrupted
+    return {"command": "serve"}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Without it Prefect starts its embedded ephemeral API with SQLite under the run f
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -18,3 +19,22 @@ def configure_prefect(output_dir: str | Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub look-ups at run time, ever
+
+
+class UserErrorsInOneLine(logging.Filter):
+    """Prefect logs a failed run's exception with its traceback; a user error (bad config, bad input file)
+    is one line that names the file or key, and a traceback would bury it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from radsynth.configs import UserInputError
+
+        if record.exc_info and isinstance(record.exc_info[1], UserInputError):
+            record.msg, record.args = record.getMessage().splitlines()[0], None
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Call after ``import prefect``: run loggers then exist with Prefect's handlers."""
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(UserErrorsInOneLine())

@@ -1,0 +1,227 @@
+"""The build's Prefect tasks: thin wrappers around the plain-Python stages, adding caching, retries and logs.
+
+Cached (see ``caching``): train, each sampling shard, evaluate; each has an ``*_outputs_exist`` check with
+which the flows refresh the cache when the files a cached result points at are gone. Not cached, because each is its own cache:
+ingest (it hashes every source file and preprocesses only new or changed cases) and release (it fingerprints
+the build and publishing the same build again is a no-op; the published folder, not a remembered path, is
+the truth). A transient failure is retried with backoff (training resumes from its last checkpoint, a
+shard skips the samples already written); a user error is not retried, and the failed state carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+from prefect.tasks import exponential_backoff
+
+from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml
+from radsynth.pipelines.data.ingest import data_dir, ingest
+from radsynth.pipelines.data.io import write_text
+from radsynth.pipelines.release import ReleaseRefused, release
+from radsynth.pipelines.release.stage import headline_rows, release_root
+from radsynth.pipelines.sampling.generate import generate, sample_id
+from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
+from radsynth.pipelines.training import AUTOENCODER_DIR, BOOKKEEPING_FIELDS, DIFFUSION_DIR, train, train_dir
+
+from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
+from .caching import file_sha256, stage_key
+from .progress import TrainingProgress
+from .runners import shard_device
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry what may pass a second time (I/O, a lost worker, out of memory); never a user error."""
+    try:
+        state.result()
+    except UserInputError:
+        return False
+    except BaseException:
+        return True
+    return False
+
+
+RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=10), "retry_condition_fn": _transient}
+CACHED = {"persist_result": True, **RETRIES}
+
+
+# ------------------------------------------------------------------------------------------------ ingest
+
+
+@task(name="ingest", **RETRIES)
+def ingest_task(config: RadsynthConfig) -> dict:
+    result = ingest(config, progress=False)
+    get_run_logger().info("ingested %d cases (%d preprocessed in this run)", len(result.records), result.preprocessed)
+    return {"data_sha256": file_sha256(result.manifest_path), "preprocessed_now": result.preprocessed, **result.summary}
+
+
+def data_sha256(config: RadsynthConfig) -> str:
+    """The ingested manifest's hash (case ids, source hashes, splits), for flows that start after ingest."""
+    manifest = data_dir(config) / "manifest.jsonl"
+    if not manifest.is_file():
+        raise UserInputError(manifest, "no ingested dataset", "run the train or build flow (or `radsynth ingest`) first")
+    return file_sha256(manifest)
+
+
+# ------------------------------------------------------------------------------------------------- train
+
+TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "finetune", "runtime.seed", "runtime.precision",
+                  "runtime.output_dir")
+
+
+def trained_model_dir(config: RadsynthConfig) -> Path:
+    from radsynth.pipelines.finetuning import finetuned_model_dir
+    from radsynth.pipelines.training import model_dir
+
+    return finetuned_model_dir(config) if config.finetune.from_ else model_dir(config)
+
+
+def train_outputs_exist(config: RadsynthConfig) -> bool:
+    return (trained_model_dir(config) / "model_index.json").is_file()
+
+
+def _train_key(context, parameters) -> str:
+    config = parameters["config"]
+    return stage_key("train", config, TRAIN_SECTIONS, parameters["data_sha256"], ignore=BOOKKEEPING_FIELDS)
+
+
+@task(name="train", cache_key_fn=_train_key, **CACHED)
+def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
+    logger = get_run_logger()
+    if config.runtime.launch.distributed:
+        return launch_training(config)
+    if config.finetune.from_:
+        from radsynth.pipelines.finetuning import finetune
+
+        result = finetune(config, progress=False)
+        return {"model_dir": str(result.model_dir), "model_hash": result.model_hash, "steps": result.steps}
+    parts = {"autoencoder": (train_dir(config) / AUTOENCODER_DIR / "metrics.csv", config.autoencoder.max_steps),
+             "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
+    with TrainingProgress(parts, logger, key=artifact_key(_slug(config), "training")):
+        result = train(config, progress=False)
+    logger.info("model %s (hash %s), %d diffusion steps%s", result.model_dir, result.model_hash[:12],
+                result.diffusion_steps, f", resumed from step {result.resumed_from}" if result.resumed_from else "")
+    return {"model_dir": str(result.model_dir), "model_hash": result.model_hash, "steps": result.diffusion_steps,
+            "resumed_from": result.resumed_from, "autoencoder_holdout": result.autoencoder_holdout}
+
+
+def launch_command(config: RadsynthConfig, config_path: Path) -> list[str]:
+    """``accelerate launch`` of ``radsynth train``: the config's settings, the file's where none are set."""
+    launch = config.runtime.launch
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if launch.config_file:
+        command += ["--config_file", launch.config_file]
+    given = launch.model_fields_set if launch.config_file else set(type(launch).model_fields)
+    for field in ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port"):
+        if field in given and getattr(launch, field) is not None:
+            command += [f"--{field}", str(getattr(launch, field))]
+    if launch.num_processes > 1 and not launch.config_file:
+        command.append("--multi_gpu")  # several processes = several GPUs (accelerate runs one on a CPU)
+    command += ["--mixed_precision", config.runtime.precision]
+    return [*command, "-m", "radsynth.flows.cli", "train", str(config_path), "--json"]
+
+
+def launch_training(config: RadsynthConfig) -> dict:
+    config_path = write_text(config.output_dir / "launch-config.yaml", config_to_yaml(config))
+    command = launch_command(config, config_path)
+    get_run_logger().info("training with: %s", " ".join(command))
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"accelerate launch exited with code {done.returncode} (its stderr is above)")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"model_dir": result["model_dir"], "model_hash": result["model_hash"], "steps": result.get("diffusion_steps"),
+            "launched": command}
+
+
+# ---------------------------------------------------------------------------------------------- generate
+
+# Fields that do not change any one sample: how many there are and how they are batched and sharded.
+SAMPLING_COUNT_FIELDS = {"num_samples", "batch_size", "shard_size"}
+
+
+def shard_outputs_exist(sample_dir: str | Path, indices: list[int]) -> bool:
+    return all((Path(sample_dir) / f"{sample_id(i)}.json").is_file() for i in indices)
+
+
+def _shard_key(context, parameters) -> str:
+    return stage_key("generate", parameters["config"], ("sampling", "runtime.seed"), parameters["model_hash"],
+                     parameters["data_sha256"], list(parameters["indices"]), parameters["sample_dir"],
+                     ignore=SAMPLING_COUNT_FIELDS)
+
+
+@task(name="generate-shard", task_run_name="generate-shard-{shard}", cache_key_fn=_shard_key, **CACHED)
+def generate_shard_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_sha256: str, shard: int,
+                        indices: list[int], sample_dir: str) -> dict:
+    device = shard_device(config, shard)
+    shard_config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
+    result = generate(shard_config, model_dir, config.sampling.num_samples, sample_dir, progress=False, indices=indices)
+    get_run_logger().info("shard %d on %s: %d samples written, %d already there; latent std %s", shard, device,
+                          len(result.written), result.skipped, result.latent_std)
+    return {"written": len(result.written), "skipped": result.skipped, "latent_std": result.latent_std,
+            "device": device, "process": f"{socket.gethostname()}:{os.getpid()}"}
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+
+EVALUATE_SECTIONS = ("scoring", "conditioning.attributes", "runtime.seed", "runtime.output_dir")
+
+
+def evaluate_outputs_exist(config: RadsynthConfig) -> bool:
+    return (build_eval_dir(config) / "scorecard.json").is_file()
+
+
+def _evaluate_key(context, parameters) -> str:
+    config = parameters["config"]
+    return stage_key("evaluate", config, EVALUATE_SECTIONS, parameters["data_sha256"], parameters["model_hash"],
+                     parameters["samples_sha256"])
+
+
+@task(name="evaluate", cache_key_fn=_evaluate_key, **CACHED)
+def evaluate_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_sha256: str,
+                  samples_sha256: str) -> dict:
+    logger = get_run_logger()
+    result = evaluate(config, model_dir=model_dir, log=logger.info)
+    scorecard = json.loads(Path(result.paths["json"]).read_text())
+    scorecard_table(_slug(config), scorecard)
+    for name, verdict in scorecard["verdicts"].items():
+        logger.info("%s: %s%s", name, "PASS" if verdict["passed"] else "FAIL",
+                    "".join(f"; {reason}" for reason in verdict.get("reasons", [])))
+    headline = [{key: row.get(key) for key in ("metric", "feature_space", "stratum", "value", "ci_low", "ci_high",
+                                               "reference_value")} for row in headline_rows(scorecard)
+                if row["stratum"] == "all"]
+    return {**{name: str(path) for name, path in result.paths.items()}, "verdicts": scorecard["verdicts"],
+            "headline": headline, "seconds": result.seconds}
+
+
+# ----------------------------------------------------------------------------------------------- release
+
+
+@task(name="release", **RETRIES)
+def release_task(config: RadsynthConfig, model_dir: str) -> dict:
+    logger, name = get_run_logger(), _slug(config)
+    try:
+        result = release(config, model_dir=model_dir)
+    except ReleaseRefused as refused:
+        gate_markdown(name, refused.gate.to_markdown())
+        failed = [f"{check.name} [{check.stratum}]: {check.reason}" for check in refused.gate.failed]
+        logger.warning("release refused by the gate (%d checks failed); report %s", len(failed), refused.report)
+        for reason in failed:
+            logger.warning("  %s", reason)
+        return {"gate_passed": False, "report": str(refused.report), "failed": failed,
+                "release_root": str(release_root(config))}
+    summary = result.summary()
+    gate_markdown(name, result.gate.to_markdown())
+    report_link(name, summary["report"])
+    logger.info("%s %s: %d of %d samples, formats %s", "already released as" if summary["reused"] else "released",
+                summary["release"], summary["n_released"], summary["n_scored"], ", ".join(summary["formats"]))
+    return summary
+
+
+def _slug(config: RadsynthConfig) -> str:
+    return config.release.name or config.data.name

@@ -1,0 +1,334 @@
+"""The Prefect flows on a tiny real build: end to end with artifacts, resume after a kill during generate,
+a config change that redoes only what changed, sampling shards on a Dask LocalCluster, retries, failed states,
+the accelerate launch of training, prefect.yaml, and a scheduled build on a real Prefect server on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image as PILImage
+
+from radsynth.configs import UserInputError
+from radsynth.flows.cli import USER_ERROR_EXIT
+from radsynth.flows.tasks import launch_command
+
+from .test_scoring_evaluate import FAST
+from .test_training_stage import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+# The tiny model draws noise, which quality gates rightly refuse (they are tested on scorecards elsewhere);
+# privacy gates cannot be switched off and stay on.
+TINY_BUILD = ["diffusion.max_steps=4", "data.phantom.n_cases=40", *FAST, "scoring.utility=false",
+              "release.formats=[monai,imagefolder,png16]", "release.gate.coverage_margin=null",
+              "release.gate.intensity=false", "release.gate.mask_dice_ratio_min=null",
+              "conditioning.class_attribute=finding", "sampling.num_samples=12", "sampling.shard_size=4"]
+
+
+def build_config(tmp_path: Path, name: str, *extra: str) -> tuple[Path, Path]:
+    run_dir = tmp_path / name
+    config = tiny_config(run_dir, *TINY_BUILD, *extra)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))
+    return path, run_dir
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """No PREFECT_* from the test session: a subprocess starts its own ephemeral API in its run folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+
+
+def radsynth(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "radsynth.flows.cli", *args], env=env or clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(done: subprocess.CompletedProcess) -> dict:
+    assert done.stdout.strip(), done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prefect_db(run_dir: Path) -> sqlite3.Connection:
+    return sqlite3.connect(run_dir / ".prefect" / "prefect.db")
+
+
+# ------------------------------------------------------------------------------- build, kill, resume
+
+
+@pytest.mark.slow
+def test_a_build_killed_during_generate_resumes_and_a_config_change_redoes_only_what_changed(tmp_path):
+    # Slow sampling (many steps), so that the kill lands while shards are being written.
+    path, run_dir = build_config(tmp_path, "build", "sampling.num_inference_steps=150")
+    samples = run_dir / "samples"
+    process = subprocess.Popen([sys.executable, "-m", "radsynth.flows.cli", "build", str(path), "--json"],
+                               env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # its own group: the kill takes Prefect's server with it
+    storage = run_dir / ".prefect" / "storage"  # Prefect's result records: a shard's appears once it finished
+    deadline = time.time() + 400
+    while not list(storage.glob("generate-*")) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    written_before_kill = len(list(samples.glob("*.json")))
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 4 <= written_before_kill < 12, "the kill should land during generate"
+    assert (run_dir / "model" / "model_index.json").is_file() and not (run_dir / "eval").exists()
+
+    done = radsynth("build", str(path), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = last_json(done)
+    tasks = resumed["tasks"]
+    assert tasks["train"] == "Cached" and tasks["ingest"] == "Completed"  # ingest is its own cache: always runs
+    assert tasks["generate-shard-0"] == "Cached"  # finished before the kill
+    assert tasks["generate-shard-2"] == "Completed"  # not finished before the kill
+    assert tasks["evaluate"] == "Completed" and tasks["release"] == "Completed"
+    assert resumed["gate_passed"] and resumed["release"]["version"] == "v1"
+    assert len(list(samples.glob("*.json"))) == 12
+
+    # Artifacts: the scorecard table, the gate's markdown, the report link, progress of training and sampling.
+    with prefect_db(run_dir) as db:
+        artifacts = {key: (kind, data) for key, kind, data in db.execute("select key, type, data from artifact")}
+    name = "demo-cxr-phantom"
+    assert artifacts[f"{name}-scorecard"][0] == "table" and "frechet_distance" in artifacts[f"{name}-scorecard"][1]
+    assert artifacts[f"{name}-gate"][0] == "markdown" and "PASSED" in artifacts[f"{name}-gate"][1]
+    assert "report.html" in artifacts[f"{name}-report"][1]  # Prefect stores a link as markdown
+    assert artifacts[f"{name}-sampling"][0] == artifacts[f"{name}-training"][0] == "progress"
+
+    # Twice as many samples: train and the finished shards come from the cache; only the new shards, the
+    # scorecard (new samples) and the release (a new version) run.
+    changed = path.with_name("more.yaml")
+    changed.write_text(json.dumps({**json.loads(path.read_text()), "sampling": {
+        **json.loads(path.read_text())["sampling"], "num_samples": 20}}))
+    again = last_json(radsynth("build", str(changed), "--json"))
+    ran = {name for name, state in again["tasks"].items() if state != "Cached"}
+    assert ran == {"ingest", "generate-shard-3", "generate-shard-4", "evaluate", "release"}, again["tasks"]
+    assert again["release"]["version"] == "v2" and again["release"]["n_scored"] == 20
+
+    # The same build once more: nothing but the two self-caching stages runs, and the release is a no-op.
+    same = last_json(radsynth("build", str(changed), "--json"))
+    assert {name for name, state in same["tasks"].items() if state != "Cached"} == {"ingest", "release"}
+    assert same["release"]["reused"] and same["release"]["version"] == "v2"
+    assert {"headline", "scorecard", "model_dir", "sample_dir"} <= set(same)
+
+
+# ------------------------------------------------------------------------------------------- in process
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prefect_server):
+    from radsynth.flows.stages import train_flow
+
+    tmp_path = tmp_path_factory.mktemp("flows")
+    path, run_dir = build_config(tmp_path, "run")
+    return path, run_dir, train_flow(str(path))
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_samples_the_same_images_as_threads(trained, tmp_path):
+    from radsynth.flows.stages import generate_flow
+
+    path, run_dir, result = trained
+    model = {"model_dir": result["model_dir"], "model_hash": result["model_hash"]}
+    by_runner, processes = {}, {}
+    for runner in ("threads", "dask"):
+        out = tmp_path / runner
+        overrides = [f"runtime.task_runner={runner}", "runtime.workers=2", f"scoring.sample_dir={out}"]
+        generated = generate_flow(str(path), overrides, **model)
+        assert set(generated["tasks"]) == {"generate-shard-0", "generate-shard-1", "generate-shard-2"}
+        assert set(generated["tasks"].values()) == {"Completed"} and generated["task_runner"] == runner
+        by_runner[runner] = {p.name: np.asarray(PILImage.open(p)).astype(np.int64) for p in sorted(out.glob("*.png"))}
+        processes[runner] = generated["processes"]
+    assert processes["threads"] == [f"{socket.gethostname()}:{os.getpid()}"]
+    assert len(processes["dask"]) == 2 and processes["threads"][0] not in processes["dask"], "two worker processes"
+    assert by_runner["dask"].keys() == by_runner["threads"].keys() and len(by_runner["dask"]) == 12
+    # A sample depends on its index and seed, not on where it ran. Dask workers run torch on one thread,
+    # which reorders float sums: allow a few 16-bit levels, far below any visible change.
+    for name, pixels in by_runner["dask"].items():
+        assert np.abs(pixels - by_runner["threads"][name]).max() <= 64, name
+
+
+@pytest.mark.slow
+def test_transient_failures_are_retried_and_user_errors_fail_at_once_with_their_message(trained, monkeypatch):
+    from prefect import flow
+
+    import radsynth.flows.tasks as tasks
+
+    path, run_dir, _ = trained
+    from radsynth.configs import load_config
+
+    config = load_config(str(path))
+    calls = []
+    real_ingest = tasks.ingest
+
+    def flaky(config, progress):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("network share went away")
+        return real_ingest(config, progress=progress)
+
+    monkeypatch.setattr(tasks, "ingest", flaky)
+    quick = tasks.ingest_task.with_options(retry_delay_seconds=0)
+
+    @flow
+    def ingest_only() -> dict:
+        state = quick(config, return_state=True)
+        return {"failed": state.is_failed(), "message": state.message}
+
+    assert not ingest_only()["failed"] and len(calls) == 2
+
+    def broken(config, progress):
+        calls.append(1)
+        raise UserInputError("data.root", "no cases found", "a folder of PNGs")
+
+    calls.clear()
+    monkeypatch.setattr(tasks, "ingest", broken)
+    state = ingest_only()
+    assert state["failed"] and len(calls) == 1, "a user error is not retried"
+    assert "data.root: no cases found" in state["message"]
+
+
+def test_cli_build_with_bad_input_exits_2_with_one_line(tmp_path):
+    path, _ = build_config(tmp_path, "bad", "data.format=image_folder", "data.modality=xray",
+                          f"data.root={tmp_path / 'missing'}")
+    done = radsynth("build", str(path), "--json")
+    assert done.returncode == USER_ERROR_EXIT
+    errors = [line for line in done.stderr.splitlines() if line.startswith("radsynth: error:")]
+    assert len(errors) == 1 and "missing" in errors[0], done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------- accelerate launch
+
+
+def test_launch_command_passes_the_configs_accelerate_settings(tmp_path):
+    config = tiny_config(tmp_path, "runtime.launch.num_processes=4", "runtime.launch.num_machines=2",
+                         "runtime.launch.main_process_ip=10.0.0.1", "runtime.launch.main_process_port=29500",
+                         "runtime.precision=bf16")
+    assert config.runtime.launch.distributed
+    command = launch_command(config, tmp_path / "c.yaml")
+
+    def flag(name):
+        return command[command.index(name) + 1]
+
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert flag("--num_processes") == "4" and flag("--num_machines") == "2" and flag("--machine_rank") == "0"
+    assert flag("--main_process_ip") == "10.0.0.1" and flag("--main_process_port") == "29500"
+    assert "--multi_gpu" in command and flag("--mixed_precision") == "bf16"
+    assert command[-5:] == ["-m", "radsynth.flows.cli", "train", str(tmp_path / "c.yaml"), "--json"]
+
+    # With an accelerate config file, only the settings given in radsynth's config override the file's.
+    file_only = tiny_config(tmp_path, "runtime.launch.config_file=acc.yaml")
+    command = launch_command(file_only, tmp_path / "c.yaml")
+    assert "--config_file" in command and "--num_processes" not in command and "--multi_gpu" not in command
+
+
+@pytest.mark.slow
+def test_training_runs_under_accelerate_launch_when_the_config_asks(tmp_path, prefect_server):
+    from radsynth.flows.stages import train_flow
+
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "NO", "num_processes": 1, "num_machines": 1,
+        "machine_rank": 0, "use_cpu": True, "mixed_precision": "no", "gpu_ids": "all"}))
+    path, run_dir = build_config(tmp_path, "launched", f"runtime.launch.config_file={accelerate_config}")
+    result = train_flow(str(path))
+    assert result["tasks"]["train"] == "Completed" and "accelerate.commands.launch" in result["launched"]
+    assert (run_dir / "model" / "model_index.json").is_file() and len(result["model_hash"]) == 64
+
+
+# ----------------------------------------------------------------------------------------- deployments
+
+
+def test_prefect_yaml_has_a_loadable_deployment_per_flow():
+    from prefect.flows import load_flow_from_entrypoint
+
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    flows = {load_flow_from_entrypoint(d["entrypoint"]).name: d for d in project["deployments"]}
+    assert set(flows) == {"build", "train", "generate", "evaluate", "release"}
+    assert flows["build"]["schedules"][0]["cron"] == "0 2 * * 0"
+
+
+def test_serve_without_a_server_explains_and_exits_2(tmp_path):
+    path, _ = build_config(tmp_path, "served")
+    done = radsynth("serve", str(path), "--cron", "0 2 * * 0")
+    assert done.returncode == USER_ERROR_EXIT
+    assert "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_scheduled_build_on_a_loopback_server_runs_and_releases(tmp_path):
+    import httpx
+
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = clean_env(PREFECT_HOME=str(tmp_path / "server-home"))
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                               "--port", str(port)], env=server_env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    path, run_dir = build_config(tmp_path, "scheduled")
+    serving = None
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        else:
+            pytest.fail("prefect server did not start within 180 s")
+        env = clean_env(PREFECT_API_URL=api)
+        serving = subprocess.Popen([sys.executable, "-m", "radsynth.flows.cli", "serve", str(path),
+                                    "--cron", "0 2 * * 0", "--name", "weekly"], env=env,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        client = httpx.Client(base_url=api, timeout=10)
+        deployment = None
+        while time.time() < deadline + 120 and deployment is None:
+            found = client.post("/deployments/filter", json={"deployments": {"name": {"any_": ["weekly"]}}}).json()
+            deployment = found[0] if found else time.sleep(1)
+        assert deployment is not None, "serve did not register the deployment"
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * 0"]
+        assert deployment["parameters"]["config"] == str(path.resolve())
+
+        run = client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        state = None
+        deadline = time.time() + 500
+        while time.time() < deadline:
+            state = client.get(f"/flow_runs/{run['id']}").json()["state"]["type"]
+            if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            time.sleep(2)
+        assert state == "COMPLETED", state
+        release = run_dir / "release" / "demo-cxr-phantom"
+        assert (release / "latest").resolve().name == "v1" and (release / "v1" / "report.html").is_file()
+    finally:
+        for process in (serving, server):
+            if process is not None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
