@@ -30,9 +30,11 @@ def make_task_runner(config: RadsynthConfig):
                                  "pip install 'radsynth[dask]', or runtime.task_runner=threads") from None
         if runtime.cluster_address:
             return DaskTaskRunner(address=runtime.cluster_address)
-        # Processes, one thread each: a shard owns its worker (and its GPU) while it samples.
+        # Processes, one thread each: a shard owns its worker (and its GPU) while it samples. The workers
+        # report to this run's API: without its address each would start an ephemeral server of its own on
+        # the same SQLite file ("database is locked").
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+                                              "dashboard_address": None, "env": {"PREFECT_API_URL": api_url()}})
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
@@ -40,6 +42,13 @@ def make_task_runner(config: RadsynthConfig):
                              "pip install 'radsynth[ray]', or runtime.task_runner=threads") from None
     return RayTaskRunner(address=runtime.cluster_address) if runtime.cluster_address else RayTaskRunner(
         init_kwargs={"num_cpus": workers, "num_gpus": torch.cuda.device_count()})
+
+
+def api_url() -> str:
+    """The Prefect API this process talks to: PREFECT_API_URL, or the ephemeral server it started."""
+    from prefect.client.orchestration import get_client
+
+    return str(get_client(sync_client=True).api_url)
 
 
 def shard_device(config: RadsynthConfig, shard: int) -> str:
