@@ -101,6 +101,7 @@ class CachedLatents:
                  class_labels: torch.Tensor | None = None):
         self.mu, self.sigma, self.prompts, self.spacing = mu, sigma, list(prompts), spacing
         self.class_labels = class_labels  # (N,) class indices, 0 = none; set by the trainer's caller
+        self.label_maps: torch.Tensor | None = None  # (N, 1, *image_shape) integer labels, for a ControlNet
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -113,6 +114,8 @@ class CachedLatents:
                  "spacing": self.spacing[index]}
         if self.class_labels is not None:
             batch["class_labels"] = self.class_labels[index]
+        if self.label_maps is not None:
+            batch["label_maps"] = self.label_maps[index]
         return batch
 
     def save(self, path: str | Path) -> Path:

@@ -35,8 +35,8 @@ class DiffusionTrainer:
         self.latents, self.objective, self.batch_size = latents, objective, batch_size
         self.condition_dropout, self.max_grad_norm, self.seed = condition_dropout, max_grad_norm, seed
         self.text_trains = any(p.requires_grad for p in text_encoder.parameters())
-        trained = [unet, text_encoder] if self.text_trains else [unet]
-        parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
+        parameters = [p for module in self.trained_modules(unet, text_encoder) for p in module.parameters()
+                      if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=1e-2)
         schedule = get_scheduler("cosine" if lr_schedule == "cosine" else "constant_with_warmup", optimizer,
                                  num_warmup_steps=warmup_steps, num_training_steps=settings.max_steps)
@@ -48,6 +48,9 @@ class DiffusionTrainer:
             self.ema = EMAModel(parameters, decay=ema_decay)
             self.ema.to(accelerator.device)
             accelerator.register_for_checkpointing(self.ema)
+
+    def trained_modules(self, unet: RadsynthUNet, text_encoder: torch.nn.Module) -> list[torch.nn.Module]:
+        return [unet, text_encoder] if self.text_trains else [unet]
 
     def fit(self, validate: Callable[[int], dict[str, float] | None] | None = None) -> int:
         return self.loop.run(self.train_step, validate)
@@ -61,7 +64,7 @@ class DiffusionTrainer:
             rows = batch_indices(len(self.latents), self.batch_size, index, self.seed,
                                  accelerator.process_index, accelerator.num_processes)
             batch = self.latents.batch(rows, generator)
-            with accelerator.accumulate(self.unet, self.text_encoder):
+            with accelerator.accumulate(*self.accumulated_modules()):
                 loss = self._loss(batch, generator)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
@@ -72,6 +75,10 @@ class DiffusionTrainer:
         if self.ema is not None:
             self.ema.step(self.parameters)
         return {"loss": loss.item(), "lr": self.schedule.get_last_lr()[0]}
+
+    def accumulated_modules(self) -> tuple[torch.nn.Module, ...]:
+        """The (prepared) modules whose gradients accumulate across micro-batches."""
+        return self.unet, self.text_encoder
 
     def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = self.loop.accelerator.device
@@ -85,9 +92,13 @@ class DiffusionTrainer:
         class_labels = batch.get("class_labels")
         if class_labels is not None:  # dropped conditions lose their class too: index 0 is the null class
             class_labels = (class_labels * keep).to(device)
-        prediction = self.unet(noisy, model_timesteps, context, class_labels=class_labels,
-                               spacing=batch["spacing"].to(device))
+        prediction = self.predict(noisy, model_timesteps, context, class_labels, batch)
         return F.mse_loss(prediction.float(), target.float())
+
+    def predict(self, noisy: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                class_labels: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        return self.unet(noisy, timesteps, context, class_labels=class_labels,
+                         spacing=batch["spacing"].to(self.loop.accelerator.device))
 
     def modules(self) -> tuple[RadsynthUNet, torch.nn.Module]:
         accelerator = self.loop.accelerator
