@@ -309,3 +309,32 @@ def test_a_label_map_off_the_image_grid_is_refused_and_nothing_is_written(tmp_pa
     with pytest.raises(ValueError, match="non-negative integers"):
         write_sample(tmp_path / "out", "s", np.zeros((4, 4)), (1.0, 1.0), "png16", PROVENANCE, label=np.zeros((4, 4)))
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_a_saved_model_never_patches_torch_for_other_threads(tmp_path):
+    """Sampling shards on threads load the model side by side. A loader that patches ``torch.nn.Module`` for
+    the process (accelerate's init_empty_weights) makes modules another thread builds meanwhile land on the
+    meta device: watch the class attributes while a load runs in another thread."""
+    import threading
+
+    from radsynth.configs import load_config
+    from radsynth.pipelines.sampling.generate import load_pipeline
+
+    make_pipeline(2).save_pretrained(tmp_path)
+    config = load_config("demo", ["runtime.device=cpu"])
+    original = torch.nn.Module.register_parameter
+    patched, done = [], threading.Event()
+
+    def load_repeatedly():
+        try:
+            for _ in range(5):
+                load_pipeline(tmp_path, config, progress=False)
+        finally:
+            done.set()
+
+    loader = threading.Thread(target=load_repeatedly)
+    loader.start()
+    while not done.is_set():
+        patched.append(torch.nn.Module.register_parameter is not original)
+    loader.join()
+    assert len(patched) > 100 and not any(patched)

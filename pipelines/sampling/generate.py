@@ -45,7 +45,10 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
         diffusers_logging.disable_progress_bar()
     if not (model_dir / "model_index.json").is_file():
         raise UserInputError(model_dir, "no trained model here", "run `radsynth train CONFIG` first")
-    pipeline = RadsynthTextToImagePipeline.from_pretrained(model_dir, use_safetensors=True)
+    # low_cpu_mem_usage would build each component under accelerate's init_empty_weights, which patches
+    # torch.nn.Module for the whole process: shards sampling on threads then race, and a module created in one
+    # thread while another loads lands on the meta device. Our models are small; load them plainly.
+    pipeline = RadsynthTextToImagePipeline.from_pretrained(model_dir, use_safetensors=True, low_cpu_mem_usage=False)
     pipeline.scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
                                                    config.diffusion.num_train_timesteps)
     device = "cuda" if config.runtime.device in ("auto", "cuda") and torch.cuda.is_available() else (
