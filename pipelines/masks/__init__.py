@@ -1,4 +1,5 @@
-"""Label-map edits that a mask-conditioned generator is then conditioned on: lesion insert, remove, move, resize."""
+"""Label maps for a mask-conditioned generator: lesion edits (insert, remove, move, resize) and the mask bank
+(augmented training label maps)."""
 
 from .lesion_edits import (
     PHANTOM_VOLUME_ORIENTATION,
@@ -12,13 +13,18 @@ from .lesion_edits import (
     orientation_from_affine,
     parse_lesion_request,
 )
+from .mask_bank import BankAugmentation, BankEntry, BankMask, MaskBank
 
 __all__ = [
+    "BankAugmentation",
+    "BankEntry",
+    "BankMask",
     "PHANTOM_VOLUME_ORIENTATION",
     "RADIOGRAPH_ORIENTATION",
     "LabelVocabulary",
     "LesionEditRecord",
     "LesionRequest",
+    "MaskBank",
     "Orientation",
     "apply_lesion_edit",
     "default_orientation",
