@@ -209,6 +209,20 @@ class DiffusionConfig(Section):
         return self
 
 
+class ControlNetConfig(Section):
+    """The ControlNet trained on one-hot label maps when ``conditioning.use_masks`` is on.
+
+    It trains after the diffusion model, beside it frozen; loop bookkeeping (log_every, keep_checkpoints,
+    gradient accumulation) follows the diffusion section.
+    """
+
+    conditioning_scale: float = Field(1.0, ge=0, description="how strongly the label map steers the UNet")
+    learning_rate: float = Field(1e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
 class ConditioningConfig(Section):
     text_encoder: Literal["trained", "pretrained"] = "trained"
     pretrained_path: str | None = Field(None, description="local Hugging Face folder; never downloaded")
@@ -367,6 +381,7 @@ class RadsynthConfig(Section):
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
+    controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)

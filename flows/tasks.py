@@ -28,7 +28,14 @@ from radsynth.pipelines.release import ReleaseRefused, release
 from radsynth.pipelines.release.stage import headline_rows, release_root
 from radsynth.pipelines.sampling.generate import generate, sample_id
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
-from radsynth.pipelines.training import AUTOENCODER_DIR, BOOKKEEPING_FIELDS, DIFFUSION_DIR, train, train_dir
+from radsynth.pipelines.training import (
+    AUTOENCODER_DIR,
+    BOOKKEEPING_FIELDS,
+    CONTROLNET_DIR,
+    DIFFUSION_DIR,
+    train,
+    train_dir,
+)
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
 from .caching import file_sha256, stage_key
@@ -71,8 +78,8 @@ def data_sha256(config: RadsynthConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------- train
 
-TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "finetune", "runtime.seed", "runtime.precision",
-                  "runtime.output_dir")
+TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "controlnet", "finetune", "runtime.seed",
+                  "runtime.precision", "runtime.output_dir")
 
 
 def trained_model_dir(config: RadsynthConfig) -> Path:
@@ -103,6 +110,8 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
         return {"model_dir": str(result.model_dir), "model_hash": result.model_hash, "steps": result.steps}
     parts = {"autoencoder": (train_dir(config) / AUTOENCODER_DIR / "metrics.csv", config.autoencoder.max_steps),
              "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
+    if config.conditioning.use_masks:
+        parts["controlnet"] = (train_dir(config) / CONTROLNET_DIR / "metrics.csv", config.controlnet.max_steps)
     with TrainingProgress(parts, logger, key=artifact_key(_slug(config), "training")):
         result = train(config, progress=False)
     logger.info("model %s (hash %s), %d diffusion steps%s", result.model_dir, result.model_hash[:12],

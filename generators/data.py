@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from radsynth.configs.errors import UserInputError
 from radsynth.pipelines.data.io import spacing_of
 from radsynth.pipelines.data.manifest import CaseRecord
 
@@ -78,6 +79,16 @@ class CachedImages:
 
     def images(self, indices: Sequence[int]) -> torch.Tensor:
         return torch.stack([load_file(str(self._path(self.records[i])))["image"] for i in indices])
+
+    def label_maps(self) -> torch.Tensor:
+        """(N, 1, *shape) integer label maps of every case, for a ControlNet; every case needs one."""
+        unlabelled = sum(record.label is None for record in self.records)
+        if unlabelled:
+            raise UserInputError("conditioning.use_masks", f"{unlabelled} of {len(self)} training cases have no "
+                                 "label map", "ingest a label map with every case, or set use_masks: false")
+        maps = [load_file(str(self._path(record)))["label"] for record in self.records]
+        return torch.stack([labels if labels.ndim > len(record.shape) else labels.unsqueeze(0)
+                            for labels, record in zip(maps, self.records)]).long()
 
     def batch(self, indices: Sequence[int]) -> dict:
         return {"images": self.images(indices), "prompts": [self.prompts[i] for i in indices],

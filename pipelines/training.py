@@ -29,6 +29,8 @@ from radsynth.generators.autoencoder_trainer import (
     calibrate_scaling_factor,
     holdout_reconstruction,
 )
+from radsynth.generators.controlnet import RadsynthControlNet
+from radsynth.generators.controlnet_trainer import ControlNetTrainer
 from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.losses import AutoencoderLoss
@@ -45,6 +47,7 @@ from .sampling.grids import save_grid
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
+CONTROLNET_DIR = "mask_controlnet"  # not "controlnet": diffusers takes a folder of that name for its own pipeline
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
 BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"}
@@ -77,8 +80,9 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     data_stamp = _file_sha256(Path(summary["manifest"])) + json.dumps(config.data.preprocess.model_dump(mode="json"))
     autoencoder_stamp = part_fingerprint(config, "autoencoder", upstream=data_stamp)
     start_over_if_changed(train_dir(config), autoencoder_stamp)  # the latents and the diffusion part go with it
-    start_over_if_changed(train_dir(config) / DIFFUSION_DIR,
-                          part_fingerprint(config, "diffusion", upstream=autoencoder_stamp, also=("conditioning",)))
+    # Masks condition a ControlNet beside the diffusion model, not the model itself.
+    start_over_if_changed(train_dir(config) / DIFFUSION_DIR, part_fingerprint(
+        config, "diffusion", upstream=autoencoder_stamp, also=("conditioning",), ignore=("use_masks",)))
 
     autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
     latents = cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
@@ -122,6 +126,8 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
             save_pipeline(pipeline, model_dir(config))
             write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
     accelerator.wait_for_everyone()
+    if config.conditioning.use_masks:
+        _controlnet(config, train_images, latents, digest, progress)
     out = model_dir(config)
     return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
 
@@ -136,8 +142,10 @@ def ingested_dataset(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
     return read_manifest(manifest), json.loads(summary.read_text())
 
 
-def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: tuple[str, ...] = ()) -> str:
+def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: tuple[str, ...] = (),
+                     ignore: tuple[str, ...] = ()) -> str:
     settings = {name: getattr(config, name).model_dump(mode="json") for name in (section, *also)}
+    settings = {name: {k: v for k, v in values.items() if k not in ignore} for name, values in settings.items()}
     settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
     key = {"upstream": upstream, "seed": config.runtime.seed, "precision": config.runtime.precision, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -209,6 +217,37 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
         write_json(final / "holdout_metrics.json", holdout)
     trainer.loop.accelerator.wait_for_everyone()
     return autoencoder, holdout
+
+
+def _controlnet(config: RadsynthConfig, train_images: CachedImages, latents: CachedLatents, base_hash: str,
+                progress: bool) -> int:
+    """Train the ControlNet on the training label maps beside the saved (frozen) base model; save it into the
+    model folder as ``mask_controlnet``. Returns its steps."""
+    folder = train_dir(config) / CONTROLNET_DIR
+    start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
+    base = RadsynthTextToImagePipeline.from_pretrained(model_dir(config), use_safetensors=True,
+                                                      low_cpu_mem_usage=False)
+    latents.label_maps = train_images.label_maps()
+    num_labels = max(max(record.label_names) for record in train_images.records) + 1
+    torch.manual_seed(config.runtime.seed + 2)
+    controlnet = RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
+    settings, diffusion = config.controlnet, config.diffusion
+    trainer = ControlNetTrainer(
+        controlnet, base.unet, base.text_encoder, latents,
+        TrainingObjective(diffusion.objective, diffusion.num_train_timesteps), folder,
+        loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
+                      validate=False),
+        conditioning_scale=settings.conditioning_scale, learning_rate=settings.learning_rate,
+        lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps, batch_size=settings.batch_size,
+        condition_dropout=config.conditioning.condition_dropout, max_grad_norm=diffusion.max_grad_norm,
+        ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+    trainer.fit()
+    with trainer.inference_controlnet() as trained:
+        if trainer.loop.accelerator.is_main_process:
+            _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
+                             model_dir(config) / CONTROLNET_DIR)
+    trainer.loop.accelerator.wait_for_everyone()
+    return trainer.loop.state.step
 
 
 @torch.no_grad()

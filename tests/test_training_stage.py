@@ -182,3 +182,40 @@ def test_a_training_part_starts_over_when_what_it_was_trained_from_changes(tmp_p
     start_over_if_changed(folder, changed[0])
     assert not (folder / "checkpoints").exists()
     assert json.loads((folder / "fingerprint.json").read_text())["fingerprint"] == changed[0]
+
+
+def test_masks_train_a_controlnet_beside_the_unchanged_base_model(tmp_path):
+    from radsynth.configs import UserInputError
+    from radsynth.generators.controlnet import RadsynthControlNet
+    from radsynth.generators.data import CachedImages, ConditioningSpec
+    from radsynth.pipelines.training import ingested_dataset
+
+    base_only = tiny_config(tmp_path, "diffusion.max_steps=4")
+    ingest(base_only, progress=False)
+    first = train(base_only, progress=False)
+    with_masks = tiny_config(tmp_path, "diffusion.max_steps=4", "conditioning.use_masks=true",
+                             "controlnet.max_steps=3", "controlnet.batch_size=4")
+    second = train(with_masks, progress=False)
+    # Turning masks on trains a ControlNet; the base model is not retrained and its weights are the same.
+    assert second.resumed_from == 4 and second.model_hash == first.model_hash
+    assert sorted(read_metrics(tmp_path / "train" / "mask_controlnet" / "metrics.csv", "loss")) == [1, 2, 3]
+    controlnet = RadsynthControlNet.from_pretrained(tmp_path / "model" / "mask_controlnet")
+    records, _ = ingested_dataset(with_masks)
+    vocabulary = records[0].label_names
+    assert controlnet.config.num_labels == max(vocabulary) + 1 and len(vocabulary) > 2
+    assert "mask_controlnet" not in json.loads((tmp_path / "model" / "model_index.json").read_text())
+
+    # A changed ControlNet setting retrains the ControlNet only.
+    retuned = train(tiny_config(tmp_path, "diffusion.max_steps=4", "conditioning.use_masks=true",
+                                "controlnet.max_steps=3", "controlnet.batch_size=4", "controlnet.learning_rate=1e-3"),
+                    progress=False)
+    assert retuned.resumed_from == 4 and retuned.model_hash == first.model_hash
+    retrained = RadsynthControlNet.from_pretrained(tmp_path / "model" / "mask_controlnet")
+    assert any(not np.array_equal(a.numpy(), b.numpy())
+               for a, b in zip(controlnet.state_dict().values(), retrained.state_dict().values()))
+
+    # Cases without label maps cannot condition a ControlNet: one line saying so.
+    _, summary = ingested_dataset(with_masks)
+    unlabelled = [record.model_copy(update={"label": None}) for record in records[:3]]
+    with pytest.raises(UserInputError, match="3 of 3 training cases have no label map"):
+        CachedImages(unlabelled, summary["cache"], ConditioningSpec()).label_maps()
