@@ -154,6 +154,7 @@ def trainer_loss(unet, text_encoder, objective, batch, generator) -> torch.Tenso
     """DiffusionTrainer._loss itself, run on given modules with no condition dropout."""
     trainer = SimpleNamespace(loop=SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"))),
                               condition_dropout=0.0, text_encoder=text_encoder, unet=unet, objective=objective)
+    trainer.predict = lambda *inputs: DiffusionTrainer.predict(trainer, *inputs)
     with torch.no_grad():
         return DiffusionTrainer._loss(trainer, batch, generator)
 
