@@ -44,10 +44,11 @@ from .data.io import write_json
 from .data.manifest import CaseRecord, read_manifest
 from .model_card import write_model_card
 from .sampling.grids import save_grid
+from .sampling.mask_to_image import CONTROLNET_FOLDER
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
-CONTROLNET_DIR = "mask_controlnet"  # not "controlnet": diffusers takes a folder of that name for its own pipeline
+CONTROLNET_DIR = CONTROLNET_FOLDER  # its training run and its saved component share the name
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
 BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"}

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ from radsynth.generators.text_encoder import PretrainedTextEncoder, RadsynthText
 from radsynth.generators.unet import RadsynthUNet  # noqa: F401
 
 MODALITIES = ("ct", "mri", "xray")
+# (model_input, timestep, context, class_labels, spacing) -> extra keyword arguments of the UNet's call.
+Residuals = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], dict]
 OUTPUT_TYPES = ("np", "pt", "physical")
 
 
@@ -149,19 +152,23 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
 
     def denoise(self, latents: torch.Tensor, timesteps, context: torch.Tensor, class_labels: torch.Tensor | None,
                 spacing: torch.Tensor | None, guidance_scale: float, step_kwargs: dict,
-                scheduler: SchedulerMixin | None = None) -> torch.Tensor:
+                scheduler: SchedulerMixin | None = None, residuals: Residuals | None = None) -> torch.Tensor:
         """Run ``scheduler`` (default: the pipeline's, already set to its timesteps) from ``latents`` over
         ``timesteps``. With guidance (> 1) ``context`` and ``class_labels`` hold the null half first. Also used to
-        regenerate a partly noised latent from the middle of the schedule (scoring's near copies)."""
+        regenerate a partly noised latent from the middle of the schedule (scoring's near copies).
+
+        residuals: called each step with (model_input, timestep, context, class_labels, spacing); returns
+        keyword arguments added to the UNet's call (a ControlNet's down/mid residuals)."""
         scheduler = scheduler or self.scheduler
         guided, latent_clip = guidance_scale > 1.0, self.config.latent_clip
         for timestep in timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(model_input, timestep)
+            extra = residuals(model_input, timestep, context, class_labels, spacing) if residuals else {}
             # Rectified flow: FlowMatchEuler's timesteps are already sigma * 1000, the unit the UNet trained on.
             prediction = self.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
-                                   spacing=spacing)
+                                   spacing=spacing, **extra)
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)
@@ -180,6 +187,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        residuals: Residuals | None = None,
     ) -> RadsynthPipelineOutput | tuple:
         """Generate one image per prompt.
 
@@ -187,6 +195,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         generator: one generator for the batch, or one per prompt for per-sample reproducibility.
         output_type: "np" / "pt" in [-1, 1], or "physical" (numpy, intensity_low..intensity_high). The
             decoder is not bounded, so its output is clipped to [-1, 1], the range training images had.
+        residuals: extra UNet inputs per step (see ``denoise``); the mask-to-image pipeline passes its ControlNet's.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -207,7 +216,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
             spacing = torch.tensor(self.config.spacing, device=device).expand(context.shape[0], -1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.denoise(latents, self.progress_bar(self.scheduler.timesteps), context, class_labels, spacing,
-                               guidance_scale, self._step_kwargs(generator))
+                               guidance_scale, self._step_kwargs(generator), residuals=residuals)
         latent_std = float(latents.float().std())
         images = self.vae.decode(latents.to(self.vae.dtype)).float().clamp(-1.0, 1.0)
         self.maybe_free_model_hooks()
