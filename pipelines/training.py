@@ -145,11 +145,18 @@ def ingested_dataset(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
 
 def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: tuple[str, ...] = (),
                      ignore: tuple[str, ...] = ()) -> str:
-    settings = {name: getattr(config, name).model_dump(mode="json") for name in (section, *also)}
+    """What a training part learns from. Only settings that differ from their defaults count, so a new release
+    that adds a setting (at its default) keeps everyone's training instead of starting it over."""
+    settings = {name: _differing_from_defaults(getattr(config, name)) for name in (section, *also)}
     settings = {name: {k: v for k, v in values.items() if k not in ignore} for name, values in settings.items()}
     settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
     key = {"upstream": upstream, "seed": config.runtime.seed, "precision": config.runtime.precision, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _differing_from_defaults(section) -> dict:
+    values, defaults = section.model_dump(mode="json"), type(section)().model_dump(mode="json")
+    return {key: value for key, value in values.items() if key not in defaults or defaults[key] != value}
 
 
 def start_over_if_changed(folder: Path, fingerprint: str) -> None:

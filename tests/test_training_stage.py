@@ -173,6 +173,17 @@ def test_a_training_part_starts_over_when_what_it_was_trained_from_changes(tmp_p
                                 also=("conditioning",))]
     assert stamp not in changed and len(set(changed)) == len(changed)
 
+    # A release that adds a setting, at its default, keeps the training; the setting changed from it does not.
+    class WithNewSetting(type(base.diffusion)):
+        new_setting: int = 3
+
+    def with_new_setting(value: int) -> str:
+        diffusion = WithNewSetting(**base.diffusion.model_dump(), new_setting=value)
+        return part_fingerprint(base.model_copy(update={"diffusion": diffusion}), "diffusion", "autoencoder-a",
+                                also=("conditioning",))
+
+    assert with_new_setting(3) == stamp and with_new_setting(4) != stamp
+
     folder = tmp_path / "diffusion"
     (folder / "checkpoints").mkdir(parents=True)
     start_over_if_changed(folder, stamp)  # a folder from before stamps is adopted, not deleted
