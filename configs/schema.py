@@ -269,6 +269,8 @@ class SamplingConfig(Section):
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1, description="samples per shard; shards are the unit of fan-out and of resume")
     prompts: list[str] = Field(default_factory=list, description="empty: use prompts of the test split")
+    lesions: list[str] = Field(default_factory=list, description="lesion edits applied to each pair's mask, "
+                               "e.g. 'nodule 8 mm in right lung' (generate --pairs)")
     output_format: Literal["auto", "nifti", "png16"] = "auto"
 
 

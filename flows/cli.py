@@ -49,6 +49,11 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=int, default=None, help="number of samples (default: sampling.num_samples)")
     generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
     generate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/samples)")
+    generate.add_argument("--pairs", action="store_true",
+                          help="image + label-map pairs (a model trained with conditioning.use_masks)")
+    generate.add_argument("--lesion", action="append", default=None, metavar="REQUEST",
+                          help="lesion edit of each pair's mask, e.g. 'nodule 8 mm in right lung' (repeatable; "
+                               "default: sampling.lesions)")
     evaluate = _command(commands, "evaluate", _evaluate, "score a build's samples: realism, adherence, privacy, utility")
     evaluate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
     evaluate.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
@@ -143,8 +148,12 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     n_samples = args.n if args.n is not None else config.sampling.num_samples
     if n_samples < 1:
         raise UserInputError("--n", f"{n_samples} samples", "a positive number")
+    if args.lesion and not args.pairs:
+        raise UserInputError("--lesion", "lesion edits apply to pairs", "add --pairs")
+    if args.lesion:
+        config = config.model_copy(update={"sampling": config.sampling.model_copy(update={"lesions": args.lesion})})
     result = generate(config, args.model or model_dir(config), n_samples, args.out or config.output_dir / "samples",
-                      progress=not args.json)
+                      progress=not args.json, pairs=args.pairs)
     print(f"{len(result.written)} samples written to {result.sample_dir} ({result.skipped} already there); "
           f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")
     return {"command": "generate", "sample_dir": str(result.sample_dir), "written": len(result.written),

@@ -1,0 +1,51 @@
+"""What conditions each image + label-map pair: a training-split mask from the bank, with the lesion edits.
+
+The prompt is the source case's structured attributes (never its report text, which would carry real words
+into a release) followed by the lesion requests, so text and map describe the same thing. A bank mask is
+derived from a real case; its pair is marked so, with the source case id, and can only go to an internal
+release. (A mask generator that draws new maps is the next source: issue 4.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from radsynth.configs import RadsynthConfig
+from radsynth.generators.prompts import render_prompt
+
+from ..masks import LesionRequest, MaskBank, apply_lesion_edit, parse_lesion_request
+
+
+@dataclass
+class PairCondition:
+    prompt: str
+    label_map: np.ndarray | None  # spatial integer labels; None for an image without a pair
+    sidecar: dict  # mask_source, the bank's provenance, lesion edit records, derived_from_real
+
+
+class PairConditions:
+    def __init__(self, config: RadsynthConfig):
+        self.bank = MaskBank.from_ingest(config)
+        self.attribute_keys = list(config.conditioning.attributes)
+        self.lesion_texts = list(config.sampling.lesions)
+        self.requests: list[LesionRequest] = [parse_lesion_request(text, self.bank.label_names)
+                                              for text in self.lesion_texts]
+
+    def draw(self, seed: int) -> PairCondition:
+        """The mask, prompt and provenance of the pair whose sample seed is ``seed`` (reproducible)."""
+        rng = np.random.default_rng(seed)
+        mask = self.bank.draw(rng)[0]
+        label_map = mask.label_map[0] if mask.label_map.ndim == len(mask.spacing) + 1 else mask.label_map
+        edits = []
+        for request in self.requests:
+            label_map, record = apply_lesion_edit(label_map, mask.spacing, request, mask.label_names, rng,
+                                                  orientation=mask.orientation)
+            edits.append(record.to_dict())
+        prompt = render_prompt(" ".join(f"{text}." for text in self.lesion_texts), mask.attributes,
+                               self.attribute_keys)
+        sidecar = {"mask_source": "edited" if edits else "bank", "mask": mask.provenance, "lesions": edits,
+                   "derived_from_real": bool(mask.provenance["derived_from_real"]),
+                   "label_names": {str(value): name for value, name in mask.label_names.items()}}
+        return PairCondition(prompt, np.asarray(label_map).astype(np.int64), sidecar)

@@ -1,0 +1,61 @@
+"""Image + label-map pairs: `radsynth generate --pairs` on a tiny ControlNet model, with a lesion edit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image as PILImage
+
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.data.manifest import read_manifest
+from radsynth.pipelines.training import train
+
+from .test_flows import radsynth
+from .test_training_stage import config_file, tiny_config
+
+MASKS = ["diffusion.max_steps=2", "conditioning.use_masks=true", "controlnet.max_steps=2", "controlnet.batch_size=4"]
+
+
+def test_pairs_share_the_image_grid_carry_the_requested_lesion_and_say_where_the_mask_came_from(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, *MASKS)
+    ingest(config, progress=False)
+    train(config, progress=False)
+    path = config_file(tmp_path, run_dir, *MASKS)
+    request = "nodule 30 mm in right lung"
+    done = radsynth("generate", str(path), "--pairs", "--n", "3", "--lesion", request, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["written"] == 3
+
+    train_ids = {r.case_id for r in read_manifest(run_dir / "data" / "manifest.jsonl") if r.split == "train"}
+    for sidecar_path in sorted((run_dir / "samples").glob("syn_*.json")):
+        sidecar = json.loads(sidecar_path.read_text())
+        image = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["file"])))
+        label = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["label_file"])))
+        assert image.shape == label.shape == (32, 32) and image.dtype == np.uint16 and label.dtype.kind in "ui"
+        names = {int(value): name for value, name in sidecar["label_names"].items()}
+        assert set(np.unique(label)) <= set(names)
+        nodule = next(value for value, name in names.items() if name == "nodule")
+        edit = sidecar["lesions"][0]
+        # The inserted nodule is in the label file (the source mask may already have had one of its own).
+        assert label[tuple(edit["centre_voxel"])] == nodule and (label == nodule).sum() >= edit["voxel_count"] > 0
+        assert abs(edit["achieved_volume"] - edit["requested_volume"]) <= np.prod(sidecar["spacing"])  # one pixel
+        assert sidecar["mask_source"] == "edited" and sidecar["derived_from_real"] is True
+        assert sidecar["mask"]["source_case_id"] in train_ids and request in sidecar["prompt"]
+
+    again = radsynth("generate", str(path), "--pairs", "--n", "3", "--lesion", request, "--json")
+    assert json.loads(again.stdout.strip().splitlines()[-1])["skipped"] == 3  # resumable, like plain samples
+
+
+def test_pairs_need_a_mask_model_and_lesions_need_pairs(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, "diffusion.max_steps=2")
+    ingest(config, progress=False)
+    train(config, progress=False)
+    path = config_file(tmp_path, run_dir, "diffusion.max_steps=2")
+    no_controlnet = radsynth("generate", str(path), "--pairs", "--n", "1")
+    assert no_controlnet.returncode == 2 and "use_masks" in no_controlnet.stderr.strip().splitlines()[-1]
+    lesion_alone = radsynth("generate", str(path), "--lesion", "nodule 8 mm", "--n", "1")
+    assert lesion_alone.returncode == 2 and "--pairs" in lesion_alone.stderr.strip().splitlines()[-1]
+    assert not (run_dir / "samples").exists() or not any((run_dir / "samples").iterdir())  # nothing half-written
