@@ -1,12 +1,15 @@
 """Do generated images show what their label maps draw? ControlNet adherence, with the segmenter's ceiling.
 
-    python benchmarks/mask_adherence.py CONFIG [key=value ...] [--n 32] [--segmenter-steps 300] [--out report.json]
+    python benchmarks/mask_adherence.py CONFIG [key=value ...] [--n 32] [--segmenter-steps 300]
+        [--lesion "nodule 15 mm in right lung"] [--out report.json]
 
 Ingests and trains (each a no-op when current) with ``conditioning.use_masks=true``. A MONAI UNet segmenter is
 trained on the real train split; its per-label Dice on the real test split is the ceiling. Then each test
 case's label map and prompt condition one generated image, the segmenter segments it, and the per-label Dice
 against the conditioning map is the adherence. The same maps at ``conditioning_scale=0`` (the text-only
-model, the ControlNet switched off) are the floor: what the prompt alone gets right. Prints one JSON object.
+model, the ControlNet switched off) are the floor: what the prompt alone gets right. With ``--lesion`` every
+test map first gets that edit (and its prompt the request): the report adds the requested lesion size, the size
+in the edited maps, and the size the segmenter finds in the generated images. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from radsynth.configs import load_config
 from radsynth.generators.data import ConditioningSpec
 from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.manifest import read_manifest
+from radsynth.pipelines.masks import apply_lesion_edit, parse_lesion_request
 from radsynth.pipelines.sampling.mask_to_image import RadsynthMaskToImagePipeline
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.scoring.segmenter import Segmenter, per_label_dice
@@ -36,6 +40,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--n", type=int, default=32, help="test cases to condition on (at most the test split)")
     parser.add_argument("--segmenter-steps", type=int, default=300)
+    parser.add_argument("--lesion", help="lesion edit applied to every test map, e.g. 'nodule 15 mm in right lung'")
     parser.add_argument("--out")
     args = parser.parse_args()
     config = load_config(args.config, [*args.overrides, "conditioning.use_masks=true"])
@@ -57,7 +62,19 @@ def main() -> None:
     pipeline.set_progress_bar_config(disable=True)
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     prompts = [conditioning.prompt(record) for record in records]
-    maps = test_set.masks[:, None]
+    masks, lesion = test_set.masks.copy(), None
+    if args.lesion:
+        request = parse_lesion_request(args.lesion, label_names)
+        rng, edits = np.random.default_rng(config.runtime.seed), []
+        for i in range(len(masks)):
+            masks[i], record = apply_lesion_edit(masks[i], test_set.spacing, request, label_names, rng)
+            edits.append(record)
+        prompts = [f"{prompt} {args.lesion}." for prompt in prompts]
+        lesion = next(value for value, name in label_names.items() if name == request.lesion)
+        voxel = float(np.prod(test_set.spacing)) / (1000.0 if masks.ndim == 4 else 1.0)  # ml in 3D, mm^2 in 2D
+        sizes = {"unit": edits[0].volume_unit, "requested": float(np.median([e.requested_volume for e in edits])),
+                 "in_edited_maps": float(np.median([e.achieved_volume for e in edits]))}
+    maps = masks[:, None]
     dice, seconds = {}, {}
     for name, scale in (("controlnet", config.controlnet.conditioning_scale), ("text_only", 0.0)):
         images, start = [], time.perf_counter()
@@ -70,7 +87,12 @@ def main() -> None:
                               guidance_scale=config.sampling.guidance_scale)
             images.append(np.asarray(output.images)[:, 0])
         seconds[name] = (time.perf_counter() - start) / len(prompts)
-        dice[name] = per_label_dice(segmenter.predict(np.concatenate(images)), test_set.masks, labels)
+        predicted = segmenter.predict(np.concatenate(images))
+        dice[name] = per_label_dice(predicted, masks, labels)
+        if lesion is not None:
+            found = (predicted == lesion).reshape(len(predicted), -1).sum(1) * voxel
+            sizes[f"found_in_images_{name}"] = float(np.median(found))
+            sizes[f"share_of_images_with_it_found_{name}"] = float(np.mean(found > 0))
 
     def per_label(scores: np.ndarray) -> dict[str, float]:
         return {label_names[label]: round(float(np.nanmean(scores[:, j])), 4) for j, label in enumerate(labels)}
@@ -81,6 +103,7 @@ def main() -> None:
         "dice_real_test_ceiling": per_label(ceiling),
         "dice_generated_controlnet": per_label(dice["controlnet"]),
         "dice_generated_text_only": per_label(dice["text_only"]),
+        "lesion": {"request": args.lesion, **sizes} if lesion is not None else None,
         "seconds_per_pair": round(seconds["controlnet"], 3), "seconds_per_image_text_only": round(seconds["text_only"], 3),
         "train_seconds": round(train_seconds, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
