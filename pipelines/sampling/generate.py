@@ -24,7 +24,7 @@ from radsynth.generators.objectives import build_inference_scheduler
 from ..data.ingest import data_dir
 from ..data.manifest import read_manifest
 from .mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
-from .pairs import PairCondition, PairConditions
+from .pairs import PairSource, SampleCondition
 from .text_to_image import RadsynthTextToImagePipeline, model_hash
 from .writers import write_sample
 
@@ -93,12 +93,12 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
     """Samples 0..n_samples-1, or only ``indices`` of them (one shard of a fanned-out run).
 
     pairs: image + label-map pairs from the mask-to-image model, each mask drawn from the bank and edited by
-    ``sampling.lesions`` (see ``pairs.PairConditions``); the label is written on the image's grid.
+    ``sampling.lesions`` (see ``pairs.PairSource``); the label is written on the image's grid.
     """
     pipeline = load_pipeline(model_dir, config, progress, masks=pairs)
     pipeline.set_progress_bar_config(disable=True)
     digest = model_hash(pipeline)
-    conditions = PairConditions(config) if pairs else None
+    conditions = PairSource(config) if pairs else None
     prompts = None if pairs else prompts or sampling_prompts(config)
     sample_dir = Path(sample_dir)
     fmt = config.sampling.output_format
@@ -114,7 +114,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         seeds = [sample_seed(digest, config, i) for i in indices]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if conditions is None:
-            drawn = [PairCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
+            drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
             masks = {}
         else:
             drawn = [conditions.draw(seed) for seed in seeds]

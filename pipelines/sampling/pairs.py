@@ -19,13 +19,17 @@ from ..masks import LesionRequest, MaskBank, apply_lesion_edit, parse_lesion_req
 
 
 @dataclass
-class PairCondition:
+class SampleCondition:
+    """What one sample is generated from: its prompt, and for a pair its label map and provenance."""
+
     prompt: str
     label_map: np.ndarray | None  # spatial integer labels; None for an image without a pair
     sidecar: dict  # mask_source, the bank's provenance, lesion edit records, derived_from_real
 
 
-class PairConditions:
+class PairSource:
+    """Draws each pair's condition from the mask bank, with the configured lesion edits."""
+
     def __init__(self, config: RadsynthConfig):
         self.bank = MaskBank.from_ingest(config)
         self.attribute_keys = list(config.conditioning.attributes)
@@ -33,7 +37,7 @@ class PairConditions:
         self.requests: list[LesionRequest] = [parse_lesion_request(text, self.bank.label_names)
                                               for text in self.lesion_texts]
 
-    def draw(self, seed: int) -> PairCondition:
+    def draw(self, seed: int) -> SampleCondition:
         """The mask, prompt and provenance of the pair whose sample seed is ``seed`` (reproducible)."""
         rng = np.random.default_rng(seed)
         mask = self.bank.draw(rng)[0]
@@ -48,4 +52,4 @@ class PairConditions:
         sidecar = {"mask_source": "edited" if edits else "bank", "mask": mask.provenance, "lesions": edits,
                    "derived_from_real": bool(mask.provenance["derived_from_real"]),
                    "label_names": {str(value): name for value, name in mask.label_names.items()}}
-        return PairCondition(prompt, np.asarray(label_map).astype(np.int64), sidecar)
+        return SampleCondition(prompt, np.asarray(label_map).astype(np.int64), sidecar)
