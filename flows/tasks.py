@@ -27,11 +27,11 @@ from radsynth.pipelines.data.io import write_text
 from radsynth.pipelines.release import ReleaseRefused, release
 from radsynth.pipelines.release.stage import headline_rows, release_root
 from radsynth.pipelines.sampling.generate import generate, sample_id
+from radsynth.pipelines.sampling.mask_to_image import CONTROLNET_FOLDER
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
 from radsynth.pipelines.training import (
     AUTOENCODER_DIR,
     BOOKKEEPING_FIELDS,
-    CONTROLNET_DIR,
     DIFFUSION_DIR,
     train,
     train_dir,
@@ -111,7 +111,7 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
     parts = {"autoencoder": (train_dir(config) / AUTOENCODER_DIR / "metrics.csv", config.autoencoder.max_steps),
              "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
     if config.conditioning.use_masks:
-        parts["controlnet"] = (train_dir(config) / CONTROLNET_DIR / "metrics.csv", config.controlnet.max_steps)
+        parts["controlnet"] = (train_dir(config) / CONTROLNET_FOLDER / "metrics.csv", config.controlnet.max_steps)
     with TrainingProgress(parts, logger, key=artifact_key(_slug(config), "training")):
         result = train(config, progress=False)
     logger.info("model %s (hash %s), %d diffusion steps%s", result.model_dir, result.model_hash[:12],

@@ -48,7 +48,6 @@ from .sampling.mask_to_image import CONTROLNET_FOLDER
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
-CONTROLNET_DIR = CONTROLNET_FOLDER  # its training run and its saved component share the name
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
 BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"}
@@ -231,7 +230,7 @@ def _controlnet(config: RadsynthConfig, train_images: CachedImages, latents: Cac
                 progress: bool) -> int:
     """Train the ControlNet on the training label maps beside the saved (frozen) base model; save it into the
     model folder as ``mask_controlnet``. Returns its steps."""
-    folder = train_dir(config) / CONTROLNET_DIR
+    folder = train_dir(config) / CONTROLNET_FOLDER
     start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
     base = RadsynthTextToImagePipeline.from_pretrained(model_dir(config), use_safetensors=True,
                                                       low_cpu_mem_usage=False)
@@ -253,7 +252,7 @@ def _controlnet(config: RadsynthConfig, train_images: CachedImages, latents: Cac
     with trainer.inference_controlnet() as trained:
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
-                             model_dir(config) / CONTROLNET_DIR)
+                             model_dir(config) / CONTROLNET_FOLDER)
     trainer.loop.accelerator.wait_for_everyone()
     return trainer.loop.state.step
 

@@ -49,10 +49,10 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
         diffusers_logging.disable_progress_bar()
     if not (model_dir / "model_index.json").is_file():
         raise UserInputError(model_dir, "no trained model here", "run `radsynth train CONFIG` first")
-    if masks and not (model_dir / CONTROLNET_FOLDER).is_dir():
-        raise UserInputError(model_dir, "no mask ControlNet in this model",
-                             "train with conditioning.use_masks: true to generate pairs")
     if masks:
+        if not (model_dir / CONTROLNET_FOLDER).is_dir():
+            raise UserInputError(model_dir, "no mask ControlNet in this model",
+                                 "train with conditioning.use_masks: true to generate pairs")
         pipeline = RadsynthMaskToImagePipeline.from_model_dir(model_dir)
     else:
         # low_cpu_mem_usage would build each component under accelerate's init_empty_weights, which patches
