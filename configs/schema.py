@@ -223,6 +223,29 @@ class ControlNetConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
 
 
+class MaskGeneratorConfig(Section):
+    """A diffusion model over label maps (``generators.mask_generator``), trained after the ControlNet when
+    ``enabled``; ``sampling.mask_source: generated`` then draws each pair's label map from it."""
+
+    enabled: bool = Field(False, description="train the mask generator (needs conditioning.use_masks)")
+    downsample: int = Field(2, ge=1, description="label maps are generated this many times coarser per axis")
+    smoothing_sigma: float = Field(0.0, ge=0, description="Gaussian (image voxels) on the upsampled label shares; "
+                                   "rounds boundaries, but erodes structures a few voxels thick")
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128])
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
+    norm_num_groups: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_steps: int = Field(2000, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+    @model_validator(mode="after")
+    def _levels_match(self) -> MaskGeneratorConfig:
+        if len(self.attention_levels) != len(self.channels):
+            raise ValueError("attention_levels must have one entry per channels entry")
+        return self
+
+
 class ConditioningConfig(Section):
     text_encoder: Literal["trained", "pretrained"] = "trained"
     pretrained_path: str | None = Field(None, description="local Hugging Face folder; never downloaded")
@@ -269,8 +292,12 @@ class SamplingConfig(Section):
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1, description="samples per shard; shards are the unit of fan-out and of resume")
     prompts: list[str] = Field(default_factory=list, description="empty: use prompts of the test split")
+    pairs: bool = Field(False, description="image + label-map pairs from the mask models (conditioning.use_masks)")
     lesions: list[str] = Field(default_factory=list, description="lesion edits applied to each pair's mask, "
                                "e.g. 'nodule 8 mm in right lung' (generate --pairs)")
+    mask_source: Literal["bank", "generated"] = Field(
+        "bank", description="where a pair's label map comes from: augmented training maps (derived from real, "
+        "internal releases only) or the mask generator (mask_generator.enabled)")
     output_format: Literal["auto", "nifti", "png16"] = "auto"
 
 
@@ -384,11 +411,25 @@ class RadsynthConfig(Section):
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
+    mask_generator: MaskGeneratorConfig = Field(default_factory=MaskGeneratorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _mask_models_chain(self) -> RadsynthConfig:
+        # Generated label maps are drawn by the mask generator, which only the ControlNet's images can follow.
+        if self.mask_generator.enabled and not self.conditioning.use_masks:
+            raise ValueError("mask_generator.enabled needs conditioning.use_masks: true")
+        if self.sampling.mask_source == "generated" and not self.mask_generator.enabled:
+            raise ValueError("sampling.mask_source: generated needs mask_generator.enabled: true")
+        if self.sampling.pairs and not self.conditioning.use_masks:
+            raise ValueError("sampling.pairs needs conditioning.use_masks: true (a ControlNet draws the images)")
+        if self.sampling.lesions and not self.sampling.pairs:
+            raise ValueError("sampling.lesions edit the masks of pairs: set sampling.pairs: true")
+        return self
 
     @property
     def output_dir(self) -> Path:

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 
-from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml, load_config
+from radsynth.configs import RadsynthConfig, UserInputError, apply_overrides, config_to_yaml, load_config
 
 USER_ERROR_EXIT = 2
 GATE_REFUSED_EXIT = 3  # the command ran correctly and its answer is "no" (a release the gate refused)
@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
     generate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/samples)")
     generate.add_argument("--pairs", action="store_true",
-                          help="image + label-map pairs (a model trained with conditioning.use_masks)")
+                          help="image + label-map pairs (sampling.pairs; a model trained with conditioning.use_masks), "
+                               "masks from sampling.mask_source: bank or generated")
     generate.add_argument("--lesion", action="append", default=None, metavar="REQUEST",
                           help="lesion edit of each pair's mask, e.g. 'nodule 8 mm in right lung' (repeatable; "
                                "default: sampling.lesions)")
@@ -150,10 +151,12 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
         raise UserInputError("--n", f"{n_samples} samples", "a positive number")
     if args.lesion and not args.pairs:
         raise UserInputError("--lesion", "lesion edits apply to pairs", "add --pairs")
+    if args.pairs:
+        config = apply_overrides(config, ["sampling.pairs=true"], where="--pairs")
     if args.lesion:
         config = config.model_copy(update={"sampling": config.sampling.model_copy(update={"lesions": args.lesion})})
     result = generate(config, args.model or model_dir(config), n_samples, args.out or config.output_dir / "samples",
-                      progress=not args.json, pairs=args.pairs)
+                      progress=not args.json)
     print(f"{len(result.written)} samples written to {result.sample_dir} ({result.skipped} already there); "
           f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")
     return {"command": "generate", "sample_dir": str(result.sample_dir), "written": len(result.written),

@@ -25,6 +25,7 @@ from .tasks import (
     generate_shard_task,
     ingest_task,
     release_task,
+    saved_model_hash,
     shard_outputs_exist,
     train_outputs_exist,
     train_task,
@@ -93,14 +94,6 @@ def sample_shards(config: RadsynthConfig, model_dir: str, model_hash: str, data_
     results = [future.result() for future in futures]
     states = {f"generate-shard-{shard}": future.state.name for shard, future in enumerate(futures)}
     return states, sorted({result["process"] for result in results})
-
-
-def saved_model_hash(config: RadsynthConfig, model_dir: str) -> str:
-    from radsynth.pipelines.sampling.generate import load_pipeline
-    from radsynth.pipelines.sampling.text_to_image import model_hash
-
-    cpu = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": "cpu"})})
-    return model_hash(load_pipeline(model_dir, cpu, progress=False))
 
 
 @flow(name="evaluate", log_prints=True)

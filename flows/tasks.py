@@ -26,8 +26,10 @@ from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.io import write_text
 from radsynth.pipelines.release import ReleaseRefused, release
 from radsynth.pipelines.release.stage import headline_rows, release_root
-from radsynth.pipelines.sampling.generate import generate, sample_id
+from radsynth.pipelines.sampling.generate import generate, load_pipeline, sample_id
 from radsynth.pipelines.sampling.mask_to_image import CONTROLNET_FOLDER
+from radsynth.pipelines.sampling.text_to_image import model_hash as pipeline_hash
+from radsynth.pipelines.sampling.text_to_pair import MASK_GENERATOR_FOLDER
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
 from radsynth.pipelines.training import (
     AUTOENCODER_DIR,
@@ -78,8 +80,8 @@ def data_sha256(config: RadsynthConfig) -> str:
 
 # ------------------------------------------------------------------------------------------------- train
 
-TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "controlnet", "finetune", "runtime.seed",
-                  "runtime.precision", "runtime.output_dir")
+TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "controlnet", "mask_generator", "finetune",
+                  "runtime.seed", "runtime.precision", "runtime.output_dir")
 
 
 def trained_model_dir(config: RadsynthConfig) -> Path:
@@ -87,6 +89,12 @@ def trained_model_dir(config: RadsynthConfig) -> Path:
     from radsynth.pipelines.training import model_dir
 
     return finetuned_model_dir(config) if config.finetune.from_ else model_dir(config)
+
+
+def saved_model_hash(config: RadsynthConfig, model_dir: str | Path) -> str:
+    """The hash of what the generate stage loads from ``model_dir`` (with the mask models for pairs)."""
+    cpu = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": "cpu"})})
+    return pipeline_hash(load_pipeline(model_dir, cpu, progress=False))
 
 
 def train_outputs_exist(config: RadsynthConfig) -> bool:
@@ -102,7 +110,10 @@ def _train_key(context, parameters) -> str:
 def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
     logger = get_run_logger()
     if config.runtime.launch.distributed:
-        return launch_training(config)
+        launched = launch_training(config)
+        if config.sampling.pairs:
+            launched["model_hash"] = saved_model_hash(config, launched["model_dir"])
+        return launched
     if config.finetune.from_:
         from radsynth.pipelines.finetuning import finetune
 
@@ -112,11 +123,16 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
              "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
     if config.conditioning.use_masks:
         parts["controlnet"] = (train_dir(config) / CONTROLNET_FOLDER / "metrics.csv", config.controlnet.max_steps)
+    if config.mask_generator.enabled:
+        parts["mask_generator"] = (train_dir(config) / MASK_GENERATOR_FOLDER / "metrics.csv",
+                                   config.mask_generator.max_steps)
     with TrainingProgress(parts, logger, key=artifact_key(_slug(config), "training")):
         result = train(config, progress=False)
-    logger.info("model %s (hash %s), %d diffusion steps%s", result.model_dir, result.model_hash[:12],
+    # Pairs come from the mask models too: their weights must key the samples as the base's do.
+    digest = saved_model_hash(config, result.model_dir) if config.sampling.pairs else result.model_hash
+    logger.info("model %s (hash %s), %d diffusion steps%s", result.model_dir, digest[:12],
                 result.diffusion_steps, f", resumed from step {result.resumed_from}" if result.resumed_from else "")
-    return {"model_dir": str(result.model_dir), "model_hash": result.model_hash, "steps": result.diffusion_steps,
+    return {"model_dir": str(result.model_dir), "model_hash": digest, "steps": result.diffusion_steps,
             "resumed_from": result.resumed_from, "autoencoder_holdout": result.autoencoder_holdout}
 
 

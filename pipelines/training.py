@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ from radsynth.generators.controlnet_trainer import ControlNetTrainer
 from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.losses import AutoencoderLoss
+from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
 from radsynth.generators.text_encoder import load_text_encoder
 from radsynth.generators.trainer import LoopSettings
@@ -42,10 +43,12 @@ from radsynth.generators.unet import RadsynthUNet
 from .data.ingest import data_dir
 from .data.io import write_json
 from .data.manifest import CaseRecord, read_manifest
+from .masks import MaskBank
 from .model_card import write_model_card
 from .sampling.grids import save_grid
 from .sampling.mask_to_image import CONTROLNET_FOLDER
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
+from .sampling.text_to_pair import MASK_GENERATOR_FOLDER
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
@@ -127,7 +130,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
             write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
     accelerator.wait_for_everyone()
     if config.conditioning.use_masks:
-        _controlnet(config, train_images, latents, digest, progress)
+        _mask_models(config, train_images, latents, digest, progress)
     out = model_dir(config)
     return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
 
@@ -226,16 +229,26 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
     return autoencoder, holdout
 
 
-def _controlnet(config: RadsynthConfig, train_images: CachedImages, latents: CachedLatents, base_hash: str,
-                progress: bool) -> int:
-    """Train the ControlNet on the training label maps beside the saved (frozen) base model; save it into the
-    model folder as ``mask_controlnet``. Returns its steps."""
-    folder = train_dir(config) / CONTROLNET_FOLDER
-    start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
+def _mask_models(config: RadsynthConfig, train_images: CachedImages, latents: CachedLatents, base_hash: str,
+                 progress: bool) -> None:
+    """The models beside the saved (frozen) base that make pairs: the ControlNet, and the mask generator when
+    enabled. Each trains on the training label maps and is saved into the model folder."""
     base = RadsynthTextToImagePipeline.from_pretrained(model_dir(config), use_safetensors=True,
                                                       low_cpu_mem_usage=False)
     latents.label_maps = train_images.label_maps()
-    num_labels = max(max(record.label_names) for record in train_images.records) + 1
+    label_names: dict[int, str] = {}
+    for record in train_images.records:
+        label_names.update(record.label_names)
+    _controlnet(config, base, latents, max(label_names) + 1, base_hash, progress)
+    if config.mask_generator.enabled:
+        _mask_generator(config, base, latents, label_names, base_hash, progress)
+
+
+def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, latents: CachedLatents, num_labels: int,
+                base_hash: str, progress: bool) -> int:
+    """Train the ControlNet on ``latents.label_maps``; save it as the model's ``mask_controlnet``. Returns its steps."""
+    folder = train_dir(config) / CONTROLNET_FOLDER
+    start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
     torch.manual_seed(config.runtime.seed + 2)
     controlnet = RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
     settings, diffusion = config.controlnet, config.diffusion
@@ -253,6 +266,42 @@ def _controlnet(config: RadsynthConfig, train_images: CachedImages, latents: Cac
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
                              model_dir(config) / CONTROLNET_FOLDER)
+    trainer.loop.accelerator.wait_for_everyone()
+    return trainer.loop.state.step
+
+
+def _mask_generator(config: RadsynthConfig, base: RadsynthTextToImagePipeline, latents: CachedLatents,
+                    label_names: dict[int, str], base_hash: str, progress: bool) -> int:
+    """Train the mask generator on the training label maps under the base's frozen text encoder; save it as the
+    model's ``mask_generator``. Returns its steps."""
+    folder = train_dir(config) / MASK_GENERATOR_FOLDER
+    start_over_if_changed(folder, part_fingerprint(config, "mask_generator", upstream=base_hash))
+    settings, diffusion, unet_config = config.mask_generator, config.diffusion, base.unet.config
+    torch.manual_seed(config.runtime.seed + 3)
+    generator = RadsynthMaskGenerator(
+        label_names={str(value): name for value, name in sorted(label_names.items())},
+        image_shape=tuple(base.config.image_shape), downsample=settings.downsample,
+        smoothing_sigma=settings.smoothing_sigma, spatial_dims=config.data.spatial_dims,
+        channels=tuple(settings.channels), attention_levels=tuple(settings.attention_levels),
+        num_head_channels=diffusion.num_head_channels, cross_attention_dim=unet_config.cross_attention_dim,
+        norm_num_groups=settings.norm_num_groups, num_class_embeds=unet_config.num_class_embeds,
+        use_spacing=unet_config.use_spacing, orientation=asdict(MaskBank.from_ingest(config).grid_orientation))
+    shares = torch.cat([generator.encode(latents.label_maps[start:start + 64])
+                        for start in range(0, len(latents), 64)])
+    maps = CachedLatents(shares, torch.zeros_like(shares), latents.prompts, latents.spacing, latents.class_labels)
+    base.text_encoder.requires_grad_(False)
+    trainer = DiffusionTrainer(
+        generator, base.text_encoder, maps, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
+        folder, loop_settings(config, progress, max_steps=settings.max_steps,
+                              checkpoint_every=settings.checkpoint_every, validate=False),
+        learning_rate=settings.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
+        batch_size=settings.batch_size, condition_dropout=config.conditioning.condition_dropout,
+        max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+    trainer.fit()
+    with trainer.inference_weights() as (trained, _):
+        if trainer.loop.accelerator.is_main_process:
+            _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
+                             model_dir(config) / MASK_GENERATOR_FOLDER)
     trainer.loop.accelerator.wait_for_everyone()
     return trainer.loop.state.step
 

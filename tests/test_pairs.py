@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image as PILImage
 
+from radsynth.configs import UserInputError
+from radsynth.generators.trainer import read_metrics
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.data.manifest import read_manifest
 from radsynth.pipelines.training import train
@@ -59,3 +62,42 @@ def test_pairs_need_a_mask_model_and_lesions_need_pairs(tmp_path):
     lesion_alone = radsynth("generate", str(path), "--lesion", "nodule 8 mm", "--n", "1")
     assert lesion_alone.returncode == 2 and "--pairs" in lesion_alone.stderr.strip().splitlines()[-1]
     assert not (run_dir / "samples").exists() or not any((run_dir / "samples").iterdir())  # nothing half-written
+
+
+GENERATED = [*MASKS, "mask_generator.enabled=true", "mask_generator.max_steps=3", "mask_generator.batch_size=4",
+             "mask_generator.channels=[16,32]", "mask_generator.attention_levels=[false,true]"]
+
+
+def test_generated_masks_train_with_the_model_and_make_pairs_that_owe_nothing_to_a_real_case(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, *GENERATED)
+    ingest(config, progress=False)
+    first = train(config, progress=False)
+    assert (first.model_dir / "mask_generator" / "config.json").is_file()
+    steps = read_metrics(run_dir / "train" / "mask_generator" / "metrics.csv", "loss")
+    assert sorted(steps) == [1, 2, 3]
+    # Turning the generator on neither retrained the base nor the ControlNet; a rerun trains nothing.
+    assert train(config, progress=False).model_hash == first.model_hash
+    assert read_metrics(run_dir / "train" / "mask_generator" / "metrics.csv", "loss") == steps
+
+    path = config_file(tmp_path, run_dir, *GENERATED, "sampling.mask_source=generated")
+    request = "nodule 30 mm in right lung"
+    done = radsynth("generate", str(path), "--pairs", "--n", "2", "--lesion", request, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for sidecar_path in sorted((run_dir / "samples").glob("syn_*.json")):
+        sidecar = json.loads(sidecar_path.read_text())
+        image = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["file"])))
+        label = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["label_file"])))
+        assert image.shape == label.shape == (32, 32)
+        assert sidecar["mask"] == {"mask_source": "generated", "derived_from_real": False}
+        assert sidecar["derived_from_real"] is False and sidecar["mask_source"] == "edited"
+        nodule = next(int(value) for value, name in sidecar["label_names"].items() if name == "nodule")
+        assert label[tuple(sidecar["lesions"][0]["centre_voxel"])] == nodule and request in sidecar["prompt"]
+
+
+def test_generated_masks_need_the_mask_generator(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(UserInputError, match="mask_generator.enabled"):
+        tiny_config(run_dir, *MASKS, "sampling.mask_source=generated")
+    with pytest.raises(UserInputError, match="conditioning.use_masks"):
+        tiny_config(run_dir, "mask_generator.enabled=true")

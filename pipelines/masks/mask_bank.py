@@ -246,6 +246,11 @@ class MaskBank:
                         "augmentations": applied},
         )
 
+    @property
+    def grid_orientation(self) -> Orientation:
+        """The orientation of the bank's grid: its first case's (a dataset shares one preprocessed grid)."""
+        return self._orientation_of(self.entries[0])
+
     def _orientation_of(self, entry: BankEntry) -> Orientation:
         return entry.orientation or self.orientation or default_orientation(entry.ndim)
 

@@ -24,8 +24,9 @@ from radsynth.generators.objectives import build_inference_scheduler
 from ..data.ingest import data_dir
 from ..data.manifest import read_manifest
 from .mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
-from .pairs import PairSource, SampleCondition
+from .pairs import PairSource, SampleCondition, generated_condition, with_lesions
 from .text_to_image import RadsynthTextToImagePipeline, model_hash
+from .text_to_pair import MASK_GENERATOR_FOLDER, RadsynthTextToPairPipeline
 from .writers import write_sample
 
 # Settings that change what one sample looks like; batch size and sample count do not.
@@ -42,18 +43,23 @@ class GenerateResult:
 
 
 def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool = True,
-                  masks: bool = False) -> RadsynthTextToImagePipeline:
-    """The trained text-to-image pipeline, or with ``masks`` the mask-to-image one (its ControlNet beside it)."""
+                  pairs: bool | None = None) -> RadsynthTextToImagePipeline:
+    """The trained text-to-image pipeline; for pairs (default ``sampling.pairs``) the mask-to-image one (its
+    ControlNet beside it), or with ``sampling.mask_source: generated`` the text-to-pair one."""
     model_dir = Path(model_dir)
+    pairs = config.sampling.pairs if pairs is None else pairs
     if not progress:
         diffusers_logging.disable_progress_bar()
     if not (model_dir / "model_index.json").is_file():
         raise UserInputError(model_dir, "no trained model here", "run `radsynth train CONFIG` first")
-    if masks:
-        if not (model_dir / CONTROLNET_FOLDER).is_dir():
-            raise UserInputError(model_dir, "no mask ControlNet in this model",
-                                 "train with conditioning.use_masks: true to generate pairs")
-        pipeline = RadsynthMaskToImagePipeline.from_model_dir(model_dir)
+    if pairs:
+        generated = config.sampling.mask_source == "generated"
+        needed, setting = ((MASK_GENERATOR_FOLDER, "mask_generator.enabled: true") if generated
+                           else (CONTROLNET_FOLDER, "conditioning.use_masks: true"))
+        if not (model_dir / needed).is_dir():
+            raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
+        kind = RadsynthTextToPairPipeline if generated else RadsynthMaskToImagePipeline
+        pipeline = kind.from_model_dir(model_dir)
     else:
         # low_cpu_mem_usage would build each component under accelerate's init_empty_weights, which patches
         # torch.nn.Module for the whole process: shards sampling on threads then race, and a module created in
@@ -71,6 +77,8 @@ def sample_seed(digest: str, config: RadsynthConfig, index: int) -> int:
     settings = {field: getattr(config.sampling, field) for field in SEED_FIELDS}
     if config.sampling.lesions:  # they change a pair; absent, seeds stay those of earlier releases
         settings["lesions"] = list(config.sampling.lesions)
+    if config.sampling.pairs and config.sampling.mask_source != "bank":
+        settings["mask_source"] = config.sampling.mask_source
     key = json.dumps({"model": digest, "seed": config.runtime.seed, **settings, "index": index}, sort_keys=True)
     return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
@@ -89,17 +97,20 @@ def sampling_prompts(config: RadsynthConfig) -> list[str]:
 
 def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, sample_dir: str | Path,
              prompts: list[str] | None = None, progress: bool = True,
-             indices: Sequence[int] | None = None, pairs: bool = False) -> GenerateResult:
+             indices: Sequence[int] | None = None) -> GenerateResult:
     """Samples 0..n_samples-1, or only ``indices`` of them (one shard of a fanned-out run).
 
-    pairs: image + label-map pairs from the mask-to-image model, each mask drawn from the bank and edited by
-    ``sampling.lesions`` (see ``pairs.PairSource``); the label is written on the image's grid.
+    With ``sampling.pairs`` each sample is an image + label-map pair, the label written on the image's grid:
+    its mask comes from the bank or the mask generator (``sampling.mask_source``), edited by
+    ``sampling.lesions`` (see ``pairs``).
     """
-    pipeline = load_pipeline(model_dir, config, progress, masks=pairs)
+    pipeline = load_pipeline(model_dir, config, progress)
     pipeline.set_progress_bar_config(disable=True)
     digest = model_hash(pipeline)
-    conditions = PairSource(config) if pairs else None
-    prompts = None if pairs else prompts or sampling_prompts(config)
+    sampling = config.sampling
+    bank = PairSource(config) if sampling.pairs and sampling.mask_source == "bank" else None
+    if bank is None:
+        prompts = [with_lesions(prompt, sampling.lesions) for prompt in prompts or sampling_prompts(config)]
     sample_dir = Path(sample_dir)
     fmt = config.sampling.output_format
     if fmt == "auto":
@@ -113,16 +124,20 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         indices = todo[start:start + batch]
         seeds = [sample_seed(digest, config, i) for i in indices]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        if conditions is None:
-            drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
-            masks = {}
+        if bank is not None:
+            drawn = [bank.draw(seed) for seed in seeds]
+            masks = {"label_maps": np.stack([pair.label_map[None] for pair in drawn])}
         else:
-            drawn = [conditions.draw(seed) for seed in seeds]
-            masks = {"label_maps": np.stack([pair.label_map[None] for pair in drawn]),
-                     "conditioning_scale": config.controlnet.conditioning_scale}
-        output = pipeline([pair.prompt for pair in drawn], num_inference_steps=config.sampling.num_inference_steps,
-                          guidance_scale=config.sampling.guidance_scale, generator=generators, output_type="physical",
+            drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
+            masks = {"lesions": sampling.lesions} if sampling.pairs else {}
+        if sampling.pairs:
+            masks["conditioning_scale"] = config.controlnet.conditioning_scale
+        output = pipeline([pair.prompt for pair in drawn], num_inference_steps=sampling.num_inference_steps,
+                          guidance_scale=sampling.guidance_scale, generator=generators, output_type="physical",
                           **masks)
+        if getattr(output, "mask_sources", None):
+            drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)
+                     for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
         for index, seed, pair, image in zip(indices, seeds, drawn, np.asarray(output.images)):
             sidecar = {"prompt": pair.prompt, "seed": seed, "scheduler": config.sampling.scheduler,

@@ -38,11 +38,13 @@ class RadsynthMaskToImagePipeline(RadsynthTextToImagePipeline):
         self.register_modules(mask_controlnet=mask_controlnet)
 
     @classmethod
-    def from_text_to_image(cls, pipeline: RadsynthTextToImagePipeline,
-                           mask_controlnet: RadsynthControlNet) -> RadsynthMaskToImagePipeline:
-        own = set(inspect.signature(RadsynthTextToImagePipeline.__init__).parameters) - set(pipeline.components)
-        config = {key: value for key, value in pipeline.config.items() if key in own}
-        mask_pipeline = cls(**pipeline.components, mask_controlnet=mask_controlnet, **config)
+    def from_text_to_image(cls, pipeline: RadsynthTextToImagePipeline, mask_controlnet: RadsynthControlNet,
+                           **components) -> RadsynthMaskToImagePipeline:
+        """``pipeline``'s models and config with the ControlNet (and a subclass's further ``components``)."""
+        arguments = set(inspect.signature(RadsynthTextToImagePipeline.__init__).parameters)
+        base = {name: module for name, module in pipeline.components.items() if name in arguments}
+        config = {key: value for key, value in pipeline.config.items() if key in arguments and key not in base}
+        mask_pipeline = cls(**base, mask_controlnet=mask_controlnet, **components, **config)
         mask_pipeline.set_progress_bar_config(**getattr(pipeline, "_progress_bar_config", {}))
         return mask_pipeline
 

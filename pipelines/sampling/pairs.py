@@ -1,9 +1,12 @@
-"""What conditions each image + label-map pair: a training-split mask from the bank, with the lesion edits.
+"""What conditions each image + label-map pair, and what its sidecar says about the mask.
 
-The prompt is the source case's structured attributes (never its report text, which would carry real words
-into a release) followed by the lesion requests, so text and map describe the same thing. A bank mask is
-derived from a real case; its pair is marked so, with the source case id, and can only go to an internal
-release. (A mask generator that draws new maps is the next source: issue 4.)
+Bank masks (``PairSource``): a training-split mask with the lesion edits. The prompt is the source case's
+structured attributes (never its report text, which would carry real words into a release) followed by the
+lesion requests, so text and map describe the same thing. A bank mask is derived from a real case; its pair is
+marked so, with the source case id, and can only go to an internal release.
+
+Generated masks (``generated_condition``): the text-to-pair pipeline drew the map from the prompt and edited
+it; nothing of a real case is in it.
 """
 
 from __future__ import annotations
@@ -47,9 +50,28 @@ class PairSource:
             label_map, record = apply_lesion_edit(label_map, mask.spacing, request, mask.label_names, rng,
                                                   orientation=mask.orientation)
             edits.append(record.to_dict())
-        prompt = render_prompt(" ".join(f"{text}." for text in self.lesion_texts), mask.attributes,
-                               self.attribute_keys)
-        sidecar = {"mask_source": "edited" if edits else "bank", "mask": mask.provenance, "lesions": edits,
-                   "derived_from_real": bool(mask.provenance["derived_from_real"]),
-                   "label_names": {str(value): name for value, name in mask.label_names.items()}}
-        return SampleCondition(prompt, np.asarray(label_map).astype(np.int64), sidecar)
+        prompt = render_prompt(lesion_sentences(self.lesion_texts), mask.attributes, self.attribute_keys)
+        return SampleCondition(prompt, np.asarray(label_map).astype(np.int64),
+                               _mask_sidecar(mask.provenance, edits, mask.label_names))
+
+
+def generated_condition(prompt: str, label_map: np.ndarray, edits: list[dict],
+                        label_names: dict[int, str]) -> SampleCondition:
+    """The condition of a pair whose map the mask generator drew from ``prompt`` (then edited by ``edits``)."""
+    provenance = {"mask_source": "generated", "derived_from_real": False}
+    return SampleCondition(prompt, np.asarray(label_map).astype(np.int64), _mask_sidecar(provenance, edits, label_names))
+
+
+def lesion_sentences(lesions: list[str]) -> str:
+    return " ".join(f"{text}." for text in lesions)
+
+
+def with_lesions(prompt: str, lesions: list[str]) -> str:
+    """A prompt with the lesion requests appended, so the text describes the edited map."""
+    return f"{prompt} {lesion_sentences(lesions)}".strip() if lesions else prompt
+
+
+def _mask_sidecar(provenance: dict, edits: list[dict], label_names: dict[int, str]) -> dict:
+    return {"mask_source": "edited" if edits else provenance["mask_source"], "mask": provenance, "lesions": edits,
+            "derived_from_real": bool(provenance["derived_from_real"]),
+            "label_names": {str(value): name for value, name in label_names.items()}}

@@ -152,23 +152,27 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
 
     def denoise(self, latents: torch.Tensor, timesteps, context: torch.Tensor, class_labels: torch.Tensor | None,
                 spacing: torch.Tensor | None, guidance_scale: float, step_kwargs: dict,
-                scheduler: SchedulerMixin | None = None, residuals: Residuals | None = None) -> torch.Tensor:
+                scheduler: SchedulerMixin | None = None, residuals: Residuals | None = None,
+                denoiser: torch.nn.Module | None = None, latent_clip: float | None = None) -> torch.Tensor:
         """Run ``scheduler`` (default: the pipeline's, already set to its timesteps) from ``latents`` over
         ``timesteps``. With guidance (> 1) ``context`` and ``class_labels`` hold the null half first. Also used to
         regenerate a partly noised latent from the middle of the schedule (scoring's near copies).
 
         residuals: called each step with (model_input, timestep, context, class_labels, spacing); returns
-        keyword arguments added to the UNet's call (a ControlNet's down/mid residuals)."""
-        scheduler = scheduler or self.scheduler
-        guided, latent_clip = guidance_scale > 1.0, self.config.latent_clip
+        keyword arguments added to the UNet's call (a ControlNet's down/mid residuals).
+        denoiser, latent_clip: another model with the UNet's call (the mask generator) and its clip, in place of
+        the UNet and the pipeline's ``latent_clip``."""
+        scheduler, denoiser = scheduler or self.scheduler, denoiser or self.unet
+        guided = guidance_scale > 1.0
+        latent_clip = self.config.latent_clip if latent_clip is None else latent_clip
         for timestep in timesteps:
             model_input = torch.cat([latents, latents]) if guided else latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(model_input, timestep)
             extra = residuals(model_input, timestep, context, class_labels, spacing) if residuals else {}
             # Rectified flow: FlowMatchEuler's timesteps are already sigma * 1000, the unit the UNet trained on.
-            prediction = self.unet(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
-                                   spacing=spacing, **extra)
+            prediction = denoiser(model_input, timestep, encoder_hidden_states=context, class_labels=class_labels,
+                                  spacing=spacing, **extra)
             if guided:
                 unconditional, conditional = prediction.chunk(2)
                 prediction = unconditional + guidance_scale * (conditional - unconditional)

@@ -1,0 +1,106 @@
+"""The mask generator: a diffusion model over label maps, so an image + label pair needs no existing mask.
+
+A label map becomes one channel per label, average-pooled by ``downsample`` per axis: each coarse voxel holds
+the share of every label inside it, so a thin wall or a 3-voxel nodule survives as a fraction instead of
+vanishing, and the shares are mapped to [-1, 1] (the range the sampler's clip keeps). A RadsynthUNet denoises
+these maps under the base model's own text context (its text encoder, frozen), so "liver tumour" in a prompt
+draws a tumour in the map, and classifier-free guidance works as it does for images.
+
+A generated map goes back to the image grid by interpolating the shares (bi/trilinear) and taking the largest
+per voxel: boundaries come out smooth rather than blocky, and the map lands on exactly the grid the
+ControlNet and the image use. An optional Gaussian on the interpolated shares (``smoothing_sigma``, image
+voxels) rounds boundaries further; it is off by default, since at sigma 1 it erases structures a few voxels
+thick (kidneys and vertebrae of a 48^3 torso keep a Dice of 0.1-0.4 against 0.6-0.8 without it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from monai.networks.layers import GaussianFilter
+from torch import Tensor
+
+from .controlnet import one_hot_labels
+from .unet import RadsynthUNet
+
+__all__ = ["RadsynthMaskGenerator"]
+
+
+class RadsynthMaskGenerator(ModelMixin, ConfigMixin):
+    """Denoiser of label-share maps on a grid ``downsample`` times coarser than ``image_shape``.
+
+    label_names: the dataset's vocabulary, value -> name (JSON keys are strings); values run 0..max.
+    orientation: where patient-right and superior lie on the grid (``masks.Orientation`` fields), for lesion
+        requests on generated maps; None: the built-in phantoms' layout.
+    Other arguments shape the RadsynthUNet, as the base model's do.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        label_names: Mapping[str, str],
+        image_shape: Sequence[int],
+        downsample: int = 2,
+        smoothing_sigma: float = 0.0,
+        spatial_dims: int = 2,
+        channels: tuple[int, ...] = (32, 64, 128),
+        attention_levels: tuple[bool, ...] = (False, False, True),
+        num_res_blocks: int = 1,
+        num_head_channels: int = 32,
+        cross_attention_dim: int = 256,
+        norm_num_groups: int = 16,
+        num_class_embeds: int | None = None,
+        use_spacing: bool = False,
+        orientation: Mapping[str, int | bool] | None = None,
+    ) -> None:
+        super().__init__()
+        values = sorted(int(value) for value in label_names)
+        if len(values) < 2 or values[0] != 0:
+            raise ValueError(f"label_names needs background 0 and at least one label, got {dict(label_names)}")
+        if len(image_shape) != spatial_dims or any(size % downsample for size in image_shape):
+            raise ValueError(f"image_shape {tuple(image_shape)} must have {spatial_dims} sizes divisible by "
+                             f"downsample {downsample}")
+        self.num_labels = values[-1] + 1
+        self.denoiser = RadsynthUNet(
+            spatial_dims=spatial_dims, in_channels=self.num_labels, out_channels=self.num_labels,
+            channels=tuple(channels), attention_levels=tuple(attention_levels), num_res_blocks=num_res_blocks,
+            num_head_channels=num_head_channels, cross_attention_dim=cross_attention_dim,
+            norm_num_groups=norm_num_groups, num_class_embeds=num_class_embeds, use_spacing=use_spacing)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(size // self.config.downsample for size in self.config.image_shape)
+
+    @property
+    def label_vocabulary(self) -> dict[int, str]:
+        return {int(value): name for value, name in self.config.label_names.items()}
+
+    def conditioning_context(self, encoder_hidden_states: Tensor, spacing: Tensor | None = None) -> Tensor:
+        return self.denoiser.conditioning_context(encoder_hidden_states, spacing)
+
+    def encode(self, label_maps: Tensor) -> Tensor:
+        """Integer maps (B, 1, *image_shape) -> label shares on the coarse grid in [-1, 1], (B, L, *grid_shape)."""
+        expected = tuple(self.config.image_shape)
+        if tuple(label_maps.shape[2:]) != expected:
+            raise ValueError(f"label maps must be (B, 1, *{expected}), got {tuple(label_maps.shape)}")
+        shares = one_hot_labels(label_maps, self.num_labels)
+        pool = (F.avg_pool2d, F.avg_pool3d)[self.config.spatial_dims - 2]
+        return pool(shares, self.config.downsample) * 2.0 - 1.0
+
+    def decode(self, coarse: Tensor) -> Tensor:
+        """Label shares (B, L, *grid_shape) in [-1, 1] -> integer label maps (B, 1, *image_shape), int64."""
+        shares = ((coarse.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        mode = ("bilinear", "trilinear")[self.config.spatial_dims - 2]
+        shares = F.interpolate(shares, size=tuple(self.config.image_shape), mode=mode, align_corners=False)
+        if self.config.smoothing_sigma > 0:
+            smoothing = GaussianFilter(self.config.spatial_dims, self.config.smoothing_sigma).to(shares.device)
+            shares = smoothing(shares)
+        return shares.argmax(dim=1, keepdim=True)
+
+    def forward(self, sample: Tensor, timestep: Tensor | float | int, encoder_hidden_states: Tensor,
+                class_labels: Tensor | None = None, spacing: Tensor | Sequence[float] | None = None) -> Tensor:
+        """The denoiser's prediction for noisy label shares (the signature of ``RadsynthUNet.forward``)."""
+        return self.denoiser(sample, timestep, encoder_hidden_states, class_labels=class_labels, spacing=spacing)
