@@ -295,6 +295,9 @@ class SamplingConfig(Section):
     pairs: bool = Field(False, description="image + label-map pairs from the mask models (conditioning.use_masks)")
     lesions: list[str] = Field(default_factory=list, description="lesion edits applied to each pair's mask, "
                                "e.g. 'nodule 8 mm in right lung' (generate --pairs)")
+    inpaint: bool = Field(False, description="pairs whose lesion edits are generated into the training case's own "
+                          "real image, the rest kept (LeFusion-style; derived from real, internal releases only)")
+    inpaint_margin: int = Field(2, ge=0, description="voxels around an inpainted lesion regenerated to blend its edge")
     mask_source: Literal["bank", "generated"] = Field(
         "bank", description="where a pair's label map comes from: augmented training maps (derived from real, "
         "internal releases only) or the mask generator (mask_generator.enabled)")
@@ -429,6 +432,10 @@ class RadsynthConfig(Section):
             raise ValueError("sampling.pairs needs conditioning.use_masks: true (a ControlNet draws the images)")
         if self.sampling.lesions and not self.sampling.pairs:
             raise ValueError("sampling.lesions edit the masks of pairs: set sampling.pairs: true")
+        if self.sampling.inpaint and not (self.sampling.pairs and self.sampling.lesions
+                                          and self.sampling.mask_source == "bank"):
+            raise ValueError("sampling.inpaint generates lesion edits into real training images: it needs "
+                             "sampling.pairs: true, sampling.lesions and mask_source: bank")
         return self
 
     @property

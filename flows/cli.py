@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--pairs", action="store_true",
                           help="image + label-map pairs (sampling.pairs; a model trained with conditioning.use_masks), "
                                "masks from sampling.mask_source: bank or generated")
+    generate.add_argument("--inpaint", action="store_true",
+                          help="generate the lesion edits into real training images, the rest kept (sampling.inpaint; "
+                               "derived from real)")
     generate.add_argument("--lesion", action="append", default=None, metavar="REQUEST",
                           help="lesion edit of each pair's mask, e.g. 'nodule 8 mm in right lung' (repeatable; "
                                "default: sampling.lesions)")
@@ -151,10 +154,13 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
         raise UserInputError("--n", f"{n_samples} samples", "a positive number")
     if args.lesion and not args.pairs:
         raise UserInputError("--lesion", "lesion edits apply to pairs", "add --pairs")
-    if args.pairs:
-        config = apply_overrides(config, ["sampling.pairs=true"], where="--pairs")
+    if args.inpaint and not (args.pairs and (args.lesion or config.sampling.lesions)):
+        raise UserInputError("--inpaint", "inpainting generates lesion edits into real images",
+                             "add --pairs and --lesion REQUEST")
     if args.lesion:
         config = config.model_copy(update={"sampling": config.sampling.model_copy(update={"lesions": args.lesion})})
+    switches = [f"sampling.{name}=true" for name in ("pairs", "inpaint") if getattr(args, name)]
+    config = apply_overrides(config, switches, where="--inpaint" if args.inpaint else "--pairs") if switches else config
     result = generate(config, args.model or model_dir(config), n_samples, args.out or config.output_dir / "samples",
                       progress=not args.json)
     print(f"{len(result.written)} samples written to {result.sample_dir} ({result.skipped} already there); "

@@ -191,6 +191,15 @@ def model_output_for_clean_latents(
     raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
 
 
+def noised_latents(scheduler: SchedulerMixin, clean: torch.Tensor, noise: torch.Tensor,
+                   timestep: torch.Tensor) -> torch.Tensor:
+    """``clean`` noised to ``timestep`` the way ``scheduler`` samples (``scale_noise`` for rectified flow)."""
+    timesteps = torch.as_tensor(timestep, device=clean.device).reshape(-1).expand(len(clean))
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return scheduler.scale_noise(clean, timesteps, noise)
+    return scheduler.add_noise(clean, noise, timesteps)
+
+
 def clip_predicted_clean_latents(
     scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor, limit: float
 ) -> torch.Tensor:

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 from PIL import Image as PILImage
+from safetensors.torch import load_file
+from scipy import ndimage
 
 from radsynth.configs import UserInputError
 from radsynth.generators.trainer import read_metrics
@@ -101,3 +103,41 @@ def test_generated_masks_need_the_mask_generator(tmp_path):
         tiny_config(run_dir, *MASKS, "sampling.mask_source=generated")
     with pytest.raises(UserInputError, match="conditioning.use_masks"):
         tiny_config(run_dir, "mask_generator.enabled=true")
+
+
+def test_inpainted_pairs_keep_the_real_training_image_outside_the_lesion_and_say_whose_it_is(tmp_path):
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, *MASKS)
+    ingest(config, progress=False)
+    train(config, progress=False)
+    path = config_file(tmp_path, run_dir, *MASKS)
+    request = "nodule 40 mm2 in left lung"
+    done = radsynth("generate", str(path), "--pairs", "--inpaint", "--n", "2", "--lesion", request, "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    cache = next((run_dir / "data" / "cache").iterdir())
+    train_ids = {r.case_id for r in read_manifest(run_dir / "data" / "manifest.jsonl") if r.split == "train"}
+    for sidecar_path in sorted((run_dir / "samples").glob("syn_*.json")):
+        sidecar = json.loads(sidecar_path.read_text())
+        source = sidecar["mask"]["source_case_id"]
+        assert source in train_ids and sidecar["inpainting"]["background_case_id"] == source
+        assert sidecar["derived_from_real"] is True and sidecar["mask"]["augmentations"] == []
+        cached = load_file(str(cache / f"{source}.safetensors"))
+        real, real_label = cached["image"].numpy().reshape(32, 32), cached["label"].numpy().reshape(32, 32)
+        image = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["file"]))).astype(np.int64)
+        label = np.asarray(PILImage.open(sidecar_path.with_name(sidecar["label_file"])))
+        region = label != real_label  # the edit: the case's own map, with the nodule written in
+        assert region.sum() == sidecar["inpainting"]["region_voxels"] > 0
+        grown = ndimage.binary_dilation(region, iterations=2)  # sampling.inpaint_margin, 4-connected
+        expected = np.round((real + 1) / 2 * 65535)  # the real image as png16 writes it (png range = training range)
+        assert np.abs(image[~grown] - expected[~grown]).max() <= 1
+        assert np.abs(image[region] - expected[region]).mean() > 100  # new content where the nodule is
+
+
+def test_inpainting_needs_pairs_and_a_lesion(tmp_path):
+    run_dir = tmp_path / "run"
+    path = config_file(tmp_path, run_dir, *MASKS)
+    alone = radsynth("generate", str(path), "--inpaint", "--n", "1")
+    assert alone.returncode == 2 and "--lesion" in alone.stderr.strip().splitlines()[-1]
+    with pytest.raises(UserInputError, match="sampling.inpaint"):
+        tiny_config(run_dir, *MASKS, "sampling.inpaint=true")

@@ -13,7 +13,7 @@ from .lesion_edits import (
     orientation_from_affine,
     parse_lesion_request,
 )
-from .mask_bank import BankAugmentation, BankEntry, BankMask, MaskBank
+from .mask_bank import NO_AUGMENTATION, BankAugmentation, BankEntry, BankMask, MaskBank
 
 __all__ = [
     "BankAugmentation",
@@ -25,6 +25,7 @@ __all__ = [
     "LesionEditRecord",
     "LesionRequest",
     "MaskBank",
+    "NO_AUGMENTATION",
     "Orientation",
     "apply_lesion_edit",
     "default_orientation",

@@ -106,6 +106,11 @@ class BankAugmentation:
         _check(self.smooth_sigma >= 0, f"augmentation smooth_sigma {self.smooth_sigma}", "0 (off) or more voxels")
 
 
+# The case's own map as it is: what lesion inpainting needs, since the map must match the real image under it.
+NO_AUGMENTATION = BankAugmentation(lr_flip_probability=0.0, scale_probability=0.0, elastic_probability=0.0,
+                                   smooth_sigma=0.0)
+
+
 @dataclass(frozen=True)
 class BankEntry:
     """One training case's label map: in memory, or a cache file read on each draw.
@@ -129,6 +134,13 @@ class BankEntry:
             return self.label_map
         with safe_open(str(self.label_map), framework="numpy") as handle:
             return handle.get_tensor("label")
+
+    def load_image(self) -> np.ndarray:
+        """The case's preprocessed image (in [-1, 1]), from the cache file the map came from."""
+        if isinstance(self.label_map, np.ndarray):
+            raise ValueError(f"bank entry {self.case_id} holds a map in memory, with no image beside it")
+        with safe_open(str(self.label_map), framework="numpy") as handle:
+            return handle.get_tensor("image")
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,9 @@ class MaskBank:
             provenance={"mask_source": "bank", "derived_from_real": True, "source_case_id": entry.case_id,
                         "augmentations": applied},
         )
+
+    def entry(self, case_id: str) -> BankEntry:
+        return next(entry for entry in self.entries if entry.case_id == case_id)
 
     @property
     def grid_orientation(self) -> Orientation:

@@ -23,6 +23,7 @@ from radsynth.generators.objectives import build_inference_scheduler
 
 from ..data.ingest import data_dir
 from ..data.manifest import read_manifest
+from .lesion_inpaint import RadsynthLesionInpaintPipeline
 from .mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
 from .pairs import PairSource, SampleCondition, generated_condition, with_lesions
 from .text_to_image import RadsynthTextToImagePipeline, model_hash
@@ -58,7 +59,8 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
                            else (CONTROLNET_FOLDER, "conditioning.use_masks: true"))
         if not (model_dir / needed).is_dir():
             raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
-        kind = RadsynthTextToPairPipeline if generated else RadsynthMaskToImagePipeline
+        kind = (RadsynthTextToPairPipeline if generated else
+                RadsynthLesionInpaintPipeline if config.sampling.inpaint else RadsynthMaskToImagePipeline)
         pipeline = kind.from_model_dir(model_dir)
     else:
         # low_cpu_mem_usage would build each component under accelerate's init_empty_weights, which patches
@@ -79,6 +81,8 @@ def sample_seed(digest: str, config: RadsynthConfig, index: int) -> int:
         settings["lesions"] = list(config.sampling.lesions)
     if config.sampling.pairs and config.sampling.mask_source != "bank":
         settings["mask_source"] = config.sampling.mask_source
+    if config.sampling.inpaint:
+        settings["inpaint_margin"] = config.sampling.inpaint_margin
     key = json.dumps({"model": digest, "seed": config.runtime.seed, **settings, "index": index}, sort_keys=True)
     return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
@@ -102,13 +106,14 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
 
     With ``sampling.pairs`` each sample is an image + label-map pair, the label written on the image's grid:
     its mask comes from the bank or the mask generator (``sampling.mask_source``), edited by
-    ``sampling.lesions`` (see ``pairs``).
+    ``sampling.lesions`` (see ``pairs``); with ``sampling.inpaint`` only the edited lesions are generated, into the
+    training case's own image.
     """
     pipeline = load_pipeline(model_dir, config, progress)
     pipeline.set_progress_bar_config(disable=True)
     digest = model_hash(pipeline)
     sampling = config.sampling
-    bank = PairSource(config) if sampling.pairs and sampling.mask_source == "bank" else None
+    bank = PairSource(config, inpaint=sampling.inpaint) if sampling.pairs and sampling.mask_source == "bank" else None
     if bank is None:
         prompts = [with_lesions(prompt, sampling.lesions) for prompt in prompts or sampling_prompts(config)]
     sample_dir = Path(sample_dir)
@@ -127,6 +132,9 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         if bank is not None:
             drawn = [bank.draw(seed) for seed in seeds]
             masks = {"label_maps": np.stack([pair.label_map[None] for pair in drawn])}
+            if sampling.inpaint:
+                masks.update(images=np.stack([pair.background[None] for pair in drawn]),
+                             regions=np.stack([pair.region[None] for pair in drawn]), margin=sampling.inpaint_margin)
         else:
             drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
             masks = {"lesions": sampling.lesions} if sampling.pairs else {}

@@ -5,6 +5,10 @@ structured attributes (never its report text, which would carry real words into 
 lesion requests, so text and map describe the same thing. A bank mask is derived from a real case; its pair is
 marked so, with the source case id, and can only go to an internal release.
 
+Inpainting (``PairSource(inpaint=True)``): a training case's own map, unaugmented, with the lesion edits, and its
+real image as the background; the region to generate is every voxel the edits changed. The output carries
+that case's image outside the region: derived from real, with the source case id.
+
 Generated masks (``generated_condition``): the text-to-pair pipeline drew the map from the prompt and edited
 it; nothing of a real case is in it.
 """
@@ -18,7 +22,7 @@ import numpy as np
 from radsynth.configs import RadsynthConfig
 from radsynth.generators.prompts import render_prompt
 
-from ..masks import LesionRequest, MaskBank, apply_lesion_edit, parse_lesion_request
+from ..masks import NO_AUGMENTATION, BankAugmentation, LesionRequest, MaskBank, apply_lesion_edit, parse_lesion_request
 
 
 @dataclass
@@ -28,13 +32,17 @@ class SampleCondition:
     prompt: str
     label_map: np.ndarray | None  # spatial integer labels; None for an image without a pair
     sidecar: dict  # mask_source, the bank's provenance, lesion edit records, derived_from_real
+    background: np.ndarray | None = None  # inpainting: the real image (spatial, [-1, 1]) the lesion goes into
+    region: np.ndarray | None = None  # inpainting: the voxels to generate (spatial booleans)
 
 
 class PairSource:
-    """Draws each pair's condition from the mask bank, with the configured lesion edits."""
+    """Draws each pair's condition from the mask bank, with the configured lesion edits; with ``inpaint`` the
+    case's own map and image, for generating only the edited lesions into it."""
 
-    def __init__(self, config: RadsynthConfig):
-        self.bank = MaskBank.from_ingest(config)
+    def __init__(self, config: RadsynthConfig, inpaint: bool = False):
+        self.inpaint = inpaint
+        self.bank = MaskBank.from_ingest(config, NO_AUGMENTATION if inpaint else BankAugmentation())
         self.attribute_keys = list(config.conditioning.attributes)
         self.lesion_texts = list(config.sampling.lesions)
         self.requests: list[LesionRequest] = [parse_lesion_request(text, self.bank.label_names)
@@ -51,8 +59,16 @@ class PairSource:
                                                   orientation=mask.orientation)
             edits.append(record.to_dict())
         prompt = render_prompt(lesion_sentences(self.lesion_texts), mask.attributes, self.attribute_keys)
-        return SampleCondition(prompt, np.asarray(label_map).astype(np.int64),
-                               _mask_sidecar(mask.provenance, edits, mask.label_names))
+        condition = SampleCondition(prompt, np.asarray(label_map).astype(np.int64),
+                                    _mask_sidecar(mask.provenance, edits, mask.label_names))
+        if self.inpaint:
+            original = mask.label_map.reshape(label_map.shape)
+            entry = self.bank.entry(mask.provenance["source_case_id"])
+            condition.background = entry.load_image().reshape(label_map.shape).astype(np.float32)
+            condition.region = np.asarray(label_map) != original
+            condition.sidecar["inpainting"] = {"background_case_id": entry.case_id,
+                                               "region_voxels": int(condition.region.sum())}
+        return condition
 
 
 def generated_condition(prompt: str, label_map: np.ndarray, edits: list[dict],

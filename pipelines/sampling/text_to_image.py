@@ -34,6 +34,8 @@ from radsynth.generators.unet import RadsynthUNet  # noqa: F401
 MODALITIES = ("ct", "mri", "xray")
 # (model_input, timestep, context, class_labels, spacing) -> extra keyword arguments of the UNet's call.
 Residuals = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], dict]
+# (latents, timestep or None after the last step) -> latents: what sampling must keep (inpainting's known region).
+Constraint = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 OUTPUT_TYPES = ("np", "pt", "physical")
 
 
@@ -153,7 +155,8 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
     def denoise(self, latents: torch.Tensor, timesteps, context: torch.Tensor, class_labels: torch.Tensor | None,
                 spacing: torch.Tensor | None, guidance_scale: float, step_kwargs: dict,
                 scheduler: SchedulerMixin | None = None, residuals: Residuals | None = None,
-                denoiser: torch.nn.Module | None = None, latent_clip: float | None = None) -> torch.Tensor:
+                denoiser: torch.nn.Module | None = None, latent_clip: float | None = None,
+                constrain: Constraint | None = None) -> torch.Tensor:
         """Run ``scheduler`` (default: the pipeline's, already set to its timesteps) from ``latents`` over
         ``timesteps``. With guidance (> 1) ``context`` and ``class_labels`` hold the null half first. Also used to
         regenerate a partly noised latent from the middle of the schedule (scoring's near copies).
@@ -161,11 +164,14 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         residuals: called each step with (model_input, timestep, context, class_labels, spacing); returns
         keyword arguments added to the UNet's call (a ControlNet's down/mid residuals).
         denoiser, latent_clip: another model with the UNet's call (the mask generator) and its clip, in place of
-        the UNet and the pipeline's ``latent_clip``."""
+        the UNet and the pipeline's ``latent_clip``.
+        constrain: applied to the latents before each step (with its timestep) and after the last (with None)."""
         scheduler, denoiser = scheduler or self.scheduler, denoiser or self.unet
         guided = guidance_scale > 1.0
         latent_clip = self.config.latent_clip if latent_clip is None else latent_clip
         for timestep in timesteps:
+            if constrain is not None:
+                latents = constrain(latents, timestep)
             model_input = torch.cat([latents, latents]) if guided else latents
             if hasattr(scheduler, "scale_model_input"):
                 model_input = scheduler.scale_model_input(model_input, timestep)
@@ -179,7 +185,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
             if latent_clip is not None:
                 prediction = clip_predicted_clean_latents(scheduler, latents, prediction, timestep, latent_clip)
             latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
-        return latents
+        return latents if constrain is None else constrain(latents, None)
 
     @torch.no_grad()
     def __call__(
@@ -192,6 +198,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         residuals: Residuals | None = None,
+        constrain: Constraint | None = None,
     ) -> RadsynthPipelineOutput | tuple:
         """Generate one image per prompt.
 
@@ -200,6 +207,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
         output_type: "np" / "pt" in [-1, 1], or "physical" (numpy, intensity_low..intensity_high). The
             decoder is not bounded, so its output is clipped to [-1, 1], the range training images had.
         residuals: extra UNet inputs per step (see ``denoise``); the mask-to-image pipeline passes its ControlNet's.
+        constrain: a hook on the latents at every step (see ``denoise``); lesion inpainting keeps its background.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -220,7 +228,7 @@ class RadsynthTextToImagePipeline(DiffusionPipeline):
             spacing = torch.tensor(self.config.spacing, device=device).expand(context.shape[0], -1)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         latents = self.denoise(latents, self.progress_bar(self.scheduler.timesteps), context, class_labels, spacing,
-                               guidance_scale, self._step_kwargs(generator), residuals=residuals)
+                               guidance_scale, self._step_kwargs(generator), residuals=residuals, constrain=constrain)
         latent_std = float(latents.float().std())
         images = self.vae.decode(latents.to(self.vae.dtype)).float().clamp(-1.0, 1.0)
         self.maybe_free_model_hooks()

@@ -29,7 +29,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from radsynth.generators.objectives import TrainingObjective
+from radsynth.generators.objectives import TrainingObjective, noised_latents
 
 from .bootstrap import bootstrap
 from .image_sets import ImageSet
@@ -236,13 +236,9 @@ def _regenerate(pipeline, clean: torch.Tensor, prompts: list[str], strength: flo
     timesteps = _strength_timesteps(scheduler, num_inference_steps, strength, device)
     if len(timesteps) == 0:
         return clean
-    batch, guided = len(prompts), guidance_scale > 1.0
+    guided = guidance_scale > 1.0
     noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
-    start = timesteps[:1].repeat(batch)
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        latents = scheduler.scale_noise(clean.to(dtype), start, noise)
-    else:
-        latents = scheduler.add_noise(clean.to(dtype), noise, start)
+    latents = noised_latents(scheduler, clean.to(dtype), noise, timesteps[0])
 
     context = pipeline.encode_prompts(prompts, guided).to(device=device, dtype=dtype)
     class_labels = pipeline.class_labels_for(prompts, guided)
