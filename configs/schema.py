@@ -221,6 +221,11 @@ class ControlNetConfig(Section):
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)
     checkpoint_every: int = Field(500, ge=1)
+    validate_every: int | None = Field(
+        500, ge=1, description="log per-label Dice of generated images (a segmenter trained on real train images "
+        "segments them) against their maps, every N steps and at the end; null: off")
+    validation_cases: int = Field(8, ge=1, description="held-out (test split) maps generated at each validation")
+    segmenter_steps: int = Field(300, ge=1, description="training steps of the validation segmenter")
 
 
 class MaskGeneratorConfig(Section):

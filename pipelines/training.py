@@ -11,10 +11,12 @@ and safetensors) with a model card, that ``RadsynthTextToImagePipeline.from_pret
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,14 +48,16 @@ from .data.manifest import CaseRecord, read_manifest
 from .masks import MaskBank
 from .model_card import write_model_card
 from .sampling.grids import save_grid
-from .sampling.mask_to_image import CONTROLNET_FOLDER
+from .sampling.mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
 from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
 from .sampling.text_to_pair import MASK_GENERATOR_FOLDER
+from .scoring.mask_probe import MaskAdherenceProbe
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
-BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints"}
+BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints",
+                      "validation_cases", "segmenter_steps"}
 
 
 @dataclass
@@ -102,7 +106,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     diffusion = config.diffusion
     trainer = DiffusionTrainer(
         unet, text_encoder, latents, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
-        train_dir(config) / DIFFUSION_DIR, loop_settings(config, progress),
+        train_dir(config) / DIFFUSION_DIR, loop_settings(config, progress, validate_every=diffusion.validate_every),
         learning_rate=diffusion.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
         batch_size=diffusion.batch_size, condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
@@ -130,7 +134,9 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
             write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
     accelerator.wait_for_everyone()
     if config.conditioning.use_masks:
-        _mask_models(config, train_images, latents, digest, progress)
+        held_out = [record for record in records if record.split == "test"][: config.controlnet.validation_cases]
+        validation = CachedImages(held_out, cache_dir, conditioning) if held_out else None
+        _mask_models(config, train_images, validation, latents, digest, progress)
     out = model_dir(config)
     return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
 
@@ -187,12 +193,11 @@ def _split(records: list[CaseRecord], split: str) -> list[CaseRecord]:
 
 
 def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | None = None,
-                   checkpoint_every: int | None = None, validate: bool = True) -> LoopSettings:
+                   checkpoint_every: int | None = None, validate_every: int | None = None) -> LoopSettings:
     diffusion = config.diffusion
     return LoopSettings(
         max_steps=max_steps or diffusion.max_steps, checkpoint_every=checkpoint_every or diffusion.checkpoint_every,
-        keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every,
-        validate_every=diffusion.validate_every if validate else None,
+        keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every, validate_every=validate_every,
         gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
         mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress,
         tensorboard=config.runtime.tensorboard)
@@ -211,8 +216,7 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
         latent_channels=settings.latent_channels, num_res_blocks=settings.num_res_blocks,
         attention_levels=tuple(settings.attention_levels), norm_num_groups=settings.norm_num_groups)
     loss = AutoencoderLoss(settings.kl_weight, settings.adversarial_weight, config.data.spatial_dims)
-    loop = loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
-                          validate=False)
+    loop = loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every)
     loop.gradient_accumulation_steps = 1
     trainer = AutoencoderTrainer(autoencoder, loss, train_images, train_dir(config) / AUTOENCODER_DIR, loop,
                                  settings.learning_rate, settings.batch_size, config.runtime.seed,
@@ -229,24 +233,36 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
     return autoencoder, holdout
 
 
-def _mask_models(config: RadsynthConfig, train_images: CachedImages, latents: CachedLatents, base_hash: str,
-                 progress: bool) -> None:
+def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation: CachedImages | None,
+                 latents: CachedLatents, base_hash: str, progress: bool) -> None:
     """The models beside the saved (frozen) base that make pairs: the ControlNet, and the mask generator when
-    enabled. Each trains on the training label maps and is saved into the model folder."""
+    enabled. Each trains on the training label maps and is saved into the model folder. ``validation``: the
+    held-out cases whose maps the ControlNet's validation generates from."""
     base = RadsynthTextToImagePipeline.from_pretrained(model_dir(config), use_safetensors=True,
                                                       low_cpu_mem_usage=False)
     latents.label_maps = train_images.label_maps()
     label_names: dict[int, str] = {}
     for record in train_images.records:
         label_names.update(record.label_names)
-    _controlnet(config, base, latents, max(label_names) + 1, base_hash, progress)
+    probe = None
+    if config.controlnet.validate_every and validation is not None:
+        everything = range(len(train_images))
+        # Built at the first validation: a rerun whose ControlNet is already trained never trains a segmenter.
+        probe = functools.cache(lambda: MaskAdherenceProbe.fit(
+            train_images.images(everything)[:, 0].numpy(), latents.label_maps[:, 0].numpy(),
+            validation.images(range(len(validation)))[:, 0].numpy(), validation.label_maps()[:, 0].numpy(),
+            validation.prompts, label_names, segmenter_steps=config.controlnet.segmenter_steps,
+            seed=config.runtime.seed, num_inference_steps=min(config.sampling.num_inference_steps, 50),
+            guidance_scale=config.sampling.guidance_scale, batch_size=config.sampling.batch_size))
+    _controlnet(config, base, latents, max(label_names) + 1, base_hash, probe, progress)
     if config.mask_generator.enabled:
         _mask_generator(config, base, latents, label_names, base_hash, progress)
 
 
 def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, latents: CachedLatents, num_labels: int,
-                base_hash: str, progress: bool) -> int:
-    """Train the ControlNet on ``latents.label_maps``; save it as the model's ``mask_controlnet``. Returns its steps."""
+                base_hash: str, probe: Callable[[], MaskAdherenceProbe] | None, progress: bool) -> int:
+    """Train the ControlNet on ``latents.label_maps``, logging ``probe``'s Dice at each validation; save it as the
+    model's ``mask_controlnet``. Returns its steps."""
     folder = train_dir(config) / CONTROLNET_FOLDER
     start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
     torch.manual_seed(config.runtime.seed + 2)
@@ -256,12 +272,19 @@ def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, laten
         controlnet, base.unet, base.text_encoder, latents,
         TrainingObjective(diffusion.objective, diffusion.num_train_timesteps), folder,
         loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
-                      validate=False),
+                      validate_every=settings.validate_every),
         conditioning_scale=settings.conditioning_scale, learning_rate=settings.learning_rate,
         lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps, batch_size=settings.batch_size,
         condition_dropout=config.conditioning.condition_dropout, max_grad_norm=diffusion.max_grad_norm,
         ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
-    trainer.fit()
+
+    def validate(step: int) -> dict[str, float] | None:
+        if not trainer.loop.accelerator.is_main_process:
+            return None
+        with trainer.inference_controlnet() as trained:
+            return probe()(RadsynthMaskToImagePipeline.from_text_to_image(base, trained))
+
+    trainer.fit(validate if probe else None)
     with trainer.inference_controlnet() as trained:
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
@@ -293,7 +316,7 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthTextToImagePipeline, l
     trainer = DiffusionTrainer(
         generator, base.text_encoder, maps, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
         folder, loop_settings(config, progress, max_steps=settings.max_steps,
-                              checkpoint_every=settings.checkpoint_every, validate=False),
+                              checkpoint_every=settings.checkpoint_every),
         learning_rate=settings.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
         batch_size=settings.batch_size, condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)

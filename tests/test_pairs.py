@@ -19,7 +19,8 @@ from radsynth.pipelines.training import train
 from .test_flows import radsynth
 from .test_training_stage import config_file, tiny_config
 
-MASKS = ["diffusion.max_steps=2", "conditioning.use_masks=true", "controlnet.max_steps=2", "controlnet.batch_size=4"]
+MASKS = ["diffusion.max_steps=2", "conditioning.use_masks=true", "controlnet.max_steps=2", "controlnet.batch_size=4",
+         "controlnet.segmenter_steps=5"]
 
 
 def test_pairs_share_the_image_grid_carry_the_requested_lesion_and_say_where_the_mask_came_from(tmp_path):

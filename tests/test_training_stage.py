@@ -205,11 +205,17 @@ def test_masks_train_a_controlnet_beside_the_unchanged_base_model(tmp_path):
     ingest(base_only, progress=False)
     first = train(base_only, progress=False)
     with_masks = tiny_config(tmp_path, "diffusion.max_steps=4", "conditioning.use_masks=true",
-                             "controlnet.max_steps=3", "controlnet.batch_size=4")
+                             "controlnet.max_steps=3", "controlnet.batch_size=4", "controlnet.validate_every=2",
+                             "controlnet.validation_cases=3", "controlnet.segmenter_steps=5")
     second = train(with_masks, progress=False)
     # Turning masks on trains a ControlNet; the base model is not retrained and its weights are the same.
     assert second.resumed_from == 4 and second.model_hash == first.model_hash
-    assert sorted(read_metrics(tmp_path / "train" / "mask_controlnet" / "metrics.csv", "loss")) == [1, 2, 3]
+    metrics = tmp_path / "train" / "mask_controlnet" / "metrics.csv"
+    assert sorted(read_metrics(metrics, "loss")) == [1, 2, 3]
+    # Validation at step 2 and at the end logs the segmenter's Dice on generated images and on real ones.
+    assert sorted(read_metrics(metrics, "dice/right_lung", kind="validation")) == [2, 3]
+    ceiling = read_metrics(metrics, "dice_real/right_lung", kind="validation")
+    assert ceiling[2] == ceiling[3] and 0 <= read_metrics(metrics, "dice_mean", kind="validation")[3] <= 1
     controlnet = RadsynthControlNet.from_pretrained(tmp_path / "model" / "mask_controlnet")
     records, _ = ingested_dataset(with_masks)
     vocabulary = records[0].label_names
@@ -218,7 +224,8 @@ def test_masks_train_a_controlnet_beside_the_unchanged_base_model(tmp_path):
 
     # A changed ControlNet setting retrains the ControlNet only.
     retuned = train(tiny_config(tmp_path, "diffusion.max_steps=4", "conditioning.use_masks=true",
-                                "controlnet.max_steps=3", "controlnet.batch_size=4", "controlnet.learning_rate=1e-3"),
+                                "controlnet.max_steps=3", "controlnet.batch_size=4", "controlnet.learning_rate=1e-3",
+                                "controlnet.validate_every=null"),
                     progress=False)
     assert retuned.resumed_from == 4 and retuned.model_hash == first.model_hash
     retrained = RadsynthControlNet.from_pretrained(tmp_path / "model" / "mask_controlnet")
