@@ -9,7 +9,10 @@ case's label map and prompt condition one generated image, the segmenter segment
 against the conditioning map is the adherence. The same maps at ``conditioning_scale=0`` (the text-only
 model, the ControlNet switched off) are the floor: what the prompt alone gets right. With ``--lesion`` every
 test map first gets that edit (and its prompt the request): the report adds the requested lesion size, the size
-in the edited maps, and the size the segmenter finds in the generated images. Prints one JSON object.
+in the edited maps, and the size the segmenter finds in the generated images. With ``mask_generator.enabled=true``
+the report adds pairs from text alone: the mask generator draws each map from the test prompt (and the lesion
+request), the image is drawn from it, and the segmenter's Dice against the drawn map is reported with how much
+of the maps each label covers, generated against the real test maps. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.manifest import read_manifest
 from radsynth.pipelines.masks import apply_lesion_edit, parse_lesion_request
 from radsynth.pipelines.sampling.mask_to_image import RadsynthMaskToImagePipeline
+from radsynth.pipelines.sampling.text_to_pair import RadsynthTextToPairPipeline
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.scoring.segmenter import Segmenter, per_label_dice
 from radsynth.pipelines.training import model_dir, train
@@ -97,6 +101,39 @@ def main() -> None:
     def per_label(scores: np.ndarray) -> dict[str, float]:
         return {label_names[label]: round(float(np.nanmean(scores[:, j])), 4) for j, label in enumerate(labels)}
 
+    generated = None
+    if config.mask_generator.enabled:  # pairs from text alone: the mask generator draws each map
+        pair_pipeline = RadsynthTextToPairPipeline.from_model_dir(model_dir(config))
+        pair_pipeline.set_progress_bar_config(disable=True)
+        base_prompts = [conditioning.prompt(record) for record in records]
+        lesions = [args.lesion] if args.lesion else []
+        maps, images, edits, start = [], [], [], time.perf_counter()
+        for first in range(0, len(prompts), config.sampling.batch_size):
+            rows = range(first, min(first + config.sampling.batch_size, len(prompts)))
+            output = pair_pipeline([prompts[i] if lesions else base_prompts[i] for i in rows], lesions=lesions,
+                                   generator=[torch.Generator().manual_seed(config.runtime.seed + i) for i in rows],
+                                   num_inference_steps=config.sampling.num_inference_steps,
+                                   guidance_scale=config.sampling.guidance_scale,
+                                   conditioning_scale=config.controlnet.conditioning_scale)
+            maps.append(output.label_maps[:, 0])
+            images.append(np.asarray(output.images)[:, 0])
+            edits += [record for records in output.lesions for record in records]
+        seconds["generated_pairs"] = (time.perf_counter() - start) / len(prompts)
+        maps, predicted = np.concatenate(maps), segmenter.predict(np.concatenate(images))
+        # How much of each map a label covers, generated vs the real test maps: are the drawn maps plausible?
+        share = {label_names[label]: {"generated": round(float((maps == label).mean()), 4),
+                                      "real_test": round(float((test_set.masks == label).mean()), 4)}
+                 for label in labels}
+        generated = {"dice": per_label(per_label_dice(predicted, maps, labels)), "label_share": share,
+                     "seconds_per_pair": round(seconds["generated_pairs"], 3),
+                     "mask_generator_steps": config.mask_generator.max_steps}
+        if lesion is not None:
+            found = (predicted == lesion).reshape(len(predicted), -1).sum(1) * voxel
+            generated["lesion"] = {"requested": float(np.median([e.get("requested_volume") for e in edits])),
+                                   "in_generated_maps": float(np.median([e["achieved_volume"] for e in edits])),
+                                   "found_in_images": float(np.median(found)),
+                                   "share_of_images_with_it_found": float(np.mean(found > 0))}
+
     report = {
         "config": args.config, "overrides": args.overrides, "n_pairs": len(prompts),
         "controlnet_steps": config.controlnet.max_steps, "diffusion_steps": config.diffusion.max_steps,
@@ -104,6 +141,7 @@ def main() -> None:
         "dice_generated_controlnet": per_label(dice["controlnet"]),
         "dice_generated_text_only": per_label(dice["text_only"]),
         "lesion": {"request": args.lesion, **sizes} if lesion is not None else None,
+        "generated_masks": generated,
         "seconds_per_pair": round(seconds["controlnet"], 3), "seconds_per_image_text_only": round(seconds["text_only"], 3),
         "train_seconds": round(train_seconds, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -170,6 +170,27 @@ def test_dask_local_cluster_samples_the_same_images_as_threads(trained, tmp_path
 
 
 @pytest.mark.slow
+def test_the_flows_make_pairs_and_key_them_on_the_mask_models_weights(tmp_path, prefect_server):
+    from radsynth.flows.stages import generate_flow, train_flow
+
+    path, run_dir = build_config(tmp_path, "pairs", "conditioning.use_masks=true", "controlnet.max_steps=2",
+                                 "controlnet.batch_size=4", "controlnet.segmenter_steps=5", "sampling.pairs=true",
+                                 "sampling.lesions=[nodule 30 mm in right lung]", "sampling.num_samples=4")
+    trained = train_flow(str(path))
+    generated = generate_flow(str(path), model_dir=trained["model_dir"], model_hash=trained["model_hash"])
+    assert set(generated["tasks"].values()) == {"Completed"}
+    sidecars = [json.loads(p.read_text()) for p in sorted((run_dir / "samples").glob("syn_*.json"))]
+    assert len(sidecars) == 4 and all(s["mask_source"] == "edited" and s["label_file"] for s in sidecars)
+    assert {s["model_hash"] for s in sidecars} == {trained["model_hash"]}  # the hash covers the ControlNet
+    # A retrained ControlNet changes that hash, so the shards sample again instead of coming from the cache.
+    retuned = train_flow(str(path), ["controlnet.learning_rate=1e-3"])
+    assert retuned["tasks"]["train"] == "Completed" and retuned["model_hash"] != trained["model_hash"]
+    again = generate_flow(str(path), ["controlnet.learning_rate=1e-3"], model_dir=retuned["model_dir"],
+                          model_hash=retuned["model_hash"])
+    assert set(again["tasks"].values()) == {"Completed"}
+
+
+@pytest.mark.slow
 def test_transient_failures_are_retried_and_user_errors_fail_at_once_with_their_message(trained, monkeypatch):
     from prefect import flow
 
