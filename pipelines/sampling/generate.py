@@ -131,19 +131,12 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if bank is not None:
             drawn = [bank.draw(seed) for seed in seeds]
-            masks = {"label_maps": np.stack([pair.label_map[None] for pair in drawn])}
-            if sampling.inpaint:
-                masks.update(images=np.stack([pair.background[None] for pair in drawn]),
-                             regions=np.stack([pair.region[None] for pair in drawn]), margin=sampling.inpaint_margin)
         else:
             drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
-            masks = {"lesions": sampling.lesions} if sampling.pairs else {}
-        if sampling.pairs:
-            masks["conditioning_scale"] = config.controlnet.conditioning_scale
         output = pipeline([pair.prompt for pair in drawn], num_inference_steps=sampling.num_inference_steps,
                           guidance_scale=sampling.guidance_scale, generator=generators, output_type="physical",
-                          **masks)
-        if getattr(output, "mask_sources", None):
+                          **_pair_inputs(drawn, config))
+        if getattr(output, "mask_sources", None):  # the maps were generated: their conditions come with them
             drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
@@ -158,6 +151,22 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             written.append(sample_id(index))
     return GenerateResult(sample_dir, written, len(wanted) - len(todo), digest,
                           float(np.mean(latent_stds)) if latent_stds else None)
+
+
+def _pair_inputs(drawn: list[SampleCondition], config: RadsynthConfig) -> dict:
+    """The pipeline's arguments for pairs: lesion requests for generated maps; otherwise the drawn maps, and for
+    inpainting the real images and the regions to generate."""
+    sampling = config.sampling
+    if not sampling.pairs:
+        return {}
+    inputs = {"conditioning_scale": config.controlnet.conditioning_scale}
+    if sampling.mask_source == "generated":
+        return {**inputs, "lesions": sampling.lesions}
+    inputs["label_maps"] = np.stack([pair.label_map[None] for pair in drawn])
+    if sampling.inpaint:
+        inputs.update(images=np.stack([pair.background[None] for pair in drawn]),
+                      regions=np.stack([pair.region[None] for pair in drawn]), margin=sampling.inpaint_margin)
+    return inputs
 
 
 def sample_id(index: int) -> str:
