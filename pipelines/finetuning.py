@@ -87,7 +87,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     trainer = DiffusionTrainer(
         unet, text_encoder, latents,
         TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
-        run_dir, loop_settings(config, progress, max_steps=settings.max_steps, validate=False),
+        run_dir, loop_settings(config, progress, max_steps=settings.max_steps),
         learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
         batch_size=min(config.diffusion.batch_size, len(subset)),
         condition_dropout=config.conditioning.condition_dropout,
