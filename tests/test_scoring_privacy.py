@@ -279,6 +279,9 @@ def test_a_larger_training_set_is_subsampled_to_the_holdout_size():
     assert not np.array_equal(other["dcr_train_matched"], result["dcr_train_matched"])
     assert not np.allclose(result["dcr_train_matched"], first_rows[:, 0])
     assert (result["dcr_train"] < result["dcr_holdout"]).mean() > 0.75  # whole train set: heavily biased
+    # The per-sample indicator (what per-stratum shares average) is on the matched references too.
+    assert result["closer_to_train"].mean() == pytest.approx(result["share"].value)
+    assert abs(result["closer_to_train"][:200].mean() - 0.5) < 0.1
     share = result["share"]
     assert abs(share.value - 0.5) < 3 * share.sd
     assert share.ci_low < 0.5 < share.ci_high

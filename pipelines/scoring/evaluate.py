@@ -460,7 +460,9 @@ def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: Scoring
 
 
 def _privacy_strata(card: Scorecard, inputs: ScoringInputs, copies: np.ndarray, dcr: dict) -> None:
-    closer_to_train = dcr["dcr_train"] < dcr["dcr_holdout"]
+    # On the size-matched references, as the overall share: the whole (larger) training set would put most
+    # samples of a private generator "closer to train" by chance.
+    closer_to_train = dcr["closer_to_train"]
     for key in inputs.attributes:
         for value in sorted({c.get(key) for c in inputs.synthetic.conditions} - {None}):
             rows = np.array([c.get(key) == value for c in inputs.synthetic.conditions])

@@ -323,8 +323,10 @@ def dcr_share(
 
     Returns {"share": Estimate, "dcr_train": per-sample NN distance to the *whole* training set (for per-sample
     flags and ``min_dcr``, so no copy is missed by the subsampling), "dcr_train_matched": to the size-matched
-    training subsample, "dcr_holdout": to the (size-matched) holdout, "nn_train_index": index into ``train`` of
-    each sample's nearest training row, "min_dcr": float, "n_reference": size of each matched reference}.
+    training subsample, "dcr_holdout": to the (size-matched) holdout, "closer_to_train": per sample 1, 0 or 1/2
+    (tie) on the matched references (what the share averages; per-stratum shares average it over their rows),
+    "nn_train_index": index into ``train`` of each sample's nearest training row, "min_dcr": float,
+    "n_reference": size of each matched reference}.
     """
     synthetic_rows = torch.as_tensor(np.asarray(synthetic)).reshape(len(synthetic), -1)
     train_rows = torch.as_tensor(np.asarray(train)).reshape(len(train), -1)
@@ -354,11 +356,14 @@ def dcr_share(
     estimate = bootstrap(share, [list(synthetic_groups), [train_groups[i] for i in train_pick],
                                  [holdout_groups[i] for i in holdout_pick]], n_boot=n_boot, seed=seed)
     all_rows = np.arange(len(synthetic_rows))
+    dcr_train_matched = to_train(all_rows, np.arange(n_reference))
+    dcr_holdout = to_holdout(all_rows, np.arange(n_reference))
     return {
         "share": estimate,
         "dcr_train": dcr_train[:, 0].numpy(),
-        "dcr_train_matched": to_train(all_rows, np.arange(n_reference)),
-        "dcr_holdout": to_holdout(all_rows, np.arange(n_reference)),
+        "dcr_train_matched": dcr_train_matched,
+        "dcr_holdout": dcr_holdout,
+        "closer_to_train": _closer_to_train(dcr_train_matched, dcr_holdout),
         "nn_train_index": nn_train_index[:, 0].numpy(),
         "min_dcr": float(dcr_train.min()),
         "n_reference": n_reference,
