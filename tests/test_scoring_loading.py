@@ -69,6 +69,30 @@ def test_sample_set_maps_png16_back_to_physical_units_and_reads_conditions(tmp_p
     assert samples.conditions[0] == {"finding": "nodule", "sex": "F"}
 
 
+@pytest.mark.parametrize("fmt", ["png16", "nifti"])
+def test_a_pairs_label_map_is_its_mask_and_never_a_sample_of_its_own(tmp_path, fmt):
+    intensity = IntensityMap("ct_window", -1000.0, 1000.0)
+    reference = ImageSet(np.zeros((2, 16, 16), np.float32), ["a", "b"], ["p", "q"], (1.0, 1.0), intensity, False)
+    rng = np.random.default_rng(0)
+    sidecar = {"prompt": "p", "seed": 1, "scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 1.0,
+               "model_hash": "x"}
+    labels = [rng.integers(0, 3, (16, 16)) for _ in range(3)]
+    for index, label in enumerate(labels):
+        write_sample(tmp_path, f"syn_{index:06d}", rng.normal(0, 300, (16, 16)), (1.0, 1.0), fmt, sidecar,
+                     png_range=(-1000, 1000), label=label)
+    samples = sample_set(tmp_path, reference)
+    assert samples.ids == ["syn_000000", "syn_000001", "syn_000002"] and len(samples.images) == 3
+    np.testing.assert_array_equal(samples.masks, np.stack(labels))
+
+    (tmp_path / f"syn_000002_label{'.png' if fmt == 'png16' else '.nii.gz'}").unlink()
+    with pytest.raises(UserInputError, match="label map named in the sample's sidecar is missing"):
+        sample_set(tmp_path, reference)
+    write_sample(tmp_path, "syn_000002", rng.normal(0, 300, (16, 16)), (1.0, 1.0), fmt, sidecar,
+                 png_range=(-1000, 1000))  # rewritten without its label map: a folder half pairs
+    with pytest.raises(UserInputError, match="2 of 3 samples have a label map"):
+        sample_set(tmp_path, reference)
+
+
 def test_mask_folder_with_a_missing_or_non_integer_mask_is_a_user_error(tmp_path):
     folder = write_png_folder(tmp_path / "train")
     (folder / "labels" / "im3.png").unlink()

@@ -79,25 +79,39 @@ def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic")
     """Generated samples (image + JSON sidecar) on the reference's grid and intensity scale.
 
     The sidecar's prompt gives each sample's conditions; PNG samples are mapped back to physical units through
-    the sidecar's ``png_low``/``png_high`` first. Samples without a sidecar are read like any image folder.
+    the sidecar's ``png_low``/``png_high`` first. A pair's label map (the sidecar's ``label_file``, as
+    ``radsynth generate --pairs`` writes it) is that sample's mask and never a sample of its own; without pairs,
+    masks come from a ``labels/`` or ``masks/`` folder. Samples without a sidecar are read like any image folder.
     """
     folder = Path(folder)
     files = _image_files(folder)
+    sidecars = {path: _sidecar(path) for path in files}
+    label_files = {sidecar["label_file"] for sidecar in sidecars.values() if sidecar.get("label_file")}
+    files = [path for path in files if path.name not in label_files]
+    paired = sum(bool(sidecars[path].get("label_file")) for path in files)
+    if 0 < paired < len(files):
+        raise UserInputError(folder, f"{paired} of {len(files)} samples have a label map",
+                             "pairs for every sample (radsynth generate --pairs) or for none")
+    mask_folder = None if paired else _mask_folder(folder)
+    shape = reference.images.shape[1:]
     images, ids, prompts, masks = [], [], [], []
-    mask_folder = _mask_folder(folder)
     for path in files:
-        sample_id = strip_image_suffix(path.name)
-        sidecar_path = path.with_name(f"{sample_id}.json")
-        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
-        physical = _read_physical(path, sidecar)
-        images.append(_on_grid(reference.intensity.forward(physical), reference.images.shape[1:], order=1))
-        ids.append(sample_id)
+        sidecar = sidecars[path]
+        images.append(_on_grid(reference.intensity.forward(_read_physical(path, sidecar)), shape, order=1))
+        ids.append(strip_image_suffix(path.name))
         prompts.append(str(sidecar.get("prompt", "")))
-        if mask_folder is not None:
-            masks.append(_read_mask(mask_folder, path.name, reference.images.shape[1:]))
+        if paired:
+            masks.append(_read_mask_file(folder / sidecar["label_file"], shape))
+        elif mask_folder is not None:
+            masks.append(_read_mask(mask_folder, path.name, shape))
     return ImageSet(np.stack(images), ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
-                    masks=np.stack(masks) if mask_folder is not None else None,
+                    masks=np.stack(masks) if masks else None,
                     conditions=[parse_prompt(p) for p in prompts], prompts=prompts, name=name)
+
+
+def _sidecar(image_path: Path) -> dict:
+    path = image_path.with_name(f"{strip_image_suffix(image_path.name)}.json")
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 # ---------------------------------------------------------------------------------------- any folder
@@ -159,6 +173,12 @@ def _read_mask(mask_folder: Path, file_name: str, shape: Sequence[int]) -> np.nd
     if path is None:
         raise UserInputError(mask_folder, f"no mask for image '{file_name}'",
                              "one mask per image with the same name, or no mask folder at all")
+    return _read_mask_file(path, shape)
+
+
+def _read_mask_file(path: Path, shape: Sequence[int]) -> np.ndarray:
+    if not path.is_file():
+        raise UserInputError(path, "label map named in the sample's sidecar is missing", "the pair's label file")
     mask = np.asarray(read_image(path).array)
     if mask.ndim == 3 and mask.shape[-1] == 1:
         mask = mask[..., 0]
