@@ -375,6 +375,9 @@ class ReleaseConfig(Section):
     destination: str | None = Field(None, description="release folder; default <output_dir>/release")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="default: data.name")
     internal: bool = Field(False, description="allows samples derived from real images (mask bank, inpainting)")
+    license: str | None = Field(
+        None, description="the released dataset's license; default: the training data's, when every case has the "
+        "same one (share-alike and non-commercial terms carry over to data made from it), else 'other'")
     keep_versions: int = Field(5, ge=1)
     nnunet_dataset_id: int = Field(900, ge=1, le=999, description="nnU-Net's Dataset<ID>_<name> folder number")
     drop_intensity_outliers: bool = Field(True, description="drop samples whose intensities leave the real range")

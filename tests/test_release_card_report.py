@@ -158,6 +158,18 @@ def test_card_has_front_matter_and_every_section_in_order(tmp_path):
     assert "| 2.271 (2.475 to 3.147) | real vs real: 1.408 (1.77 to 2.425) | 72 | lower |" in body
 
 
+@pytest.mark.parametrize("license_text, identifier", [
+    ("CC BY-SA 4.0 (the training data's license; synthetic data)", "cc-by-sa-4.0"),
+    ("CC0-1.0 (the training data's license; synthetic data)", "cc0-1.0"),
+    ("other (training data: CC BY 3.0, CC BY 4.0; see the dataset card)", "other"),
+])
+def test_card_states_the_license_and_gives_the_hub_its_identifier(tmp_path, license_text, identifier):
+    provenance = _provenance()
+    provenance["dataset"]["license"] = license_text
+    meta, body = _front_matter_and_body(write_dataset_card(tmp_path, provenance).read_text())
+    assert meta["license"] == identifier and f"License: {license_text}." in body
+
+
 def test_card_names_failed_gate_checks_with_value_and_limit(tmp_path):
     body = write_dataset_card(tmp_path, _provenance(gate_passes=False)).read_text()
     assert "Release gate: **FAILED**" in body

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
+from radsynth.configs import load_config
 from radsynth.flows.cli import GATE_REFUSED_EXIT, main
 from radsynth.pipelines.release.publish import latest, verify_manifest, versions
+from radsynth.pipelines.release.stage import release_license
 from radsynth.pipelines.sampling.writers import physical_to_png16
 from radsynth.pipelines.scoring.loading import cached_split
 
@@ -159,3 +161,14 @@ def test_bad_release_input_is_one_line_exit_2_and_nothing_written(build, tmp_pat
     assert not destination.exists()
     code = main(["release", str(config_path), "release.gate.membership_tpr_max=0.5"])
     assert code == 2 and "membership_tpr_max" in capsys.readouterr().err
+
+
+def test_a_release_inherits_its_training_datas_single_license_and_states_mixed_ones():
+    config = load_config("demo")
+    # Share-alike terms carry over: a release from CC BY-SA data must not be offered as CC BY.
+    assert release_license(config, {"licenses": {"CC BY-SA 4.0": 208}}).startswith("CC BY-SA 4.0 (")
+    mixed = release_license(config, {"licenses": {"CC BY 3.0": 84, "CC BY 4.0": 6}})
+    assert mixed.startswith("other (") and "CC BY 3.0, CC BY 4.0" in mixed
+    assert release_license(config, {"licenses": {"unknown": 10}}).startswith("other (")
+    chosen = load_config("demo", ["release.license=CC-BY-NC-4.0"])
+    assert release_license(chosen, {"licenses": {"CC0-1.0": 5}}) == "CC-BY-NC-4.0"

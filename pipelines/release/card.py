@@ -109,7 +109,8 @@ def write_dataset_card(folder: Path, provenance: dict) -> Path:
 
     provenance: {"dataset", "generator", "training_data", "config", "seeds", "software", "scorecard", "filter",
     "gate", "limitations"} as built by the release stage; any section may be None or empty. ``dataset.license``
-    (optional, e.g. "CC-BY-4.0") becomes the front matter's license; without it the license is "other".
+    (optional, e.g. "CC BY-SA 4.0 (...)") is stated in the summary and becomes the front matter's Hub identifier
+    ("cc-by-sa-4.0"); without it the license is "other".
     """
     folder = Path(folder)
     parts = [
@@ -147,9 +148,9 @@ def _front_matter(provenance: Mapping) -> str:
 
 
 def _license_id(license_text: object) -> str:
-    # Front matter takes an identifier ("cc-by-4.0"); the first word of "CC-BY-4.0 (synthetic data; ...)" is one.
-    words = str(license_text or "").split()
-    return words[0].lower() if words and words[0][0].isalnum() else "other"
+    # Front matter takes a Hub identifier: "CC BY-SA 4.0 (the training data's license; ...)" -> "cc-by-sa-4.0".
+    name = str(license_text or "").split("(")[0].strip()
+    return "-".join(name.lower().split()) if name and name[0].isalnum() else "other"
 
 
 def _task_categories(provenance: Mapping) -> list[str]:
@@ -185,6 +186,8 @@ def _summary(provenance: Mapping) -> str:
     gate = section(provenance, "gate")
     if gate:
         lines.append(f"Release gate: **{_passed(gate.get('passed'))}** (see *Gate results*).")
+    if dataset.get("license"):
+        lines.append(f"License: {_md(dataset['license'])}.")
     return "\n".join(lines)
 
 

@@ -32,7 +32,7 @@ class DatasetInfo:
     attributes: Sequence[str] = ()  # prompt attributes that become table columns
     class_attribute: str | None = None  # the attribute whose values name the classification folders
     description: str = ""
-    license: str = "CC-BY-4.0 (synthetic data; see the dataset card)"
+    license: str = "other (see the dataset card)"  # the release stage sets it (``release_license``)
 
 
 @dataclass(frozen=True)
