@@ -19,8 +19,10 @@ from PIL import Image as PILImage
 
 from radsynth.configs import load_config
 from radsynth.flows.cli import GATE_REFUSED_EXIT, main
+from radsynth.pipelines.release.gate import GateResult
 from radsynth.pipelines.release.publish import latest, verify_manifest, versions
-from radsynth.pipelines.release.stage import release_license
+from radsynth.pipelines.release.samples import DatasetInfo
+from radsynth.pipelines.release.stage import _fingerprint, release_license
 from radsynth.pipelines.sampling.writers import physical_to_png16
 from radsynth.pipelines.scoring.loading import cached_split
 
@@ -172,3 +174,12 @@ def test_a_release_inherits_its_training_datas_single_license_and_states_mixed_o
     assert release_license(config, {"licenses": {"unknown": 10}}).startswith("other (")
     chosen = load_config("demo", ["release.license=CC-BY-NC-4.0"])
     assert release_license(chosen, {"licenses": {"CC0-1.0": 5}}) == "CC-BY-NC-4.0"
+
+
+def test_the_same_samples_under_another_license_are_another_release(tmp_path):
+    """A release is a no-op only when nothing it writes would change; the license is in every dataset.json."""
+    config, scorecard = load_config("demo"), tmp_path / "scorecard.json"
+    scorecard.write_text("{}")
+    first, second = (DatasetInfo("d", "xray", 2, license=text) for text in ("CC0-1.0 (...)", "CC BY-SA 4.0 (...)"))
+    assert _fingerprint(config, first, [], scorecard, GateResult()) == _fingerprint(config, first, [], scorecard, GateResult())
+    assert _fingerprint(config, first, [], scorecard, GateResult()) != _fingerprint(config, second, [], scorecard, GateResult())

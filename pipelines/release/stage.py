@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
     if not gate.passed:
         raise ReleaseRefused(gate, _write_refusal(root, gate, selection))
 
-    fingerprint = _fingerprint(config, selection.kept, eval_dir / "scorecard.json", gate)
+    fingerprint = _fingerprint(config, info, selection.kept, eval_dir / "scorecard.json", gate)
     model_card = Path(model_dir or config.output_dir / "model") / "README.md"
 
     def write(folder: Path, version: str) -> None:
@@ -196,8 +196,10 @@ def _training_summary(config: RadsynthConfig) -> dict:
     return {key: value for key, value in summary.items() if key not in ("manifest", "cache")}
 
 
-def _fingerprint(config: RadsynthConfig, samples: list[ReleaseSample], scorecard: Path, gate: GateResult) -> str:
-    """Equal for equal builds: the released files' bytes, the scorecard, the release settings and the gate."""
+def _fingerprint(config: RadsynthConfig, info: DatasetInfo, samples: list[ReleaseSample], scorecard: Path,
+                 gate: GateResult) -> str:
+    """Equal for equal builds: the released files' bytes, the scorecard, the release settings, what the formats
+    are told about the dataset (its license, labels, attributes) and the gate."""
     digest = hashlib.sha256()
     for sample in samples:
         for path in (sample.image_path, sample.label_path, sample.sidecar_path):
@@ -205,6 +207,7 @@ def _fingerprint(config: RadsynthConfig, samples: list[ReleaseSample], scorecard
                 digest.update(path.name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     digest.update(hashlib.sha256(scorecard.read_bytes()).digest())
     digest.update(json.dumps(config.release.model_dump(mode="json"), sort_keys=True).encode())
+    digest.update(json.dumps(asdict(info), sort_keys=True, default=str).encode())
     digest.update(json.dumps(gate.to_dict(), sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
