@@ -180,8 +180,11 @@ def test_card_names_failed_gate_checks_with_value_and_limit(tmp_path):
     assert "| finding=effusion | 0.56 | ≥ 0.4 | PASSED |" in passing
     assert "Privacy checks of the gate: 1 of 2 passed." in body
 
-    passed = write_dataset_card(tmp_path, _provenance(gate_passes=True)).read_text()
+    provenance = _provenance(gate_passes=True)
+    provenance["gate"]["notes"] = ["coverage: not gated (release.gate.coverage_margin is null)"]
+    passed = write_dataset_card(tmp_path, provenance).read_text()
     assert "Release gate: **PASSED**" in passed and "failed:" not in passed
+    assert "- coverage: not gated (release.gate.coverage_margin is null)" in passed  # a gate switched off is said
 
 
 def test_card_renders_aggregates_and_never_identifiers(tmp_path):

@@ -110,7 +110,12 @@ def test_unmeasured_privacy_fails_and_absent_masks_are_noted_not_gated():
 
 def test_quality_gates_can_be_switched_off_privacy_gates_cannot_be_loosened(tmp_path):
     poor = with_value(clean_scorecard(), "coverage", 0.1, feature_space="self_supervised")
-    assert evaluate_gates(poor, GateConfig(coverage_margin=None)).passed
+    relaxed = evaluate_gates(poor, GateConfig(coverage_margin=None, intensity=False))
+    assert relaxed.passed and not any(check.name.startswith(("coverage", "intensity")) for check in relaxed.checks)
+    # ... and the result says which ones were off, so the card cannot read as if they had passed
+    assert {"coverage: not gated (release.gate.coverage_margin is null)",
+            "intensity plausibility: not gated (release.gate.intensity is false)"} <= set(relaxed.notes)
+    assert "coverage: not gated" in relaxed.to_markdown()
     for override in ("release.gate.membership_tpr_max=0.5", "release.gate.copy_rate_margin=0.2",
                      "release.gate.dcr_share_max_sd=4"):
         with pytest.raises(UserInputError, match="less than or equal"):

@@ -389,6 +389,8 @@ def _gate(provenance: Mapping) -> str:
         lines += [f"| {_md(check.get('name'))}{' (privacy)' if check.get('privacy') else ''} | {_md(check.get('stratum') or '')} "
                   f"| {format_number(check.get('value'))} | {_md(format_limit(check))} | {_passed(check.get('passed'))} "
                   f"| {_md(check.get('reason') or '')} |" for check in checks]
+    if gate.get("notes"):
+        lines += ["", *(f"- {_md(note)}" for note in gate["notes"])]
     return "\n".join(lines)
 
 

@@ -92,15 +92,22 @@ def evaluate_gates(scorecard: dict, gate: GateConfig) -> GateResult:
     result.checks += _copy_rates(rows, gate, sizes)
     result.checks += _min_dcr(rows, gate)
     result.checks += _membership(rows, gate)
+    # A quality gate switched off is said so: the card must not read as if every check had been passed.
     if gate.coverage_margin is not None:
         result.checks += _coverage(rows, gate)
+    else:
+        result.notes.append("coverage: not gated (release.gate.coverage_margin is null)")
     if gate.mask_dice_ratio_min is not None:
         dice = list(_mask_dice(rows, gate))
         result.checks += dice
         if not dice:
             result.notes.append("mask-Dice ratio: not gated (no masks, or no label the segmenter finds on real data)")
+    else:
+        result.notes.append("mask-Dice ratio: not gated (release.gate.mask_dice_ratio_min is null)")
     if gate.intensity:
         result.checks += _intensity(scorecard.get("verdicts", {}).get("intensity"))
+    else:
+        result.notes.append("intensity plausibility: not gated (release.gate.intensity is false)")
     return result
 
 
