@@ -23,12 +23,17 @@ MASKS = ["diffusion.max_steps=2", "conditioning.use_masks=true", "controlnet.max
          "controlnet.segmenter_steps=5"]
 
 
-def test_pairs_share_the_image_grid_carry_the_requested_lesion_and_say_where_the_mask_came_from(tmp_path):
+def trained_build(tmp_path, *overrides):
+    """A tiny build ingested and trained with ``overrides``; returns its run folder and config file."""
     run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, *MASKS)
+    config = tiny_config(run_dir, *overrides)
     ingest(config, progress=False)
     train(config, progress=False)
-    path = config_file(tmp_path, run_dir, *MASKS)
+    return run_dir, config_file(tmp_path, run_dir, *overrides)
+
+
+def test_pairs_share_the_image_grid_carry_the_requested_lesion_and_say_where_the_mask_came_from(tmp_path):
+    run_dir, path = trained_build(tmp_path, *MASKS)
     request = "nodule 30 mm in right lung"
     done = radsynth("generate", str(path), "--pairs", "--n", "3", "--lesion", request, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -55,11 +60,7 @@ def test_pairs_share_the_image_grid_carry_the_requested_lesion_and_say_where_the
 
 
 def test_pairs_need_a_mask_model_and_lesions_need_pairs(tmp_path):
-    run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, "diffusion.max_steps=2")
-    ingest(config, progress=False)
-    train(config, progress=False)
-    path = config_file(tmp_path, run_dir, "diffusion.max_steps=2")
+    run_dir, path = trained_build(tmp_path, "diffusion.max_steps=2")
     no_controlnet = radsynth("generate", str(path), "--pairs", "--n", "1")
     assert no_controlnet.returncode == 2 and "use_masks" in no_controlnet.stderr.strip().splitlines()[-1]
     lesion_alone = radsynth("generate", str(path), "--lesion", "nodule 8 mm", "--n", "1")
@@ -107,11 +108,7 @@ def test_generated_masks_need_the_mask_generator(tmp_path):
 
 
 def test_inpainted_pairs_keep_the_real_training_image_outside_the_lesion_and_say_whose_it_is(tmp_path):
-    run_dir = tmp_path / "run"
-    config = tiny_config(run_dir, *MASKS)
-    ingest(config, progress=False)
-    train(config, progress=False)
-    path = config_file(tmp_path, run_dir, *MASKS)
+    run_dir, path = trained_build(tmp_path, *MASKS)
     request = "nodule 40 mm2 in left lung"
     done = radsynth("generate", str(path), "--pairs", "--inpaint", "--n", "2", "--lesion", request, "--json")
     assert done.returncode == 0, done.stderr[-2000:]
