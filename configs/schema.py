@@ -289,6 +289,34 @@ class FinetuneConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
 
 
+class DistillConfig(Section):
+    """A few-step student distilled from the trained model by ``radsynth distill`` (``sampling.student`` uses it).
+
+    Consistency distillation (LCM-style): the student learns to jump from any point of the guided teacher's
+    solver trajectory to its end, so a few jumps replace the solver and guidance costs nothing at sampling.
+    """
+
+    method: Literal["consistency"] = "consistency"
+    steps: int = Field(4, ge=1, description="the student's sampling steps")
+    teacher_steps: int = Field(50, ge=2, le=1000, description="steps of the teacher solver grid it is distilled on "
+                               "(DDIM, or FlowMatchEuler for rectified flow)")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="the teacher's classifier-free guidance the student learns; default "
+        "sampling.guidance_scale")
+    learning_rate: float = Field(5e-5, gt=0)
+    warmup_steps: int = Field(50, ge=0)
+    batch_size: int = Field(8, ge=1)
+    target_decay: float = Field(0.95, gt=0, lt=1, description="EMA rate of the target network (LCM's 0.95)")
+    max_steps: int = Field(1000, ge=1)
+    checkpoint_every: int = Field(250, ge=1)
+
+    @model_validator(mode="after")
+    def _steps_on_grid(self) -> DistillConfig:
+        if self.steps > self.teacher_steps:
+            raise ValueError(f"distill.steps ({self.steps}) must not exceed distill.teacher_steps ({self.teacher_steps})")
+        return self
+
+
 class SamplingConfig(Section):
     scheduler: Literal["ddpm", "ddim", "dpm_solver", "flow_match_euler"] = "ddim"
     num_inference_steps: int = Field(50, ge=1)
@@ -307,6 +335,8 @@ class SamplingConfig(Section):
         "bank", description="where a pair's label map comes from: augmented training maps (derived from real, "
         "internal releases only) or the mask generator (mask_generator.enabled)")
     output_format: Literal["auto", "nifti", "png16"] = "auto"
+    student: bool = Field(False, description="sample with the distilled few-step student (radsynth distill; "
+                          "distill.steps steps, its learnt guidance) instead of the trained model")
 
 
 class ScoringConfig(Section):
@@ -424,6 +454,7 @@ class RadsynthConfig(Section):
     controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     mask_generator: MaskGeneratorConfig = Field(default_factory=MaskGeneratorConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)

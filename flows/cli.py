@@ -45,9 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     _command(config, "show", _show_config, "print the resolved config (preset + overrides), validated")
     _command(commands, "ingest", _ingest, "read the data source, check, split by patient, preprocess, cache")
     _command(commands, "train", _train, "train the autoencoder and the text-conditioned diffusion model")
+    distill = _command(commands, "distill", _distill, "distil the trained model into a few-step student (sampling.student)")
+    distill.add_argument("--model", default=None, help="the trained model folder (default: what `radsynth train` wrote)")
     generate = _command(commands, "generate", _generate, "sample N synthetic images with JSON sidecars")
     generate.add_argument("--n", type=int, default=None, help="number of samples (default: sampling.num_samples)")
-    generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model)")
+    generate.add_argument("--model", default=None, help="model folder (default: <output_dir>/model, or the student "
+                          "with sampling.student)")
     generate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/samples)")
     generate.add_argument("--pairs", action="store_true",
                           help="image + label-map pairs (sampling.pairs; a model trained with conditioning.use_masks), "
@@ -145,9 +148,22 @@ def _finetune(config: RadsynthConfig, args: argparse.Namespace) -> dict:
             "base_model_hash": result.base_model_hash, "cases": result.cases, "steps": result.steps}
 
 
+def _distill(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.data.ingest import ingest
+    from radsynth.pipelines.distillation import distill
+
+    ingest(config, progress=not args.json)  # a no-op when the cache is current
+    result = distill(config, args.model, progress=not args.json)
+    print(f"student {result.model_dir} (hash {result.model_hash[:12]}) of {result.teacher_hash[:12]}: "
+          f"{result.steps} distillation steps, samples in {config.distill.steps} steps (sampling.student=true)")
+    return {"command": "distill", "model_dir": str(result.model_dir), "model_hash": result.model_hash,
+            "teacher_hash": result.teacher_hash, "steps": result.steps, "student_steps": config.distill.steps,
+            "guidance_scale": result.guidance_scale}
+
+
 def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     from radsynth.pipelines.sampling.generate import generate
-    from radsynth.pipelines.training import model_dir
+    from radsynth.pipelines.training import sampling_model_dir
 
     n_samples = args.n if args.n is not None else config.sampling.num_samples
     if n_samples < 1:
@@ -161,7 +177,7 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
         config = config.model_copy(update={"sampling": config.sampling.model_copy(update={"lesions": args.lesion})})
     switches = [f"sampling.{name}=true" for name in ("pairs", "inpaint") if getattr(args, name)]
     config = apply_overrides(config, switches, where="--inpaint" if args.inpaint else "--pairs") if switches else config
-    result = generate(config, args.model or model_dir(config), n_samples, args.out or config.output_dir / "samples",
+    result = generate(config, args.model or sampling_model_dir(config), n_samples, args.out or config.output_dir / "samples",
                       progress=not args.json)
     print(f"{len(result.written)} samples written to {result.sample_dir} ({result.skipped} already there); "
           f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")

@@ -14,12 +14,15 @@ from prefect.logging import get_run_logger
 
 from radsynth.configs import RadsynthConfig, apply_overrides, load_config
 from radsynth.pipelines.scoring.evaluate import build_sample_dir
+from radsynth.pipelines.training import sampling_model_dir, trained_model_dir
 
 from .artifacts import artifact_key
 from .caching import folder_sha256
 from .runners import make_task_runner
 from .tasks import (
     data_sha256,
+    distill_outputs_exist,
+    distill_task,
     evaluate_outputs_exist,
     evaluate_task,
     generate_shard_task,
@@ -29,7 +32,6 @@ from .tasks import (
     shard_outputs_exist,
     train_outputs_exist,
     train_task,
-    trained_model_dir,
 )
 
 ConfigInput = RadsynthConfig | str
@@ -62,12 +64,24 @@ def train_flow(config: ConfigInput, overrides: list[str] | None = None) -> dict:
             **trained}
 
 
+@flow(name="distill", log_prints=True)
+def distill_flow(config: ConfigInput, overrides: list[str] | None = None, model_dir: str | None = None,
+                 model_hash: str | None = None) -> dict:
+    """The few-step student of the trained model (``sampling.student`` samples with it)."""
+    config = resolve_config(config, overrides)
+    model_dir = str(model_dir or trained_model_dir(config))
+    tasks: dict[str, str] = {}
+    distilled = _run(distill_task, tasks, "distill", config, model_dir, model_hash or saved_model_hash(config, model_dir),
+                     data_sha256(config), outputs_exist=distill_outputs_exist(config))
+    return {"tasks": tasks, **distilled}
+
+
 @flow(name="generate", log_prints=True)
 def generate_flow(config: ConfigInput, overrides: list[str] | None = None, model_dir: str | None = None,
                   model_hash: str | None = None) -> dict:
     """``sampling.num_samples`` samples in shards of ``sampling.shard_size``, fanned out over the task runner."""
     config = resolve_config(config, overrides)
-    model_dir = str(model_dir or trained_model_dir(config))
+    model_dir = str(model_dir or sampling_model_dir(config))
     model_hash = model_hash or saved_model_hash(config, model_dir)
     sample_dir = str(build_sample_dir(config))
     shards = sample_shards.with_options(task_runner=make_task_runner(config))
@@ -101,7 +115,7 @@ def evaluate_flow(config: ConfigInput, overrides: list[str] | None = None, model
                   model_hash: str | None = None) -> dict:
     """The scorecard of the build's samples against its real splits."""
     config = resolve_config(config, overrides)
-    model_dir = str(model_dir or trained_model_dir(config))
+    model_dir = str(model_dir or sampling_model_dir(config))
     model_hash = model_hash or saved_model_hash(config, model_dir)
     tasks: dict[str, str] = {}
     scored = _run(evaluate_task, tasks, "evaluate", config, model_dir, model_hash, data_sha256(config),
@@ -114,5 +128,5 @@ def release_flow(config: ConfigInput, overrides: list[str] | None = None, model_
     """Filter, gate and publish; a refused gate is a completed run whose result says so (``gate_passed``)."""
     config = resolve_config(config, overrides)
     tasks: dict[str, str] = {}
-    released = _run(release_task, tasks, "release", config, str(model_dir or trained_model_dir(config)))
+    released = _run(release_task, tasks, "release", config, str(model_dir or sampling_model_dir(config)))
     return {"tasks": tasks, **released}

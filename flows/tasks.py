@@ -24,19 +24,21 @@ from prefect.tasks import exponential_backoff
 from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml
 from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.io import write_text
+from radsynth.pipelines.distillation import distill
 from radsynth.pipelines.release import ReleaseRefused, release
 from radsynth.pipelines.release.stage import headline_rows, release_root
 from radsynth.pipelines.sampling.generate import generate, load_pipeline, sample_id
-from radsynth.pipelines.sampling.mask_to_image import CONTROLNET_FOLDER
-from radsynth.pipelines.sampling.text_to_image import model_hash as pipeline_hash
-from radsynth.pipelines.sampling.text_to_pair import MASK_GENERATOR_FOLDER
+from radsynth.pipelines.sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER
+from radsynth.pipelines.sampling.pipeline import model_hash as pipeline_hash
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
 from radsynth.pipelines.training import (
     AUTOENCODER_DIR,
     BOOKKEEPING_FIELDS,
     DIFFUSION_DIR,
+    student_dir,
     train,
     train_dir,
+    trained_model_dir,
 )
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
@@ -82,13 +84,6 @@ def data_sha256(config: RadsynthConfig) -> str:
 
 TRAIN_SECTIONS = ("data", "autoencoder", "diffusion", "conditioning", "controlnet", "mask_generator", "finetune",
                   "runtime.seed", "runtime.precision", "runtime.output_dir")
-
-
-def trained_model_dir(config: RadsynthConfig) -> Path:
-    from radsynth.pipelines.finetuning import finetuned_model_dir
-    from radsynth.pipelines.training import model_dir
-
-    return finetuned_model_dir(config) if config.finetune.from_ else model_dir(config)
 
 
 def saved_model_hash(config: RadsynthConfig, model_dir: str | Path) -> str:
@@ -164,6 +159,33 @@ def launch_training(config: RadsynthConfig) -> dict:
             "launched": command}
 
 
+# ----------------------------------------------------------------------------------------------- distill
+
+
+def distill_outputs_exist(config: RadsynthConfig) -> bool:
+    return (student_dir(config) / "model_index.json").is_file()
+
+
+def _distill_key(context, parameters) -> str:
+    return stage_key("distill", parameters["config"], DISTILL_SECTIONS, parameters["model_hash"],
+                     parameters["data_sha256"], ignore={"checkpoint_every"})
+
+
+DISTILL_SECTIONS = ("distill", "sampling.guidance_scale", "diffusion.max_grad_norm", "runtime.seed",
+                    "runtime.precision", "runtime.output_dir")
+
+
+@task(name="distill", cache_key_fn=_distill_key, **CACHED)
+def distill_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_sha256: str) -> dict:
+    result = distill(config, model_dir, progress=False)
+    # The student's folder carries the base's mask models: pairs are keyed on them as the base's are.
+    digest = saved_model_hash(config, result.model_dir) if config.sampling.pairs else result.model_hash
+    get_run_logger().info("student %s (hash %s) of %s: %d distillation steps, guidance %g learnt", result.model_dir,
+                          digest[:12], result.teacher_hash[:12], result.steps, result.guidance_scale)
+    return {"model_dir": str(result.model_dir), "model_hash": digest, "teacher_hash": result.teacher_hash,
+            "steps": result.steps}
+
+
 # ---------------------------------------------------------------------------------------------- generate
 
 # Fields that do not change any one sample: how many there are and how they are batched and sharded.
@@ -175,7 +197,7 @@ def shard_outputs_exist(sample_dir: str | Path, indices: list[int]) -> bool:
 
 
 def _shard_key(context, parameters) -> str:
-    return stage_key("generate", parameters["config"], ("sampling", "runtime.seed"), parameters["model_hash"],
+    return stage_key("generate", parameters["config"], ("sampling", "distill.steps", "runtime.seed"), parameters["model_hash"],
                      parameters["data_sha256"], list(parameters["indices"]), parameters["sample_dir"],
                      ignore=SAMPLING_COUNT_FIELDS)
 

@@ -98,21 +98,74 @@ class TrainingObjective:
             timesteps = torch.sigmoid(torch.randn(batch_size, generator=generator, device=draw_device))
         return timesteps.to(device) if device is not None else timesteps
 
+    def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Training timesteps -> what the denoiser is given: t * num_train_timesteps for rectified flow (the unit of
+        diffusers' FlowMatchEuler timesteps), the integer index otherwise (the unit of the other schedulers)."""
+        if self.is_flow:
+            return torch.as_tensor(timesteps) * self.num_train_timesteps
+        return torch.as_tensor(timesteps).long()
+
     def noisy_and_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (noisy_latents, target, model_timesteps) for an MSE between the UNet output and target."""
+        model_timesteps = self.model_timesteps(timesteps).to(latents.device)
+        noisy = self.noised(latents, noise, model_timesteps)
+        return noisy, self.output_for(noisy, latents, noise, model_timesteps), model_timesteps
+
+    # ------------------------------------------------------------------------------- one noise path
+    # x_t = signal(t) * x0 + noise_level(t) * noise: (sqrt(a_bar), sqrt(1 - a_bar)) for the discrete schedules,
+    # (1 - t, t) for rectified flow. Every conversion between a denoiser's output, the clean latents and the noise
+    # below is written once on these two numbers, in model timesteps (the unit a scheduler's timesteps are in):
+    # training targets, the sampler's clean-latent clip, inpainting's noised background, distillation's solver.
+
+    def levels(self, model_timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(signal, noise_level) at ``model_timesteps`` (a scalar or one per sample), shaped to broadcast on ``like``."""
+        steps = torch.as_tensor(model_timesteps).reshape(-1).cpu()
         if self.is_flow:
-            t = _per_sample(timesteps, latents)
-            noisy = (1 - t) * latents + t * noise
-            return noisy, noise - latents, timesteps.to(latents.device) * self.num_train_timesteps
-        timesteps = timesteps.to(device=latents.device, dtype=torch.long)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+            noise_level = _per_sample(steps.double() / self.num_train_timesteps, like)
+            return 1 - noise_level, noise_level
+        alpha_bar = _per_sample(self.noise_scheduler.alphas_cumprod[steps.long()], like)
+        return alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, model_timesteps: torch.Tensor) -> torch.Tensor:
+        signal, noise_level = self.levels(model_timesteps, clean)
+        return signal * clean + noise_level * noise
+
+    def clean_and_noise(self, noisy: torch.Tensor, output: torch.Tensor,
+                        model_timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean latents and the noise that a denoiser ``output`` implies for ``noisy``."""
+        signal, noise_level = self.levels(model_timesteps, noisy)
         if self.name == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        return noisy, target, timesteps
+            return (noisy - noise_level * output) / signal, output
+        if self.name == "v_prediction":
+            clean = signal * noisy - noise_level * output
+            return clean, noise_level * noisy + signal * output
+        clean = noisy - noise_level * output  # velocity = noise - clean
+        return clean, clean + output
+
+    def output_for(self, noisy: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor,
+                   model_timesteps: torch.Tensor) -> torch.Tensor:
+        """The output a perfect denoiser gives for ``noisy`` made of ``clean`` and ``noise``: the training target."""
+        if self.name == "epsilon":
+            return noise
+        if self.name == "v_prediction":
+            signal, noise_level = self.levels(model_timesteps, noisy)
+            return signal * noise - noise_level * clean
+        return noise - clean
+
+    def clip_output(self, noisy: torch.Tensor, output: torch.Tensor, model_timesteps: torch.Tensor,
+                    limit: float) -> torch.Tensor:
+        """``output`` changed only as far as needed to keep its implied clean latents within [-limit, limit].
+
+        The clip is made on the output rather than in the scheduler, so it works with every sampler (DPM-Solver
+        and FlowMatchEuler cannot clip): output -> implied clean latents -> clip -> the output implying them.
+        """
+        clean = self.clean_and_noise(noisy, output, model_timesteps)[0]
+        clipped = clean.clamp(-limit, limit)
+        signal, noise_level = self.levels(model_timesteps, noisy)
+        noise = (noisy - signal * clipped) / noise_level
+        return self.output_for(noisy, clipped, noise, model_timesteps).to(output.dtype)
 
 
 def build_inference_scheduler(objective: str, scheduler: str, num_train_timesteps: int = 1000) -> SchedulerMixin:
@@ -143,67 +196,3 @@ def build_inference_scheduler(objective: str, scheduler: str, num_train_timestep
         # set_alpha_to_one: the last step lands on the clean prediction instead of leaving t=0 noise behind.
         return DDIMScheduler(clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing", **common)
     return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=2, final_sigmas_type="zero", **common)
-
-
-# ---------------------------------------------------------------------------- predicted clean latents
-# Pipelines may clip the clean latents implied by a model output (x0 at about +-3 latent std works, see
-# DESIGN). Not every diffusers scheduler can clip (DPM-Solver, FlowMatchEuler cannot), so the clip is done on
-# the model output itself: model output -> implied x0 -> clip -> the model output that implies the clipped x0.
-
-
-def _flow_sigma(scheduler: SchedulerMixin, timestep: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    sigma = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1) / scheduler.config.num_train_timesteps
-    return _per_sample(sigma, like)
-
-
-def _alphas(scheduler: SchedulerMixin, timestep: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    index = torch.as_tensor(timestep).reshape(-1).long().cpu()
-    alpha_bar = _per_sample(scheduler.alphas_cumprod[index], like)
-    return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-
-
-def predicted_clean_latents(
-    scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor
-) -> torch.Tensor:
-    """The clean latents x0 that ``model_output`` implies for ``sample`` at ``timestep`` (a scheduler timestep)."""
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return sample - _flow_sigma(scheduler, timestep, sample) * model_output
-    signal, noise_level = _alphas(scheduler, timestep, sample)
-    if scheduler.config.prediction_type == "epsilon":
-        return (sample - noise_level * model_output) / signal
-    if scheduler.config.prediction_type == "v_prediction":
-        return signal * sample - noise_level * model_output
-    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-
-
-def model_output_for_clean_latents(
-    scheduler: SchedulerMixin, sample: torch.Tensor, clean: torch.Tensor, timestep: torch.Tensor
-) -> torch.Tensor:
-    """The inverse of ``predicted_clean_latents``: the model output that implies ``clean`` for ``sample``."""
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return (sample - clean) / _flow_sigma(scheduler, timestep, sample)
-    signal, noise_level = _alphas(scheduler, timestep, sample)
-    noise = (sample - signal * clean) / noise_level
-    if scheduler.config.prediction_type == "epsilon":
-        return noise
-    if scheduler.config.prediction_type == "v_prediction":
-        return signal * noise - noise_level * clean
-    raise ValueError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
-
-
-def noised_latents(scheduler: SchedulerMixin, clean: torch.Tensor, noise: torch.Tensor,
-                   timestep: torch.Tensor) -> torch.Tensor:
-    """``clean`` noised to ``timestep`` the way ``scheduler`` samples (``scale_noise`` for rectified flow)."""
-    timesteps = torch.as_tensor(timestep, device=clean.device).reshape(-1).expand(len(clean))
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return scheduler.scale_noise(clean, timesteps, noise)
-    return scheduler.add_noise(clean, noise, timesteps)
-
-
-def clip_predicted_clean_latents(
-    scheduler: SchedulerMixin, sample: torch.Tensor, model_output: torch.Tensor, timestep: torch.Tensor, limit: float
-) -> torch.Tensor:
-    """``model_output`` changed only as far as needed to keep its implied clean latents within [-limit, limit]."""
-    clean = predicted_clean_latents(scheduler, sample, model_output, timestep)
-    clipped = clean.clamp(-limit, limit)
-    return model_output_for_clean_latents(scheduler, sample, clipped, timestep).to(model_output.dtype)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,20 @@ from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.lora import add_lora, merge_lora
-from radsynth.generators.objectives import TrainingObjective
 
 from .data.manifest import CaseRecord
 from .model_card import write_model_card
 from .sampling.generate import load_pipeline
-from .sampling.text_to_image import model_hash
-from .training import cached_latents, class_labels, ingested_dataset, loop_settings, save_pipeline, train_dir
+from .sampling.pipeline import model_hash
+from .training import (
+    cached_latents,
+    class_labels,
+    finetuned_model_dir,
+    ingested_dataset,
+    loop_settings,
+    save_pipeline,
+    train_dir,
+)
 
 
 @dataclass
@@ -36,12 +42,6 @@ class FinetuneResult:
     base_model_hash: str
     cases: int
     steps: int
-
-
-def finetuned_model_dir(config: RadsynthConfig) -> Path:
-    tag = "-".join(f"{key}-{value}" for key, value in sorted(config.finetune.filter.items())) or "all"
-    name = f"model-finetune-{config.finetune.method}-{tag}"
-    return config.output_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def _run_key(config: RadsynthConfig, base_hash: str) -> str:
@@ -77,23 +77,21 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     latents = cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
     latents.class_labels = class_labels(subset, base.config.class_attribute, list(base.config.class_names))
 
-    unet, text_encoder = base.unet, base.text_encoder
-    text_encoder.requires_grad_(False)  # the vocabulary was fitted on the full dataset; keep the encoder as is
+    unet = base.unet  # the text encoder stays as it is: its vocabulary was fitted on the full dataset
     if settings.method == "lora":
         add_lora(unet, settings.rank, settings.alpha)
     else:
         unet.requires_grad_(True)
     unet.train()
+    # The base's own objective, read from its folder: a fine-tune continues what the base learnt to predict.
     trainer = DiffusionTrainer(
-        unet, text_encoder, latents,
-        TrainingObjective(config.diffusion.objective, config.diffusion.num_train_timesteps),
-        run_dir, loop_settings(config, progress, max_steps=settings.max_steps),
+        base.diffusion(), [unet], latents, run_dir, loop_settings(config, progress, max_steps=settings.max_steps),
         learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
         batch_size=min(config.diffusion.batch_size, len(subset)),
         condition_dropout=config.conditioning.condition_dropout,
         max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
     trainer.fit()
-    with trainer.inference_weights() as (trained_unet, _):
+    with trainer.inference_weights() as (trained_unet,):
         if settings.method == "lora":
             merge_lora(trained_unet)
         base.unet = trained_unet

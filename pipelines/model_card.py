@@ -19,7 +19,7 @@ from .data.splits import split_counts
 
 def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRecord], summary: dict,
                      autoencoder_holdout: dict[str, float], digest: str, steps: int,
-                     base_model: dict | None = None) -> Path:
+                     base_model: dict | None = None, distilled: dict | None = None) -> Path:
     origins = Counter(record.origin for record in records)
     licenses = Counter(record.license for record in records)
     front_matter = {"library_name": "radsynth", "tags": ["medical-imaging", "latent-diffusion", "synthetic-data"],
@@ -42,6 +42,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         f"- licenses: {', '.join(f'{k} ({v} cases)' for k, v in licenses.items())}", "",
         *([f"Fine-tuned ({base_model['method']}) from base model {base_model['hash'][:16]} on the cases matching "
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
+        *(_distillation_lines(distilled, steps) if distilled else []),
         "## Training", "",
         f"- diffusion steps: {steps}; objective: {config.diffusion.objective}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
@@ -57,4 +58,25 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
     ]
     path = folder / "README.md"
     path.write_text("\n".join(lines))
+    return path
+
+
+def _distillation_lines(distilled: dict, steps: int) -> list[str]:
+    return ["## Distillation", "",
+            f"A few-step student ({distilled['method']} distillation, {steps} steps) of the trained model "
+            f"{distilled['teacher_hash'][:16]}: it learnt the teacher's sampler at guidance {distilled['guidance_scale']:g} "
+            f"on a {distilled['teacher_steps']}-step solver grid and samples in {distilled['steps']} steps without "
+            "guidance, one network call per step. The ControlNet and mask generator are the teacher's.", ""]
+
+
+def add_card_section(folder: Path, title: str, lines: list[str]) -> Path:
+    """Put a ``## title`` section into the model card, replacing one of that title (figures measured later)."""
+    path = folder / "README.md"
+    text = path.read_text()
+    heading = f"## {title}"
+    if heading in text:
+        before, _, after = text.partition(heading)
+        rest = after.split("\n## ", 1)
+        text = before + (f"## {rest[1]}" if len(rest) > 1 else "")
+    path.write_text(text.rstrip("\n") + "\n\n" + "\n".join([heading, "", *lines, ""]))
     return path

@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -32,9 +33,9 @@ from radsynth.generators.autoencoder_trainer import (
     holdout_reconstruction,
 )
 from radsynth.generators.controlnet import RadsynthControlNet
-from radsynth.generators.controlnet_trainer import ControlNetTrainer
 from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
+from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.generators.losses import AutoencoderLoss
 from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
@@ -48,12 +49,14 @@ from .data.manifest import CaseRecord, read_manifest
 from .masks import MaskBank
 from .model_card import write_model_card
 from .sampling.grids import save_grid
-from .sampling.mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
-from .sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
-from .sampling.text_to_pair import MASK_GENERATOR_FOLDER
+from .sampling.mask_to_image import RadsynthMaskToImagePipeline
+from .sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, RadsynthPipeline, model_hash
+from .sampling.text_to_image import RadsynthTextToImagePipeline
+from .sampling.text_to_pair import mask_generator_diffusion
 from .scoring.mask_probe import MaskAdherenceProbe
 
-AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR = "autoencoder", "diffusion", "model"
+AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR, STUDENT_DIR = "autoencoder", "diffusion", "model", "model-student"
+LATENT_CLIP = 3.0  # sampling clips the implied clean latents at about 3 latent SD (DESIGN: measured pitfalls)
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
 BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints",
@@ -78,11 +81,32 @@ def model_dir(config: RadsynthConfig) -> Path:
     return config.output_dir / MODEL_DIR
 
 
+def finetuned_model_dir(config: RadsynthConfig) -> Path:
+    tag = "-".join(f"{key}-{value}" for key, value in sorted(config.finetune.filter.items())) or "all"
+    name = f"model-finetune-{config.finetune.method}-{tag}"
+    return config.output_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def trained_model_dir(config: RadsynthConfig) -> Path:
+    """What ``radsynth train`` writes: the fine-tuned model when ``finetune.from`` is set, else the trained one."""
+    return finetuned_model_dir(config) if config.finetune.from_ else model_dir(config)
+
+
+def student_dir(config: RadsynthConfig) -> Path:
+    """What ``radsynth distill`` writes: the few-step student of the trained model."""
+    return config.output_dir / STUDENT_DIR
+
+
+def sampling_model_dir(config: RadsynthConfig) -> Path:
+    """The model samples come from (and are scored and released with): the student with ``sampling.student``."""
+    return student_dir(config) if config.sampling.student else trained_model_dir(config)
+
+
 def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     records, summary = ingested_dataset(config)
     cache_dir = Path(summary["cache"])
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
-    train_images = CachedImages(_split(records, "train"), cache_dir, conditioning)
+    train_images = CachedImages(split_cases(records, "train"), cache_dir, conditioning)
     intensity = summary["intensity_train"]
     data_stamp = _file_sha256(Path(summary["manifest"])) + json.dumps(config.data.preprocess.model_dump(mode="json"))
     autoencoder_stamp = part_fingerprint(config, "autoencoder", upstream=data_stamp)
@@ -104,16 +128,19 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
         num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads)
     unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None)
     diffusion = config.diffusion
-    trainer = DiffusionTrainer(
-        unet, text_encoder, latents, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
-        train_dir(config) / DIFFUSION_DIR, loop_settings(config, progress, validate_every=diffusion.validate_every),
-        learning_rate=diffusion.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
-        batch_size=diffusion.batch_size, condition_dropout=config.conditioning.condition_dropout,
-        max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+    core = LatentDiffusion(unet, autoencoder, text_encoder,
+                           TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
+                           class_attribute=config.conditioning.class_attribute, class_names=class_names)
+    # The default text encoder learns with the UNet; a pretrained one stays frozen.
+    trained = [unet, text_encoder] if any(p.requires_grad for p in text_encoder.parameters()) else [unet]
+    trainer = _trainer(config, core, trained, latents, train_dir(config) / DIFFUSION_DIR,
+                       loop_settings(config, progress, validate_every=diffusion.validate_every),
+                       diffusion.learning_rate, diffusion.batch_size)
 
     def pipeline_now() -> RadsynthTextToImagePipeline:
-        unet_now, text_now = trainer.modules()
-        return _pipeline(config, unet_now, autoencoder, text_now, summary, latents, class_names)
+        unwrap = trainer.loop.accelerator.unwrap_model
+        return _pipeline(config, unwrap(core.denoiser), autoencoder, unwrap(core.text_encoder), summary, latents,
+                         class_names)
 
     validation_prompts = _validation_prompts(records, conditioning)
 
@@ -185,7 +212,7 @@ def _file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _split(records: list[CaseRecord], split: str) -> list[CaseRecord]:
+def split_cases(records: list[CaseRecord], split: str) -> list[CaseRecord]:
     chosen = [record for record in records if record.split == split]
     if not chosen:
         raise UserInputError("data.split", f"the {split} split is empty", "give it a non-zero fraction")
@@ -201,6 +228,17 @@ def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | No
         gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
         mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress,
         tensorboard=config.runtime.tensorboard)
+
+
+def _trainer(config: RadsynthConfig, core: LatentDiffusion, trained: list[torch.nn.Module], data: CachedLatents,
+             folder: Path, loop: LoopSettings, learning_rate: float, batch_size: int) -> DiffusionTrainer:
+    """A trainer of ``trained`` (parts of ``core``) with the diffusion section's schedule, clipping, EMA and dropout."""
+    diffusion = config.diffusion
+    return DiffusionTrainer(core, trained, data, folder, loop, learning_rate=learning_rate,
+                            lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
+                            batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
+                            max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay,
+                            seed=config.runtime.seed)
 
 
 def _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress):
@@ -223,7 +261,7 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
                                  config.diffusion.max_grad_norm)
     autoencoder = trainer.fit()
     calibrate_scaling_factor(autoencoder, train_images, settings.batch_size)
-    holdout_images = CachedImages(_split(records, "holdout"), cache_dir, conditioning)
+    holdout_images = CachedImages(split_cases(records, "holdout"), cache_dir, conditioning)
     holdout = holdout_reconstruction(autoencoder, holdout_images, settings.batch_size,
                                      intensity["low"], intensity["high"])
     if trainer.loop.accelerator.is_main_process:
@@ -238,8 +276,7 @@ def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation:
     """The models beside the saved (frozen) base that make pairs: the ControlNet, and the mask generator when
     enabled. Each trains on the training label maps and is saved into the model folder. ``validation``: the
     held-out cases whose maps the ControlNet's validation generates from."""
-    base = RadsynthTextToImagePipeline.from_pretrained(model_dir(config), use_safetensors=True,
-                                                      low_cpu_mem_usage=False)
+    base = RadsynthTextToImagePipeline.from_model_dir(model_dir(config))
     latents.label_maps = train_images.label_maps()
     label_names: dict[int, str] = {}
     for record in train_images.records:
@@ -259,7 +296,7 @@ def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation:
         _mask_generator(config, base, latents, label_names, base_hash, progress)
 
 
-def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, latents: CachedLatents, num_labels: int,
+def _controlnet(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedLatents, num_labels: int,
                 base_hash: str, probe: Callable[[], MaskAdherenceProbe] | None, progress: bool) -> int:
     """Train the ControlNet on ``latents.label_maps``, logging ``probe``'s Dice at each validation; save it as the
     model's ``mask_controlnet``. Returns its steps."""
@@ -267,25 +304,20 @@ def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, laten
     start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
     torch.manual_seed(config.runtime.seed + 2)
     controlnet = RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
-    settings, diffusion = config.controlnet, config.diffusion
-    trainer = ControlNetTrainer(
-        controlnet, base.unet, base.text_encoder, latents,
-        TrainingObjective(diffusion.objective, diffusion.num_train_timesteps), folder,
-        loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every,
-                      validate_every=settings.validate_every),
-        conditioning_scale=settings.conditioning_scale, learning_rate=settings.learning_rate,
-        lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps, batch_size=settings.batch_size,
-        condition_dropout=config.conditioning.condition_dropout, max_grad_norm=diffusion.max_grad_norm,
-        ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+    settings = config.controlnet
+    trainer = _trainer(config, base.diffusion(controlnet, settings.conditioning_scale), [controlnet], latents, folder,
+                       loop_settings(config, progress, max_steps=settings.max_steps,
+                                     checkpoint_every=settings.checkpoint_every, validate_every=settings.validate_every),
+                       settings.learning_rate, settings.batch_size)
 
     def validate(step: int) -> dict[str, float] | None:
         if not trainer.loop.accelerator.is_main_process:
             return None
-        with trainer.inference_controlnet() as trained:
-            return probe()(RadsynthMaskToImagePipeline.from_text_to_image(base, trained))
+        with trainer.inference_weights() as (trained,):
+            return probe()(RadsynthMaskToImagePipeline.from_pipe(base, mask_controlnet=trained))
 
     trainer.fit(validate if probe else None)
-    with trainer.inference_controlnet() as trained:
+    with trainer.inference_weights() as (trained,):
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
                              model_dir(config) / CONTROLNET_FOLDER)
@@ -293,7 +325,7 @@ def _controlnet(config: RadsynthConfig, base: RadsynthTextToImagePipeline, laten
     return trainer.loop.state.step
 
 
-def _mask_generator(config: RadsynthConfig, base: RadsynthTextToImagePipeline, latents: CachedLatents,
+def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedLatents,
                     label_names: dict[int, str], base_hash: str, progress: bool) -> int:
     """Train the mask generator on the training label maps under the base's frozen text encoder; save it as the
     model's ``mask_generator``. Returns its steps."""
@@ -312,16 +344,12 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthTextToImagePipeline, l
     shares = torch.cat([generator.encode(latents.label_maps[start:start + 64])
                         for start in range(0, len(latents), 64)])
     maps = CachedLatents(shares, torch.zeros_like(shares), latents.prompts, latents.spacing, latents.class_labels)
-    base.text_encoder.requires_grad_(False)
-    trainer = DiffusionTrainer(
-        generator, base.text_encoder, maps, TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
-        folder, loop_settings(config, progress, max_steps=settings.max_steps,
-                              checkpoint_every=settings.checkpoint_every),
-        learning_rate=settings.learning_rate, lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
-        batch_size=settings.batch_size, condition_dropout=config.conditioning.condition_dropout,
-        max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+    trainer = _trainer(config, mask_generator_diffusion(base, generator), [generator], maps, folder,
+                       loop_settings(config, progress, max_steps=settings.max_steps,
+                                     checkpoint_every=settings.checkpoint_every),
+                       settings.learning_rate, settings.batch_size)
     trainer.fit()
-    with trainer.inference_weights() as (trained, _):
+    with trainer.inference_weights() as (trained,):
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
                              model_dir(config) / MASK_GENERATOR_FOLDER)
@@ -388,8 +416,9 @@ def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedL
         unet=unet, vae=autoencoder, text_encoder=text_encoder, scheduler=scheduler,
         modality=next(iter(summary["modality"])), spatial_dims=config.data.spatial_dims,
         image_shape=tuple(summary["preprocessed_shape"]), spacing=spacing,
-        intensity_low=low, intensity_high=high, latent_clip=3.0,
-        class_attribute=config.conditioning.class_attribute if class_names else None, class_names=class_names)
+        intensity_low=low, intensity_high=high, latent_clip=LATENT_CLIP,
+        class_attribute=config.conditioning.class_attribute if class_names else None, class_names=class_names,
+        objective=config.diffusion.objective, num_train_timesteps=config.diffusion.num_train_timesteps)
 
 
 def _validation_prompts(records: list[CaseRecord], conditioning: ConditioningSpec, limit: int = 6) -> list[str]:

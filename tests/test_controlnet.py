@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from radsynth.generators.controlnet import RadsynthControlNet, one_hot_labels
-from radsynth.generators.controlnet_trainer import ControlNetTrainer
 from radsynth.generators.data import CachedLatents
+from radsynth.generators.diffusion_trainer import DiffusionTrainer
+from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.generators.objectives import TrainingObjective
 from radsynth.generators.text_encoder import load_text_encoder
 from radsynth.generators.trainer import LoopSettings, read_metrics
@@ -136,7 +137,8 @@ def mask_dependent_latents(n: int = 16) -> tuple[CachedLatents, torch.Tensor]:
     return latents, label_maps
 
 
-def controlnet_trainer(tmp_path, max_steps: int) -> ControlNetTrainer:
+def controlnet_trainer(tmp_path, max_steps: int) -> DiffusionTrainer:
+    """A ControlNet trained beside a frozen UNet and text encoder: the one DiffusionTrainer, told what trains."""
     torch.manual_seed(0)
     unet = as_if_trained(RadsynthUNet(spatial_dims=2, **TINY_UNET))
     text_encoder = load_text_encoder("trained", captions=["chest radiograph"], max_length=8, embed_dim=16,
@@ -144,28 +146,27 @@ def controlnet_trainer(tmp_path, max_steps: int) -> ControlNetTrainer:
     controlnet = RadsynthControlNet.from_unet(unet, num_labels=3, downsample_factor=4)
     latents, _ = mask_dependent_latents()
     settings = LoopSettings(max_steps=max_steps, checkpoint_every=max_steps, log_every=1, device="cpu", progress=False)
-    return ControlNetTrainer(controlnet, unet, text_encoder, latents, TrainingObjective("v_prediction"), tmp_path, settings,
-                             learning_rate=3e-3, lr_schedule="constant", warmup_steps=0, batch_size=8,
-                             condition_dropout=0.1, max_grad_norm=1.0, ema_decay=None, seed=0)
+    diffusion = LatentDiffusion(unet, None, text_encoder, TrainingObjective("v_prediction"), controlnet=controlnet)
+    return DiffusionTrainer(diffusion, [controlnet], latents, tmp_path, settings, learning_rate=3e-3,
+                            lr_schedule="constant", warmup_steps=0, batch_size=8, condition_dropout=0.1,
+                            max_grad_norm=1.0, ema_decay=None, seed=0)
 
 
 @torch.no_grad()
-def held_out_loss(trainer: ControlNetTrainer, label_maps: torch.Tensor) -> float:
+def held_out_loss(trainer: DiffusionTrainer, label_maps: torch.Tensor) -> float:
     """The denoising loss on every case at fixed noise and timesteps, given these label maps."""
     generator = torch.Generator().manual_seed(99)
-    latents = trainer.latents
+    latents, diffusion = trainer.latents, trainer.diffusion
     clean = latents.mu
     noise = torch.randn(clean.shape, generator=generator)
-    timesteps = trainer.objective.sample_timesteps(len(clean), device="cpu", generator=generator)
-    noisy, target, model_timesteps = trainer.objective.noisy_and_target(clean, noise, timesteps)
-    context = trainer.text_encoder.encode(latents.prompts)
-    batch = {"spacing": latents.spacing, "label_maps": label_maps}
-    return torch.nn.functional.mse_loss(trainer.predict(noisy, model_timesteps, context, None, batch), target).item()
+    timesteps = diffusion.objective.sample_timesteps(len(clean), device="cpu", generator=generator)
+    condition = diffusion.condition(latents.prompts, spacing=latents.spacing, label_maps=label_maps)
+    return diffusion.losses(clean, condition, noise, timesteps).mean().item()
 
 
 def test_controlnet_training_learns_from_the_label_map_and_leaves_the_base_model_frozen(tmp_path):
     trainer = controlnet_trainer(tmp_path, max_steps=80)
-    unet, text_encoder = trainer.modules()
+    unet, text_encoder = trainer.diffusion.denoiser, trainer.diffusion.text_encoder
     frozen = {name: weight.clone() for module in (unet, text_encoder) for name, weight in module.state_dict().items()}
     trainer.fit()
     for module in (unet, text_encoder):
@@ -174,7 +175,7 @@ def test_controlnet_training_learns_from_the_label_map_and_leaves_the_base_model
     losses = read_metrics(tmp_path / "metrics.csv", "loss")
     first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(76, 81)])
     assert last < 0.8 * first, (first, last)
-    with trainer.inference_controlnet() as controlnet:
+    with trainer.inference_weights() as (controlnet,):
         assert not controlnet.training
         # What it learnt comes from the label map: the right maps predict better than empty ones.
         _, label_maps = mask_dependent_latents()

@@ -89,7 +89,8 @@ def test_a_saved_model_loads_in_a_fresh_process_that_imports_only_the_pipeline(b
     import sys
 
     _, base = base_model
-    code = ("from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline as P, model_hash; "
+    code = ("from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline as P; "
+            "from radsynth.pipelines.sampling.pipeline import model_hash; "
             f"print(model_hash(P.from_pretrained({str(base.model_dir)!r}, use_safetensors=True)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-1500:]

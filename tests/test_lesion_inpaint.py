@@ -14,7 +14,7 @@ from .test_sampling_pipeline import PROMPTS, SHAPES
 
 def inpaint_pipeline(spatial_dims: int) -> RadsynthLesionInpaintPipeline:
     base = mask_pipeline(spatial_dims)
-    pipeline = RadsynthLesionInpaintPipeline.from_text_to_image(base, base.mask_controlnet)
+    pipeline = RadsynthLesionInpaintPipeline.from_pipe(base)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -8,7 +8,8 @@ import torch
 
 from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.pipelines.masks import PHANTOM_VOLUME_ORIENTATION, default_orientation
-from radsynth.pipelines.sampling.text_to_pair import MASK_GENERATOR_FOLDER, RadsynthTextToPairPipeline
+from radsynth.pipelines.sampling.pipeline import MASK_GENERATOR_FOLDER
+from radsynth.pipelines.sampling.text_to_pair import RadsynthTextToPairPipeline
 from radsynth.pipelines.scoring.segmenter import per_label_dice
 
 from .test_mask_bank import phantom_case
@@ -33,7 +34,7 @@ def pair_pipeline(spatial_dims: int) -> RadsynthTextToPairPipeline:
     generator = tiny_generator(spatial_dims)
     with torch.no_grad():
         generator.denoiser.net.out[-1].conv.bias.copy_(torch.tensor([1.0, -1.0, 1.0]))  # v = -x0 at t=T
-    pipeline = RadsynthTextToPairPipeline.from_parts(base, base.mask_controlnet, generator)
+    pipeline = RadsynthTextToPairPipeline.from_pipe(base, mask_generator=generator)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -110,13 +111,13 @@ def test_orientation_comes_from_the_generator_or_the_phantom_layout():
     base = mask_pipeline(3)
     generator = tiny_generator(3, orientation={"lr_axis": 0, "cc_axis": 2, "right_is_low_index": True,
                                                "superior_is_low_index": False})
-    assert RadsynthTextToPairPipeline.from_parts(base, base.mask_controlnet, generator).orientation == \
+    assert RadsynthTextToPairPipeline.from_pipe(base, mask_generator=generator).orientation == \
         PHANTOM_VOLUME_ORIENTATION
 
 
 def test_a_model_folder_with_both_mask_models_loads_as_a_pair_pipeline(tmp_path):
     pipeline = pair_pipeline(2)
-    from radsynth.pipelines.sampling.mask_to_image import CONTROLNET_FOLDER
+    from radsynth.pipelines.sampling.pipeline import CONTROLNET_FOLDER
 
     from .test_sampling_pipeline import make_pipeline
 
@@ -136,4 +137,4 @@ def test_a_model_folder_with_both_mask_models_loads_as_a_pair_pipeline(tmp_path)
 def test_a_mask_generator_for_another_grid_is_refused():
     base = mask_pipeline(2)
     with pytest.raises(ValueError, match="mask generator draws maps of"):
-        RadsynthTextToPairPipeline.from_parts(base, base.mask_controlnet, tiny_generator(2, image_shape=(32, 32)))
+        RadsynthTextToPairPipeline.from_pipe(base, mask_generator=tiny_generator(2, image_shape=(32, 32)))

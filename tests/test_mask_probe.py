@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from radsynth.pipelines.data.ingest import ingest
-from radsynth.pipelines.sampling.text_to_image import RadsynthPipelineOutput
+from radsynth.pipelines.sampling.pipeline import RadsynthPipelineOutput
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.scoring.mask_probe import MaskAdherenceProbe
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from radsynth.generators.controlnet import RadsynthControlNet
-from radsynth.pipelines.sampling.mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
+from radsynth.pipelines.sampling.mask_to_image import RadsynthMaskToImagePipeline
+from radsynth.pipelines.sampling.pipeline import CONTROLNET_FOLDER
 
 from .test_controlnet import as_if_trained_controlnet
 from .test_sampling_pipeline import PROMPTS, SHAPES, make_pipeline, run
@@ -18,7 +19,7 @@ def mask_pipeline(spatial_dims: int, trained: bool = True) -> RadsynthMaskToImag
     controlnet = RadsynthControlNet.from_unet(base.unet, num_labels=3, downsample_factor=base.vae.downsample_factor)
     if trained:
         controlnet = as_if_trained_controlnet(controlnet)
-    return RadsynthMaskToImagePipeline.from_text_to_image(base, controlnet.eval())
+    return RadsynthMaskToImagePipeline.from_pipe(base, mask_controlnet=controlnet.eval())
 
 
 def label_maps(spatial_dims: int, fill: int = 0, lesion: int | None = None) -> torch.Tensor:

@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from radsynth.configs.errors import UserInputError
-from radsynth.generators.objectives import (
-    TrainingObjective,
-    build_inference_scheduler,
-    clip_predicted_clean_latents,
-    predicted_clean_latents,
-)
+from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
 
 SHAPES = {"2d": (3, 4, 8, 8), "3d": (2, 4, 4, 4, 4)}  # latents (B, C, *spatial): 4D and 5D tensors
 SAMPLERS = [
@@ -125,13 +120,32 @@ def test_clip_bounds_the_implied_clean_latents_and_touches_nothing_else(name, sc
     exact = _oracle(objective, clean)(sample, timestep)
 
     # The implied x0 of the exact target is the clean latents, for every prediction type.
-    torch.testing.assert_close(predicted_clean_latents(scheduler, sample, exact, timestep), clean, atol=1e-3, rtol=1e-3)
-    clipped = clip_predicted_clean_latents(scheduler, sample, exact, timestep, limit=2.0)
-    implied = predicted_clean_latents(scheduler, sample, clipped, timestep)
+    torch.testing.assert_close(objective.clean_and_noise(sample, exact, timestep)[0], clean, atol=1e-3, rtol=1e-3)
+    clipped = objective.clip_output(sample, exact, timestep, limit=2.0)
+    implied = objective.clean_and_noise(sample, clipped, timestep)[0]
     torch.testing.assert_close(implied, clean.clamp(-2, 2), atol=1e-3, rtol=1e-3)
     inside = clean.abs() < 2
     torch.testing.assert_close(clipped[inside], exact[inside], atol=1e-3, rtol=1e-3)
     assert not torch.allclose(clipped[~inside], exact[~inside], atol=1e-2)
+
+
+@pytest.mark.parametrize(("name", "scheduler_name"), SAMPLERS)
+def test_one_noise_path_for_training_targets_and_sampler_timesteps(name, scheduler_name):
+    """noised / output_for / clean_and_noise invert one another at the timesteps a sampler visits, and the noised
+    latents are what the scheduler's own forward process gives (add_noise, or scale_noise for rectified flow)."""
+    clean, noise = _latents_and_noise(SHAPES["2d"], seed=4)
+    objective = TrainingObjective(name)
+    scheduler = build_inference_scheduler(name, scheduler_name)
+    scheduler.set_timesteps(10)
+    timestep = scheduler.timesteps[4]
+    noisy = objective.noised(clean, noise, timestep)
+    steps = timestep.reshape(1).expand(len(clean))
+    expected = scheduler.scale_noise(clean, steps, noise) if objective.is_flow else scheduler.add_noise(clean, noise, steps)
+    torch.testing.assert_close(noisy, expected, atol=1e-5, rtol=1e-5)
+    recovered_clean, recovered_noise = objective.clean_and_noise(noisy, objective.output_for(noisy, clean, noise, timestep),
+                                                                 timestep)
+    torch.testing.assert_close(recovered_clean, clean, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(recovered_noise, noise, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

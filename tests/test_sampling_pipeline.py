@@ -17,7 +17,8 @@ from radsynth.generators.objectives import build_inference_scheduler
 from radsynth.generators.text_encoder import RadsynthTextEncoder, WordTokenizer
 from radsynth.generators.unet import RadsynthUNet
 from radsynth.pipelines.data.preprocess import IntensityMap
-from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline, model_hash
+from radsynth.pipelines.sampling.pipeline import model_hash
+from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline
 from radsynth.pipelines.sampling.writers import write_sample
 
 PROMPTS = ["finding: nodule; view: PA. small nodule right upper lobe", "finding: none. normal chest"]

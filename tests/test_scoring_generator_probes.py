@@ -22,8 +22,6 @@ from radsynth.pipelines.scoring.generator_probes import (
     membership_inference,
     membership_inference_report,
     partial_noise_regeneration,
-    per_sample_denoising_loss,
-    training_objective_of,
 )
 from radsynth.pipelines.scoring.image_sets import ImageSet
 from radsynth.pipelines.scoring.loading import cached_split
@@ -87,7 +85,7 @@ def random_weights_like(pipeline: RadsynthTextToImagePipeline, seed: int = 0) ->
                 parameter.normal_(0, 0.1)
     fresh = RadsynthTextToImagePipeline(unet=unet, vae=vae, text_encoder=text_encoder, scheduler=pipeline.scheduler,
                                         **{k: v for k, v in pipeline.config.items() if not k.startswith("_")
-                                           and k not in ("unet", "vae", "text_encoder", "scheduler")})
+                                           and k not in pipeline.components})
     for module in (vae, unet, text_encoder):
         module.eval()
     return fresh
@@ -150,27 +148,30 @@ def test_membership_inference_scores_minus_the_mean_loss_and_finds_the_leaking_t
 # -------------------------------------------------------------------------- the trainer's loss, per sample
 
 
-def trainer_loss(unet, text_encoder, objective, batch, generator) -> torch.Tensor:
-    """DiffusionTrainer._loss itself, run on given modules with no condition dropout."""
+def trainer_loss(diffusion, batch, generator) -> torch.Tensor:
+    """DiffusionTrainer.loss itself, on the pipeline's core with no condition dropout."""
     trainer = SimpleNamespace(loop=SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"))),
-                              condition_dropout=0.0, text_encoder=text_encoder, unet=unet, objective=objective)
-    trainer.predict = lambda *inputs: DiffusionTrainer.predict(trainer, *inputs)
+                              condition_dropout=0.0, diffusion=diffusion)
     with torch.no_grad():
-        return DiffusionTrainer._loss(trainer, batch, generator)
+        return DiffusionTrainer.loss(trainer, batch, generator)
 
 
-def check_equals_trainer_loss(pipeline, latents, prompts, spacing, class_labels=None):
-    objective = training_objective_of(pipeline)
+def check_equals_trainer_loss(pipeline, latents, prompts, spacing, class_labels=None, conditions=None):
+    """The probe's per-sample losses (conditioned from the prompts, or each image's attribute values) average to
+    the trainer's batch loss (conditioned from the batch's class indices) under the same draws."""
+    diffusion = pipeline.diffusion()
     batch = {"latents": latents, "prompts": prompts, "spacing": spacing}
     if class_labels is not None:
         batch["class_labels"] = class_labels
-    expected = trainer_loss(pipeline.unet, pipeline.text_encoder, objective, batch, torch.Generator().manual_seed(3))
+    expected = trainer_loss(diffusion, batch, torch.Generator().manual_seed(3))
     # The same draws in the trainer's order: dropout coin, noise, timesteps.
     generator = torch.Generator().manual_seed(3)
     torch.rand(len(prompts), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)
-    timesteps = objective.sample_timesteps(len(latents), generator=generator)
-    per_sample = per_sample_denoising_loss(pipeline, latents, prompts, noise, timesteps, spacing=spacing)
+    timesteps = diffusion.objective.sample_timesteps(len(latents), generator=generator)
+    with torch.no_grad():
+        condition = diffusion.condition(prompts, conditions=conditions, spacing=spacing)
+        per_sample = diffusion.losses(latents, condition, noise, timesteps)
     assert per_sample.shape == (len(latents),) and len(set(per_sample.tolist())) == len(latents)
     torch.testing.assert_close(per_sample.mean(), expected, rtol=1e-5, atol=1e-7)
 
@@ -179,9 +180,12 @@ def check_equals_trainer_loss(pipeline, latents, prompts, spacing, class_labels=
 def test_per_sample_loss_is_the_trainers_loss_with_its_prompt_and_class_label(overfitted):
     pipeline, images = overfitted.pipeline, overfitted.train
     latents = pipeline.vae.encode(as_batch(images)[:4])
-    # The trainer's class labels come from the records; the probe reads them off the prompts like the pipeline.
+    # The trainer's class labels are indices made from the records; the probe's come from each image's attribute
+    # values (data), or else from the attribute header of its prompt.
     names = list(pipeline.config.class_names)
     labels = torch.tensor([names.index(c["finding"]) + 1 for c in images.conditions[:4]])
+    check_equals_trainer_loss(pipeline, latents, images.prompts[:4], torch.ones(4, 2), labels,
+                              conditions=images.conditions[:4])
     check_equals_trainer_loss(pipeline, latents, images.prompts[:4], torch.ones(4, 2), labels)
 
 

@@ -114,6 +114,31 @@ def test_every_objective_trains_and_samples(tmp_path, objective, scheduler):
     assert len(out.written) == 2 and np.isfinite(out.latent_std)
 
 
+def test_the_objective_is_saved_with_the_model_and_a_config_naming_another_does_not_change_sampling(tmp_path):
+    from radsynth.configs import UserInputError
+    from radsynth.pipelines.sampling.generate import load_pipeline
+
+    config = tiny_config(tmp_path, "diffusion.objective=v_prediction", "diffusion.max_steps=3",
+                         "diffusion.validate_every=3")
+    ingest(config, progress=False)
+    model = train(config, progress=False).model_dir
+    assert json.loads((model / "model_index.json").read_text())["objective"] == "v_prediction"
+    right = generate(config, model, 2, tmp_path / "right", progress=False)
+    # A later run whose config trains epsilon models samples this v-prediction model as v-prediction all the same.
+    other = tiny_config(tmp_path, "diffusion.objective=epsilon", "diffusion.max_steps=3")
+    pipeline = load_pipeline(model, other)
+    assert pipeline.config.objective == "v_prediction" and pipeline.scheduler.config.prediction_type == "v_prediction"
+    wrong_config = generate(other, model, 2, tmp_path / "other", progress=False)
+    for name in right.written:
+        assert (tmp_path / "right" / f"{name}.png").read_bytes() == (tmp_path / "other" / f"{name}.png").read_bytes()
+    # The sampler must suit the saved objective, whatever diffusion.objective says.
+    flow_sampler = tiny_config(tmp_path, "diffusion.objective=rectified_flow", "sampling.scheduler=flow_match_euler")
+    with pytest.raises(UserInputError, match="sampling.scheduler: 'flow_match_euler' cannot sample a model trained "
+                                             "with objective 'v_prediction'"):
+        load_pipeline(model, flow_sampler)
+    assert wrong_config.written == right.written
+
+
 def test_class_embeddings_train_save_and_follow_the_prompted_attribute(tmp_path):
     import torch
 
@@ -127,9 +152,14 @@ def test_class_embeddings_train_save_and_follow_the_prompted_attribute(tmp_path)
     names = list(pipeline.config.class_names)
     assert pipeline.config.class_attribute == "finding" and "none" in names
     assert pipeline.unet.config.num_class_embeds == len(names) + 1
+    diffusion = pipeline.diffusion()
     prompts = [f"finding: {names[-1]}; view: PA. film", "view: AP. film", "finding: unicorn; sex: F."]
-    labels = pipeline.class_labels_for(prompts, guided=True)
-    assert labels.tolist() == [0, 0, 0, len(names), 0, 0]  # null half first; unknown or absent -> 0
+    condition = diffusion.condition(prompts)  # read from the prompts' attribute headers
+    assert condition.class_labels.tolist() == [len(names), 0, 0]  # unknown or absent -> 0, the null class
+    assert diffusion.unconditional(condition).class_labels.tolist() == [0, 0, 0]
+    # Attribute values as data win over the text: the class comes from the conditions given.
+    given = diffusion.condition(prompts, conditions=[{"finding": names[1]}, {"finding": names[-1]}, {}])
+    assert given.class_labels.tolist() == [2, len(names), 0]
     # The embedding is used: with the text fixed, another class changes the prediction.
     unet = pipeline.unet
     x, context = torch.randn(1, 4, 8, 8), pipeline.text_encoder.encode(["view: PA."])
@@ -220,7 +250,8 @@ def test_masks_train_a_controlnet_beside_the_unchanged_base_model(tmp_path):
     records, _ = ingested_dataset(with_masks)
     vocabulary = records[0].label_names
     assert controlnet.config.num_labels == max(vocabulary) + 1 and len(vocabulary) > 2
-    assert "mask_controlnet" not in json.loads((tmp_path / "model" / "model_index.json").read_text())
+    # The base pipeline's index leaves it out (an optional component); mask tasks load it beside the base.
+    assert json.loads((tmp_path / "model" / "model_index.json").read_text())["mask_controlnet"] == [None, None]
 
     # A changed ControlNet setting retrains the ControlNet only.
     retuned = train(tiny_config(tmp_path, "diffusion.max_steps=4", "conditioning.use_masks=true",

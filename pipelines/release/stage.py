@@ -21,6 +21,7 @@ from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, build_sample_dir
 from radsynth.pipelines.scoring.scorecard import software_versions
+from radsynth.pipelines.training import sampling_model_dir
 
 from .card import write_dataset_card
 from .formats import FORMAT_WRITERS, check_format_supports
@@ -90,7 +91,7 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
         raise ReleaseRefused(gate, _write_refusal(root, gate, selection))
 
     fingerprint = _fingerprint(config, info, selection.kept, eval_dir / "scorecard.json", gate)
-    model_card = Path(model_dir or config.output_dir / "model") / "README.md"
+    model_card = Path(model_dir or sampling_model_dir(config)) / "README.md"
 
     def write(folder: Path, version: str) -> None:
         provenance = build_provenance(config, info, selection, scorecard, gate, training_data)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,19 @@ from tqdm.auto import tqdm
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import ConditioningSpec
-from radsynth.generators.objectives import build_inference_scheduler
+from radsynth.generators.prompts import parse_prompt
 
 from ..data.ingest import data_dir
 from ..data.manifest import read_manifest
 from .lesion_inpaint import RadsynthLesionInpaintPipeline
-from .mask_to_image import CONTROLNET_FOLDER, RadsynthMaskToImagePipeline
+from .mask_to_image import RadsynthMaskToImagePipeline
 from .pairs import PairSource, SampleCondition, generated_condition, with_lesions
-from .text_to_image import RadsynthTextToImagePipeline, model_hash
-from .text_to_pair import MASK_GENERATOR_FOLDER, RadsynthTextToPairPipeline
+from .pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, RadsynthPipeline, model_hash
+from .text_to_image import RadsynthTextToImagePipeline
+from .text_to_pair import RadsynthTextToPairPipeline
 from .writers import write_sample
 
-# Settings that change what one sample looks like; batch size and sample count do not.
-SEED_FIELDS = ("scheduler", "num_inference_steps", "guidance_scale")
+STUDENT_SCHEDULER = "consistency"  # what a distilled student's sidecars name as their sampler
 
 
 @dataclass
@@ -44,15 +44,20 @@ class GenerateResult:
 
 
 def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool = True,
-                  pairs: bool | None = None) -> RadsynthTextToImagePipeline:
+                  pairs: bool | None = None) -> RadsynthPipeline:
     """The trained text-to-image pipeline; for pairs (default ``sampling.pairs``) the mask-to-image one (its
-    ControlNet beside it), or with ``sampling.mask_source: generated`` the text-to-pair one."""
+    ControlNet beside it), or with ``sampling.mask_source: generated`` the text-to-pair one.
+
+    The sampler is ``sampling.scheduler`` for the objective saved with the model (never ``diffusion.objective``
+    of the current config, which may describe another model); a distilled student keeps its own.
+    """
     model_dir = Path(model_dir)
     pairs = config.sampling.pairs if pairs is None else pairs
     if not progress:
         diffusers_logging.disable_progress_bar()
     if not (model_dir / "model_index.json").is_file():
         raise UserInputError(model_dir, "no trained model here", "run `radsynth train CONFIG` first")
+    kind = RadsynthTextToImagePipeline
     if pairs:
         generated = config.sampling.mask_source == "generated"
         needed, setting = ((MASK_GENERATOR_FOLDER, "mask_generator.enabled: true") if generated
@@ -61,22 +66,27 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
             raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
         kind = (RadsynthTextToPairPipeline if generated else
                 RadsynthLesionInpaintPipeline if config.sampling.inpaint else RadsynthMaskToImagePipeline)
-        pipeline = kind.from_model_dir(model_dir)
-    else:
-        # low_cpu_mem_usage would build each component under accelerate's init_empty_weights, which patches
-        # torch.nn.Module for the whole process: shards sampling on threads then race, and a module created in
-        # one thread while another loads lands on the meta device. Our models are small; load them plainly.
-        pipeline = RadsynthTextToImagePipeline.from_pretrained(model_dir, use_safetensors=True,
-                                                               low_cpu_mem_usage=False)
-    pipeline.scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
-                                                   config.diffusion.num_train_timesteps)
+    pipeline = kind.from_model_dir(model_dir)
+    if pipeline.config.distilled_guidance_scale is None:
+        pipeline.scheduler = pipeline.base_scheduler(config.sampling.scheduler)
     device = "cuda" if config.runtime.device in ("auto", "cuda") and torch.cuda.is_available() else (
         "cpu" if config.runtime.device == "auto" else config.runtime.device)
     return pipeline.to(device)
 
 
-def sample_seed(digest: str, config: RadsynthConfig, index: int) -> int:
-    settings = {field: getattr(config.sampling, field) for field in SEED_FIELDS}
+def sampler_settings(config: RadsynthConfig, pipeline: RadsynthPipeline) -> dict:
+    """How every sample is drawn (what changes one sample; batch size and count do not): the configured sampler,
+    or a distilled student's own, ``distill.steps`` steps of its learnt guidance and no more guidance on top."""
+    distilled = pipeline.config.distilled_guidance_scale
+    if distilled is None:
+        return {"scheduler": config.sampling.scheduler, "num_inference_steps": config.sampling.num_inference_steps,
+                "guidance_scale": config.sampling.guidance_scale}
+    return {"scheduler": STUDENT_SCHEDULER, "num_inference_steps": config.distill.steps, "guidance_scale": 1.0,
+            "distilled_guidance_scale": distilled}
+
+
+def sample_seed(digest: str, config: RadsynthConfig, index: int, sampler: dict) -> int:
+    settings = dict(sampler)
     if config.sampling.lesions:  # they change a pair; absent, seeds stay those of earlier releases
         settings["lesions"] = list(config.sampling.lesions)
     if config.sampling.pairs and config.sampling.mask_source != "bank":
@@ -87,20 +97,23 @@ def sample_seed(digest: str, config: RadsynthConfig, index: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
 
 
-def sampling_prompts(config: RadsynthConfig) -> list[str]:
-    """The configured prompts, or else the prompts of the test split (conditions of real, unseen cases)."""
+def sampling_conditions(config: RadsynthConfig) -> list[SampleCondition]:
+    """What the samples are drawn from: the configured prompts (their attribute header read back, the grammar
+    ``render_prompt`` writes), or else the prompts and attribute values of the test split (real, unseen cases)."""
     if config.sampling.prompts:
-        return list(config.sampling.prompts)
+        return [SampleCondition(prompt, None, {"derived_from_real": False}, conditions=parse_prompt(prompt))
+                for prompt in config.sampling.prompts]
     records = read_manifest(data_dir(config) / "manifest.jsonl")
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
-    prompts = [conditioning.prompt(record) for record in records if record.split == "test"]
-    if not prompts:
+    drawn = [SampleCondition(conditioning.prompt(record), None, {"derived_from_real": False},
+                             conditions=dict(record.attributes)) for record in records if record.split == "test"]
+    if not drawn:
         raise UserInputError("sampling.prompts", "no prompts and an empty test split", "give sampling.prompts")
-    return prompts
+    return drawn
 
 
 def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, sample_dir: str | Path,
-             prompts: list[str] | None = None, progress: bool = True,
+             progress: bool = True,
              indices: Sequence[int] | None = None) -> GenerateResult:
     """Samples 0..n_samples-1, or only ``indices`` of them (one shard of a fanned-out run).
 
@@ -115,35 +128,36 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
     sampling = config.sampling
     bank = PairSource(config, inpaint=sampling.inpaint) if sampling.pairs and sampling.mask_source == "bank" else None
     if bank is None:
-        prompts = [with_lesions(prompt, sampling.lesions) for prompt in prompts or sampling_prompts(config)]
+        choices = [replace(choice, prompt=with_lesions(choice.prompt, sampling.lesions))
+                   for choice in sampling_conditions(config)]
     sample_dir = Path(sample_dir)
     fmt = config.sampling.output_format
     if fmt == "auto":
         fmt = "png16" if pipeline.config.spatial_dims == 2 else "nifti"
 
     wanted = range(n_samples) if indices is None else indices
-    todo = [i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i), digest)]
+    sampler = sampler_settings(config, pipeline)
+    todo = [i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i, sampler), digest)]
     written, latent_stds = [], []
     batch = config.sampling.batch_size
     for start in tqdm(range(0, len(todo), batch), desc="generate", unit="batch", disable=None if progress else True):
         indices = todo[start:start + batch]
-        seeds = [sample_seed(digest, config, i) for i in indices]
+        seeds = [sample_seed(digest, config, i, sampler) for i in indices]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if bank is not None:
             drawn = [bank.draw(seed) for seed in seeds]
         else:
-            drawn = [SampleCondition(prompts[i % len(prompts)], None, {"derived_from_real": False}) for i in indices]
-        output = pipeline([pair.prompt for pair in drawn], num_inference_steps=sampling.num_inference_steps,
-                          guidance_scale=sampling.guidance_scale, generator=generators, output_type="physical",
+            drawn = [choices[i % len(choices)] for i in indices]
+        output = pipeline([pair.prompt for pair in drawn], conditions=[pair.conditions for pair in drawn],
+                          num_inference_steps=sampler["num_inference_steps"],
+                          guidance_scale=sampler["guidance_scale"], generator=generators, output_type="physical",
                           **_pair_inputs(drawn, config))
         if getattr(output, "mask_sources", None):  # the maps were generated: their conditions come with them
             drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
         for index, seed, pair, image in zip(indices, seeds, drawn, np.asarray(output.images)):
-            sidecar = {"prompt": pair.prompt, "seed": seed, "scheduler": config.sampling.scheduler,
-                       "num_inference_steps": config.sampling.num_inference_steps,
-                       "guidance_scale": config.sampling.guidance_scale, "model_hash": digest, "sample_index": index,
+            sidecar = {"prompt": pair.prompt, "seed": seed, **sampler, "model_hash": digest, "sample_index": index,
                        "modality": pipeline.config.modality, **pair.sidecar}
             write_sample(sample_dir, sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high),
@@ -161,7 +175,8 @@ def _pair_inputs(drawn: list[SampleCondition], config: RadsynthConfig) -> dict:
         return {}
     inputs = {"conditioning_scale": config.controlnet.conditioning_scale}
     if sampling.mask_source == "generated":
-        return {**inputs, "lesions": sampling.lesions}
+        # The mask generator is never distilled: it keeps the configured steps under a student too.
+        return {**inputs, "lesions": sampling.lesions, "mask_inference_steps": sampling.num_inference_steps}
     inputs["label_maps"] = np.stack([pair.label_map[None] for pair in drawn])
     if sampling.inpaint:
         inputs.update(images=np.stack([pair.background[None] for pair in drawn]),

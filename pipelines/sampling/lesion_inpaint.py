@@ -19,14 +19,14 @@ import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 from scipy import ndimage
 
-from radsynth.generators.objectives import noised_latents
-
-from .mask_to_image import RadsynthMaskToImagePipeline
-from .text_to_image import OUTPUT_TYPES, RadsynthPipelineOutput
+from .mask_to_image import as_label_maps
+from .pipeline import CONTROLNET_FOLDER, Conditions, RadsynthPipeline, RadsynthPipelineOutput, check_output_type
 
 
-class RadsynthLesionInpaintPipeline(RadsynthMaskToImagePipeline):
-    """``RadsynthMaskToImagePipeline`` that regenerates only an inpaint region of given real images."""
+class RadsynthLesionInpaintPipeline(RadsynthPipeline):
+    """The base model with its ``mask_controlnet``, regenerating only an inpaint region of given real images."""
+
+    required_components = (CONTROLNET_FOLDER,)
 
     def inpaint_region(self, regions: torch.Tensor, margin: int) -> torch.Tensor:
         """The voxels to regenerate: ``regions`` grown by ``margin`` voxels (a rim to blend the edge into)."""
@@ -46,39 +46,37 @@ class RadsynthLesionInpaintPipeline(RadsynthMaskToImagePipeline):
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], images: torch.Tensor | np.ndarray,
                  label_maps: torch.Tensor | np.ndarray, regions: torch.Tensor | np.ndarray, margin: int = 2,
-                 output_type: str = "np", generator=None, **kwargs) -> RadsynthPipelineOutput:
+                 conditions: Conditions | None = None, conditioning_scale: float = 1.0, num_inference_steps: int = 50,
+                 guidance_scale: float = 3.0, generator=None, output_type: str = "np") -> RadsynthPipelineOutput:
         """One image per prompt: ``images`` with new content inside ``regions``.
 
         images: real images (B, 1, *image_shape) in [-1, 1] (the preprocessed cache's range).
         label_maps: the maps to draw from (with the lesion edits), as for ``RadsynthMaskToImagePipeline``.
         regions: booleans (B, 1, *image_shape), the voxels to generate (the edited lesion's).
         margin: voxels the region grows by before pasting; outside region + margin the real image is kept.
-        Other arguments as ``RadsynthMaskToImagePipeline.__call__``.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        device = self._execution_device
+        prompts = self.check_prompts(prompts, generator, conditions)
+        check_output_type(output_type)
         shape = (len(prompts), 1, *self.config.image_shape)
         images, regions = (torch.as_tensor(np.asarray(x.cpu() if torch.is_tensor(x) else x)) for x in (images, regions))
         if tuple(images.shape) != shape or tuple(regions.shape) != shape:
             raise ValueError(f"images and regions must have shape {shape}, got {tuple(images.shape)} and "
                              f"{tuple(regions.shape)}")
+        maps = as_label_maps(label_maps, len(prompts), self.config.image_shape)
         region = self.inpaint_region(regions.bool(), margin)
-        known = self.vae.encode(images.to(device=device, dtype=self.vae.dtype)).to(self.unet.dtype)
+        device, objective = self._execution_device, self.objective
+        known = self.diffusion().encode(images)
         keep_new = self.latent_region(region).to(device=device, dtype=known.dtype)
         # One noise draw per image, from its own generator when given a list: each output reproduces alone.
         noise = randn_tensor(known.shape, generator=generator, device=device, dtype=known.dtype)
 
         def keep_background(latents: torch.Tensor, timestep: torch.Tensor | None) -> torch.Tensor:
-            background = known if timestep is None else noised_latents(self.scheduler, known, noise, timestep)
+            background = known if timestep is None else objective.noised(known, noise, timestep)
             return keep_new * latents + (1.0 - keep_new) * background
 
-        generated = super().__call__(prompts, label_maps, output_type="pt", generator=generator,
-                                     constrain=keep_background, **kwargs)
-        pasted = torch.where(region.to(generated.images.device), generated.images, images.to(generated.images))
-        result = pasted if output_type == "pt" else pasted.cpu().numpy()
-        if output_type == "physical":
-            result = self.to_physical(result)
-        return RadsynthPipelineOutput(images=result, latent_std=generated.latent_std)
-
+        latents, latent_std = self.draw(prompts, conditions, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale, generator=generator, label_maps=maps,
+                                        conditioning_scale=conditioning_scale, constrain=keep_background)
+        generated = self.decode(latents)
+        pasted = torch.where(region.to(generated.device), generated, images.to(generated))
+        return RadsynthPipelineOutput(images=self.finish(pasted, output_type), latent_std=latent_std)

@@ -15,12 +15,12 @@ it; nothing of a real case is in it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from radsynth.configs import RadsynthConfig
-from radsynth.generators.prompts import render_prompt
+from radsynth.generators.prompts import parse_prompt, render_prompt
 
 from ..masks import NO_AUGMENTATION, BankAugmentation, LesionRequest, MaskBank, apply_lesion_edit, parse_lesion_request
 
@@ -34,6 +34,7 @@ class SampleCondition:
     sidecar: dict  # mask_source, the bank's provenance, lesion edit records, derived_from_real
     background: np.ndarray | None = None  # inpainting: the real image (spatial, [-1, 1]) the lesion goes into
     region: np.ndarray | None = None  # inpainting: the voxels to generate (spatial booleans)
+    conditions: dict = field(default_factory=dict)  # attribute values the prompt states, as data
 
 
 class PairSource:
@@ -60,7 +61,8 @@ class PairSource:
             edits.append(record.to_dict())
         prompt = render_prompt(lesion_sentences(self.lesion_texts), mask.attributes, self.attribute_keys)
         condition = SampleCondition(prompt, np.asarray(label_map).astype(np.int64),
-                                    _mask_sidecar(mask.provenance, edits, mask.label_names))
+                                    _mask_sidecar(mask.provenance, edits, mask.label_names),
+                                    conditions=dict(mask.attributes))
         if self.inpaint:
             original = mask.label_map.reshape(label_map.shape)
             entry = self.bank.entry(mask.provenance["source_case_id"])
@@ -75,7 +77,8 @@ def generated_condition(prompt: str, label_map: np.ndarray, edits: list[dict],
                         label_names: dict[int, str]) -> SampleCondition:
     """The condition of a pair whose map the mask generator drew from ``prompt`` (then edited by ``edits``)."""
     provenance = {"mask_source": "generated", "derived_from_real": False}
-    return SampleCondition(prompt, np.asarray(label_map).astype(np.int64), _mask_sidecar(provenance, edits, label_names))
+    return SampleCondition(prompt, np.asarray(label_map).astype(np.int64), _mask_sidecar(provenance, edits, label_names),
+                           conditions=parse_prompt(prompt))
 
 
 def lesion_sentences(lesions: list[str]) -> str:

@@ -1,7 +1,7 @@
 """Text-to-pair: prompt (+ a label map, or lesion edits) -> label map -> image, on one grid.
 
 The mask generator draws a label map for each prompt (unless the caller gives one), the lesion requests edit
-it, and the mask-to-image model draws the image the map describes. The map and the image share the image
+it, and the ControlNet-steered model draws the image the map describes. The map and the image share the image
 grid, so they are a pair with identical geometry; each comes with what it was made from (``mask_sources``,
 ``lesions``) for its sidecar. A generated map is new: nothing of a real case is in it.
 """
@@ -11,20 +11,34 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from radsynth.generators.controlnet import RadsynthControlNet
-from radsynth.generators.mask_generator import RadsynthMaskGenerator
+from radsynth.generators.latent_diffusion import LatentDiffusion
 
 from ..masks import Orientation, apply_lesion_edit, default_orientation, parse_lesion_request
-from .mask_to_image import RadsynthMaskToImagePipeline
-from .text_to_image import RadsynthPipelineOutput, RadsynthTextToImagePipeline
+from .mask_to_image import as_label_maps
+from .pipeline import (
+    CONTROLNET_FOLDER,
+    MASK_GENERATOR_FOLDER,
+    Conditions,
+    RadsynthPipeline,
+    RadsynthPipelineOutput,
+    check_output_type,
+)
 
-MASK_GENERATOR_FOLDER = "mask_generator"
+# Label shares live in [-1, 1] (see RadsynthMaskGenerator.encode): the sampler keeps their implied clean value there.
+SHARE_CLIP = 1.0
+
+
+def mask_generator_diffusion(base: RadsynthPipeline, mask_generator: torch.nn.Module) -> LatentDiffusion:
+    """The mask generator's core: label shares are its own latents, under the base model's (frozen) text encoder,
+    its class vocabulary and its objective."""
+    return LatentDiffusion(mask_generator, mask_generator, base.text_encoder, base.objective,
+                           class_attribute=base.config.class_attribute, class_names=base.config.class_names,
+                           latent_clip=SHARE_CLIP, spacing=base.config.spacing)
 
 
 @dataclass
@@ -40,40 +54,10 @@ class RadsynthPairOutput(RadsynthPipelineOutput):
     lesions: list[list[dict]] | None = None
 
 
-class RadsynthTextToPairPipeline(RadsynthMaskToImagePipeline):
-    """``RadsynthMaskToImagePipeline`` plus a ``mask_generator`` that draws the label maps from the prompts."""
+class RadsynthTextToPairPipeline(RadsynthPipeline):
+    """The base model with its ``mask_controlnet`` and the ``mask_generator`` that draws maps from prompts."""
 
-    model_cpu_offload_seq = "text_encoder->mask_generator->mask_controlnet->unet->vae"
-
-    def __init__(self, unet, vae, text_encoder, scheduler, mask_controlnet, mask_generator, modality: str = "xray",
-                 spatial_dims: int = 2, image_shape: tuple[int, ...] | list[int] = (64, 64),
-                 spacing: tuple[float, ...] | list[float] = (1.0, 1.0), intensity_low: float = 0.0,
-                 intensity_high: float = 1.0, latent_clip: float | None = None, class_attribute: str | None = None,
-                 class_names: tuple[str, ...] | list[str] = ()):
-        super().__init__(unet, vae, text_encoder, scheduler, mask_controlnet, modality=modality,
-                         spatial_dims=spatial_dims, image_shape=image_shape, spacing=spacing,
-                         intensity_low=intensity_low, intensity_high=intensity_high, latent_clip=latent_clip,
-                         class_attribute=class_attribute, class_names=class_names)
-        if tuple(mask_generator.config.image_shape) != tuple(self.config.image_shape):
-            raise ValueError(f"the mask generator draws maps of {tuple(mask_generator.config.image_shape)}, the "
-                             f"images are {tuple(self.config.image_shape)}")
-        self.register_modules(mask_generator=mask_generator)
-
-    @classmethod
-    def from_model_dir(cls, folder: str | Path) -> RadsynthTextToPairPipeline:
-        """A trained model folder with its ``mask_controlnet`` and ``mask_generator`` beside the base."""
-        folder = Path(folder)
-        if not (folder / MASK_GENERATOR_FOLDER / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} has no {MASK_GENERATOR_FOLDER}: train with mask_generator.enabled")
-        mask_pipeline = RadsynthMaskToImagePipeline.from_model_dir(folder)
-        generator = RadsynthMaskGenerator.from_pretrained(folder / MASK_GENERATOR_FOLDER, use_safetensors=True,
-                                                          low_cpu_mem_usage=False)
-        return cls.from_parts(mask_pipeline, mask_pipeline.mask_controlnet, generator)
-
-    @classmethod
-    def from_parts(cls, pipeline: RadsynthTextToImagePipeline, mask_controlnet: RadsynthControlNet,
-                   mask_generator: RadsynthMaskGenerator) -> RadsynthTextToPairPipeline:
-        return cls.from_text_to_image(pipeline, mask_controlnet, mask_generator=mask_generator)
+    required_components = (CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER)
 
     @property
     def orientation(self) -> Orientation:
@@ -82,49 +66,64 @@ class RadsynthTextToPairPipeline(RadsynthMaskToImagePipeline):
         return Orientation(**stored) if stored else default_orientation(self.config.spatial_dims)
 
     @torch.no_grad()
-    def generate_label_maps(self, prompts: list[str], generator=None, num_inference_steps: int = 50,
-                            guidance_scale: float = 3.0) -> torch.Tensor:
-        """One label map per prompt from the mask generator: (B, 1, *image_shape) int64."""
-        guided, device = guidance_scale > 1.0, self._execution_device
-        model = self.mask_generator
-        context = self.encode_prompts(prompts, guided).to(device=device, dtype=model.dtype)
-        class_labels = self.class_labels_for(prompts, guided)
-        class_labels = class_labels.to(device) if class_labels is not None else None
-        spacing = None
-        if model.config.use_spacing:
-            spacing = torch.tensor(self.config.spacing, device=device).expand(context.shape[0], -1)
-        # Its own copy of the scheduler: the image's sampling starts from a clean scheduler state after this.
-        scheduler = copy.deepcopy(self.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        shape = (len(prompts), model.num_labels, *model.grid_shape)
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=model.dtype)
-        shares = self.denoise(noise * getattr(scheduler, "init_noise_sigma", 1.0), scheduler.timesteps, context,
-                              class_labels, spacing, guidance_scale, self._step_kwargs(generator),
-                              scheduler=scheduler, denoiser=model, latent_clip=1.0)
-        return model.decode(shares)
+    def generate_label_maps(self, prompts: list[str], conditions: Conditions | None = None, generator=None,
+                            num_inference_steps: int = 50, guidance_scale: float = 3.0) -> torch.Tensor:
+        """One label map per prompt from the mask generator: (B, 1, *image_shape) int64.
+
+        A distilled student's mask generator is not distilled: it runs the base objective's sampler with the
+        guidance the student learnt, at ``num_inference_steps``.
+        """
+        distilled = self.config.distilled_guidance_scale
+        # Its own scheduler: the image's sampling starts from a clean scheduler state after this.
+        scheduler = copy.deepcopy(self.scheduler) if distilled is None else self.base_scheduler()
+        guidance = guidance_scale if distilled is None else distilled
+        scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        diffusion = mask_generator_diffusion(self, self.mask_generator)
+        condition = diffusion.condition(prompts, conditions=conditions)
+        shape = (len(prompts), self.mask_generator.num_labels, *self.mask_generator.grid_shape)
+        noise = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.mask_generator.dtype)
+        shares = diffusion.sample(noise * getattr(scheduler, "init_noise_sigma", 1.0), condition, scheduler,
+                                  guidance_scale=guidance, generator=generator)
+        return self.mask_generator.decode(shares)
 
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], label_maps: torch.Tensor | np.ndarray | None = None,
-                 lesions: Sequence[str] = (), conditioning_scale: float = 1.0,
+                 lesions: Sequence[str] = (), conditions: Conditions | None = None, conditioning_scale: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None,
-                 output_type: str = "np", return_dict: bool = True) -> RadsynthPairOutput | tuple:
+                 mask_inference_steps: int | None = None, output_type: str = "np",
+                 return_dict: bool = True) -> RadsynthPairOutput | tuple:
         """One image + label map per prompt.
 
         label_maps: the caller's maps (B, 1, *image_shape) instead of generated ones.
         lesions: requests applied to every map in turn, e.g. "nodule 8 mm in right lung" (``masks`` grammar);
             the edits' random draws (size within a range, position) come from each prompt's generator.
         generator: one per prompt makes each pair reproducible on its own (map noise, edits, image noise).
+        mask_inference_steps: the mask generator's steps (default ``num_inference_steps``).
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = self.check_prompts(prompts, generator, conditions)
+        check_output_type(output_type)
         if label_maps is None:
-            maps = self.generate_label_maps(prompts, generator, num_inference_steps, guidance_scale).cpu().numpy()
+            maps = self.generate_label_maps(prompts, conditions, generator, mask_inference_steps or num_inference_steps,
+                                            guidance_scale).cpu().numpy()
             sources = ["generated"] * len(prompts)
         else:
-            maps = np.asarray(label_maps.cpu() if torch.is_tensor(label_maps) else label_maps).astype(np.int64)
+            maps = as_label_maps(label_maps, len(prompts), self.config.image_shape).cpu().numpy()
             sources = ["user"] * len(prompts)
+        edits = self.edit_lesions(maps, lesions, generator)
+        latents, latent_std = self.draw(prompts, conditions, num_inference_steps=num_inference_steps,
+                                        guidance_scale=guidance_scale, generator=generator,
+                                        label_maps=torch.from_numpy(maps), conditioning_scale=conditioning_scale)
+        images = self.finish(self.decode(latents), output_type)
+        if not return_dict:
+            return images, maps, latent_std
+        return RadsynthPairOutput(images=images, latent_std=latent_std, label_maps=maps, mask_sources=sources,
+                                  lesions=edits)
+
+    def edit_lesions(self, maps: np.ndarray, lesions: Sequence[str], generator) -> list[list[dict]]:
+        """Apply every request to every map in place; the records of the edits, per map."""
         vocabulary = self.mask_generator.label_vocabulary
         requests = [parse_lesion_request(text, vocabulary) for text in lesions]
-        generators = generator if isinstance(generator, list) else [generator] * len(prompts)
+        generators = generator if isinstance(generator, list) else [generator] * len(maps)
         edits: list[list[dict]] = []
         for i, sample_generator in enumerate(generators):
             rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=sample_generator)))
@@ -134,11 +133,4 @@ class RadsynthTextToPairPipeline(RadsynthMaskToImagePipeline):
                                                        orientation=self.orientation)
                 records.append(record.to_dict())
             edits.append(records)
-        output = super().__call__(prompts, maps, conditioning_scale=conditioning_scale,
-                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  generator=generator, output_type=output_type)
-        if not return_dict:
-            return output.images, maps, output.latent_std
-        return RadsynthPairOutput(images=output.images, latent_std=output.latent_std, label_maps=maps,
-                                  mask_sources=sources, lesions=edits)
-
+        return edits

@@ -446,7 +446,8 @@ def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: Scoring
         copies["autoencoder_round_trip"] = autoencoder_round_trip(inputs.pipeline, images)[:, 0].numpy()
         # What a memorising generator emits: a training latent partly noised and denoised again.
         copies["partial_noise_regeneration"] = partial_noise_regeneration(
-            inputs.pipeline, images, sources.prompts, strength=0.3, seed=seed)[:, 0].numpy()
+            inputs.pipeline, images, sources.prompts, strength=0.3, seed=seed, spacing=sources.spacing,
+            conditions=sources.conditions)[:, 0].numpy()
     # A near copy keeps its source's label map (close enough for the small shifts of the copies made here).
     embeddings = {kind: table.embed(copy, sources.masks) for kind, copy in copies.items()}
     kinds = [kind for kind, e in embeddings.items() for _ in range(len(e))]
@@ -554,7 +555,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
              out_dir: str | Path | None = None, log=print) -> ScoreResult:
     """Score a build's samples (``scoring.sample_dir`` or <output_dir>/samples) against its real splits."""
     from ..sampling.generate import load_pipeline
-    from ..training import model_dir as default_model_dir
+    from ..training import sampling_model_dir
     from .loading import cached_split, sample_set
 
     train = cached_split(config, "train")
@@ -564,7 +565,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     synthetic = sample_set(samples, train)
     if config.scoring.max_samples:
         synthetic = synthetic.subset(range(min(len(synthetic), config.scoring.max_samples)))
-    model = Path(model_dir or default_model_dir(config))
+    model = Path(model_dir or sampling_model_dir(config))
     pipeline = load_pipeline(model, config, progress=False) if (model / "model_index.json").is_file() else None
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
         config.conditioning.attributes)

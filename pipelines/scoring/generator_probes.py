@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from radsynth.generators.objectives import TrainingObjective, noised_latents
+from radsynth.generators.objectives import TrainingObjective
 
 from .bootstrap import bootstrap
 from .image_sets import ImageSet
@@ -44,8 +43,6 @@ __all__ = [
     "membership_inference",
     "membership_inference_report",
     "partial_noise_regeneration",
-    "per_sample_denoising_loss",
-    "training_objective_of",
 ]
 
 
@@ -99,42 +96,10 @@ def _check_prompts(prompts: Sequence[str], n: int) -> list[str]:
     return prompts
 
 
-def _spacing_tensor(pipeline, spacing, n: int, device) -> torch.Tensor | None:
-    """(N, spatial_dims) spacing for a UNet that reads it; the pipeline's own spacing when none is given."""
-    if not getattr(pipeline.unet.config, "use_spacing", False):
-        return None
-    spacing = torch.as_tensor(pipeline.config.spacing if spacing is None else spacing, dtype=torch.float32)
-    if spacing.ndim == 1:
-        spacing = spacing.expand(n, -1)
-    return spacing.to(device)
-
-
-@torch.no_grad()
-def _encode(pipeline, images: torch.Tensor) -> torch.Tensor:
-    """Scaled posterior-mean latents, the training latents' centre (what the diffusion model was fitted to)."""
-    vae = pipeline.vae
-    return vae.encode(images.to(device=vae.device, dtype=vae.dtype))
-
-
 @torch.no_grad()
 def _decode(pipeline, latents: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1], clipped as the pipeline clips its samples."""
-    vae = pipeline.vae
-    return vae.decode(latents.to(device=vae.device, dtype=vae.dtype)).float().clamp(-1.0, 1.0).cpu()
-
-
-def training_objective_of(pipeline) -> TrainingObjective:
-    """The objective the pipeline's UNet was trained with, read off its inference scheduler.
-
-    ``load_pipeline`` builds the scheduler from the training config (``build_inference_scheduler``), so its
-    prediction type and schedule are the training ones: FlowMatchEuler samples rectified flow, the others
-    carry ``prediction_type`` (epsilon / v_prediction) and the training noise schedule.
-    """
-    scheduler = pipeline.scheduler
-    steps = int(scheduler.config.num_train_timesteps)
-    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
-        return TrainingObjective("rectified_flow", steps)
-    return TrainingObjective(scheduler.config.prediction_type, steps)
+    return pipeline.decode(latents).cpu()
 
 
 # --------------------------------------------------------------------------------------------- near copies
@@ -147,8 +112,9 @@ def autoencoder_round_trip(pipeline, images: torch.Tensor, batch_size: int = 16)
     """
     images = _check_images(pipeline, images)
     with _eval_mode(pipeline.vae):
-        return torch.cat([_decode(pipeline, _encode(pipeline, images[rows])) for rows in _batches(len(images),
-                                                                                                  batch_size)])
+        diffusion = pipeline.diffusion()
+        return torch.cat([_decode(pipeline, diffusion.encode(images[rows])) for rows in _batches(len(images),
+                                                                                                 batch_size)])
 
 
 class GeneratorLatentFeatures:
@@ -166,8 +132,9 @@ class GeneratorLatentFeatures:
 
     def extract(self, images: np.ndarray, masks: np.ndarray | None = None, batch_size: int | None = None) -> np.ndarray:
         tensor = _check_images(self.pipeline, torch.from_numpy(np.ascontiguousarray(images, np.float32))[:, None])
+        diffusion = self.pipeline.diffusion()
         with _eval_mode(self.pipeline.vae), torch.no_grad():
-            latents = [_encode(self.pipeline, tensor[rows]).flatten(1).double().cpu()
+            latents = [diffusion.encode(tensor[rows]).flatten(1).double().cpu()
                        for rows in _batches(len(tensor), batch_size or self.batch_size)]
         return torch.cat(latents).numpy()
 
@@ -187,6 +154,7 @@ def partial_noise_regeneration(
     guidance_scale: float | None = None,
     batch_size: int = 16,
     spacing: Sequence[float] | torch.Tensor | None = None,
+    conditions: Sequence[dict] | None = None,
 ) -> torch.Tensor:
     """SDEdit near copies: encode, noise the latent to ``strength`` of the schedule, denoise with the prompt, decode.
 
@@ -194,10 +162,10 @@ def partial_noise_regeneration(
         latent (the result is the autoencoder round trip), 1 starts from (almost) pure noise.
     num_inference_steps, guidance_scale: default to the pipeline's own sampling defaults.
     spacing: (spatial_dims,) mm for a UNet that reads spacing (3D); the pipeline's spacing when None.
+    conditions: each image's attribute values (its class label); default: read from the prompts' headers.
     seed: the noise of sample i depends on (seed, i) only, never on the batch.
-    Works with every scheduler the pipeline may carry (DDPM / DDIM / DPM-Solver for epsilon and v-prediction,
-    FlowMatchEuler for rectified flow): the noising is the scheduler's own (``add_noise`` / ``scale_noise``),
-    and each step is the pipeline's step (guidance, latent clip) under a fresh copy of its scheduler.
+    Works with every scheduler the pipeline may carry: the noising is the model's own noise path, and each
+    step is the pipeline's sampling step (guidance, latent clip) under a fresh copy of its scheduler.
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
@@ -205,15 +173,23 @@ def partial_noise_regeneration(
     prompts = _check_prompts(prompts, len(images))
     steps = num_inference_steps or _default_call_argument(pipeline, "num_inference_steps")
     guidance = _default_call_argument(pipeline, "guidance_scale") if guidance_scale is None else guidance_scale
+    diffusion = pipeline.diffusion()
     outputs = []
     with _eval_mode(pipeline.vae, pipeline.unet, pipeline.text_encoder):
         for rows in _batches(len(images), batch_size):
-            indices = range(rows.start, rows.stop)
-            latents = _encode(pipeline, images[rows])
-            latents = _regenerate(pipeline, latents, prompts[rows], strength, _sample_generators(seed, indices), steps,
-                                  guidance, spacing)
+            generators = _sample_generators(seed, range(rows.start, rows.stop))
+            condition = diffusion.condition(prompts[rows], spacing=_rows(spacing, rows),
+                                            conditions=None if conditions is None else conditions[rows])
+            latents = _regenerate(pipeline, diffusion, diffusion.encode(images[rows]), condition, strength,
+                                  generators, steps, guidance)
             outputs.append(_decode(pipeline, latents))
     return torch.cat(outputs)
+
+
+def _rows(values, rows: slice):
+    """``values[rows]`` for per-image values (N, ...), the value itself when it is shared by every image."""
+    values = None if values is None else torch.as_tensor(values)
+    return values[rows] if values is not None and values.ndim == 2 else values
 
 
 def _strength_timesteps(scheduler, num_inference_steps: int, strength: float, device) -> torch.Tensor:
@@ -227,26 +203,17 @@ def _strength_timesteps(scheduler, num_inference_steps: int, strength: float, de
 
 
 @torch.no_grad()
-def _regenerate(pipeline, clean: torch.Tensor, prompts: list[str], strength: float,
-                generators: list[torch.Generator], num_inference_steps: int, guidance_scale: float,
-                spacing) -> torch.Tensor:
+def _regenerate(pipeline, diffusion, clean: torch.Tensor, condition, strength: float,
+                generators: list[torch.Generator], num_inference_steps: int, guidance_scale: float) -> torch.Tensor:
     # A copy: the sampler's state (step index, solver history) must not leak into the pipeline's next call.
     scheduler = copy.deepcopy(pipeline.scheduler)
-    device, dtype = clean.device, pipeline.unet.dtype
-    timesteps = _strength_timesteps(scheduler, num_inference_steps, strength, device)
+    timesteps = _strength_timesteps(scheduler, num_inference_steps, strength, clean.device)
     if len(timesteps) == 0:
         return clean
-    guided = guidance_scale > 1.0
-    noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
-    latents = noised_latents(scheduler, clean.to(dtype), noise, timesteps[0])
-
-    context = pipeline.encode_prompts(prompts, guided).to(device=device, dtype=dtype)
-    class_labels = pipeline.class_labels_for(prompts, guided)
-    class_labels = class_labels.to(device) if class_labels is not None else None
-    spacing = _spacing_tensor(pipeline, spacing, context.shape[0], device)
-    step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    return pipeline.denoise(latents, timesteps, context, class_labels, spacing, guidance_scale, step_kwargs,
-                            scheduler=scheduler)
+    noise = randn_tensor(clean.shape, generator=generators, device=clean.device, dtype=clean.dtype)
+    latents = diffusion.objective.noised(clean, noise, timesteps[0])
+    return diffusion.sample(latents, condition, scheduler, timesteps, guidance_scale=guidance_scale,
+                            generator=generators)
 
 
 # ------------------------------------------------------------------------------------- denoising losses
@@ -278,31 +245,6 @@ def _objective_timesteps(objective: TrainingObjective, timesteps: Sequence[int] 
     return values.astype(np.int64)
 
 
-@torch.no_grad()
-def per_sample_denoising_loss(pipeline, latents: torch.Tensor, prompts: Sequence[str], noise: torch.Tensor,
-                              timesteps: torch.Tensor, objective: TrainingObjective | None = None,
-                              spacing=None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The diffusion trainer's loss of each sample, (B,): its MSE between UNet output and target, unreduced.
-
-    Exactly ``DiffusionTrainer._loss`` with no condition dropout: the prompt's text context, its class label
-    (parsed from the prompt as the pipeline does, unless given), the spacing, and the objective's
-    ``noisy_and_target``. The mean of the result over a batch is the trainer's batch loss.
-    latents: scaled clean latents (B, C, *spatial); noise: like latents; timesteps: (B,) in the objective's unit.
-    """
-    objective = objective or training_objective_of(pipeline)
-    device = latents.device
-    prompts = list(prompts)
-    context = pipeline.text_encoder.encode(prompts).to(device)
-    if class_labels is None:
-        class_labels = pipeline.class_labels_for(prompts, guided=False)
-    class_labels = class_labels.to(device) if class_labels is not None else None
-    noisy, target, model_timesteps = objective.noisy_and_target(latents, noise.to(device), timesteps.to(device))
-    prediction = pipeline.unet(noisy, model_timesteps, context, class_labels=class_labels,
-                               spacing=_spacing_tensor(pipeline, spacing, len(latents), device))
-    squared = (prediction.float() - target.float()) ** 2
-    return squared.reshape(len(latents), -1).mean(dim=1)
-
-
 def denoising_losses(
     pipeline,
     images: torch.Tensor,
@@ -311,7 +253,7 @@ def denoising_losses(
     noise_seed: int = 0,
     batch_size: int = 16,
     spacing: Sequence[float] | torch.Tensor | None = None,
-    class_labels: Sequence[int] | None = None,
+    conditions: Sequence[dict] | None = None,
 ) -> np.ndarray:
     """(N, T) training losses per image and fixed timestep: the white-box membership signal.
 
@@ -321,29 +263,28 @@ def denoising_losses(
     noise_seed: image i gets the noise drawn from (noise_seed, i) at every call, so members and non-members at
         the same index are noised identically and the losses do not depend on ``batch_size``.
     spacing: (spatial_dims,) or (N, spatial_dims) mm, read only by UNets that use spacing (3D).
-    class_labels: class indices per image when the class attribute is not part of the prompts.
+    conditions: each image's attribute values (its class label); default: read from the prompts' headers.
     The clean latent is the posterior mean (the centre of what training drew from), which removes one source
     of noise from the comparison.
     """
     images = _check_images(pipeline, images)
     prompts = _check_prompts(prompts, len(images))
-    objective = training_objective_of(pipeline)
+    diffusion = pipeline.diffusion()
+    objective = diffusion.objective
     steps = _objective_timesteps(objective, timesteps)
-    labels = None if class_labels is None else torch.as_tensor(class_labels, dtype=torch.long)
-    spacing = None if spacing is None else torch.as_tensor(spacing, dtype=torch.float32)
     losses = np.zeros((len(images), len(steps)), dtype=np.float64)
-    with _eval_mode(pipeline.vae, pipeline.unet, pipeline.text_encoder):
+    with _eval_mode(pipeline.vae, pipeline.unet, pipeline.text_encoder), torch.no_grad():
         for rows in _batches(len(images), batch_size):
-            latents = _encode(pipeline, images[rows]).to(pipeline.unet.dtype)
+            latents = diffusion.encode(images[rows])
+            condition = diffusion.condition(prompts[rows], spacing=_rows(spacing, rows),
+                                            conditions=None if conditions is None else conditions[rows])
             generators = _sample_generators(noise_seed, range(rows.start, rows.stop))
             # One (T, C, *spatial) block per sample from its own generator: noise independent of the batch.
             noise = torch.stack([torch.randn((len(steps), *latents.shape[1:]), generator=g) for g in generators])
-            batch_spacing = spacing[rows] if spacing is not None and spacing.ndim == 2 else spacing
             for column, step in enumerate(steps):
                 timestep = torch.full((len(latents),), step, dtype=torch.float32 if objective.is_flow else torch.long)
-                losses[rows, column] = per_sample_denoising_loss(
-                    pipeline, latents, prompts[rows], noise[:, column].to(latents.dtype), timestep, objective,
-                    batch_spacing, None if labels is None else labels[rows]).cpu().numpy()
+                losses[rows, column] = diffusion.losses(latents, condition, noise[:, column].to(latents),
+                                                        timestep.to(latents.device)).cpu().numpy()
     return losses
 
 
@@ -452,11 +393,11 @@ def membership_inference_report(
     fpr_resolution, best single-timestep AUC, sizes, timesteps, and the per-sample scores.
     """
     members, non_members = _equal_sized(members, non_members, n_max, seed)
-    objective = training_objective_of(pipeline)
+    objective = pipeline.objective
     steps = _objective_timesteps(objective, timesteps)
     training_steps = steps * objective.num_train_timesteps if objective.is_flow else steps
     losses = [denoising_losses(pipeline, _as_batch(images), images.prompts, timesteps, noise_seed, batch_size,
-                               images.spacing) for images in (members, non_members)]
+                               images.spacing, images.conditions) for images in (members, non_members)]
     result = membership_inference(*losses)
 
     def auc_of(member_rows: np.ndarray, non_member_rows: np.ndarray) -> float:

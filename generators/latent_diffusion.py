@@ -1,0 +1,219 @@
+"""One latent diffusion model: how its denoiser is conditioned, trained, probed and sampled, written once.
+
+MONAI's ``LatentDiffusionInferer`` pattern. A ``LatentDiffusion`` holds a denoiser (the UNet, or the mask
+generator), its codec (the autoencoder, or the mask generator's label-share map), the text encoder, the
+objective the denoiser was trained with and optionally a ControlNet beside it, and it is the only code that
+calls the denoiser:
+
+- ``condition``: a ``Conditioning`` (text states, class labels, spacing, one-hot label maps) built once per
+  batch from prompts and attribute values (data, never prompt text parsed back) - the same for training and
+  sampling;
+- ``predict``: the denoiser's output, with the ControlNet's residuals added inside it;
+- ``losses``: the training loss of each sample (trainers average it; the membership probe reads it per image);
+- ``sample``: a diffusers scheduler's loop with classifier-free guidance, the clean-latent clip and an
+  optional constraint on the latents (inpainting's known region).
+
+Trainers, every sampling pipeline, the privacy probes and distillation build one of these and call it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .controlnet import one_hot_labels
+from .objectives import TrainingObjective
+from .prompts import parse_prompt
+
+__all__ = ["NULL_PROMPT", "Conditioning", "Constraint", "LatentDiffusion"]
+
+NULL_PROMPT = ""  # what a dropped condition reads as: the unconditional half of classifier-free guidance
+NULL_CLASS = 0  # class index of "no class" (dropped, or a value the model never saw)
+# (latents, model timestep or None after the last step) -> latents: what sampling must keep (a known region).
+Constraint = Callable[[Tensor, "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What a batch is denoised under, one row per sample.
+
+    context: text states (B, T, D); class_labels: (B,) indices, 0 = none; spacing: (B, spatial_dims) mm, for a
+    denoiser that reads it; control: one-hot label maps (B, L, *image_shape), for the ControlNet.
+    """
+
+    context: Tensor
+    class_labels: Tensor | None = None
+    spacing: Tensor | None = None
+    control: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.context)
+
+    def cat(self, other: Conditioning) -> Conditioning:
+        """``self`` rows, then ``other``'s: the doubled batch of classifier-free guidance."""
+        def both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, b])
+        return Conditioning(torch.cat([self.context, other.context]), both(self.class_labels, other.class_labels),
+                            both(self.spacing, other.spacing), both(self.control, other.control))
+
+
+class LatentDiffusion:
+    """A denoiser over a codec's latents, conditioned on text (+ classes, spacing, a ControlNet's label map).
+
+    denoiser: ``RadsynthUNet`` or ``RadsynthMaskGenerator`` (``(sample, timestep, context, class_labels=,
+        spacing=, **residuals)``); codec: anything with ``encode(images) -> latents`` and ``decode``;
+    objective: what the denoiser predicts (saved with the model, see ``RadsynthPipeline.objective``);
+    class_attribute, class_names: the attribute fed as a class embedding and its values (index = position + 1);
+    latent_clip: clip the clean latents a prediction implies to +-this while sampling (None: no clip);
+    spacing: the model's own voxel spacing, used when a batch gives none.
+    """
+
+    def __init__(self, denoiser: torch.nn.Module, codec, text_encoder: torch.nn.Module,
+                 objective: TrainingObjective, *, controlnet: torch.nn.Module | None = None,
+                 conditioning_scale: float = 1.0, class_attribute: str | None = None,
+                 class_names: Sequence[str] = (), latent_clip: float | None = None,
+                 spacing: Sequence[float] | None = None):
+        self.denoiser, self.codec, self.text_encoder, self.objective = denoiser, codec, text_encoder, objective
+        self.controlnet, self.conditioning_scale = controlnet, conditioning_scale
+        self.class_attribute, self.class_names = class_attribute, list(class_names)
+        self.latent_clip, self.spacing = latent_clip, spacing
+
+    # ------------------------------------------------------------------------------------ conditioning
+
+    @property
+    def device(self) -> torch.device:
+        return next(_unwrapped(self.denoiser).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(_unwrapped(self.denoiser).parameters()).dtype
+
+    @property
+    def uses_spacing(self) -> bool:
+        return bool(_unwrapped(self.denoiser).config.get("use_spacing", False))
+
+    def class_labels(self, conditions: Sequence[Mapping[str, object]]) -> Tensor | None:
+        """Class indices of the class attribute's values (0, the null class, when absent or unseen)."""
+        if not self.class_attribute or not self.class_names:
+            return None
+        values = [None if (value := c.get(self.class_attribute)) is None else str(value) for c in conditions]
+        return torch.tensor([self.class_names.index(v) + 1 if v in self.class_names else NULL_CLASS for v in values])
+
+    def condition(self, prompts: Sequence[str], *, conditions: Sequence[Mapping[str, object]] | None = None,
+                  class_labels: Tensor | None = None, spacing: Tensor | Sequence[float] | None = None,
+                  label_maps: Tensor | None = None, keep: Tensor | None = None) -> Conditioning:
+        """The conditioning of a batch, built once.
+
+        conditions: each sample's attribute values (the class label's source); without them, the attribute
+            header of a rendered prompt (``prompts.parse_prompt``, the inverse of ``render_prompt``).
+        class_labels: indices given directly (a training batch's), instead of ``conditions``.
+        spacing: (B, spatial_dims) or (spatial_dims,) mm; default the model's own.
+        label_maps: integer maps (B, 1, *image_shape) or one-hot floats, for the ControlNet.
+        keep: (B,) booleans, False where a condition is dropped (training's classifier-free dropout): the text
+            becomes the null prompt and the class the null class; spacing and label map are always kept.
+        """
+        prompts = list(prompts)
+        if keep is not None:
+            prompts = [prompt if kept else NULL_PROMPT for prompt, kept in zip(prompts, keep.tolist())]
+        device, dtype = self.device, self.dtype
+        context = self.text_encoder.encode(prompts).to(device=device, dtype=dtype)
+        if class_labels is None:
+            class_labels = self.class_labels(conditions if conditions is not None else [parse_prompt(p) for p in prompts])
+        if class_labels is not None:
+            class_labels = (class_labels * keep if keep is not None else class_labels).to(device)
+        return Conditioning(context, class_labels, self._spacing(spacing, len(prompts)),
+                            None if label_maps is None else self._control(label_maps))
+
+    def unconditional(self, condition: Conditioning) -> Conditioning:
+        """The null half of classifier-free guidance: null prompt and class; spacing and label map kept (the map
+        is the control, not the condition being guided)."""
+        null = self.text_encoder.encode([NULL_PROMPT]).to(device=self.device, dtype=self.dtype)
+        classes = None if condition.class_labels is None else torch.zeros_like(condition.class_labels)
+        return replace(condition, context=null.expand(len(condition), *null.shape[1:]), class_labels=classes)
+
+    def _spacing(self, spacing, batch: int) -> Tensor | None:
+        if not self.uses_spacing:
+            return None
+        spacing = torch.as_tensor(self.spacing if spacing is None else spacing, dtype=torch.float32)
+        return (spacing.expand(batch, -1) if spacing.ndim == 1 else spacing).to(self.device)
+
+    def _control(self, label_maps: Tensor) -> Tensor:
+        if self.controlnet is None:
+            raise ValueError("label maps condition a ControlNet, and this model has none")
+        maps = torch.as_tensor(label_maps)
+        if not maps.is_floating_point():
+            maps = one_hot_labels(maps, _unwrapped(self.controlnet).config.num_labels)
+        return maps.to(device=self.device, dtype=self.dtype)
+
+    # ---------------------------------------------------------------------------------------- denoiser
+
+    def predict(self, noisy: Tensor, timesteps: Tensor, condition: Conditioning) -> Tensor:
+        """The denoiser's output for ``noisy`` at ``timesteps`` (model units), the ControlNet's residuals inside."""
+        residuals = {}
+        if condition.control is not None:
+            context = _unwrapped(self.denoiser).conditioning_context(condition.context, condition.spacing)
+            down, mid = self.controlnet(noisy, timesteps, context, condition.control, self.conditioning_scale,
+                                        condition.class_labels)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return self.denoiser(noisy, timesteps, encoder_hidden_states=condition.context,
+                             class_labels=condition.class_labels, spacing=condition.spacing, **residuals)
+
+    def losses(self, clean: Tensor, condition: Conditioning, noise: Tensor, timesteps: Tensor) -> Tensor:
+        """The training loss of each sample, (B,): the MSE between the denoiser's output and the objective's
+        target. timesteps: the objective's own unit (``TrainingObjective.sample_timesteps``)."""
+        noisy, target, model_timesteps = self.objective.noisy_and_target(clean, noise, timesteps)
+        prediction = self.predict(noisy, model_timesteps, condition)
+        return ((prediction.float() - target.float()) ** 2).reshape(len(clean), -1).mean(dim=1)
+
+    def guided_prediction(self, latents: Tensor, timestep: Tensor, condition: Conditioning, guidance_scale: float,
+                          unconditional: Conditioning | None = None) -> Tensor:
+        """The output one sampling step uses: guided (given the null half) and clipped (``latent_clip``)."""
+        if unconditional is None:
+            prediction = self.predict(latents, timestep, condition)
+        else:
+            timesteps = torch.as_tensor(timestep)
+            both = torch.cat([timesteps, timesteps]) if timesteps.numel() > 1 else timesteps  # one per sample, or one
+            null, conditional = self.predict(torch.cat([latents, latents]), both, unconditional.cat(condition)).chunk(2)
+            prediction = null + guidance_scale * (conditional - null)
+        if self.latent_clip is not None:
+            prediction = self.objective.clip_output(latents, prediction, timestep, self.latent_clip)
+        return prediction
+
+    @torch.no_grad()
+    def sample(self, latents: Tensor, condition: Conditioning, scheduler, timesteps: Iterable[Tensor] | None = None,
+               *, guidance_scale: float = 1.0, generator=None, constrain: Constraint | None = None) -> Tensor:
+        """Denoise ``latents`` under ``scheduler`` (already set to its timesteps) over ``timesteps`` (default all
+        of the scheduler's; a tail of them regenerates from mid-schedule). Guidance > 1 runs the null half too.
+        constrain: applied to the latents before each step (with its timestep) and after the last (with None)."""
+        unconditional = self.unconditional(condition) if guidance_scale > 1.0 else None
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for timestep in scheduler.timesteps if timesteps is None else timesteps:
+            if constrain is not None:
+                latents = constrain(latents, timestep)
+            # The samplers radsynth uses (DDPM, DDIM, DPM-Solver, FlowMatchEuler, consistency) feed the latents to
+            # the model unscaled (no scale_model_input), so the clip below reads the same latents the step does.
+            prediction = self.guided_prediction(latents, timestep, condition, guidance_scale, unconditional)
+            latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
+        return latents if constrain is None else constrain(latents, None)
+
+    # ------------------------------------------------------------------------------------------- codec
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """Scaled posterior-mean latents of images in [-1, 1] (the centre of what training drew from)."""
+        codec = _unwrapped(self.codec)
+        return codec.encode(images.to(device=codec.device, dtype=codec.dtype)).to(self.dtype)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        codec = _unwrapped(self.codec)
+        return codec.decode(latents.to(device=codec.device, dtype=codec.dtype))
+
+
+def _unwrapped(module):
+    """The model inside a distributed wrapper (accelerate's prepare), whose config and helpers we read."""
+    return getattr(module, "module", module)
