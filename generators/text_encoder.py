@@ -223,7 +223,9 @@ def _load_local_hf_encoder(path: Path) -> tuple[object, nn.Module]:
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        # use_kernels=False: since transformers 5.25 a model swaps in kernels from the Hugging Face Hub by default,
+        # which is network at run time (and fails on the meta device diffusers builds components on).
+        model = AutoModel.from_pretrained(path, local_files_only=True, use_kernels=False)
     except (OSError, ValueError, KeyError) as error:
         raise UserInputError(
             path, f"cannot load a Hugging Face text encoder and tokenizer from it ({error})",
