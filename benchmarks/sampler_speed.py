@@ -69,6 +69,8 @@ def main() -> None:
     chosen = [conditions[i % len(conditions)] for i in range(args.n)]
     teacher = load_pipeline(trained_model_dir(config), config, progress=False, pairs=False)
     student = load_pipeline(student_dir(config), config, progress=False, pairs=False)
+    for pipeline in (teacher, student):
+        pipeline.set_progress_bar_config(disable=True)
     guidance = config.sampling.guidance_scale
     runs = [(f"{name}-{steps}", teacher, teacher.base_scheduler(name), steps, guidance) for name, steps in BASE_SAMPLERS]
     for steps in args.student_steps or [config.distill.steps]:

@@ -260,6 +260,9 @@ class ConditioningConfig(Section):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     include_text: bool = Field(True, description="append the case's report/caption after the attributes")
+    min_word_cases: int = Field(5, ge=1, description="the trained text encoder's vocabulary keeps only words found "
+                                "in at least this many training cases: one patient's name or record number never "
+                                "gets into the saved model")
     class_attribute: str | None = Field(None, description="also feed this attribute as a learned class embedding")
     condition_dropout: float = Field(0.1, ge=0, lt=1)
     use_masks: bool = Field(False, description="ControlNet over one-hot label maps")

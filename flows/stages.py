@@ -18,6 +18,7 @@ from radsynth.pipelines.training import sampling_model_dir, trained_model_dir
 
 from .artifacts import artifact_key
 from .caching import folder_sha256
+from .results import save_result_storage
 from .runners import make_task_runner
 from .tasks import (
     data_sha256,
@@ -38,6 +39,8 @@ ConfigInput = RadsynthConfig | str
 
 
 def resolve_config(config: ConfigInput, overrides: list[str] | None = None) -> RadsynthConfig:
+    """The config a flow runs with; called first by every flow, which also registers the result store."""
+    save_result_storage()
     if isinstance(config, RadsynthConfig):
         return apply_overrides(config, overrides) if overrides else config
     return load_config(config, overrides or [])

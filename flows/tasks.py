@@ -44,6 +44,7 @@ from radsynth.pipelines.training import (
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
 from .caching import file_sha256, stage_key
 from .progress import TrainingProgress
+from .results import RESULT_SERIALIZER, RESULT_STORAGE
 from .runners import shard_device
 
 
@@ -59,7 +60,8 @@ def _transient(task, task_run, state) -> bool:
 
 
 RETRIES = {"retries": 2, "retry_delay_seconds": exponential_backoff(backoff_factor=10), "retry_condition_fn": _transient}
-CACHED = {"persist_result": True, **RETRIES}
+# Results as plain JSON in a store that reads nothing else back: no pickle from the run folder (``results``).
+CACHED = {"persist_result": True, "result_serializer": RESULT_SERIALIZER, "result_storage": RESULT_STORAGE, **RETRIES}
 
 
 # ------------------------------------------------------------------------------------------------ ingest

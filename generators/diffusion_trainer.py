@@ -50,7 +50,7 @@ class DiffusionTrainer:
         if ema_decay is not None:
             self.ema = EMAModel(self.parameters, decay=ema_decay)
             self.ema.to(accelerator.device)
-            accelerator.register_for_checkpointing(self.ema)
+            self.loop.register_state("ema", self.ema)
 
     def _swap_in(self, prepared: dict[int, torch.nn.Module]) -> None:
         """The core calls the prepared (possibly wrapped) trained modules; the others are frozen on the device."""

@@ -56,7 +56,7 @@ class ConsistencyDistiller:
         optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate, weight_decay=1e-2)
         schedule = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps)
         self.student, self.optimizer, self.schedule = accelerator.prepare(student, optimizer, schedule)
-        accelerator.register_for_checkpointing(self.target)
+        self.loop.register_state("target", self.target)
         # The solver grid, ending at 0 (clean): step n goes from grid[n] to grid[n + 1].
         grid = scheduler.teacher_grid(accelerator.device)
         self.grid = torch.cat([grid, grid.new_zeros(1)])

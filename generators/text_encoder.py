@@ -68,17 +68,18 @@ class WordTokenizer:
 
     @classmethod
     def fit(
-        cls, captions: Iterable[str], max_length: int, max_vocab: int = 4096, min_count: int = 1
+        cls, captions: Iterable[str], max_length: int, max_vocab: int = 4096, min_cases: int = 1
     ) -> WordTokenizer:
-        """The vocabulary of `captions`: words seen at least `min_count` times, most frequent first.
+        """The vocabulary of `captions`: words found in at least `min_cases` captions, the most widespread first.
 
-        `max_vocab` counts the four special tokens. Ties are broken alphabetically, so the result depends on
-        the captions' word counts only, never on their order.
+        The vocabulary is saved with the model, so a word of one case's report (a name, a record number) must not
+        get into it: with `min_cases` k, only words that k cases share do. `max_vocab` counts the four special
+        tokens. Ties are broken alphabetically, so the result depends on the captions' words, never their order.
         """
         if max_vocab <= len(SPECIAL_TOKENS):
             raise ValueError(f"max_vocab must exceed the {len(SPECIAL_TOKENS)} special tokens, got {max_vocab}")
-        counts = Counter(token for caption in captions for token in cls.tokenize(caption))
-        ranked = sorted((item for item in counts.items() if item[1] >= min_count), key=lambda item: (-item[1], item[0]))
+        counts = Counter(token for caption in captions for token in set(cls.tokenize(caption)))
+        ranked = sorted((item for item in counts.items() if item[1] >= min_cases), key=lambda item: (-item[1], item[0]))
         words = [word for word, _ in ranked[: max_vocab - len(SPECIAL_TOKENS)]]
         return cls([*SPECIAL_TOKENS, *words], max_length)
 
@@ -248,7 +249,7 @@ def load_text_encoder(
     num_layers: int = 2,
     num_heads: int = 4,
     max_vocab: int = 4096,
-    min_count: int = 1,
+    min_cases: int = 1,
 ) -> RadsynthTextEncoder | PretrainedTextEncoder:
     """The encoder named by `conditioning.text_encoder`.
 
@@ -260,7 +261,7 @@ def load_text_encoder(
     if kind == "trained":
         if captions is None:
             raise ValueError("a trained text encoder needs the training captions to fit its tokenizer")
-        tokenizer = WordTokenizer.fit(captions, max_length, max_vocab=max_vocab, min_count=min_count)
+        tokenizer = WordTokenizer.fit(captions, max_length, max_vocab=max_vocab, min_cases=min_cases)
         return RadsynthTextEncoder(
             vocab=tokenizer.vocab, max_length=max_length, embed_dim=embed_dim,
             num_layers=num_layers, num_heads=num_heads,

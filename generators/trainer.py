@@ -2,15 +2,22 @@
 
 A trainer (``AutoencoderTrainer``, ``DiffusionTrainer``) supplies ``train_step(step) -> logs``, which draws its
 batch and randomness from ``step`` alone (see ``generators.data``). The loop counts optimizer steps, writes
-metrics to CSV, saves ``accelerate`` checkpoints (models, optimizers, LR schedulers, EMA, RNG, step) every N
-steps keeping the last K, and on start resumes from the newest complete checkpoint. Because nothing random
-is carried between steps except what a checkpoint holds, a resumed run continues the exact loss curve.
+metrics to CSV, saves checkpoints (models, optimizers, LR schedulers, RNG through ``accelerate``; the step, EMA
+and other registered states as safetensors + JSON) every N steps keeping the last K, and on start resumes from
+the newest complete checkpoint. Because nothing random is carried between steps except what a checkpoint holds,
+a resumed run continues the exact loss curve.
+
+Nothing is unpickled on resume: accelerate loads models from safetensors and optimizer, scheduler and RNG
+states with ``torch.load(weights_only=True)``; the loop's own states never go through its pickled
+``custom_checkpoint`` files. A checkpoint holding a pickle that would run code is refused with one line.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -21,11 +28,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
+TENSOR_LIST = "__tensors__"  # in a state's JSON: this key is a list of that many tensors in its safetensors
 
 
 @dataclass
@@ -55,6 +64,32 @@ class LoopState:
         self.step = int(state["step"])
 
 
+def save_state(obj, folder: Path, name: str) -> None:
+    """``obj.state_dict()`` as ``<name>.safetensors`` (its tensors, lists of tensors as ``key.i``) and
+    ``<name>.json`` (everything else), written to be read back by ``load_state`` without a pickle."""
+    tensors, values = {}, {}
+    for key, value in obj.state_dict().items():
+        if torch.is_tensor(value):
+            tensors[key] = value.detach().cpu().contiguous()
+        elif isinstance(value, (list, tuple)) and value and all(torch.is_tensor(v) for v in value):
+            tensors.update({f"{key}.{i}": v.detach().cpu().contiguous() for i, v in enumerate(value)})
+            values[key] = {TENSOR_LIST: len(value)}
+        else:
+            values[key] = value
+    save_file(tensors, str(folder / f"{name}.safetensors"))
+    (folder / f"{name}.json").write_text(json.dumps(values))
+
+
+def load_state(obj, folder: Path, name: str, device: torch.device | str = "cpu") -> None:
+    tensors = load_file(str(folder / f"{name}.safetensors"), device=str(device))
+    values = json.loads((folder / f"{name}.json").read_text())
+    state = {key: tensor for key, tensor in tensors.items() if key.rsplit(".", 1)[0] not in values}
+    for key, value in values.items():
+        is_list = isinstance(value, dict) and TENSOR_LIST in value
+        state[key] = [tensors[f"{key}.{i}"] for i in range(value[TENSOR_LIST])] if is_list else value
+    obj.load_state_dict(state)
+
+
 def make_accelerator(settings: LoopSettings) -> Accelerator:
     # accelerate keeps one process-wide state: a second training in the same process (a notebook, the build
     # flow) with another precision must clear it. The distributed (partial) state is kept.
@@ -70,11 +105,16 @@ class TrainingLoop:
         self.settings = settings
         self.accelerator = accelerator or make_accelerator(settings)
         self.state = LoopState()
-        self.accelerator.register_for_checkpointing(self.state)
+        self.states = {"loop": self.state}  # saved beside accelerate's files, without pickle
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.csv"
         log_events = settings.tensorboard and self.accelerator.is_main_process
         self.tensorboard = _tensorboard_writer(self.run_dir) if log_events else None
+
+    def register_state(self, name: str, obj) -> None:
+        """Something beside the prepared models, optimizer and scheduler that a checkpoint must bring back (an EMA,
+        a target network): anything with ``state_dict`` / ``load_state_dict`` of tensors and plain values."""
+        self.states[name] = obj
 
     # ---------------------------------------------------------------------------------------- run
     def run(self, train_step: Callable[[int], dict[str, float]],
@@ -125,6 +165,8 @@ class TrainingLoop:
         self.accelerator.save_state(str(partial))  # every process: each saves its own RNG state
         self.accelerator.wait_for_everyone()
         if main:
+            for name, obj in self.states.items():
+                save_state(obj, partial, name)
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)
             for old in self.checkpoints()[: -self.settings.keep_checkpoints]:
@@ -133,11 +175,29 @@ class TrainingLoop:
         return final
 
     def resume(self) -> int:
+        if self.accelerator.is_main_process and self.checkpoint_dir.is_dir():
+            for partial in self.checkpoint_dir.glob(".partial-*"):  # a save killed midway
+                shutil.rmtree(partial, ignore_errors=True)
         checkpoints = self.checkpoints()
         if not checkpoints:
             self._truncate_metrics(0)
             return 0
-        self.accelerator.load_state(str(checkpoints[-1]))
+        checkpoint = checkpoints[-1]
+        stray = sorted(path.name for path in checkpoint.glob("custom_checkpoint_*"))
+        if stray:  # accelerate would unpickle these (weights_only=False); radsynth never writes them
+            raise UserInputError(checkpoint / stray[0], "a pickled object radsynth does not write",
+                                 "checkpoints radsynth wrote; delete this one to resume from the one before")
+        try:
+            self.accelerator.load_state(str(checkpoint))
+            for name, obj in self.states.items():
+                load_state(obj, checkpoint, name, self.accelerator.device)
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) met code, not weights
+            raise UserInputError(checkpoint, f"holds a pickle that is not plain weights ({str(error).splitlines()[0]})",
+                                 "checkpoints radsynth wrote; delete this one to resume from the one before") from None
+        except FileNotFoundError as error:
+            raise UserInputError(checkpoint, f"is incomplete or from an older radsynth ({Path(error.filename).name} "
+                                 "missing)", "delete it to resume from the one before, or the run folder to start over"
+                                 ) from None
         self._truncate_metrics(self.state.step)
         return self.state.step
 

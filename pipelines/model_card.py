@@ -6,6 +6,7 @@ case id or report text.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
         "## Training", "",
-        f"- diffusion steps: {steps}; objective: {config.diffusion.objective}; "
+        f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
         *(["- autoencoder reconstruction on the holdout split (physical units): "
            + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []), "",
@@ -59,6 +60,12 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _saved_objective(folder: Path) -> str:
+    """What the saved model predicts, from its own index (a fine-tune's config may name another objective)."""
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()).get("objective") or "n/a" if index.is_file() else "n/a"
 
 
 def _distillation_lines(distilled: dict, steps: int) -> list[str]:

@@ -111,9 +111,6 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     data_stamp = _file_sha256(Path(summary["manifest"])) + json.dumps(config.data.preprocess.model_dump(mode="json"))
     autoencoder_stamp = part_fingerprint(config, "autoencoder", upstream=data_stamp)
     start_over_if_changed(train_dir(config), autoencoder_stamp)  # the latents and the diffusion part go with it
-    # Masks condition a ControlNet beside the diffusion model, not the model itself.
-    start_over_if_changed(train_dir(config) / DIFFUSION_DIR, part_fingerprint(
-        config, "diffusion", upstream=autoencoder_stamp, also=("conditioning",), ignore=("use_masks",)))
 
     autoencoder, holdout = _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress)
     latents = cached_latents(autoencoder, train_images, train_dir(config) / "latents.safetensors",
@@ -125,7 +122,14 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     text_encoder = load_text_encoder(
         config.conditioning.text_encoder, config.conditioning.pretrained_path, captions=train_images.prompts,
         max_length=config.conditioning.max_tokens, embed_dim=config.conditioning.embed_dim,
-        num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads)
+        num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads,
+        min_cases=config.conditioning.min_word_cases)
+    # Masks condition a ControlNet beside the diffusion model, not the model itself. The text encoder's vocabulary
+    # is part of what it learns from: a model on another vocabulary starts over (its embedding would not load).
+    vocabulary = json.dumps(text_encoder.config.get("vocab", []))
+    start_over_if_changed(train_dir(config) / DIFFUSION_DIR, part_fingerprint(
+        config, "diffusion", upstream=autoencoder_stamp + hashlib.sha256(vocabulary.encode()).hexdigest(),
+        also=("conditioning",), ignore=("use_masks",)))
     unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None)
     diffusion = config.diffusion
     core = LatentDiffusion(unet, autoencoder, text_encoder,

@@ -23,13 +23,13 @@ from radsynth.configs import UserInputError
 from radsynth.flows.cli import USER_ERROR_EXIT
 from radsynth.flows.tasks import launch_command
 
-from .test_scoring_evaluate import FAST
+from .test_scoring_evaluate import RELEASABLE
 from .test_training_stage import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny model draws noise, which quality gates rightly refuse (they are tested on scorecards elsewhere);
 # privacy gates cannot be switched off and stay on.
-TINY_BUILD = ["diffusion.max_steps=4", "data.phantom.n_cases=40", *FAST, "scoring.utility=false",
+TINY_BUILD = ["diffusion.max_steps=4", *RELEASABLE, "scoring.utility=false",
               "release.formats=[monai,imagefolder,png16]", "release.gate.coverage_margin=null",
               "release.gate.intensity=false", "release.gate.mask_dice_ratio_min=null",
               "conditioning.class_attribute=finding", "sampling.num_samples=12", "sampling.shard_size=4"]
@@ -357,3 +357,42 @@ def test_a_scheduled_build_on_a_loopback_server_runs_and_releases(tmp_path):
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+
+
+class Payload:
+    """A pickle that runs code when loaded: it writes the file it names."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("serializer", [{"type": "pickle", "picklelib": "pickle", "picklelib_version": None},
+                                        {"type": "json", "jsonlib": "pickle", "object_encoder": None,
+                                         "object_decoder": None, "dumps_kwargs": {}, "loads_kwargs": {}}])
+def test_a_pickle_planted_in_the_prefect_result_store_never_runs_and_the_task_runs_again(trained, tmp_path, serializer):
+    import base64
+    import pickle
+
+    from prefect.settings import get_current_settings
+
+    from radsynth.flows.stages import train_flow
+
+    path, run_dir, first = trained
+    assert train_flow(str(path))["tasks"]["train"] == "Cached"
+    storage = Path(get_current_settings().results.local_storage_path)
+    records = {record: json.loads(record.read_text()) for record in storage.iterdir() if record.name.startswith("train-")}
+    assert records and all(r["metadata"]["serializer"]["object_decoder"] is None for r in records.values())
+    marker = tmp_path / "payload-ran"
+    for record, content in records.items():
+        payload = pickle.dumps(Payload(marker))
+        content["metadata"]["serializer"] = serializer
+        content["result"] = base64.b64encode(payload).decode() if serializer["type"] == "pickle" else payload.decode("latin-1")
+        record.write_text(json.dumps(content))
+    again = train_flow(str(path))
+    assert again["tasks"]["train"] == "Completed" and again["model_hash"] == first["model_hash"]  # refused, redone
+    assert not marker.exists()
+    assert all(json.loads(r.read_text())["metadata"]["serializer"]["type"] == "json" for r in records)

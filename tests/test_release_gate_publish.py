@@ -4,6 +4,7 @@ private generator passing) and atomic, idempotent, versioned publishing."""
 from __future__ import annotations
 
 import copy
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -18,8 +19,9 @@ from radsynth.pipelines.release.publish import (
     verify_manifest,
     versions,
 )
-from radsynth.pipelines.release.samples import ReleaseSample
+from radsynth.pipelines.release.samples import ReleaseSample, read_sample_folder
 from radsynth.pipelines.release.selection import select_samples
+from radsynth.pipelines.sampling.writers import write_sample
 from radsynth.pipelines.scoring.privacy import membership_tpr_limit
 from radsynth.pipelines.scoring.roc import tpr_at_fpr
 
@@ -32,7 +34,9 @@ def row(section, metric, value, feature_space="-", stratum="all", **fields):
 def clean_scorecard() -> dict:
     """What a private, realistic generator's scorecard looks like (100 samples, 40 holdout images)."""
     return {
-        "sizes": {"synthetic": 100, "train": 160, "holdout": 40, "test": 40},
+        "sizes": {"synthetic": 100, "train": 160, "holdout": 40, "test": 40, "holdout_patients": 30},
+        "settings": {"feature_spaces": ["random_cnn", "radiomics", "self_supervised"], "copy_detection_recall": 0.95,
+                     "membership_samples": 64, "membership_inference": True},
         "verdicts": {"intensity": {"passed": True, "reasons": []}},
         "rows": [
             row("realism", "coverage", 0.80, "self_supervised", reference_value=0.82, n=40),
@@ -144,19 +148,28 @@ def test_membership_limit_keeps_signal_free_attacks_passing_and_catches_leaking_
 # ------------------------------------------------------------------------------------------- selection
 
 
-def sample(sample_id: str, **sidecar) -> ReleaseSample:
-    return ReleaseSample(sample_id, image_path=None, sidecar={"is_synthetic": True, **sidecar})  # type: ignore[arg-type]
+def written_samples(folder, extra: dict[str, dict]) -> tuple[list[ReleaseSample], dict[str, dict]]:
+    """Real sample files (``write_sample``) with ``extra`` sidecar fields per id, and per-sample rows that record
+    what was scored: each sample's file digests and model hash, as ``radsynth evaluate`` writes them."""
+    for sample_id, fields in extra.items():
+        write_sample(folder, sample_id, np.full((4, 4), float(ord(sample_id[0]))), (1.0, 1.0), "png16",
+                     {"prompt": "finding: none.", "seed": 1, "scheduler": "ddim", "num_inference_steps": 2,
+                      "guidance_scale": 1.5, "model_hash": "ab", **fields}, png_range=(0.0, 255.0))
+    samples = read_sample_folder(folder)
+    rows = {s.sample_id: {**asdict(s.digest()), "model_hash": "ab"} for s in samples}
+    return samples, rows
 
 
-def test_the_filter_drops_copies_unscored_derived_and_implausible_samples_with_their_reason():
-    samples = [sample("a"), sample("b"), sample("c"), sample("d", derived_from_real=True), sample("e"), sample("f")]
+def test_the_filter_drops_copies_unscored_derived_and_implausible_samples_with_their_reason(tmp_path):
+    samples, scored = written_samples(tmp_path, {"a": {}, "b": {}, "c": {}, "d": {"derived_from_real": True}, "e": {},
+                                                 "f": {}})
     table = {
-        "a": {"flagged": "0", "pixel_copy": "0", "embedding_copy": "0", "intensity_outside_real_range": "0",
-              "view_correct": "1"},
-        "b": {"flagged": "1", "pixel_copy": "1", "embedding_copy": "0"},
-        "d": {"flagged": "0"},
-        "e": {"flagged": "0", "intensity_outside_real_range": "1"},
-        "f": {"flagged": "0", "view_correct": "0"},
+        "a": {**scored["a"], "flagged": "0", "pixel_copy": "0", "embedding_copy": "0",
+              "intensity_outside_real_range": "0", "view_correct": "1"},
+        "b": {**scored["b"], "flagged": "1", "pixel_copy": "1", "embedding_copy": "0"},
+        "d": {**scored["d"], "flagged": "0"},
+        "e": {**scored["e"], "flagged": "0", "intensity_outside_real_range": "1"},
+        "f": {**scored["f"], "flagged": "0", "view_correct": "0"},
     }
     selection = select_samples(samples, table, ReleaseConfig())
     assert [s.sample_id for s in selection.kept] == ["a", "f"]
@@ -166,6 +179,21 @@ def test_the_filter_drops_copies_unscored_derived_and_implausible_samples_with_t
                                                           drop_intensity_outliers=False))
     assert [s.sample_id for s in strict.kept] == ["a", "d", "e"]
     assert strict.dropped["f"] == "adherence" and strict.dropped["b"] == "privacy"
+
+
+def test_a_sample_whose_bytes_or_model_differ_from_what_was_scored_is_dropped_first(tmp_path):
+    samples, scored = written_samples(tmp_path, {"a": {}, "b": {}, "c": {}, "d": {}})
+    (tmp_path / "a.png").write_bytes((tmp_path / "b.png").read_bytes())  # another image under a's name
+    table = {**scored, "b": {**scored["b"], "model_hash": "cd"}, "c": {**scored["c"], "flagged": "1"},
+             "d": {k: v for k, v in scored["d"].items() if not k.endswith("sha256")}}
+    selection = select_samples(samples, table, ReleaseConfig())
+    assert selection.kept == []
+    assert selection.dropped == {"a": "changed_since_scoring", "b": "changed_since_scoring", "c": "privacy",
+                                 "d": "changed_since_scoring"}
+    assert selection.changes["a"] == "image differ from what was scored"
+    assert selection.changes["b"] == "model differ from what was scored"
+    assert "rerun radsynth evaluate" in selection.changes["d"]
+    assert selection.changed_share == 0.75
 
 
 # ------------------------------------------------------------------------------------------- publishing

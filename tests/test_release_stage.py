@@ -26,7 +26,7 @@ from radsynth.pipelines.release.stage import _fingerprint, release_license
 from radsynth.pipelines.sampling.writers import physical_to_png16
 from radsynth.pipelines.scoring.loading import cached_split
 
-from .test_scoring_evaluate import FAST
+from .test_scoring_evaluate import RELEASABLE
 from .test_training_stage import tiny_config
 
 # The tiny model draws noise, so quality gates would (rightly) refuse it; they are tested on scorecards in
@@ -38,9 +38,13 @@ FORMATS = "release.formats=[monai,imagefolder,png16]"
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
-    root = tmp_path_factory.mktemp("release")
+    return scored_build(tmp_path_factory.mktemp("release"))
+
+
+def scored_build(root):
+    """A tiny build trained, sampled (12) and scored through the CLI: (config, its file, the run folder)."""
     run_dir = root / "run"
-    config = tiny_config(run_dir, "diffusion.max_steps=4", "data.phantom.n_cases=40", *FAST, "scoring.utility=false",
+    config = tiny_config(run_dir, "diffusion.max_steps=4", *RELEASABLE, "scoring.utility=false",
                          FORMATS, *QUALITY_OFF, "conditioning.class_attribute=finding")
     config_path = root / "tiny.yaml"
     config_path.write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))

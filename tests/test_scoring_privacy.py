@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from radsynth.configs.schema import GateConfig
 from radsynth.pipelines.scoring.bootstrap import Estimate
 from radsynth.pipelines.scoring.near_copies import (
     NEAR_COPY_KINDS,
@@ -30,9 +31,9 @@ from radsynth.pipelines.scoring.privacy import (
     dcr_share,
     nearest_similarity,
     pixel_nearest_neighbours,
-    privacy_verdict,
     threshold_at_false_positive_rate,
 )
+from radsynth.pipelines.scoring.privacy_decision import privacy_checks, privacy_verdict
 
 SIZE = 64
 
@@ -307,10 +308,10 @@ def test_synthetic_set_equal_to_the_training_set_fails(pool):
     np.testing.assert_array_equal(matches.train_index, np.arange(150))
     assert (matches.correlation == 1.0).all()
     copy_rate = float((matches.correlation >= 0.99).mean())
-    verdict = privacy_verdict(result["share"], copy_rate, 0.0, min_dcr=result["min_dcr"])
+    verdict = decide(result["share"], copy_rate, 0.0, min_dcr=result["min_dcr"], n_synthetic=150, n_holdout=150)
     assert not verdict["passed"]
-    assert len(verdict["reasons"]) == 3  # DCR share, copy rate and exact copies
-    assert privacy_verdict(result, copy_rate, 0.0)["reasons"] == verdict["reasons"]  # the whole result works too
+    assert [reason.split(" [")[0] for reason in verdict["reasons"]] == ["dcr_share (self_supervised)", "copy_rate",
+                                                                        "min_dcr"]
 
 
 def random_patient_split(patients: list[str], rng: np.random.Generator) -> list[np.ndarray]:
@@ -334,8 +335,8 @@ def test_a_second_real_holdout_presented_as_synthetic_passes_the_gate_in_at_leas
         copy_excess.append(copy_rate - holdout_rate)
         group = [[patients[i] for i in part] for part in (synthetic, train, holdout)]
         result = dcr_share(features[synthetic], features[train], features[holdout], *group, n_boot=100, seed=split)
-        verdict = privacy_verdict(result["share"], copy_rate, holdout_rate, min_dcr=result["min_dcr"],
-                                  n_synthetic=len(synthetic), n_holdout=len(holdout))
+        verdict = decide(result["share"], copy_rate, holdout_rate, min_dcr=result["min_dcr"],
+                         n_synthetic=len(synthetic), n_holdout=len(holdout))
         failures += not verdict["passed"]
         shares.append(result["share"].value)
         bootstrap_sds.append(result["share"].sd)
@@ -387,23 +388,64 @@ def estimate(value: float, sd: float) -> Estimate:
     return Estimate(value, value - 2 * sd, value + 2 * sd, sd, 200)
 
 
-def test_privacy_verdict_rules():
-    assert privacy_verdict(estimate(0.53, 0.02), 0.01, 0.01, min_dcr=0.4)["passed"]
-    assert privacy_verdict(estimate(0.30, 0.02), 0.0, 0.0)["passed"]  # far from train is not a leak (one-sided)
-    high = privacy_verdict(estimate(0.55, 0.02), 0.0, 0.0)
-    assert not high["passed"] and "DCR share" in high["reasons"][0]
-    assert high["dcr_share_limit"] == pytest.approx(0.54)
-    assert privacy_verdict(estimate(0.55, 0.02), 0.0, 0.0, max_sd=3.0)["passed"]
-    copies = privacy_verdict(estimate(0.5, 0.02), 0.025, 0.01)
-    assert not copies["passed"] and "copy rate" in copies["reasons"][0]
-    assert privacy_verdict(estimate(0.5, 0.02), 0.019, 0.01)["passed"]
+SETTINGS = {"feature_spaces": ["random_cnn", "radiomics", "self_supervised"], "copy_detection_recall": 0.95,
+            "membership_samples": 64, "membership_inference": True}
+
+
+def scorecard_of(share: Estimate, copy_rate: float, holdout_copy_rate: float, *, min_dcr: float = 0.4,
+                 holdout_min_distance: float = 0.4, n_synthetic: int | None = None, n_holdout: int | None = None,
+                 membership_tpr: float = 0.0, settings: dict | None = None, holdout_patients: int = 50) -> dict:
+    """The scorecard rows these figures fill, as ``radsynth evaluate`` writes them."""
+    def row(metric, value, sd=None, feature_space="self_supervised", reference=None, n=None):
+        return {"section": "privacy", "metric": metric, "feature_space": feature_space, "stratum": "all",
+                "value": value, "sd": sd, "reference_value": reference, "n": n}
+    return {"rows": [row("dcr_share", share.value, share.sd), row("copy_rate", copy_rate, reference=holdout_copy_rate,
+                                                                  n=n_synthetic),
+                     row("min_dcr", min_dcr, reference=holdout_min_distance),
+                     row("membership_inference_tpr_at_1pct_fpr", membership_tpr, feature_space="denoising loss", n=64)],
+            "sizes": {"holdout": n_holdout, "holdout_patients": holdout_patients},
+            "settings": settings or SETTINGS}
+
+
+def decide(share, copy_rate, holdout_copy_rate, gate: GateConfig | None = None, **figures) -> dict:
+    return privacy_verdict(privacy_checks(scorecard_of(share, copy_rate, holdout_copy_rate, **figures),
+                                          gate or GateConfig()))
+
+
+def test_privacy_decision_rules():
+    assert decide(estimate(0.53, 0.02), 0.01, 0.01)["passed"]
+    assert decide(estimate(0.30, 0.02), 0.0, 0.0)["passed"]  # far from train is not a leak (one-sided)
+    high = decide(estimate(0.55, 0.02), 0.0, 0.0)
+    assert not high["passed"] and "limit 0.54" in high["reasons"][0] and high["reasons"][0].startswith("dcr_share")
+    assert decide(estimate(0.55, 0.02), 0.0, 0.0, gate=GateConfig(dcr_share_max_sd=1.0)).get("passed") is False
+    copies = decide(estimate(0.5, 0.02), 0.025, 0.01)
+    assert not copies["passed"] and copies["reasons"][0].startswith("copy_rate")
+    assert decide(estimate(0.5, 0.02), 0.019, 0.01)["passed"]
     # One chance flag among 100 samples is within sampling noise once the sizes are given; 8 are not.
-    assert privacy_verdict(estimate(0.5, 0.02), 0.01, 0.0, n_synthetic=100, n_holdout=100)["passed"]
-    sized = privacy_verdict(estimate(0.5, 0.02), 0.08, 0.0, n_synthetic=100, n_holdout=100)
-    assert not sized["passed"] and 0.01 < sized["copy_rate_limit"] < 0.08
-    exact = privacy_verdict(estimate(0.5, 0.02), 0.0, 0.0, min_dcr=0.0)
-    assert not exact["passed"] and "exact copies" in exact["reasons"][0]
-    assert not privacy_verdict(estimate(0.5, float("nan")), 0.0, 0.0)["passed"]
+    assert decide(estimate(0.5, 0.02), 0.01, 0.0, n_synthetic=100, n_holdout=100)["passed"]
+    assert not decide(estimate(0.5, 0.02), 0.08, 0.0, n_synthetic=100, n_holdout=100)["passed"]
+    exact = decide(estimate(0.5, 0.02), 0.0, 0.0, min_dcr=0.001, holdout_min_distance=0.4)
+    assert not exact["passed"] and "exact copy" in exact["reasons"][0]
+    assert not decide(estimate(0.5, float("nan")), 0.0, 0.0)["passed"]
+    # At the default 64 members the chance allowance is 0.0625: 4 members above every non-member pass, 5 do not.
+    assert decide(estimate(0.5, 0.02), 0.0, 0.0, membership_tpr=4 / 64)["passed"]
+    assert not decide(estimate(0.5, 0.02), 0.0, 0.0, membership_tpr=5 / 64)["passed"]
+
+
+@pytest.mark.parametrize(("change", "check_name"), [
+    ({"feature_spaces": ["random_cnn"]}, "privacy_feature_space"),
+    ({"copy_detection_recall": 0.01}, "copy_detection_recall"),
+    ({"membership_samples": 4}, "membership_samples"),
+    ({"membership_inference": False}, "membership_samples"),
+])
+def test_scoring_settings_cannot_loosen_the_privacy_decision_from_the_side(change, check_name):
+    verdict = decide(estimate(0.5, 0.02), 0.0, 0.0, settings={**SETTINGS, **change})
+    assert not verdict["passed"] and [r.split(" [")[0] for r in verdict["reasons"]] == [check_name]
+
+
+def test_a_holdout_of_too_few_patients_cannot_clear_privacy():
+    verdict = decide(estimate(0.5, 0.02), 0.0, 0.0, holdout_patients=6)
+    assert not verdict["passed"] and "the holdout has 6 patients" in verdict["reasons"][0]
 
 
 def test_false_positive_ceiling_keeps_a_weak_copy_detector_specific():

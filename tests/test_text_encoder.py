@@ -46,7 +46,15 @@ def test_fit_ranks_by_count_then_alphabet_whatever_the_caption_order():
     assert WordTokenizer.fit(["d", "a c", "a b"], max_length=8).vocab == tokenizer.vocab
     # max_vocab counts the specials; the cut keeps the most frequent, then the alphabetically first.
     assert WordTokenizer.fit(captions, max_length=8, max_vocab=6).vocab == [*SPECIAL_TOKENS, "a", "b"]
-    assert WordTokenizer.fit(captions, max_length=8, min_count=2).vocab == [*SPECIAL_TOKENS, "a"]
+    assert WordTokenizer.fit(captions, max_length=8, min_cases=2).vocab == [*SPECIAL_TOKENS, "a"]
+
+
+def test_a_word_repeated_in_one_case_is_not_kept_and_words_k_cases_share_are():
+    """min_cases counts cases, not occurrences: a name written ten times in one report stays out of the model."""
+    captions = ["cough; Patient Roe Roe Roe Roe Roe Roe MRN 4711"] + [f"cough case {i}" for i in range(4)]
+    vocab = WordTokenizer.fit(captions, max_length=16, min_cases=5).vocab
+    assert vocab == [*SPECIAL_TOKENS, "cough"]
+    assert "roe" in WordTokenizer.fit(captions, max_length=16, min_cases=1).vocab
 
 
 def test_tokenize_lowercases_and_splits_numbers_words_and_punctuation():

@@ -87,3 +87,34 @@ def test_tensorboard_events_carry_the_same_curve_as_the_csv(tmp_path):
     csv_curve = read_metrics(tmp_path / "run" / "metrics.csv", "loss")
     assert sorted(logged) == sorted(csv_curve) == list(range(1, 13))
     np.testing.assert_allclose([logged[s] for s in range(1, 13)], [csv_curve[s] for s in range(1, 13)], rtol=1e-6)
+
+
+class Payload:
+    """A pickle that runs code when loaded: it writes the file it names."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["optimizer.bin", "custom_checkpoint_0.pkl"])
+def test_a_pickle_planted_in_a_checkpoint_never_runs(tmp_path, planted):
+    import pickle
+
+    from radsynth.configs import UserInputError
+
+    with pytest.raises(Interrupt):
+        regression_run(tmp_path / "run", stop_at=6)
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-0000004"
+    assert {"loop.json", "loop.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the loop's own state is not pickled
+    marker = tmp_path / "payload-ran"
+    (checkpoint / planted).write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(UserInputError) as caught:
+        regression_run(tmp_path / "run")
+    expected = {"optimizer.bin": "holds a pickle that is not plain weights",
+                "custom_checkpoint_0.pkl": "a pickled object radsynth does not write"}[planted]
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+    assert not marker.exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, payload: object) -> Path:
     return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def remove_temporaries(folder: str | Path, stems: Collection[str] | None = None) -> list[Path]:
+    """Delete what killed atomic writes left in ``folder``: ``_atomic``'s temporaries (``.<stem>.<pid>.tmp.*``),
+    of every file, or only of files named ``<stem>.*`` for ``stems`` (a writer that shares the folder cleans its
+    own). Returns what was removed."""
+    folder = Path(folder)
+    found = sorted(folder.glob(".*.tmp*")) if folder.is_dir() else []
+    removed = [path for path in found if stems is None or path.name[1:].split(".tmp")[0].rsplit(".", 1)[0] in stems]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _atomic(path: Path, write) -> Path:

@@ -3,54 +3,28 @@
 Each gate is one check per stratum the scorecard reports: a value, a limit, a comparison and whether it passed.
 The gates read the scorecard of every sample scored, before the per-sample filter: a generator that copies often
 also leaks in ways the per-sample check misses (copies just under its threshold, membership), so dropping the
-flagged samples cannot rescue it. Privacy checks that could not be measured fail; quality checks that do not
-apply (no masks) are left out with a note.
-
-Defaults and why (see ``GateConfig``):
-- DCR share <= 0.5 + 2 bootstrap SD in the gated feature space (self-supervised by default): one-sided,
-  "farther from train than from holdout" is not leakage; 2 SD refuses a private generator about 2.5% of the
-  time. The random-CNN space is a sanity baseline, and in z-scored radiomics the samples of an untrained model
-  all land on one hub training image (share 1, SD 0, measured on a tiny build), so neither gates.
-- copy rate <= holdout rate + 1 point + 2 SE of the difference: the detector flags about 1% of unseen images by
-  construction, and with 100 samples one chance flag is already a point.
-- minimum DCR above 1% of the holdout's closest distance to train: 0, or the rounding noise of a saved copy, is
-  an exact training image.
-- membership-inference TPR at 1% FPR <= 2%, or the TPR a signal-free attack exceeds by chance in 5% of draws at
-  this sample size, whichever is higher (``membership_tpr_limit``): published attacks on memorising diffusion
-  models reach tens of percent.
+flagged samples cannot rescue it. The privacy checks are the scorecard verdict's own (``privacy_decision``, where
+their rules and defaults are explained); checks that could not be measured fail. Quality checks that do not
+apply (no masks) are left out with a note:
 - coverage >= real floor - 0.05: the synthetic set must cover the real distribution about as well as unseen
   real data of the same size does.
 - mask-Dice ratio >= 0.9 per label: images must show what their masks say, to 90% of a real image's Dice.
 - intensity: per-label medians within the real data's range (scoring's order-statistic test).
+The release adds two checks of its own: the samples are the bytes that were scored (``scored_bytes_check``), and
+the scorecard was made under the config's scoring settings (``scoring_settings_check``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
-from radsynth.configs.schema import GateConfig
-from radsynth.pipelines.scoring.privacy import copy_rate_limit, membership_tpr_limit
+from radsynth.configs.schema import GateConfig, ScoringConfig
+from radsynth.pipelines.scoring.privacy_decision import GateCheck, measured_check, privacy_checks, rows_of, value_of
+from radsynth.pipelines.scoring.scorecard import scoring_settings_digest
 
-
-@dataclass(frozen=True)
-class GateCheck:
-    name: str
-    stratum: str
-    value: float | None
-    limit: float | None
-    comparison: str  # "<=" or ">=": how value must relate to limit
-    passed: bool
-    privacy: bool  # privacy checks cannot be overridden
-    reason: str
-
-    @property
-    def margin(self) -> float | None:
-        """How far the value is on the wrong (negative) or right (positive) side of its limit."""
-        if self.value is None or self.limit is None:
-            return None
-        return self.limit - self.value if self.comparison == "<=" else self.value - self.limit
+# A few samples rewritten since scoring are dropped; more than this share says the folder is not the one scored.
+CHANGED_SHARE_MAX = 0.05
 
 
 @dataclass
@@ -84,14 +58,10 @@ class GateResult:
 
 
 def evaluate_gates(scorecard: dict, gate: GateConfig) -> GateResult:
-    """Every configured gate against ``scorecard``; one ``GateCheck`` per stratum."""
-    result = GateResult()
+    """Every configured gate against ``scorecard``; one ``GateCheck`` per stratum. The privacy checks are the
+    scorecard verdict's own (``privacy_checks``): one decision, read twice."""
+    result = GateResult(privacy_checks(scorecard, gate))
     rows = scorecard.get("rows", [])
-    sizes = scorecard.get("sizes", {})
-    result.checks += _dcr_share(rows, gate)
-    result.checks += _copy_rates(rows, gate, sizes)
-    result.checks += _min_dcr(rows, gate)
-    result.checks += _membership(rows, gate)
     # A quality gate switched off is said so: the card must not read as if every check had been passed.
     if gate.coverage_margin is not None:
         result.checks += _coverage(rows, gate)
@@ -111,90 +81,22 @@ def evaluate_gates(scorecard: dict, gate: GateConfig) -> GateResult:
     return result
 
 
-def _rows(rows: list[dict], section: str, metric: str, feature_space: str | None = None) -> Iterator[dict]:
-    for row in rows:
-        if row["section"] == section and row["metric"] == metric and feature_space in (None, row["feature_space"]):
-            yield row
-
-
-def _value(row: dict, key: str = "value") -> float | None:
-    value = row.get(key)
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-
-
-def _check(name: str, row: dict | None, limit: float | None, comparison: str, privacy: bool, what: str) -> GateCheck:
-    stratum = row["stratum"] if row else "all"
-    value = _value(row) if row else None
-    if value is None or limit is None:
-        return GateCheck(name, stratum, value, limit, comparison, False, privacy, f"{what}: not measured")
-    passed = value <= limit if comparison == "<=" else value >= limit
-    relation = ("<=" if passed else ">") if comparison == "<=" else (">=" if passed else "<")
-    return GateCheck(name, stratum, value, limit, comparison, passed, privacy,
-                     f"{what} {value:.4g} {relation} limit {limit:.4g}")
-
-
-def _dcr_share(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
-    checks = []
-    for row in _rows(rows, "privacy", "dcr_share", gate.feature_space):
-        sd = _value(row, "sd")
-        limit = None if sd is None else 0.5 + gate.dcr_share_max_sd * sd
-        checks.append(_check(f"dcr_share ({row['feature_space']})", row, limit, "<=", True,
-                             "share of samples closer to train than to holdout"))
-    return checks or [_check(f"dcr_share ({gate.feature_space})", None, None, "<=", True, "DCR share")]
-
-
-def _copy_rates(rows: list[dict], gate: GateConfig, sizes: dict) -> list[GateCheck]:
-    overall = next(_rows(rows, "privacy", "copy_rate"), None)
-    if overall is None:
-        return [_check("copy_rate", None, None, "<=", True, "copy rate")]
-    holdout_rate, n_holdout = _value(overall, "reference_value") or 0.0, sizes.get("holdout")
-    checks = []
-    for row in [overall, *_rows(rows, "privacy", "copy_rate (pixel or embedding)")]:
-        value = _value(row)
-        limit = None if value is None else copy_rate_limit(value, holdout_rate, gate.copy_rate_margin, 2.0,
-                                                          row.get("n"), n_holdout)
-        checks.append(_check("copy_rate", row, limit, "<=", True, "share of samples flagged as copies"))
-    return checks
-
-
-def _min_dcr(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
-    row = next(_rows(rows, "privacy", "min_dcr"), None)
-    value = _value(row) if row else None
-    floor = _value(row, "reference_value") if row else None
-    if value is None:
-        return [GateCheck("min_dcr", "all", None, None, ">", False, True,
-                          "minimum distance to a training record: not measured")]
-    # An exact copy that went through 16-bit PNG rounding is not at distance 0; it is still orders of magnitude
-    # closer than any unseen real image comes to the training set.
-    limit = gate.exact_copy_fraction * floor if floor is not None else 0.0
-    passed = value > limit
-    return [GateCheck("min_dcr", "all", value, limit, ">", passed, True,
-                      f"minimum distance to a training record {value:.4g}" + ("" if passed else
-                      f" <= {limit:.4g} ({gate.exact_copy_fraction:g} x the holdout's closest distance): an exact copy"))]
-
-
-def _membership(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
-    row = next(_rows(rows, "privacy", "membership_inference_tpr_at_1pct_fpr"), None)
-    limit = membership_tpr_limit(gate.membership_tpr_max, row["n"]) if row and row.get("n") else None
-    return [_check("membership_inference_tpr_at_1pct_fpr", row, limit, "<=", True, "membership-inference TPR at 1% FPR")]
-
-
 def _coverage(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
     checks = []
-    for row in _rows(rows, "realism", "coverage", gate.feature_space):
-        floor = _value(row, "reference_value")
-        checks.append(_check(f"coverage ({row['feature_space']})", row,
+    for row in rows_of(rows, "realism", "coverage", gate.feature_space):
+        floor = value_of(row, "reference_value")
+        checks.append(measured_check(f"coverage ({row['feature_space']})", row,
                              None if floor is None else floor - gate.coverage_margin, ">=", False,
                              f"coverage (real floor {floor if floor is None else round(floor, 4)})"))
-    return checks or [_check(f"coverage ({gate.feature_space})", None, None, ">=", False, "coverage")]
+    return checks or [measured_check(f"coverage ({gate.feature_space})", None, None, ">=", False, "coverage")]
 
 
 def _mask_dice(rows: list[dict], gate: GateConfig) -> Iterator[GateCheck]:
     # A label the segmenter never finds on real test images has no ceiling (ratio NaN): it is not gated.
-    for row in _rows(rows, "adherence", "mask_dice_ratio"):
-        if _value(row) is None:
+    for row in rows_of(rows, "adherence", "mask_dice_ratio"):
+        if value_of(row) is None:
             continue
-        yield _check("mask_dice_ratio", row, gate.mask_dice_ratio_min, ">=", False,
+        yield measured_check("mask_dice_ratio", row, gate.mask_dice_ratio_min, ">=", False,
                      "segmenter Dice on synthetic over Dice on real test")
 
 
@@ -207,3 +109,23 @@ def _intensity(verdict: dict | None) -> list[GateCheck]:
 
 def _number(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
+
+
+def scored_bytes_check(changed_share: float, changes: dict[str, str]) -> GateCheck:
+    """The release holds what was scored: samples changed since scoring are dropped, and many of them refuse."""
+    passed = changed_share <= CHANGED_SHARE_MAX
+    listed = "; ".join(f"{sample_id}: {what}" for sample_id, what in sorted(changes.items())[:10])
+    more = f" (and {len(changes) - 10} more)" if len(changes) > 10 else ""
+    reason = (f"share of samples changed since scoring {changed_share:.4g} {'<=' if passed else '>'} limit "
+              f"{CHANGED_SHARE_MAX:g}" + (f"; dropped: {listed}{more}" if changes else ""))
+    return GateCheck("scored_bytes", "all", changed_share, CHANGED_SHARE_MAX, "<=", passed, True, reason)
+
+
+def scoring_settings_check(scorecard: dict, settings: ScoringConfig) -> GateCheck:
+    """The scorecard was made under the scoring settings the config names now: otherwise it is stale."""
+    recorded, expected = scorecard.get("settings_digest"), scoring_settings_digest(settings)
+    passed = recorded == expected
+    reason = ("scored under the config's scoring settings" if passed else
+              "the scorecard was made under other scoring settings than the config's (or by an older radsynth): "
+              "rerun radsynth evaluate")
+    return GateCheck("scoring_settings", "all", None, None, "==", passed, True, reason)

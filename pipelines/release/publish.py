@@ -68,11 +68,14 @@ def _publish_locked(root: Path, fingerprint: str, write: Callable[[Path, str], N
         write(staging, target.name)
         write_manifest(staging, fingerprint)
         verify_manifest(staging)
+        _sync_tree(staging)  # on disk before the name says complete: a power cut cannot leave an empty vN
         os.rename(staging, target)
+        _sync(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _point_latest(root, target)
+    _sync(root)
     _prune(root, keep)
     return Published(target, target.name, reused=False)
 
@@ -147,6 +150,22 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _sync(path: Path) -> None:
+    """fsync a file, or a folder (its entries: names created or renamed in it)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that name them
+        if not path.is_symlink():
+            _sync(path)
+    _sync(folder)
 
 
 def _next_version_number(root: Path) -> int:

@@ -7,7 +7,6 @@ maps as integers on the image's grid, both with the sample's affine.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,6 +17,7 @@ import numpy as np
 from radsynth.configs.errors import UserInputError
 from radsynth.generators.prompts import parse_prompt
 from radsynth.pipelines.data.io import Image, read_image, scaling_affine
+from radsynth.pipelines.sampling.sidecar import SampleDigest, Sidecar, read_sidecar
 from radsynth.pipelines.sampling.writers import png16_to_physical
 
 
@@ -63,8 +63,13 @@ class ReleaseSample:
 
     @cached_property
     def conditions(self) -> dict[str, str]:
-        """The prompted attributes (``finding: effusion; view: PA. ...`` -> {finding: effusion, view: PA})."""
-        return parse_prompt(self.prompt)
+        """The prompted attributes as the sidecar records them ({finding: effusion, view: PA}); a sidecar from
+        before they were recorded states them in its prompt's header."""
+        return dict(self.sidecar.get("conditions") or {}) or parse_prompt(self.prompt)
+
+    def digest(self) -> SampleDigest:
+        """The sha256 of the sample's image, label map and sidecar as they are now."""
+        return SampleDigest.of(self.image_path.parent, self.sample_id, Sidecar.model_validate(self.sidecar))
 
     def read_image(self) -> Image:
         """The image in physical units (HU for CT) with its voxel-to-world affine."""
@@ -86,24 +91,23 @@ class ReleaseSample:
 
 
 def read_sample_folder(folder: str | Path) -> list[ReleaseSample]:
-    """Every sample of a folder written by ``write_sample``, in id order; a sample without its files is an error."""
+    """Every sample of a folder written by ``write_sample``, in id order; a sample without its files is an error.
+
+    Sidecars are read through their contract (``read_sidecar``): one that names a file outside its own sample is
+    refused. Hidden files (a writer's temporaries) are skipped.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise UserInputError(folder, "sample folder not found", "run `radsynth generate` first")
     samples = []
-    for sidecar_path in sorted(folder.glob("*.json")):
-        try:
-            sidecar = json.loads(sidecar_path.read_text())
-        except json.JSONDecodeError as error:
-            raise UserInputError(sidecar_path, f"sidecar is not valid JSON ({error})") from None
-        if not isinstance(sidecar, dict) or "file" not in sidecar:
-            continue  # not a sample sidecar (e.g. a summary file)
-        image_path = folder / str(sidecar["file"])
-        label_path = folder / str(sidecar["label_file"]) if sidecar.get("label_file") else None
+    for sidecar_path in sorted(p for p in folder.glob("*.json") if not p.name.startswith(".")):
+        sidecar = read_sidecar(sidecar_path)
+        image_path = folder / sidecar.file
+        label_path = folder / sidecar.label_file if sidecar.label_file else None
         for path in (image_path, label_path):
             if path is not None and not path.is_file():
                 raise UserInputError(sidecar_path, f"names '{path.name}', which is missing", "regenerate the sample")
-        samples.append(ReleaseSample(sidecar_path.stem, image_path, sidecar, label_path))
+        samples.append(ReleaseSample(sidecar_path.stem, image_path, sidecar.model_dump(), label_path))
     if not samples:
         raise UserInputError(folder, "no samples (no <id>.json sidecars)", "run `radsynth generate` first")
     return samples

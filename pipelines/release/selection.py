@@ -1,8 +1,11 @@
 """The per-sample filter: which scored samples may leave, and why each of the others may not.
 
 Reads the scorecard's ``per_sample.csv`` (one row per scored sample). A sample is dropped when:
-- privacy: the pixel or embedding copy check flagged it (always; there is no switch);
 - unscored: it is not in the table (nothing is released unscored);
+- changed_since_scoring: its image, label map or sidecar is not the one scored (their sha256 differ from the
+  table's, or the table recorded none), or its sidecar names another model than the one scored: what is
+  released is exactly what was scored;
+- privacy: the pixel or embedding copy check flagged it (always; there is no switch);
 - derived_from_real: it carries real anatomy (mask bank, inpainting) and the destination is not internal;
 - intensity: its intensities leave the real data's range (``release.drop_intensity_outliers``);
 - adherence: the real-trained classifier reads another value of a prompted attribute
@@ -20,21 +23,29 @@ from pathlib import Path
 
 from radsynth.configs.errors import UserInputError
 from radsynth.configs.schema import ReleaseConfig
+from radsynth.pipelines.sampling.sidecar import SampleDigest
 
 from .samples import ReleaseSample
 
-DROP_REASONS = ("privacy", "unscored", "derived_from_real", "intensity", "adherence")
+DROP_REASONS = ("unscored", "changed_since_scoring", "privacy", "derived_from_real", "intensity", "adherence")
 
 
 @dataclass
 class Selection:
     kept: list[ReleaseSample]
     dropped: dict[str, str] = field(default_factory=dict)  # sample id -> reason
+    changes: dict[str, str] = field(default_factory=dict)  # sample id -> what differs from what was scored
+
+    @property
+    def changed_share(self) -> float:
+        """The share of the folder's samples that are not what was scored."""
+        return len(self.changes) / max(len(self.kept) + len(self.dropped), 1)
 
     def summary(self) -> dict:
         counts = Counter(self.dropped.values())
         return {"n_scored": len(self.kept) + len(self.dropped), "n_released": len(self.kept),
-                "dropped": {reason: counts.get(reason, 0) for reason in DROP_REASONS}}
+                "dropped": {reason: counts.get(reason, 0) for reason in DROP_REASONS},
+                "changed_since_scoring": dict(sorted(self.changes.items()))}
 
 
 def read_per_sample(path: str | Path) -> dict[str, dict[str, str]]:
@@ -52,7 +63,11 @@ def select_samples(samples: Sequence[ReleaseSample], per_sample: dict[str, dict[
                    settings: ReleaseConfig) -> Selection:
     selection = Selection(kept=[])
     for sample in samples:
-        reason = _drop_reason(sample, per_sample.get(sample.sample_id), settings)
+        row = per_sample.get(sample.sample_id)
+        change = None if row is None else changed_since_scoring(sample, row)
+        if change:
+            selection.changes[sample.sample_id] = change
+        reason = _drop_reason(sample, row, change, settings)
         if reason is None:
             selection.kept.append(sample)
         else:
@@ -60,9 +75,23 @@ def select_samples(samples: Sequence[ReleaseSample], per_sample: dict[str, dict[
     return selection
 
 
-def _drop_reason(sample: ReleaseSample, row: dict[str, str] | None, settings: ReleaseConfig) -> str | None:
+def changed_since_scoring(sample: ReleaseSample, row: dict[str, str]) -> str | None:
+    """What about ``sample`` differs from the scored row (None: the same bytes and model)."""
+    scored = SampleDigest.from_row(row)
+    if scored is None:
+        return "the scorecard recorded no file digests (scored by an older radsynth): rerun radsynth evaluate"
+    changed = sample.digest().differences(scored)
+    if row.get("model_hash") and str(sample.sidecar.get("model_hash")) != row["model_hash"]:
+        changed.append("model")
+    return f"{', '.join(changed)} differ from what was scored" if changed else None
+
+
+def _drop_reason(sample: ReleaseSample, row: dict[str, str] | None, change: str | None,
+                 settings: ReleaseConfig) -> str | None:
     if row is None:
         return "unscored"
+    if change:
+        return "changed_since_scoring"
     if _true(row.get("flagged")) or _true(row.get("pixel_copy")) or _true(row.get("embedding_copy")):
         return "privacy"
     if sample.derived_from_real and not settings.internal:

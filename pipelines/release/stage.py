@@ -25,8 +25,9 @@ from radsynth.pipelines.training import sampling_model_dir
 
 from .card import write_dataset_card
 from .formats import FORMAT_WRITERS, check_format_supports
-from .gate import GateCheck, GateResult, evaluate_gates
+from .gate import GateCheck, GateResult, evaluate_gates, scored_bytes_check, scoring_settings_check
 from .publish import Published, publish
+from .redaction import redacted_config, redacted_training_data
 from .report import write_html_report
 from .samples import DatasetInfo, ReleaseSample, read_sample_folder
 from .selection import Selection, read_per_sample, select_samples
@@ -84,6 +85,8 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
 
     selection = select_samples(samples, read_per_sample(eval_dir / "per_sample.csv"), config.release)
     gate = evaluate_gates(scorecard, config.release.gate)
+    gate.checks += [scored_bytes_check(selection.changed_share, selection.changes),
+                    scoring_settings_check(scorecard, config.scoring)]
     gate.checks.append(GateCheck("released_samples", "all", float(len(selection.kept)), 1.0, ">=",
                                  bool(selection.kept), False, f"{len(selection.kept)} samples left after the filter"))
     root = release_root(config)
@@ -146,10 +149,12 @@ def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selec
                     "label_names": {str(k): v for k, v in info.label_names.items()},
                     "formats": list(config.release.formats), "internal": config.release.internal,
                     "derived_from_real": sum(s.derived_from_real for s in selection.kept), "license": info.license},
-        "generator": {key: first.get(key) for key in ("model_hash", "scheduler", "num_inference_steps", "guidance_scale")}
-        | {"objective": config.diffusion.objective, "model_card": None},
-        "training_data": training_data,
-        "config": config.model_dump(mode="json", by_alias=True),
+        # What the samples' sidecars say they were drawn with, never the current config (it may describe another model).
+        "generator": {key: first.get(key) for key in ("model_hash", "objective", "scheduler", "num_inference_steps",
+                                                       "guidance_scale", "distilled_guidance_scale") if key in first}
+        | {"model_card": None},
+        "training_data": redacted_training_data(training_data, config.conditioning.attributes),
+        "config": redacted_config(config),
         "seeds": {"runtime_seed": config.runtime.seed,
                   "sample_seeds": "derived from (model hash, sampling config, sample index); listed in each sidecar"},
         "software": software_versions(),

@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import ConditioningSpec
-from radsynth.generators.prompts import parse_prompt
+from radsynth.generators.prompts import parse_prompt, prompt_attributes
 
 from ..data.ingest import data_dir
+from ..data.io import remove_temporaries
 from ..data.manifest import read_manifest
 from .lesion_inpaint import RadsynthLesionInpaintPipeline
 from .mask_to_image import RadsynthMaskToImagePipeline
@@ -99,13 +100,15 @@ def sample_seed(digest: str, config: RadsynthConfig, index: int, sampler: dict) 
 
 def sampling_conditions(config: RadsynthConfig) -> list[SampleCondition]:
     """What the samples are drawn from: the configured prompts (their attribute header read back, the grammar
-    ``render_prompt`` writes), or else the prompts and attribute values of the test split (real, unseen cases)."""
+    ``render_prompt`` writes), or else the attribute values of the test split's cases (real, unseen) in radsynth's
+    own templated caption. Never a real case's free text: a report's words would be written into every sidecar
+    and every released table."""
     if config.sampling.prompts:
         return [SampleCondition(prompt, None, {"derived_from_real": False}, conditions=parse_prompt(prompt))
                 for prompt in config.sampling.prompts]
     records = read_manifest(data_dir(config) / "manifest.jsonl")
-    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
-    drawn = [SampleCondition(conditioning.prompt(record), None, {"derived_from_real": False},
+    templated = ConditioningSpec(config.conditioning.attributes, include_text=False)
+    drawn = [SampleCondition(templated.prompt(record), None, {"derived_from_real": False},
                              conditions=dict(record.attributes)) for record in records if record.split == "test"]
     if not drawn:
         raise UserInputError("sampling.prompts", "no prompts and an empty test split", "give sampling.prompts")
@@ -136,7 +139,11 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         fmt = "png16" if pipeline.config.spatial_dims == 2 else "nifti"
 
     wanted = range(n_samples) if indices is None else indices
+    # A shard killed mid-write left its samples' temporaries; each sample belongs to one shard, so this one cleans
+    # its own and never a temporary another shard is writing now.
+    remove_temporaries(sample_dir, {stem for i in wanted for stem in (sample_id(i), f"{sample_id(i)}_label")})
     sampler = sampler_settings(config, pipeline)
+    attribute_keys = list(config.conditioning.attributes)
     todo = [i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i, sampler), digest)]
     written, latent_stds = [], []
     batch = config.sampling.batch_size
@@ -157,7 +164,9 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
         for index, seed, pair, image in zip(indices, seeds, drawn, np.asarray(output.images)):
-            sidecar = {"prompt": pair.prompt, "seed": seed, **sampler, "model_hash": digest, "sample_index": index,
+            sidecar = {"prompt": pair.prompt, "conditions": prompt_attributes(pair.conditions, attribute_keys),
+                       "seed": seed, **sampler, "objective": pipeline.config.objective,
+                       "model_hash": digest, "sample_index": index,
                        "modality": pipeline.config.modality, **pair.sidecar}
             write_sample(sample_dir, sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high),

@@ -19,6 +19,8 @@ import numpy as np
 from radsynth.configs.errors import UserInputError
 from radsynth.pipelines.data.io import scaling_affine, spacing_of, write_nifti, write_png, write_text
 
+from .sidecar import Sidecar
+
 SYNTHETIC_DESCRIPTION = "radsynth synthetic"
 PNG_MAX = 65535
 # Documented in every PNG sidecar, so a reader needs nothing else to get physical units back.
@@ -90,8 +92,9 @@ def write_sample(
         label_path = image_path.with_name(f"{sample_id}_label{''.join(image_path.suffixes)}")
         record["label_file"] = label_path.name
 
-    # Serialise first: a sidecar that cannot be JSON fails before anything touches the disk.
+    # Serialise and check the contract first: a bad sidecar fails before anything touches the disk.
     text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False, default=_json_default)
+    Sidecar.model_validate_json(text)
     sidecar_path = out_dir / f"{sample_id}.json"
     try:
         write()

@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from radsynth.configs import RadsynthConfig, UserInputError
-from radsynth.configs.schema import ScoringConfig
+from radsynth.configs.schema import GateConfig, ScoringConfig
 
+from ..data.io import remove_temporaries
 from .bootstrap import Estimate
 from .image_sets import ImageSet
+from .privacy_decision import privacy_checks, privacy_verdict
 from .scorecard import Scorecard
 
 CALIBRATION_SOURCES = 256
@@ -55,16 +57,23 @@ class ScoreResult:
 
 
 def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, seed: int = 0,
-          log=print) -> ScoreResult:
+          log=print, gate: GateConfig | None = None) -> ScoreResult:
+    """The scorecard of ``inputs``; its privacy verdict is the release gate's privacy decision under ``gate``
+    (``release.gate``; its defaults for an audit without a config)."""
     _check_compatible(inputs)
     card = Scorecard(sizes={"synthetic": len(inputs.synthetic), "train": len(inputs.train),
-                            "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0})
+                            "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0,
+                            "holdout_patients": len(set(inputs.holdout.groups))})
     card.settings = settings.model_dump(mode="json")
     card.notes.append("Bootstrap intervals of FD, KID and MMD can sit above their point value: a resample repeats "
                       "images, which adds to these metrics' small-sample bias. Read each interval against the real "
                       "floor's, which carries the same bias at the same n.")
     card.per_sample = [{"sample_id": i, "is_synthetic": True, "prompt": p, **{f"cond_{k}": v for k, v in c.items()}}
                        for i, p, c in zip(inputs.synthetic.ids, inputs.synthetic.prompts, inputs.synthetic.conditions)]
+    # Every score names the bytes it scored: the release recomputes these before it publishes a sample.
+    for row, source in zip(card.per_sample, inputs.synthetic.sources):
+        row.update(source)
+    card.bind(inputs.synthetic.sources, settings)
     seconds: dict[str, float] = {}
 
     def timed(name, step):
@@ -80,8 +89,10 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
     timed("privacy", lambda: _privacy(card, inputs, features, settings, seed))
     if settings.utility:
         timed("utility", lambda: _utility(card, inputs, settings, seed))
+    remove_temporaries(out_dir)  # a scoring run killed mid-write left them; this run rewrites every file
     for row in card.per_sample:
         row["flagged"] = bool(row.get("pixel_copy") or row.get("embedding_copy"))
+    card.verdicts["privacy"] = privacy_verdict(privacy_checks(card.to_dict(), gate or GateConfig()))
     card.settings["seconds"] = seconds
     paths = card.write(out_dir)
     return ScoreResult(card, paths, seconds)
@@ -414,16 +425,7 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
                       dcr_holdout=float(primary_dcr["dcr_holdout"][i]),
                       authentic=bool(authenticity["per_sample"][i]))
     _privacy_strata(card, inputs, flags | pixel_copy, primary_dcr)
-    membership = _membership(card, inputs, settings, seed)
-
-    verdict = privacy.privacy_verdict(primary_dcr, copy_rate, holdout_copy_rate, n_synthetic=len(synthetic),
-                                      n_holdout=len(holdout))
-    tpr_limit = privacy.membership_tpr_limit(0.02, membership["n_members"]) if membership is not None else None
-    if membership is not None and membership["tpr_at_1pct_fpr"] > tpr_limit:
-        verdict["passed"] = False
-        verdict.setdefault("reasons", []).append(
-            f"membership inference TPR at 1% FPR {membership['tpr_at_1pct_fpr']:.3f} above {tpr_limit:.3f}")
-    card.verdicts["privacy"] = verdict
+    _membership(card, inputs, settings, seed)
 
 
 def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig, seed: int):
@@ -570,7 +572,8 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
         config.conditioning.attributes)
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes)
-    return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log)
+    return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
+                 gate=config.release.gate)
 
 
 def _check_compatible(inputs: ScoringInputs) -> None:

@@ -24,6 +24,8 @@ class ImageSet:
     spacing: voxel size in mm per spatial axis.
     masks: integer label maps (N, *spatial), 0 = background, or None.
     conditions: per image, the prompt attributes it was generated for (synthetic) or has (real); may be empty.
+    sources: per synthetic image, what it was read from: the sha256 of its image, label map and sidecar and the
+        model hash its sidecar names (what a release checks before publishing it); empty for real images.
     """
 
     images: np.ndarray
@@ -36,6 +38,7 @@ class ImageSet:
     conditions: list[dict[str, str]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     name: str = ""
+    sources: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.images)
@@ -63,4 +66,5 @@ class ImageSet:
         return ImageSet(self.images[index], [self.ids[i] for i in index], [self.groups[i] for i in index],
                         self.spacing, self.intensity, self.is_synthetic,
                         None if self.masks is None else self.masks[index],
-                        [self.conditions[i] for i in index], [self.prompts[i] for i in index], self.name)
+                        [self.conditions[i] for i in index], [self.prompts[i] for i in index], self.name,
+                        [self.sources[i] for i in index] if self.sources else [])

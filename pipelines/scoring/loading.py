@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from ..data.ingest import data_dir
 from ..data.io import NIFTI_SUFFIXES, RASTER_SUFFIXES, read_image, spacing_of, strip_image_suffix
 from ..data.manifest import CaseRecord, read_manifest
 from ..data.preprocess import IntensityMap, fit_intensity_map
+from ..sampling.sidecar import SampleDigest, Sidecar, read_sidecar
 from ..sampling.writers import png16_to_physical
 from .image_sets import ImageSet
 
@@ -86,32 +88,37 @@ def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic")
     folder = Path(folder)
     files = _image_files(folder)
     sidecars = {path: _sidecar(path) for path in files}
-    label_files = {sidecar["label_file"] for sidecar in sidecars.values() if sidecar.get("label_file")}
+    label_files = {sidecar.label_file for sidecar in sidecars.values() if sidecar and sidecar.label_file}
     files = [path for path in files if path.name not in label_files]
-    paired = sum(bool(sidecars[path].get("label_file")) for path in files)
+    paired = sum(bool(sidecars[path] and sidecars[path].label_file) for path in files)
     if 0 < paired < len(files):
         raise UserInputError(folder, f"{paired} of {len(files)} samples have a label map",
                              "pairs for every sample (radsynth generate --pairs) or for none")
     mask_folder = None if paired else _mask_folder(folder)
     shape = reference.images.shape[1:]
-    images, ids, prompts, masks = [], [], [], []
+    images, ids, prompts, conditions, masks, sources = [], [], [], [], [], []
     for path in files:
-        sidecar = sidecars[path]
+        sidecar, sample_id = sidecars[path], strip_image_suffix(path.name)
         images.append(_on_grid(reference.intensity.forward(_read_physical(path, sidecar)), shape, order=1))
-        ids.append(strip_image_suffix(path.name))
-        prompts.append(str(sidecar.get("prompt", "")))
+        ids.append(sample_id)
+        prompts.append(sidecar.prompt if sidecar else "")
+        # Conditions as data; a sidecar from before they were recorded states them in its prompt's header.
+        conditions.append(dict(sidecar.conditions) or parse_prompt(sidecar.prompt) if sidecar else {})
+        if sidecar:
+            sources.append({**asdict(SampleDigest.of(folder, sample_id, sidecar)), "model_hash": sidecar.model_hash})
         if paired:
-            masks.append(_read_mask_file(folder / sidecar["label_file"], shape))
+            masks.append(_read_mask_file(folder / sidecar.label_file, shape))
         elif mask_folder is not None:
             masks.append(_read_mask(mask_folder, path.name, shape))
     return ImageSet(np.stack(images), ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
-                    masks=np.stack(masks) if masks else None,
-                    conditions=[parse_prompt(p) for p in prompts], prompts=prompts, name=name)
+                    masks=np.stack(masks) if masks else None, conditions=conditions, prompts=prompts, name=name,
+                    sources=sources if len(sources) == len(ids) else [])
 
 
-def _sidecar(image_path: Path) -> dict:
+def _sidecar(image_path: Path) -> Sidecar | None:
+    """The sample's sidecar, validated (and confined to its own files); None for an image without one."""
     path = image_path.with_name(f"{strip_image_suffix(image_path.name)}.json")
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_sidecar(path) if path.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------- any folder
@@ -123,7 +130,7 @@ def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: Ima
     the grid and an intensity map is fitted on all its pixels (``modality`` "ct" uses the CT window)."""
     folder = Path(folder)
     files = _image_files(folder)
-    arrays = [_read_physical(path, {}) for path in files]
+    arrays = [_read_physical(path, None) for path in files]
     if reference is None:
         shape = arrays[0].shape
         pooled = np.concatenate([a[:: max(1, a.size // 200_000)].ravel() for a in arrays])
@@ -147,7 +154,9 @@ def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: Ima
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise UserInputError(folder, "not a folder", "a folder of .png or .nii.gz images")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES))
+    # Hidden files are skipped: a writer's temporary files (".syn_000001.123.tmp.png") are not images yet.
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.name.lower().endswith(IMAGE_SUFFIXES))
     if not files:
         raise UserInputError(folder, "no images in this folder", f"files ending in {', '.join(IMAGE_SUFFIXES)}")
     return files
@@ -157,12 +166,12 @@ def _mask_folder(folder: Path) -> Path | None:
     return next((folder / name for name in MASK_FOLDERS if (folder / name).is_dir()), None)
 
 
-def _read_physical(path: Path, sidecar: dict) -> np.ndarray:
+def _read_physical(path: Path, sidecar: Sidecar | None) -> np.ndarray:
     array = np.asarray(read_image(path).array, dtype=np.float64)
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]  # a 2D sample written as a one-slice NIfTI
-    if "png_low" in sidecar and path.suffix.lower() == ".png":
-        return png16_to_physical(array, float(sidecar["png_low"]), float(sidecar["png_high"]))
+    if sidecar is not None and sidecar.png_low is not None and path.suffix.lower() == ".png":
+        return png16_to_physical(array, sidecar.png_low, sidecar.png_high)
     return array.astype(np.float32)
 
 

@@ -11,7 +11,7 @@ Four views, all against the training set and read next to an unseen real set (th
 - authenticity (Alaa et al. 2022): a sample closer to its nearest training point than that point's own nearest
   training neighbour is probably a copy; compared with the rate for holdout images.
 
-``privacy_verdict`` turns these into pass/fail with reasons. All searches go through
+``privacy_decision`` turns the scorecard rows of these into pass/fail with reasons. All searches go through
 ``chunked_nearest_neighbours``, so memory stays bounded for large sets.
 """
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import hypergeom
 
-from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap
+from radsynth.pipelines.scoring.bootstrap import bootstrap
 from radsynth.pipelines.scoring.nearest_neighbours import chunked_nearest_neighbours
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "dcr_share",
     "nearest_similarity",
     "pixel_nearest_neighbours",
-    "privacy_verdict",
     "threshold_at_false_positive_rate",
 ]
 
@@ -442,39 +441,3 @@ def membership_tpr_limit(tpr_max: float, n: int, false_positive_rate: float = 0.
     chance_members = next(k for k in range(n + 1)
                           if hypergeom.sf(k, 2 * n, n, k + 1 + allowed) <= significance)  # P(K > k) under no signal
     return max(tpr_max, chance_members / n)
-
-
-def privacy_verdict(dcr_share_estimate: Estimate | dict, copy_rate: float, holdout_copy_rate: float, max_sd: float = 2.0,
-                    copy_margin: float = 0.01, *, min_dcr: float | None = None, n_synthetic: int | None = None,
-                    n_holdout: int | None = None) -> dict:
-    """Pass or fail a synthetic set on privacy, with the reasons it failed.
-
-    dcr_share_estimate: the share's ``Estimate``, or the whole ``dcr_share`` result (its ``min_dcr`` is then used
-    unless ``min_dcr`` is given).
-    Fails when: the DCR share exceeds 0.5 by more than ``max_sd`` bootstrap SDs (one-sided: only "closer to
-    train than to holdout" is leakage); the copy detector flags more synthetic samples than holdout images by more
-    than ``copy_margin``; or ``min_dcr`` (if given) is 0, i.e. some sample is an exact training image.
-    n_synthetic, n_holdout: the sizes the two copy rates come from. When given, the copy-rate limit also allows
-    ``max_sd`` standard errors of the difference of the two rates (pooled binomial): with 100 samples a single
-    chance flag is already 1%, and a gate that fails on it would reject private generators far too often.
-    Returns {"passed": bool, "reasons": [str], "dcr_share_limit": float, "copy_rate_limit": float}.
-    """
-    if isinstance(dcr_share_estimate, dict):
-        min_dcr = dcr_share_estimate["min_dcr"] if min_dcr is None else min_dcr
-        dcr_share_estimate = dcr_share_estimate["share"]
-    reasons = []
-    share, sd = dcr_share_estimate.value, dcr_share_estimate.sd
-    share_limit = 0.5 + max_sd * sd
-    if not np.isfinite(sd):
-        reasons.append(f"DCR share {share:.3f} has no bootstrap spread (degenerate resamples): cannot clear it")
-    elif share > share_limit:
-        reasons.append(f"DCR share {share:.3f} > {share_limit:.3f} (0.5 + {max_sd:g} SD): samples sit closer to "
-                       "the training set than to unseen real images")
-    copy_limit = copy_rate_limit(copy_rate, holdout_copy_rate, copy_margin, max_sd, n_synthetic, n_holdout)
-    if copy_rate > copy_limit:
-        reasons.append(f"copy rate {copy_rate:.3f} > {copy_limit:.3f} (holdout rate {holdout_copy_rate:.3f} + "
-                       f"{copy_margin:g}{' + sampling allowance' if n_synthetic and n_holdout else ''})")
-    if min_dcr is not None and min_dcr <= 0.0:
-        reasons.append("minimum distance to a training record is 0: exact copies of training images")
-    return {"passed": not reasons, "reasons": reasons, "dcr_share_limit": float(share_limit),
-            "copy_rate_limit": float(copy_limit)}

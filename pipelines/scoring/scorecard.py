@@ -59,6 +59,16 @@ class Scorecard:
     verdicts: dict[str, dict] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    samples_digest: str = ""  # sha256 over every scored sample's image, label map and sidecar digests
+    settings_digest: str = ""  # sha256 of the scoring settings the numbers depend on
+
+    def bind(self, sources: list[dict], settings) -> None:
+        """Record what was scored: the samples' file digests (``ImageSet.sources``) and the scoring settings."""
+        from ..sampling.sidecar import SampleDigest, samples_digest
+
+        digests = {row["sample_id"]: SampleDigest.from_row(source) for row, source in zip(self.per_sample, sources)}
+        self.samples_digest = samples_digest(digests) if digests else ""
+        self.settings_digest = scoring_settings_digest(settings)
 
     def add(self, section: str, metric: str, estimate: Estimate | float | None, *, feature_space: str = "-",
             stratum: str = "all", reference: Estimate | float | None = None, reference_name: str = "",
@@ -78,7 +88,8 @@ class Scorecard:
 
     def to_dict(self) -> dict:
         return {"sizes": self.sizes, "verdicts": self.verdicts, "rows": self.rows, "notes": self.notes,
-                "settings": self.settings, "software": software_versions(),
+                "settings": self.settings, "samples_digest": self.samples_digest,
+                "settings_digest": self.settings_digest, "software": software_versions(),
                 "flagged_samples": sum(bool(r.get("flagged")) for r in self.per_sample)}
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
@@ -125,6 +136,13 @@ class Scorecard:
         versions = software_versions()
         lines += ["Software: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
         return "\n".join(lines)
+
+
+def scoring_settings_digest(settings) -> str:
+    """sha256 of the scoring settings (a ``ScoringConfig``): a scorecard made under other settings is stale."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(settings.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
 def _format(value: float | None) -> str:
