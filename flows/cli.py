@@ -8,14 +8,26 @@ by the subcommands that run a flow.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from radsynth.configs import RadsynthConfig, UserInputError, apply_overrides, config_to_yaml, load_config
 
 USER_ERROR_EXIT = 2
+BUG_EXIT = 1
 GATE_REFUSED_EXIT = 3  # the command ran correctly and its answer is "no" (a release the gate refused)
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "free disk space and run again (finished work is kept)",
+                      errno.EDQUOT: "free quota and run again (finished work is kept)",
+                      errno.EACCES: "a folder this user may write (runtime.output_dir)",
+                      errno.EROFS: "a writable file system (runtime.output_dir)",
+                      errno.ENOTDIR: "a folder where a folder is expected, not a file"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,6 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return USER_ERROR_EXIT
+    config = None
     try:
         # `score` audits plain folders and has no config file; every other command starts from one.
         config = load_config(args.config, args.overrides) if hasattr(args, "config") else None
@@ -31,10 +44,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserInputError as error:
         print(f"radsynth: error: {error}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            return _bug(error, config)
+        # Disk full, no permission, a file where a folder must be: the machine's state, not a bug.
+        print(f"radsynth: error: {error.filename or '<disk>'}: {error.strerror}; "
+              f"{ENVIRONMENT_ERRNOS[error.errno]}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    except Exception as error:  # a bug: one line here, the traceback in a log file
+        return _bug(error, config)
     exit_code = result.pop("exit_code", 0)
     if args.json:
         print(json.dumps(result, default=str))
     return exit_code
+
+
+def _bug(error: BaseException, config: RadsynthConfig | None) -> int:
+    """One line and the traceback's log file: a bug in radsynth, not something the user did wrong."""
+    folder = config.output_dir / "logs" if config is not None else Path(tempfile.gettempdir())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path(tempfile.gettempdir())
+    log = folder / f"radsynth-error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.write_text("".join(traceback.format_exception(error)))
+    first = (str(error).splitlines() or [""])[0]
+    print(f"radsynth: internal error: {type(error).__name__}: {first}; this is a bug, the traceback is in {log}",
+          file=sys.stderr)
+    return BUG_EXIT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -121,9 +158,12 @@ def _ingest(config: RadsynthConfig, args: argparse.Namespace) -> dict:
 def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     from accelerate import PartialState
 
+    from radsynth.generators.trainer import check_device
     from radsynth.pipelines.data.ingest import ingest
     from radsynth.pipelines.training import train
 
+    config.check_trainable()  # before ingest writes anything
+    check_device(config.runtime.device)
     # Under `accelerate launch` every rank runs this: the main one ingests, the others then find the cache.
     with PartialState().main_process_first():
         ingest(config, progress=not args.json)  # a no-op when the cache is current
@@ -149,10 +189,8 @@ def _finetune(config: RadsynthConfig, args: argparse.Namespace) -> dict:
 
 
 def _distill(config: RadsynthConfig, args: argparse.Namespace) -> dict:
-    from radsynth.pipelines.data.ingest import ingest
     from radsynth.pipelines.distillation import distill
 
-    ingest(config, progress=not args.json)  # a no-op when the cache is current
     result = distill(config, args.model, progress=not args.json)
     print(f"student {result.model_dir} (hash {result.model_hash[:12]}) of {result.teacher_hash[:12]}: "
           f"{result.steps} distillation steps, samples in {config.distill.steps} steps (sampling.student=true)")

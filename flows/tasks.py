@@ -99,8 +99,11 @@ def train_outputs_exist(config: RadsynthConfig) -> bool:
 
 
 def _train_key(context, parameters) -> str:
+    # Bookkeeping (how often to log or checkpoint) does not change the model; how long it trains does: a larger
+    # max_steps must run the task (which then resumes from the last checkpoint) rather than return the old model.
     config = parameters["config"]
-    return stage_key("train", config, TRAIN_SECTIONS, parameters["data_sha256"], ignore=BOOKKEEPING_FIELDS)
+    return stage_key("train", config, TRAIN_SECTIONS, parameters["data_sha256"],
+                     ignore=BOOKKEEPING_FIELDS - {"max_steps"})
 
 
 @task(name="train", cache_key_fn=_train_key, **CACHED)
@@ -168,13 +171,14 @@ def distill_outputs_exist(config: RadsynthConfig) -> bool:
     return (student_dir(config) / "model_index.json").is_file()
 
 
-def _distill_key(context, parameters) -> str:
-    return stage_key("distill", parameters["config"], DISTILL_SECTIONS, parameters["model_hash"],
-                     parameters["data_sha256"], ignore={"checkpoint_every"})
-
-
 DISTILL_SECTIONS = ("distill", "sampling.guidance_scale", "diffusion.max_grad_norm", "runtime.seed",
                     "runtime.precision", "runtime.output_dir")
+
+
+def _distill_key(context, parameters) -> str:
+    # As training's: a larger max_steps runs the task again, which resumes the student from its checkpoint.
+    return stage_key("distill", parameters["config"], DISTILL_SECTIONS, parameters["model_hash"],
+                     parameters["data_sha256"], ignore={"checkpoint_every"})
 
 
 @task(name="distill", cache_key_fn=_distill_key, **CACHED)

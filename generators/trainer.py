@@ -90,9 +90,23 @@ def load_state(obj, folder: Path, name: str, device: torch.device | str = "cpu")
     obj.load_state_dict(state)
 
 
+def check_device(device: str) -> None:
+    """``runtime.device`` names a device this machine has; "auto" always does."""
+    problem = None
+    if device.startswith("cuda"):
+        index = int(device.split(":")[1]) if ":" in device else 0
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        problem = f"'{device}' asked for, but {visible} CUDA GPUs are visible" if index >= visible else None
+    elif device == "mps" and not torch.backends.mps.is_available():
+        problem = "'mps' asked for, but this machine has no Apple GPU"
+    if problem:
+        raise UserInputError("runtime.device", problem, "auto (a GPU when there is one, else the CPU) or cpu")
+
+
 def make_accelerator(settings: LoopSettings) -> Accelerator:
     # accelerate keeps one process-wide state: a second training in the same process (a notebook, the build
     # flow) with another precision must clear it. The distributed (partial) state is kept.
+    check_device(settings.device)
     AcceleratorState._reset_state()
     on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     return Accelerator(mixed_precision=settings.mixed_precision, cpu=on_cpu,

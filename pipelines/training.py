@@ -103,6 +103,7 @@ def sampling_model_dir(config: RadsynthConfig) -> Path:
 
 
 def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
+    config.check_trainable()
     records, summary = ingested_dataset(config)
     cache_dir = Path(summary["cache"])
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)

@@ -38,7 +38,7 @@ def folder(tmp_path):
     root = write_image_folder(tmp_path / "cxr", n_cases=6)
     run = tmp_path / "run"
     overrides = [f"data.root={root}", "data.preprocess.target_shape=[16,16]", f"runtime.output_dir={run}",
-                 "data.image_folder.attribute_columns=[finding, sex, age]"]
+                 "data.image_folder.attribute_columns=[finding, sex, age]", "conditioning.attributes=[finding, sex]"]
     return root, run, overrides
 
 

@@ -14,7 +14,7 @@ PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen"]
 def test_every_preset_validates_and_round_trips_through_yaml(name, tmp_path):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert set(RadsynthConfig.model_fields) == {
-        "data", "autoencoder", "diffusion", "conditioning", "controlnet", "mask_generator", "finetune", "sampling",
+        "data", "autoencoder", "diffusion", "conditioning", "controlnet", "mask_generator", "finetune", "distill", "sampling",
         "scoring", "release", "runtime"}
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(config_to_yaml(config))

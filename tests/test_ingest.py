@@ -57,7 +57,7 @@ def test_image_folder_with_pngs_or_jpegs_masks_and_csv_attributes(tmp_path, bits
     config = load_config(REPO / "configs" / "cxr.yaml", [
         f"data.root={root}", "data.image_folder.attribute_columns=[finding, sex, age]",
         "data.image_folder.text_column=report", "data.preprocess.target_shape=[16,16]",
-        f"runtime.output_dir={tmp_path / 'run'}"])
+        "conditioning.attributes=[finding, sex]", f"runtime.output_dir={tmp_path / 'run'}"])
     result = ingest(config, progress=False)
     records = {r.case_id: r for r in result.records}
     assert len(records) == 8 and len({r.patient_id for r in records.values()}) == 4

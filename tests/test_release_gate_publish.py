@@ -20,7 +20,7 @@ from radsynth.pipelines.release.publish import (
     versions,
 )
 from radsynth.pipelines.release.samples import ReleaseSample, read_sample_folder
-from radsynth.pipelines.release.selection import select_samples
+from radsynth.pipelines.release.selection import PerSampleRow, select_samples
 from radsynth.pipelines.sampling.writers import write_sample
 from radsynth.pipelines.scoring.privacy import membership_tpr_limit
 from radsynth.pipelines.scoring.roc import tpr_at_fpr
@@ -160,6 +160,12 @@ def written_samples(folder, extra: dict[str, dict]) -> tuple[list[ReleaseSample]
     return samples, rows
 
 
+def per_sample_rows(table: dict[str, dict]) -> dict[str, PerSampleRow]:
+    """The table as read from per_sample.csv: every cell a string."""
+    return {sample_id: PerSampleRow.model_validate({"sample_id": sample_id, **{k: str(v) for k, v in row.items()}})
+            for sample_id, row in table.items()}
+
+
 def test_the_filter_drops_copies_unscored_derived_and_implausible_samples_with_their_reason(tmp_path):
     samples, scored = written_samples(tmp_path, {"a": {}, "b": {}, "c": {}, "d": {"derived_from_real": True}, "e": {},
                                                  "f": {}})
@@ -171,6 +177,7 @@ def test_the_filter_drops_copies_unscored_derived_and_implausible_samples_with_t
         "e": {**scored["e"], "flagged": "0", "intensity_outside_real_range": "1"},
         "f": {**scored["f"], "flagged": "0", "view_correct": "0"},
     }
+    table = per_sample_rows(table)
     selection = select_samples(samples, table, ReleaseConfig())
     assert [s.sample_id for s in selection.kept] == ["a", "f"]
     assert selection.dropped == {"b": "privacy", "c": "unscored", "d": "derived_from_real", "e": "intensity"}
@@ -186,7 +193,7 @@ def test_a_sample_whose_bytes_or_model_differ_from_what_was_scored_is_dropped_fi
     (tmp_path / "a.png").write_bytes((tmp_path / "b.png").read_bytes())  # another image under a's name
     table = {**scored, "b": {**scored["b"], "model_hash": "cd"}, "c": {**scored["c"], "flagged": "1"},
              "d": {k: v for k, v in scored["d"].items() if not k.endswith("sha256")}}
-    selection = select_samples(samples, table, ReleaseConfig())
+    selection = select_samples(samples, per_sample_rows(table), ReleaseConfig())
     assert selection.kept == []
     assert selection.dropped == {"a": "changed_since_scoring", "b": "changed_since_scoring", "c": "privacy",
                                  "d": "changed_since_scoring"}

@@ -43,6 +43,7 @@ def build(tmp_path_factory):
 
 def scored_build(root):
     """A tiny build trained, sampled (12) and scored through the CLI: (config, its file, the run folder)."""
+    root.mkdir(parents=True, exist_ok=True)
     run_dir = root / "run"
     config = tiny_config(run_dir, "diffusion.max_steps=4", *RELEASABLE, "scoring.utility=false",
                          FORMATS, *QUALITY_OFF, "conditioning.class_attribute=finding")

@@ -87,7 +87,7 @@ def test_real_images_with_their_own_masks_score_as_adherent_and_useful(tmp_path,
     assert {r["section"] for r in card.rows} == {"realism", "adherence", "privacy", "utility"}
     saved = json.loads(result.paths["json"].read_text())
     assert saved["sizes"] == {"synthetic": len(unseen), "train": len(train), "holdout": len(holdout),
-                              "test": len(test)}
+                              "test": len(test), "holdout_patients": len(set(holdout.groups))}
     rows = list(csv.DictReader(result.paths["per_sample"].open()))
     assert [r["sample_id"] for r in rows] == unseen.ids
     assert {"pixel_nn_id", "pixel_nn_correlation", "embedding_similarity", "dcr_train", "flagged"} <= set(rows[0])

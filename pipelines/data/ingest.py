@@ -20,9 +20,9 @@ from .adapters import read_source
 from .cache import PreprocessedCache, cache_key
 from .checks import check_image, check_label
 from .io import Image, read_image, write_json
-from .manifest import CaseRecord, check_unique_case_ids, write_manifest
+from .manifest import CaseRecord, check_attributes, check_unique_case_ids, write_manifest
 from .preprocess import PreprocessedCase, preprocess_case
-from .splits import assign_splits
+from .splits import assign_splits, check_named_attributes
 from .summary import summarize
 
 
@@ -49,6 +49,12 @@ def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
     if not records:
         raise UserInputError(where, "no cases found", f"see the layout expected by format '{data.format}'")
     check_unique_case_ids(records, where)
+    check_attributes(records)
+    conditioning = config.conditioning
+    check_named_attributes(records, {"data.split.stratify_by": [data.split.stratify_by] if data.split.stratify_by else [],
+                                     "conditioning.attributes": list(conditioning.attributes),
+                                     "conditioning.class_attribute": [conditioning.class_attribute]
+                                     if conditioning.class_attribute else []})
     if data.label_names is not None:
         records = [record.model_copy(update={"label_names": dict(data.label_names)}) for record in records]
     _check_dimensions(records, data)
@@ -76,6 +82,11 @@ def load_case(record: CaseRecord, data: DataConfig) -> tuple[Image, Image | None
     label = read_image(record.label, pixel_spacing=record.spacing)
     threshold = data.image_folder.mask_threshold if data.format == "image_folder" else None
     if threshold is not None:
+        below = sorted(int(v) for v in np.unique(label.array) if 0 < v < threshold)
+        if below:  # 0/1/2 label maps, or several labels: the threshold would merge them or erase them
+            raise UserInputError(record.label, f"mask values {below[:5]} lie between 0 and "
+                                 f"data.image_folder.mask_threshold {threshold}: they would become background",
+                                 "0/255 binary masks with the threshold, or mask_threshold: null to keep label values")
         label.array = (label.array >= threshold).astype(np.uint8)
     label.array = check_label(label, image, record.label_names, record.label)
     return image, label

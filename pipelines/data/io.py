@@ -69,6 +69,9 @@ def read_image(path: str | Path, pixel_spacing: tuple[float, ...] = (1.0, 1.0)) 
             return _read_raster(path, pixel_spacing)
     except UserInputError:
         raise
+    except PILImage.DecompressionBombError as error:
+        raise UserInputError(path, f"image too large to decode ({error})",
+                             f"images up to {PILImage.MAX_IMAGE_PIXELS} pixels") from None
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as error:
         raise UserInputError(path, f"unreadable or truncated image ({type(error).__name__}: {error})") from None
     raise UserInputError(path, f"unsupported file type '{path.suffix}'", "allowed: .nii, .nii.gz, .png, .jpg, .jpeg")

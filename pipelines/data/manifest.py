@@ -64,6 +64,22 @@ def file_sha256(*paths: str | Path | None) -> str:
     return digest.hexdigest()
 
 
+def checked_case_id(case_id: str, where: str | Path, what: str = "case id") -> str:
+    """A case id becomes file names (cache, samples' sources) and table keys: letters, digits, . _ - only."""
+    if not CASE_ID_PATTERN.match(case_id):
+        raise UserInputError(where, f"{what} {case_id!r} has characters a file name or table key cannot hold",
+                             "letters, digits and . _ - (no spaces), starting with a letter or digit")
+    return case_id
+
+
+def check_attributes(records: Sequence[CaseRecord]) -> None:
+    """Attribute values ingest cannot take as they are: a negative age."""
+    for record in records:
+        age = record.attributes.get("age")
+        if isinstance(age, (int, float)) and not isinstance(age, bool) and age < 0:
+            raise UserInputError(record.image, f"case {record.case_id} has age {age}", "an age in years, 0 or more")
+
+
 def check_unique_case_ids(records: Sequence[CaseRecord], where: str | Path) -> None:
     counts = Counter(record.case_id for record in records)
     duplicates = sorted(case_id for case_id, count in counts.items() if count > 1)

@@ -20,6 +20,17 @@ from radsynth.configs.schema import SPLIT_NAMES, SplitConfig
 from .manifest import CaseRecord, check_patient_disjoint
 
 
+def check_named_attributes(records: Sequence[CaseRecord], named: dict[str, list[str]]) -> None:
+    """Every attribute a setting names (``{"data.split.stratify_by": ["finding"], ...}``) is one some case has:
+    a typo would otherwise stratify nothing, or condition on nothing, without a word."""
+    present = {key for record in records for key, value in record.attributes.items() if value not in (None, "")}
+    for setting, attributes in named.items():
+        for attribute in attributes:
+            if attribute not in present:
+                raise UserInputError(setting, f"no case has the attribute '{attribute}'",
+                                     f"one of: {', '.join(sorted(present)) or '(the data has no attributes)'}")
+
+
 def assign_splits(records: Sequence[CaseRecord], config: SplitConfig, where: str | Path) -> list[CaseRecord]:
     """Return records with ``split`` set; splits the source already gave are kept and checked instead."""
     if any(record.split is not None for record in records):

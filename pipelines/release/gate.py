@@ -19,12 +19,40 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+from pydantic import BaseModel, ConfigDict
+
 from radsynth.configs.schema import GateConfig, ScoringConfig
 from radsynth.pipelines.scoring.privacy_decision import GateCheck, measured_check, privacy_checks, rows_of, value_of
 from radsynth.pipelines.scoring.scorecard import scoring_settings_digest
 
 # A few samples rewritten since scoring are dropped; more than this share says the folder is not the one scored.
 CHANGED_SHARE_MAX = 0.05
+
+
+class CheckRecord(BaseModel):
+    """One check as the gate report (``gate_report.json``, the provenance's ``gate``) writes it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    stratum: str
+    value: float | None
+    limit: float | None
+    comparison: str
+    passed: bool
+    privacy: bool
+    reason: str
+    margin: float | None
+
+
+class GateReport(BaseModel):
+    """The gate's result as released or refused: every check, and what was not gated."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    passed: bool
+    notes: list[str]
+    checks: list[CheckRecord]
 
 
 @dataclass
@@ -40,9 +68,12 @@ class GateResult:
     def failed(self) -> list[GateCheck]:
         return [check for check in self.checks if not check.passed]
 
+    def report(self) -> GateReport:
+        return GateReport(passed=self.passed, notes=self.notes,
+                          checks=[CheckRecord(**asdict(check), margin=check.margin) for check in self.checks])
+
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "notes": self.notes,
-                "checks": [{**asdict(check), "margin": check.margin} for check in self.checks]}
+        return self.report().model_dump()
 
     def to_markdown(self) -> str:
         lines = [f"# Release gate: {'PASSED' if self.passed else 'FAILED'}", ""]

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
 from radsynth.configs.errors import UserInputError
 from radsynth.configs.schema import ReleaseConfig
 from radsynth.pipelines.sampling.sidecar import SampleDigest
@@ -48,7 +50,34 @@ class Selection:
                 "changed_since_scoring": dict(sorted(self.changes.items()))}
 
 
-def read_per_sample(path: str | Path) -> dict[str, dict[str, str]]:
+class PerSampleRow(BaseModel):
+    """A row of ``per_sample.csv`` as the release reads it; every other column (conditions, distances, nearest
+    ids, attribute checks) is kept as written. Empty cells are "not recorded"."""
+
+    model_config = ConfigDict(extra="allow")
+
+    sample_id: str
+    flagged: bool = False
+    pixel_copy: bool = False
+    embedding_copy: bool = False
+    intensity_outside_real_range: bool = False
+    image_sha256: str = ""
+    label_sha256: str = ""
+    sidecar_sha256: str = ""
+    model_hash: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_cells_are_defaults(cls, row: dict) -> dict:
+        return {key: value for key, value in row.items() if value not in ("", None) or key not in cls.model_fields}
+
+    def attribute_mismatch(self) -> bool:
+        """The real-trained classifier read another value of a prompted attribute (``<attribute>_correct`` = 0)."""
+        return any(key.endswith("_correct") and value not in ("", None) and not _true(value)
+                   for key, value in (self.model_extra or {}).items())
+
+
+def read_per_sample(path: str | Path) -> dict[str, PerSampleRow]:
     path = Path(path)
     if not path.is_file():
         raise UserInputError(path, "per-sample table not found: the samples are not scored", "run `radsynth evaluate`")
@@ -56,10 +85,16 @@ def read_per_sample(path: str | Path) -> dict[str, dict[str, str]]:
         rows = list(csv.DictReader(handle))
     if rows and "sample_id" not in rows[0]:
         raise UserInputError(path, "has no sample_id column", "a per_sample.csv written by `radsynth evaluate`")
-    return {row["sample_id"]: row for row in rows}
+    try:
+        parsed = [PerSampleRow.model_validate(row) for row in rows]
+    except ValidationError as error:
+        problem = error.errors()[0]
+        raise UserInputError(path, f"column '{problem['loc'][0]}': {problem['msg']}",
+                             "a per_sample.csv written by `radsynth evaluate`") from None
+    return {row.sample_id: row for row in parsed}
 
 
-def select_samples(samples: Sequence[ReleaseSample], per_sample: dict[str, dict[str, str]],
+def select_samples(samples: Sequence[ReleaseSample], per_sample: dict[str, PerSampleRow],
                    settings: ReleaseConfig) -> Selection:
     selection = Selection(kept=[])
     for sample in samples:
@@ -75,31 +110,30 @@ def select_samples(samples: Sequence[ReleaseSample], per_sample: dict[str, dict[
     return selection
 
 
-def changed_since_scoring(sample: ReleaseSample, row: dict[str, str]) -> str | None:
+def changed_since_scoring(sample: ReleaseSample, row: PerSampleRow) -> str | None:
     """What about ``sample`` differs from the scored row (None: the same bytes and model)."""
-    scored = SampleDigest.from_row(row)
+    scored = SampleDigest.from_row(row.model_dump())
     if scored is None:
         return "the scorecard recorded no file digests (scored by an older radsynth): rerun radsynth evaluate"
     changed = sample.digest().differences(scored)
-    if row.get("model_hash") and str(sample.sidecar.get("model_hash")) != row["model_hash"]:
+    if row.model_hash and str(sample.sidecar.get("model_hash")) != row.model_hash:
         changed.append("model")
     return f"{', '.join(changed)} differ from what was scored" if changed else None
 
 
-def _drop_reason(sample: ReleaseSample, row: dict[str, str] | None, change: str | None,
+def _drop_reason(sample: ReleaseSample, row: PerSampleRow | None, change: str | None,
                  settings: ReleaseConfig) -> str | None:
     if row is None:
         return "unscored"
     if change:
         return "changed_since_scoring"
-    if _true(row.get("flagged")) or _true(row.get("pixel_copy")) or _true(row.get("embedding_copy")):
+    if row.flagged or row.pixel_copy or row.embedding_copy:
         return "privacy"
     if sample.derived_from_real and not settings.internal:
         return "derived_from_real"
-    if settings.drop_intensity_outliers and _true(row.get("intensity_outside_real_range")):
+    if settings.drop_intensity_outliers and row.intensity_outside_real_range:
         return "intensity"
-    if settings.drop_attribute_mismatches and any(
-            key.endswith("_correct") and row[key] not in ("", None) and not _true(row[key]) for key in row):
+    if settings.drop_attribute_mismatches and row.attribute_mismatch():
         return "adherence"
     return None
 

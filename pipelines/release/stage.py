@@ -16,11 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from radsynth.configs import RadsynthConfig
-from radsynth.configs.errors import UserInputError
 from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, build_sample_dir
-from radsynth.pipelines.scoring.scorecard import software_versions
+from radsynth.pipelines.scoring.scorecard import read_scorecard, software_versions
 from radsynth.pipelines.training import sampling_model_dir
 
 from .card import write_dataset_card
@@ -76,7 +75,7 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
             model_dir: str | Path | None = None) -> ReleaseResult:
     samples_dir = Path(samples_dir or build_sample_dir(config))
     eval_dir = Path(eval_dir or build_eval_dir(config))
-    scorecard = _read_scorecard(eval_dir / "scorecard.json")
+    scorecard = read_scorecard(eval_dir / "scorecard.json")
     samples = read_sample_folder(samples_dir)
     training_data = _training_summary(config)
     info = dataset_info(config, samples, training_data)
@@ -181,18 +180,6 @@ def _format_folder(folder: Path, name: str, config: RadsynthConfig, info: Datase
     if name == "nnunet":  # nnU-Net finds datasets by this folder name inside nnUNet_raw
         return folder / "nnunet" / f"Dataset{config.release.nnunet_dataset_id:03d}_{info.name.replace('-', '_')}"
     return folder / name
-
-
-def _read_scorecard(path: Path) -> dict:
-    if not path.is_file():
-        raise UserInputError(path, "no scorecard: the samples are not scored", "run `radsynth evaluate CONFIG` first")
-    try:
-        scorecard = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise UserInputError(path, f"scorecard is not valid JSON ({error})") from None
-    if not isinstance(scorecard, dict) or "rows" not in scorecard:
-        raise UserInputError(path, "has no 'rows'", "a scorecard.json written by `radsynth evaluate`")
-    return scorecard
 
 
 def _training_summary(config: RadsynthConfig) -> dict:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import ConditioningSpec
 from radsynth.generators.prompts import parse_prompt, prompt_attributes
+from radsynth.generators.trainer import check_device
 
 from ..data.ingest import data_dir
 from ..data.io import remove_temporaries
@@ -67,6 +68,7 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
             raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
         kind = (RadsynthTextToPairPipeline if generated else
                 RadsynthLesionInpaintPipeline if config.sampling.inpaint else RadsynthMaskToImagePipeline)
+    check_device(config.runtime.device)
     pipeline = kind.from_model_dir(model_dir)
     if pipeline.config.distilled_guidance_scale is None:
         pipeline.scheduler = pipeline.base_scheduler(config.sampling.scheduler)

@@ -104,12 +104,12 @@ def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic")
         prompts.append(sidecar.prompt if sidecar else "")
         # Conditions as data; a sidecar from before they were recorded states them in its prompt's header.
         conditions.append(dict(sidecar.conditions) or parse_prompt(sidecar.prompt) if sidecar else {})
-        if sidecar:
-            sources.append({**asdict(SampleDigest.of(folder, sample_id, sidecar)), "model_hash": sidecar.model_hash})
         if paired:
             masks.append(_read_mask_file(folder / sidecar.label_file, shape))
         elif mask_folder is not None:
             masks.append(_read_mask(mask_folder, path.name, shape))
+        if sidecar:  # after the files are known to be there
+            sources.append({**asdict(SampleDigest.of(folder, sample_id, sidecar)), "model_hash": sidecar.model_hash})
     return ImageSet(np.stack(images), ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
                     masks=np.stack(masks) if masks else None, conditions=conditions, prompts=prompts, name=name,
                     sources=sources if len(sources) == len(ids) else [])
@@ -131,6 +131,12 @@ def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: Ima
     folder = Path(folder)
     files = _image_files(folder)
     arrays = [_read_physical(path, None) for path in files]
+    for path, array in zip(files, arrays):
+        if not np.isfinite(array).all():
+            raise UserInputError(path, "has NaN or infinite values", "images of finite intensities")
+        if not is_synthetic and array.min() == array.max():
+            raise UserInputError(path, f"every pixel is {array.min():g}: not a real image",
+                                 "real images with contrast (a blank file in a real folder is an export error)")
     if reference is None:
         shape = arrays[0].shape
         pooled = np.concatenate([a[:: max(1, a.size // 200_000)].ravel() for a in arrays])

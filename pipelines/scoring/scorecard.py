@@ -19,11 +19,66 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from radsynth.configs.errors import UserInputError
 
 from ..data.io import write_text
 from .bootstrap import Estimate
 
 SOFTWARE = ("radsynth", "torch", "monai", "diffusers", "torchmetrics", "numpy", "scipy")
+
+
+class ScoreRow(BaseModel):
+    """One number of a scorecard (``Scorecard.add``): a value with its interval, its real reference, its space."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    section: str
+    metric: str
+    feature_space: str = "-"
+    stratum: str = "all"
+    value: float | None = None
+    ci_low: float | None = None
+    ci_high: float | None = None
+    sd: float | None = None
+    reference_name: str | None = None
+    reference_value: float | None = None
+    reference_ci_low: float | None = None
+    reference_ci_high: float | None = None
+    reference_sd: float | None = None
+    n: int | None = None
+    better: str | None = None
+    note: str | None = None
+
+
+class ScorecardFile(BaseModel):
+    """``scorecard.json`` as ``radsynth evaluate`` writes it: the contract the release reads."""
+
+    sizes: dict[str, int]
+    verdicts: dict[str, dict]
+    rows: list[ScoreRow]
+    notes: list[str] = []
+    settings: dict = {}
+    samples_digest: str = ""
+    settings_digest: str = ""
+    software: dict[str, str] = {}
+    flagged_samples: int = 0
+
+
+def read_scorecard(path: str | Path) -> dict:
+    """A scorecard validated against ``ScorecardFile`` (one line naming the field otherwise), as a plain dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(path, "no scorecard: the samples are not scored", "run `radsynth evaluate CONFIG` first")
+    try:
+        return ScorecardFile.model_validate_json(path.read_bytes()).model_dump()
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"])
+        what = "scorecard is not valid JSON" if problem["type"] == "json_invalid" else \
+            f"field '{where}': {problem['msg']}"
+        raise UserInputError(path, what, "a scorecard.json written by `radsynth evaluate`") from None
 
 
 def software_versions() -> dict[str, str]:

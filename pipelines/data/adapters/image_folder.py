@@ -15,7 +15,7 @@ from radsynth.configs.errors import UserInputError
 from radsynth.configs.schema import DataConfig
 
 from ..io import RASTER_SUFFIXES
-from ..manifest import AttributeValue, CaseRecord, file_sha256
+from ..manifest import AttributeValue, CaseRecord, checked_case_id, file_sha256
 
 SPLIT_ALIASES = {"train": "train", "holdout": "holdout", "val": "holdout", "validation": "holdout", "test": "test"}
 
@@ -32,8 +32,8 @@ def read_image_folder(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
 
     records = []
     for line, row in enumerate(rows, start=2):
-        case_id = row[source.id_column].strip()
         where = f"{csv_path}:{line}"
+        case_id = checked_case_id(row[source.id_column].strip(), where, source.id_column)
         if case_id not in images:
             raise UserInputError(where, f"no image for id '{case_id}' in {root / source.images_dir}",
                                  f"a file named {case_id} with suffix {', '.join(RASTER_SUFFIXES)}")
@@ -95,6 +95,13 @@ def _read_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
         raise UserInputError(path, f"missing CSV columns {missing}", f"columns present: {', '.join(header)}")
     if not rows:
         raise UserInputError(path, "CSV has no rows", "one row per image")
+    for line, row in enumerate(rows, start=2):
+        # csv gives a short row's missing cells as None and a long row's extra cells under the key None.
+        cells = len(header) - sum(value is None for key, value in row.items() if key is not None)
+        cells += len(row.get(None) or [])
+        if cells != len(header):
+            raise UserInputError(f"{path}:{line}", f"row has {cells} cells, the header {len(header)}",
+                                 "one cell per column (quote a cell that holds a comma)")
     return rows
 
 
@@ -109,6 +116,9 @@ def _raster_shape(path: Path) -> tuple[int, int]:
     try:
         with PILImage.open(path) as handle:  # reads the header only
             width, height = handle.size
+    except PILImage.DecompressionBombError as error:  # a header claiming billions of pixels
+        raise UserInputError(path, f"image too large to decode ({error})",
+                             f"images up to {PILImage.MAX_IMAGE_PIXELS} pixels") from None
     except OSError as error:
         raise UserInputError(path, f"unreadable image ({error})") from None
     return height, width

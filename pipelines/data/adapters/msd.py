@@ -17,7 +17,7 @@ from radsynth.configs.errors import UserInputError
 from radsynth.configs.schema import DataConfig
 
 from ..io import NIFTI_SUFFIXES, strip_image_suffix
-from ..manifest import CaseRecord, file_sha256
+from ..manifest import CaseRecord, checked_case_id, file_sha256
 from .header import nifti_geometry
 
 CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -68,7 +68,7 @@ def _cases(images_dir: Path) -> list[tuple[str, Path]]:
         match = CHANNEL_SUFFIX.match(stem)
         if match and match["channel"] != "0000":
             raise UserInputError(path, f"channel {match['channel']} found", "one channel per case (_0000 only)")
-        case_id = match["case"] if match else stem
+        case_id = checked_case_id(match["case"] if match else stem, path, "case id (the file name)")
         if case_id in cases:
             raise UserInputError(path, f"duplicate case id '{case_id}' (also {cases[case_id].name})",
                                  "one image file per case")
@@ -96,9 +96,14 @@ def _read_dataset_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise UserInputError(path, f"not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(meta, dict):
+        raise UserInputError(path, f"is a JSON {type(meta).__name__}", "an object with 'labels' (and 'channel_names')")
+    if not isinstance(meta.get("labels", {}), dict) or not isinstance(meta.get("channel_names", {}), dict):
+        raise UserInputError(path, "'labels' and 'channel_names' must be objects", "MSD or nnU-Net v2 dataset.json")
+    return meta
 
 
 def _label_names(meta: dict, where: Path) -> dict[int, str]:
