@@ -78,7 +78,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise UserInputError(path, f"not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+        raise UserInputError(path, f"not valid YAML{line}: {getattr(error, 'problem', error)}",
+                             "a YAML mapping of sections, e.g. 'data:', 'runtime:'") from None
     if not isinstance(raw, dict):
         raise UserInputError(path, "top level must be a mapping of sections", "e.g. 'data:', 'runtime:'")
     return raw

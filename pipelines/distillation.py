@@ -52,10 +52,6 @@ class DistillResult:
     guidance_scale: float
 
 
-def distilled_guidance(config: RadsynthConfig) -> float:
-    return config.sampling.guidance_scale if config.distill.guidance_scale is None else config.distill.guidance_scale
-
-
 def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progress: bool = True) -> DistillResult:
     teacher_dir = Path(teacher_dir or trained_model_dir(config))
     if not (teacher_dir / "model_index.json").is_file():
@@ -67,7 +63,7 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
     run_dir = train_dir(config) / DISTILL_DIR
     start_over_if_changed(run_dir, part_fingerprint(config, "distill", upstream=teacher_hash))
     out = student_dir(config)
-    guidance = distilled_guidance(config)
+    guidance = settings.guidance_scale if settings.guidance_scale is not None else config.sampling.guidance_scale
     records, summary = ingested_dataset(config)
     train_records = split_cases(records, "train")
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)

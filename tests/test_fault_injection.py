@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image as PILImage
 
 from radsynth.pipelines.release.publish import latest, verify_manifest, versions
 
@@ -71,11 +69,8 @@ def test_builds_killed_at_ten_points_rerun_to_the_uninterrupted_result(tmp_path)
     assert sorted(p.name for p in samples.iterdir()) == sorted(p.name for p in reference.iterdir())
     for sidecar in reference.glob("*.json"):  # the same seeds, settings and model
         assert json.loads((samples / sidecar.name).read_text()) == json.loads(sidecar.read_text())
-    for image in reference.glob("*.png"):
-        # A resumed run samples the missing ones in other batches, which reorders float sums: a few 16-bit levels.
-        difference = np.abs(np.asarray(PILImage.open(samples / image.name), np.int64)
-                            - np.asarray(PILImage.open(image), np.int64))
-        assert difference.max() <= 64, image.name
+    for image in reference.glob("*.png"):  # a resumed run draws each sample in its own batch: the same bytes
+        assert (samples / image.name).read_bytes() == image.read_bytes(), image.name
 
     uninterrupted = tmp_path / "eval-uninterrupted"
     assert radsynth("evaluate", *common, "--samples", str(samples), "--out", str(uninterrupted)).returncode == 0

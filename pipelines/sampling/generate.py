@@ -7,6 +7,7 @@ be redone or skipped exactly: a sample whose sidecar already records the same se
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -146,11 +147,10 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
     remove_temporaries(sample_dir, {stem for i in wanted for stem in (sample_id(i), f"{sample_id(i)}_label")})
     sampler = sampler_settings(config, pipeline)
     attribute_keys = list(config.conditioning.attributes)
-    todo = [i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i, sampler), digest)]
+    todo = {i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i, sampler), digest)}
     written, latent_stds = [], []
-    batch = config.sampling.batch_size
-    for start in tqdm(range(0, len(todo), batch), desc="generate", unit="batch", disable=None if progress else True):
-        indices = todo[start:start + batch]
+    batches = _fixed_batches(wanted, config.sampling.batch_size, todo)
+    for indices in tqdm(batches, desc="generate", unit="batch", disable=None if progress else True):
         seeds = [sample_seed(digest, config, i, sampler) for i in indices]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         if bank is not None:
@@ -166,6 +166,8 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
         for index, seed, pair, image in zip(indices, seeds, drawn, np.asarray(output.images)):
+            if index not in todo:
+                continue
             sidecar = {"prompt": pair.prompt, "conditions": prompt_attributes(pair.conditions, attribute_keys),
                        "seed": seed, **sampler, "objective": pipeline.config.objective,
                        "model_hash": digest, "sample_index": index,
@@ -176,6 +178,14 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             written.append(sample_id(index))
     return GenerateResult(sample_dir, written, len(wanted) - len(todo), digest,
                           float(np.mean(latent_stds)) if latent_stds else None)
+
+
+def _fixed_batches(wanted: Sequence[int], size: int, todo: set[int]) -> list[list[int]]:
+    """The batches (index // size) that hold a sample still to write. A resumed run draws a missing sample in the
+    very batch an uninterrupted run drew it in, so its bytes are the same: another batch would reorder float sums.
+    Only the missing samples of a batch are written."""
+    groups = (list(group) for _, group in itertools.groupby(sorted(wanted), key=lambda index: index // size))
+    return [group for group in groups if todo.intersection(group)]
 
 
 def _pair_inputs(drawn: list[SampleCondition], config: RadsynthConfig) -> dict:

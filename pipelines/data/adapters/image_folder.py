@@ -89,7 +89,7 @@ def _read_rows(path: Path, required: list[str]) -> list[dict[str, str]]:
             rows = list(reader)
             header = reader.fieldnames or []
     except (UnicodeDecodeError, csv.Error) as error:
-        raise UserInputError(path, f"unreadable CSV ({error})") from None
+        raise UserInputError(path, f"unreadable CSV ({error})", "a UTF-8 CSV with a header row") from None
     missing = [column for column in required if column not in header]
     if missing:
         raise UserInputError(path, f"missing CSV columns {missing}", f"columns present: {', '.join(header)}")

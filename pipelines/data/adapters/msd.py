@@ -98,7 +98,8 @@ def _read_dataset_json(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as error:
-        raise UserInputError(path, f"not valid JSON ({error.msg} at line {error.lineno})") from None
+        raise UserInputError(path, f"not valid JSON ({error.msg} at line {error.lineno})",
+                             "an MSD or nnU-Net v2 dataset.json") from None
     if not isinstance(meta, dict):
         raise UserInputError(path, f"is a JSON {type(meta).__name__}", "an object with 'labels' (and 'channel_names')")
     if not isinstance(meta.get("labels", {}), dict) or not isinstance(meta.get("channel_names", {}), dict):
