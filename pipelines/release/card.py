@@ -16,6 +16,7 @@ import yaml
 
 from radsynth.pipelines.data.io import write_text
 
+from .hub import hub_configs
 from .redaction import suppress_small_cells
 
 SYNTHETIC_STATEMENT = (
@@ -28,7 +29,8 @@ FORMAT_DESCRIPTIONS = {
     "nnunet": "nnU-Net v2 raw dataset (`imagesTr/`, `labelsTr/`, `dataset.json`): train with `nnUNetv2_plan_and_preprocess`",
     "msd": "Medical Segmentation Decathlon layout with its `dataset.json`",
     "monai": "MONAI datalist JSON (image / label pairs for `monai.data.load_decathlon_datalist`)",
-    "imagefolder": "one folder per class plus a CSV of the prompted attributes (ImageFolder / `imagefolder` loaders)",
+    "imagefolder": "one folder per class plus a CSV of the prompted attributes and the class index `label` "
+                   "(torchvision `ImageFolder`; `datasets.load_dataset` with the card's `imagefolder` config)",
     "png16": "16-bit PNG images with JSON sidecars that map pixel values back to physical units",
     "dicom": "DICOM images with DICOM-SEG label maps",
 }
@@ -114,7 +116,7 @@ def write_dataset_card(folder: Path, provenance: dict) -> Path:
     """
     folder = Path(folder)
     parts = [
-        _front_matter(provenance),
+        _front_matter(folder, provenance),
         _summary(provenance),
         _synthetic_marking(provenance),
         _intended_use(provenance),
@@ -131,7 +133,7 @@ def write_dataset_card(folder: Path, provenance: dict) -> Path:
     return write_text(folder / "README.md", "\n\n".join(part.strip() for part in parts) + "\n")
 
 
-def _front_matter(provenance: Mapping) -> str:
+def _front_matter(folder: Path, provenance: Mapping) -> str:
     dataset = section(provenance, "dataset")
     modality = str(dataset.get("modality") or "")
     meta = {
@@ -144,6 +146,9 @@ def _front_matter(provenance: Mapping) -> str:
         "annotations_creators": ["machine-generated"],
         "source_datasets": ["original"],
     }
+    configs = hub_configs(folder, dataset.get("class_attribute"))
+    if configs:  # `load_dataset(<release>)` reads one format, typed, not every PNG of every format
+        meta["configs"] = configs
     return f"---\n{yaml.safe_dump(meta, sort_keys=False).strip()}\n---"
 
 
@@ -358,7 +363,7 @@ def _evaluation(provenance: Mapping) -> str:
     rows = scorecard.get("rows") or []
     if rows:
         lines += ["", "Headline metrics, each next to what real data scores at the same sample size (the real floor); "
-                  "intervals are 95% patient-level bootstrap CIs:", "",
+                  "intervals are 95% patient-level CIs (half-samples centred on the value for realism, bootstrap otherwise):", "",
                   "| section | metric | feature space | stratum | synthetic | real floor | n | better |",
                   "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {_md(row.get('section'))} | {_md(row.get('metric'))} | {_md(row.get('feature_space'))} | "

@@ -250,7 +250,7 @@ def _panels(count: int, height: float = 1.8) -> tuple[Figure, list]:
 
 
 def _interval_marker(axis, y: float, row: Mapping, prefix: str, colour: str) -> None:
-    # Drawn as a segment, not errorbar(): a bootstrap CI need not contain its point estimate.
+    # Drawn as a segment, not errorbar(): a percentile bootstrap CI (adherence, utility) need not contain its point.
     low, high = row.get(f"{prefix}ci_low"), row.get(f"{prefix}ci_high")
     if low is not None and high is not None:
         axis.plot([low, high], [y, y], "-|", color=colour, linewidth=2, markersize=8)
@@ -339,7 +339,8 @@ def _evaluation(scorecard: Mapping) -> str:
     sizes = section(scorecard, "sizes")
     if sizes:
         parts.append(f'<p class="note">Sample sizes: {_e(", ".join(f"{k} {v}" for k, v in sizes.items()))}. '
-                     "Intervals are 95% patient-level bootstrap CIs; the real floor is real data scored the same way.</p>")
+                     "Intervals are 95% patient-level CIs (half-samples centred on the value for realism, bootstrap "
+                     "otherwise); the real floor is real data scored the same way.</p>")
     verdicts = section(scorecard, "verdicts")
     if verdicts:
         parts.append(_table(["verdict", "result", "reasons"],

@@ -65,9 +65,9 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
                             "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0,
                             "holdout_patients": len(set(inputs.holdout.groups))})
     card.settings = settings.model_dump(mode="json")
-    card.notes.append("Bootstrap intervals of FD, KID and MMD can sit above their point value: a resample repeats "
-                      "images, which adds to these metrics' small-sample bias. Read each interval against the real "
-                      "floor's, which carries the same bias at the same n.")
+    card.notes.append("Realism intervals are patient-level half-samples without replacement, centred on the value "
+                      "(a with-replacement bootstrap inflates FD, KID and density, so its interval can miss its own "
+                      "value); adherence, privacy and utility intervals are patient-level bootstraps.")
     card.per_sample = [{"sample_id": i, "is_synthetic": True, "prompt": p, **{f"cond_{k}": v for k, v in c.items()}}
                        for i, p, c in zip(inputs.synthetic.ids, inputs.synthetic.prompts, inputs.synthetic.conditions)]
     # Every score names the bytes it scored: the release recomputes these before it publishes a sample.

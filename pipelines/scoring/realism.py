@@ -25,7 +25,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from radsynth.pipelines.scoring.bootstrap import Estimate, bootstrap_many
+from radsynth.pipelines.scoring.bootstrap import Estimate, half_sample_many
 
 __all__ = [
     "DensityCoverage",
@@ -502,10 +502,10 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
     - real_floor: metric(unseen subset, train). Unseen real images (holdout or test) are patient-disjoint
       from train, so this is what a perfect generator, one drawing new patients from the real distribution,
       would score at this n against this reference.
-    Each value carries a joint patient-level bootstrap CI (``bootstrap``): every replicate redraws the
-    compared set and the training set. Bootstrap units: synthetic samples are their own unit (None means
-    that), real images their patient id. A replicate repeats samples, so ``metric`` must tolerate duplicates
-    (the metrics in this module do: k-NN radii ignore exact copies, FD and MMD take repeats as weights).
+    Each value carries a joint patient-level half-sample CI centred on the value (``half_sample_many``; a
+    with-replacement bootstrap biases these metrics): every replicate takes half of the compared set and half of
+    the training set, without replacement. Units: synthetic samples are their own unit (None means that), real
+    images their patient id.
     Returns {"synthetic": Estimate, "real_floor": Estimate, "n": n, "n_reference": len(train)}.
     """
     synthetic, train, unseen = np.asarray(synthetic), np.asarray(train), np.asarray(unseen)
@@ -531,7 +531,7 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
         # one random stream per side, so the floor's subset does not depend on the synthetic set
         chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
         subset, subset_groups = values[chosen], [groups[i] for i in chosen]
-        estimates = bootstrap_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
+        estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
                                    [subset_groups, train_groups], n_boot=n_boot, seed=seed)
         return dict(zip(names, estimates)) if names else estimates[0]
 
