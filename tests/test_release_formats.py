@@ -19,6 +19,7 @@ from PIL import Image as PILImage
 from pydicom.pixels import apply_modality_lut
 
 from radsynth.configs.errors import UserInputError
+from radsynth.pipelines.release.card import write_dataset_card
 from radsynth.pipelines.release.formats import FORMAT_WRITERS, check_format_supports
 from radsynth.pipelines.release.samples import DatasetInfo, ReleaseSample, read_sample_folder
 from radsynth.pipelines.sampling.writers import PNG_MAX, SYNTHETIC_DESCRIPTION, write_sample
@@ -255,10 +256,35 @@ def test_imagefolder_sorts_samples_into_class_folders(xray, tmp_path):
     rows = _read_csv(out / "metadata.csv")
     assert list(rows[0])[:2] == ["file_name", "label"]
     assert {"sample_id", "is_synthetic", "prompt", "finding", "view"} <= set(rows[0])
-    for row in rows:
+    for row in rows:  # label: the class's index in torchvision's (sorted) order
         path = out / row["file_name"]
-        assert path.is_file() and path.parent.name == row["label"] == row["finding"]
+        assert path.is_file() and path.parent.name == row["finding"] == ["effusion", "normal"][int(row["label"])]
     assert sorted(path.parent.name for path in out.rglob("*.png")) == ["effusion", "effusion", "normal"]
+
+
+def test_a_release_loads_in_hugging_face_datasets_each_sample_once_with_its_label_map_and_class(xray, tmp_path):
+    """``load_dataset(<release>)`` reads the card's default config (the PNG table with label maps), not every PNG of
+    every format; the image folder config gives the class as a ClassLabel."""
+    datasets = pytest.importorskip("datasets")
+    release = tmp_path / "release"
+    release.mkdir()
+    for format_name in ("png16", "imagefolder", "monai"):
+        _write(format_name, xray, release / format_name)
+    write_dataset_card(release, {"dataset": {"name": "cxr", "modality": "xray", "spatial_dims": 2, "n_samples": 3,
+                                             "class_attribute": "finding", "formats": ["png16", "imagefolder", "monai"],
+                                             "label_names": {"1": "lung", "2": "heart", "3": "effusion"}}})
+    ids = sorted(sample.sample_id for sample in xray.samples)
+    pairs = datasets.load_dataset(str(release), cache_dir=str(tmp_path / "hf"))["train"]
+    assert sorted(pairs["sample_id"]) == ids and pairs.num_rows == 3
+    assert isinstance(pairs.features["image"], datasets.Image) and isinstance(pairs.features["mask"], datasets.Image)
+    assert pairs.features["is_synthetic"].dtype == "bool" and all(pairs["is_synthetic"])
+    for row in pairs:
+        assert np.array_equal(np.asarray(row["mask"]), xray.labels[row["sample_id"]])
+    classes = datasets.load_dataset(str(release), "imagefolder", cache_dir=str(tmp_path / "hf"))["train"]
+    assert sorted(classes["sample_id"]) == ids
+    label = classes.features["label"]
+    assert isinstance(label, datasets.ClassLabel) and label.names == ["effusion", "normal"]
+    assert [label.int2str(row["label"]) for row in classes] == classes["finding"]
 
 
 @pytest.mark.parametrize("format_name, table", [("monai", "datalist.json"), ("imagefolder", "metadata.csv"),

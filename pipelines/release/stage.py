@@ -146,6 +146,7 @@ def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selec
         "dataset": {"name": info.name, "version": None, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "modality": info.modality, "spatial_dims": info.spatial_dims, "n_samples": len(selection.kept),
                     "label_names": {str(k): v for k, v in info.label_names.items()},
+                    "class_attribute": info.class_attribute if "imagefolder" in config.release.formats else None,
                     "formats": list(config.release.formats), "internal": config.release.internal,
                     "derived_from_real": sum(s.derived_from_real for s in selection.kept), "license": info.license},
         # What the samples' sidecars say they were drawn with, never the current config (it may describe another model).
