@@ -34,6 +34,7 @@ from radsynth.pipelines.scoring.realism import (
     median_bandwidth,
     precision_recall,
     rbf_mmd,
+    set_metrics,
     with_real_floor,
 )
 
@@ -221,6 +222,45 @@ def test_exact_copies_neither_shrink_the_manifold_nor_leave_it():
     precision, _ = precision_recall(duplicated, real[:100].copy())
     assert precision == 1.0  # copies lie on the manifold (closed balls)
     assert np.isnan(density_coverage(np.repeat(real[:3], 5, axis=0), real)[0])  # <= k distinct points
+
+
+def _manifold_by_definition(real: np.ndarray, fake: np.ndarray, k_pr: int, k_dc: int) -> dict[str, float]:
+    """Precision/recall and density/coverage written out from their papers on full distance matrices, with each
+    radius taken among the set's distinct points (copies neither shrink nor count as neighbours)."""
+    def radii(x: np.ndarray, k: int) -> np.ndarray:
+        distinct = np.unique(x, axis=0)
+        return np.array([np.sort(cdist(row[None], distinct)[0])[k] for row in x])  # [0] is the point itself
+
+    cross = cdist(fake, real)
+    real_pr, fake_pr, real_dc = radii(real, k_pr), radii(fake, k_pr), radii(real, k_dc)
+    return {"precision": float((cross <= real_pr[None]).any(1).mean()),
+            "recall": float((cross <= fake_pr[:, None]).any(0).mean()),
+            "density": float((cross <= real_dc[None]).sum() / (k_dc * len(fake))),
+            "coverage": float((cross.min(0) <= real_dc).mean())}
+
+
+def test_manifold_and_kernel_metrics_equal_their_definitions_and_set_metrics_equals_each_function():
+    """With repeated rows on both sides (resamples and memorised samples make them), from the papers' formulas on
+    full distance matrices; ``set_metrics``, the fused pass the scorecard uses, equals the separate functions."""
+    rng = np.random.default_rng(5)
+    real = np.concatenate([correlated(0, 150, 6), correlated(0, 150, 6)[:20]])  # 20 real images twice
+    fake = np.concatenate([correlated(1, 60, 6) * 0.9, real[:5]])  # 5 copies of training images
+    fake = fake[rng.permutation(len(fake))]
+    expected = _manifold_by_definition(real, fake, 3, 5)
+    precision, recall = precision_recall(real, fake, k=3)
+    density, coverage = density_coverage(real, fake, k=5)
+    separate = {"precision": precision, "recall": recall, "density": density, "coverage": coverage}
+    for name, value in expected.items():
+        assert separate[name] == pytest.approx(value, abs=1e-12), name
+    bandwidth = median_bandwidth(fake, real)
+    fused = set_metrics(fake, real, bandwidth, precision_k=3, density_k=5, kid_subsets=5, seed=2)
+    separate |= {"frechet_distance": frechet_distance_features(fake, real),
+                 "kid": kernel_inception_distance(fake, real, subsets=5, seed=2)[0],
+                 "rbf_mmd": rbf_mmd(fake, real, bandwidth=bandwidth)}
+    assert fused.keys() == separate.keys()
+    for name, value in separate.items():
+        assert fused[name] == pytest.approx(value, rel=1e-9, abs=1e-12), name
+    assert fused["rbf_mmd"] == pytest.approx(unbiased_rbf_mmd_reference(fake, real, bandwidth), rel=1e-9)
 
 
 def test_feature_set_metric_objects_match_the_functions():

@@ -45,6 +45,7 @@ __all__ = [
     "median_bandwidth",
     "precision_recall",
     "rbf_mmd",
+    "set_metrics",
     "with_real_floor",
 ]
 
@@ -245,10 +246,6 @@ def _upper_entries(block: np.ndarray, row_offset: int) -> np.ndarray:
     return block[cols > rows + row_offset]
 
 
-def _rbf_sum(x: np.ndarray, y: np.ndarray, gamma: float) -> float:
-    return float(sum(torch.exp(-gamma * squared).sum() for _, squared in _squared_distance_blocks(x, y)))
-
-
 def rbf_mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, seed: int = 0) -> float:
     """Unbiased MMD^2 with the Gaussian kernel k(x, y) = exp(-|x - y|^2 / (2 bandwidth^2)).
 
@@ -258,15 +255,9 @@ def rbf_mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, seed: 
     Kernel sums are taken over row blocks, so memory stays bounded for large sets.
     """
     a, b = _features(a, "a"), _features(b, "b")
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(f"MMD needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if bandwidth is None:
         bandwidth = median_bandwidth(a, b, seed=seed)
-    gamma = 1.0 / (2.0 * bandwidth**2)
-    a, b = _centred(a, b)
-    # k(x, x) = 1 exactly (distances of a point to itself are snapped to 0), so the diagonal sums are m and n.
-    return _unbiased_mmd2(_rbf_sum(a, a, gamma) - len(a), _rbf_sum(b, b, gamma) - len(b), _rbf_sum(a, b, gamma),
-                          len(a), len(b))
+    return _set_geometry(a, b, bandwidth=bandwidth)["rbf_mmd"]
 
 
 # ---------------------------------------------------------------------------------- k-NN manifold estimates
@@ -274,55 +265,17 @@ def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
     """Distance of each point to its k-th nearest neighbour among the *distinct* points of the same set.
 
     Exact copies are merged first, so neither the point itself nor any copy of it or of a neighbour counts
-    twice. Without this, a point drawn k + 1 times by a patient-level bootstrap would get radius 0 and the
-    copies of each neighbour would shrink every radius around them; with it, repeating points weights them
-    (in density and coverage) but leaves the estimated manifold unchanged. NaN for every point when the set
-    has at most k distinct points (no k-th neighbour): the metrics are then NaN and the bootstrap drops the
-    replicate.
+    twice. Without this, a point repeated k + 1 times would get radius 0 and the copies of each neighbour would
+    shrink every radius around them; with it, repeating points weights them (in density and coverage) but leaves
+    the estimated manifold unchanged. NaN for every point when the set has at most k distinct points (no k-th
+    neighbour): the metrics are then NaN and a resampling interval drops the replicate.
     """
     x = _features(features)
     if len(x) <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {len(x)}")
-    distinct, inverse = np.unique(x, axis=0, return_inverse=True)
-    if len(distinct) <= k:
-        return np.full(len(x), np.nan)
-    (distinct,) = _centred(distinct)
-    radii = np.empty(len(distinct))
-    for rows, squared in _squared_distance_blocks(distinct, distinct):
-        local = torch.arange(rows.stop - rows.start)
-        squared[local, local + rows.start] = torch.inf  # the point itself
-        radii[rows] = squared.topk(k, dim=1, largest=False).values[:, -1].sqrt().numpy()
-    return radii[inverse.reshape(-1)]
-
-
-def _manifold_counts(real: np.ndarray, fake: np.ndarray, real_radii: np.ndarray,
-                     fake_radii: np.ndarray | None) -> dict[str, np.ndarray]:
-    """One blocked pass over fake x real distances, gathering what all four metrics need.
-
-    Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold
-    even when that point's radius is 0.
-    """
-    real_radii_t = torch.from_numpy(real_radii)
-    fake_radii_t = None if fake_radii is None else torch.from_numpy(fake_radii)
-    balls_containing_fake = np.zeros(len(fake), dtype=np.int64)
-    nearest_fake = torch.full((len(real),), torch.inf, dtype=torch.float64)
-    real_in_fake_ball = torch.zeros(len(real), dtype=torch.bool)
-    fake_c, real_c = _centred(fake, real)
-    for rows, squared in _squared_distance_blocks(fake_c, real_c):
-        distance = squared.sqrt_()
-        balls_containing_fake[rows] = (distance <= real_radii_t[None, :]).sum(1).numpy()
-        nearest_fake = torch.minimum(nearest_fake, distance.min(0).values)
-        if fake_radii_t is not None:
-            real_in_fake_ball |= (distance <= fake_radii_t[rows, None]).any(0)
-    return {"balls_containing_fake": balls_containing_fake, "nearest_fake": nearest_fake.numpy(),
-            "real_in_fake_ball": real_in_fake_ball.numpy()}
-
-
-def _check_pair(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    real, fake = _features(real, "real"), _features(fake, "fake")
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(f"feature sizes differ: real {real.shape[1]} vs fake {fake.shape[1]}")
-    return real, fake
+    points = _Distinct(x)
+    (points.values,) = _centred(points.values)
+    return _within_set(points, (k,), None)[0][k][points.inverse]
 
 
 def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -333,11 +286,8 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     recall: share of real points inside the fake manifold: does the generator cover the real variety?
     """
     real, fake = _check_pair(real, fake)
-    real_radii, fake_radii = knn_radii(real, k), knn_radii(fake, k)
-    if np.isnan(real_radii).any() or np.isnan(fake_radii).any():
-        return float("nan"), float("nan")
-    counts = _manifold_counts(real, fake, real_radii, fake_radii)
-    return float((counts["balls_containing_fake"] > 0).mean()), float(counts["real_in_fake_ball"].mean())
+    found = _set_geometry(fake, real, precision_k=k)
+    return found["precision"], found["recall"]
 
 
 def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
@@ -349,13 +299,111 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[fl
     coverage: share of real points whose ball contains at least one fake point (mode dropping lowers it).
     """
     real, fake = _check_pair(real, fake)
-    real_radii = knn_radii(real, k)
-    if np.isnan(real_radii).any():
-        return float("nan"), float("nan")
-    counts = _manifold_counts(real, fake, real_radii, None)
-    density = counts["balls_containing_fake"].sum() / (k * len(fake))
-    coverage = (counts["nearest_fake"] <= real_radii).mean()
-    return float(density), float(coverage)
+    found = _set_geometry(fake, real, density_k=k)
+    return found["density"], found["coverage"]
+
+
+def set_metrics(fake: np.ndarray, real: np.ndarray, bandwidth: float, precision_k: int = 3, density_k: int = 5,
+                kid_subsets: int = 5, seed: int = 0) -> dict[str, float]:
+    """FD, KID, RBF-MMD, precision/recall and density/coverage of ``fake`` against ``real`` at once.
+
+    Equal to the metrics' own functions, from one real x real, one fake x fake and one fake x real distance pass
+    instead of three real x real and three fake x real passes: inside a resampling interval, at 64 synthetic
+    against 1,679 training images, the passes are most of the realism time.
+    """
+    real, fake = _check_pair(real, fake)
+    return {"frechet_distance": frechet_distance_features(fake, real),
+            "kid": kernel_inception_distance(fake, real, subsets=kid_subsets, seed=seed)[0],
+            **_set_geometry(fake, real, precision_k=precision_k, density_k=density_k, bandwidth=bandwidth)}
+
+
+class _Distinct:
+    """A set's distinct rows, how often each occurs, and the row -> distinct-row map."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.values, self.inverse, counts = np.unique(x, axis=0, return_inverse=True, return_counts=True)
+        self.inverse = self.inverse.reshape(-1)
+        self.counts = torch.from_numpy(counts.astype(np.float64))
+
+
+def _within_set(points: _Distinct, ks: Sequence[int], gamma: float | None) -> tuple[dict[int, np.ndarray], float]:
+    """k-NN radii of the distinct points for each k (NaN when there are at most k of them) and, given ``gamma``,
+    the RBF kernel sum over all ordered pairs of rows, the pairs of a row with itself left out."""
+    x, counts = points.values, points.counts
+    ks = sorted(set(ks))
+    radii = {k: np.full(len(x), np.nan) for k in ks}
+    usable = [k for k in ks if len(x) > k]
+    kernel_sum = 0.0
+    for rows, squared in _squared_distance_blocks(x, x):
+        if gamma is not None:  # before the diagonal is masked: copies of a row are pairs, k = 1
+            kernel_sum += float(counts[rows] @ torch.exp(-gamma * squared) @ counts)
+        if usable:
+            local = torch.arange(rows.stop - rows.start)
+            squared[local, local + rows.start] = torch.inf  # the point itself
+            nearest = squared.topk(usable[-1], dim=1, largest=False).values.sqrt().numpy()
+            for k in usable:
+                radii[k][rows] = nearest[:, k - 1]
+    return radii, kernel_sum - float(counts.sum())  # the pairs (i, i) each contribute k(x, x) = 1
+
+
+def _set_geometry(fake: np.ndarray, real: np.ndarray, precision_k: int | None = None, density_k: int | None = None,
+                  bandwidth: float | None = None) -> dict[str, float]:
+    """The distance-based metrics asked for, from one pass per pair of sets over their distinct rows.
+
+    Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold even
+    when that point's radius is 0. Repeated rows count as often as they occur (weights), never as neighbours.
+    """
+    # precision/recall draws balls around both sets, density/coverage around the real one only
+    for k, sets in ((precision_k, (real, fake)), (density_k, (real,))):
+        if k is not None and min(map(len, sets)) <= k:
+            raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {min(map(len, sets))}")
+    if bandwidth is not None and min(len(fake), len(real)) < 2:
+        raise ValueError(f"MMD needs at least 2 samples per set, got {len(fake)} and {len(real)}")
+    gamma = None if bandwidth is None else 1.0 / (2.0 * bandwidth**2)
+    fakes, reals = _Distinct(fake), _Distinct(real)
+    fakes.values, reals.values = _centred(fakes.values, reals.values)
+    real_radii, real_kernel = _within_set(reals, [k for k in (precision_k, density_k) if k is not None], gamma)
+    fake_radii, fake_kernel = _within_set(fakes, [precision_k] if precision_k is not None else [], gamma)
+
+    real_ball = {k: torch.from_numpy(real_radii[k]) for k in real_radii}
+    fake_ball = torch.from_numpy(fake_radii[precision_k]) if precision_k is not None else None
+    in_real_manifold = torch.zeros(len(fakes.values), dtype=torch.bool)
+    balls_containing = torch.zeros(len(fakes.values), dtype=torch.float64)
+    nearest_fake = torch.full((len(reals.values),), torch.inf, dtype=torch.float64)
+    in_fake_manifold = torch.zeros(len(reals.values), dtype=torch.bool)
+    cross_kernel = 0.0
+    for rows, squared in _squared_distance_blocks(fakes.values, reals.values):
+        if gamma is not None:
+            cross_kernel += float(fakes.counts[rows] @ torch.exp(-gamma * squared) @ reals.counts)
+        distance = squared.sqrt_()
+        if precision_k is not None:
+            in_real_manifold[rows] = (distance <= real_ball[precision_k][None, :]).any(1)
+            in_fake_manifold |= (distance <= fake_ball[rows, None]).any(0)
+        if density_k is not None:
+            balls_containing[rows] = (distance <= real_ball[density_k][None, :]).to(torch.float64) @ reals.counts
+            nearest_fake = torch.minimum(nearest_fake, distance.min(0).values)
+
+    found: dict[str, float] = {}
+    n_fake, n_real = float(fakes.counts.sum()), float(reals.counts.sum())
+    if gamma is not None:
+        found["rbf_mmd"] = _unbiased_mmd2(fake_kernel, real_kernel, cross_kernel, len(fake), len(real))
+    if precision_k is not None:
+        undefined = np.isnan(real_radii[precision_k]).any() or np.isnan(fake_radii[precision_k]).any()
+        found["precision"] = float("nan") if undefined else float(fakes.counts @ in_real_manifold.double()) / n_fake
+        found["recall"] = float("nan") if undefined else float(reals.counts @ in_fake_manifold.double()) / n_real
+    if density_k is not None:
+        undefined = np.isnan(real_radii[density_k]).any()
+        covered = (nearest_fake <= real_ball[density_k]).double()
+        found["density"] = float("nan") if undefined else float(fakes.counts @ balls_containing) / (density_k * n_fake)
+        found["coverage"] = float("nan") if undefined else float(reals.counts @ covered) / n_real
+    return found
+
+
+def _check_pair(real: np.ndarray, fake: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    real, fake = _features(real, "real"), _features(fake, "fake")
+    if real.shape[1] != fake.shape[1]:
+        raise ValueError(f"feature sizes differ: real {real.shape[1]} vs fake {fake.shape[1]}")
+    return real, fake
 
 
 # ------------------------------------------------------------------------------- torchmetrics-style objects
