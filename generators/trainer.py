@@ -33,8 +33,11 @@ from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
 
+from .compute import ComputeMeter
+
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 TENSOR_LIST = "__tensors__"  # in a state's JSON: this key is a list of that many tensors in its safetensors
+COMPUTE_FILE = "compute.json"
 
 
 @dataclass
@@ -52,16 +55,37 @@ class LoopSettings:
 
 
 class LoopState:
-    """The step counter, saved inside every checkpoint with the models."""
+    """The step counter and the compute spent to reach it, saved inside every checkpoint with the models, so a
+    resumed run's totals add up to an uninterrupted one's (the killed run's work after its last checkpoint, redone,
+    is not counted twice)."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.seconds = 0.0
+        self.energy_j: float | None = None  # None: not measured (no NVIDIA energy counter)
 
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, "seconds": self.seconds, "energy_j": self.energy_j}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))  # checkpoints from before compute was counted: 0
+        self.energy_j = state.get("energy_j")
+
+    def add(self, seconds: float, joules: float | None) -> None:
+        self.seconds += seconds
+        if joules is not None:
+            self.energy_j = (self.energy_j or 0.0) + joules
+
+
+def write_compute(run_dir: Path, state: LoopState, device: str, processes: int) -> Path:
+    """``compute.json``: what this part's training cost up to its last checkpoint (read into the model card)."""
+    path = run_dir / COMPUTE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"steps": state.step, "seconds": round(state.seconds, 2),
+                                "energy_j": None if state.energy_j is None else round(state.energy_j, 1),
+                                "device": device, "processes": processes}))
+    return path
 
 
 def save_state(obj, folder: Path, name: str) -> None:
@@ -139,6 +163,7 @@ class TrainingLoop:
         bar = tqdm(total=settings.max_steps, initial=self.state.step, desc=self.run_dir.name, unit="step",
                    disable=None if settings.progress and self.accelerator.is_main_process else True)
         started, steps_done = time.perf_counter(), 0
+        meter = ComputeMeter(self.accelerator.device)
         while self.state.step < settings.max_steps:
             logs = train_step(self.state.step)
             self.state.step += 1
@@ -155,10 +180,13 @@ class TrainingLoop:
                 if extra:
                     self._log(step, extra, kind="validation")
             if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+                self.state.add(*meter.take())
                 self.save_checkpoint()
         bar.close()
         if self.tensorboard is not None:
             self.tensorboard.flush()
+        if self.accelerator.is_main_process:
+            write_compute(self.run_dir, self.state, meter.device, self.accelerator.num_processes)
         return resumed_from
 
     # -------------------------------------------------------------------------------- checkpoints

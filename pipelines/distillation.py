@@ -23,7 +23,7 @@ from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.distillation import ConsistencyDistiller
 from radsynth.generators.trainer import LoopSettings
 
-from .model_card import write_model_card
+from .model_card import write_model_card, write_training_compute
 from .sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, model_hash
 from .sampling.text_to_image import RadsynthTextToImagePipeline
 from .training import (
@@ -93,6 +93,7 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
                              distilled={"teacher_hash": teacher_hash, "method": settings.method,
                                         "steps": settings.steps, "teacher_steps": settings.teacher_steps,
                                         "guidance_scale": guidance})
+            write_training_compute(out, {"distillation": run_dir}, inherited=teacher_dir)
     distiller.loop.accelerator.wait_for_everyone()
     return DistillResult(out, digest, teacher_hash, distiller.loop.state.step, guidance)
 

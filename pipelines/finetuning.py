@@ -21,7 +21,7 @@ from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.lora import add_lora, merge_lora
 
 from .data.manifest import CaseRecord
-from .model_card import write_model_card
+from .model_card import write_model_card, write_training_compute
 from .sampling.generate import load_pipeline
 from .sampling.pipeline import model_hash
 from .training import (
@@ -100,5 +100,6 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
                      base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,
                                  "filter": settings.filter})
+    write_training_compute(out, {"fine-tune": run_dir}, inherited=Path(settings.from_))
     (run_dir / "finetune.json").write_text(json.dumps({"base_hash": base_hash, "hash": digest, "cases": len(subset)}))
     return FinetuneResult(out, digest, base_hash, len(subset), trainer.loop.state.step)

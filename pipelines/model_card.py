@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from radsynth.configs import RadsynthConfig
+from radsynth.generators.trainer import COMPUTE_FILE
 
 from .data.manifest import CaseRecord
 from .data.splits import split_counts
@@ -87,3 +88,35 @@ def add_card_section(folder: Path, title: str, lines: list[str]) -> Path:
         text = before + (f"## {rest[1]}" if len(rest) > 1 else "")
     path.write_text(text.rstrip("\n") + "\n\n" + "\n".join([heading, "", *lines, ""]))
     return path
+
+
+def write_training_compute(folder: Path, runs: dict[str, Path], inherited: Path | None = None) -> dict:
+    """What training the model in ``folder`` cost: each part's ``compute.json`` (written by its training loop in
+    ``runs[part]``), and the parts of the model it was made from (``inherited``: a teacher's folder), gathered
+    into ``folder/compute.json`` and the card's "Compute" section. The release divides it by the images made."""
+    parts = dict(_read_json(inherited / COMPUTE_FILE).get("parts", {})) if inherited is not None else {}
+    parts |= {name: _read_json(run / COMPUTE_FILE) for name, run in runs.items() if (run / COMPUTE_FILE).is_file()}
+    energies = [part.get("energy_j") for part in parts.values()]
+    compute = {"parts": parts, "training_seconds": round(sum(part["seconds"] for part in parts.values()), 2),
+               "training_energy_j": round(sum(energies), 1) if energies and None not in energies else None}
+    (folder / COMPUTE_FILE).write_text(json.dumps(compute, indent=1))
+    add_card_section(folder, "Compute", [
+        "| part | steps | seconds | device | energy |", "|---|---|---|---|---|",
+        *[_compute_row(name, part) for name, part in parts.items()],
+        "", f"Training in all: {compute['training_seconds']:.0f} s, energy {energy_text(compute['training_energy_j'])}. "
+        "Energy is NVML's counter on NVIDIA GPUs; elsewhere it is not measured."])
+    return compute
+
+
+def _compute_row(name: str, part: dict) -> str:
+    processes = part.get("processes", 1)
+    device = part["device"] + (f" x {processes} processes" if processes > 1 else "")
+    return f"| {name} | {part['steps']} | {part['seconds']:.0f} | {device} | {energy_text(part.get('energy_j'))} |"
+
+
+def energy_text(joules: float | None) -> str:
+    return "not measured" if joules is None else f"{joules / 3.6e6:.3g} kWh ({joules:.0f} J)"
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

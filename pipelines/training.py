@@ -47,7 +47,7 @@ from .data.ingest import data_dir
 from .data.io import write_json
 from .data.manifest import CaseRecord, read_manifest
 from .masks import MaskBank
-from .model_card import write_model_card
+from .model_card import write_model_card, write_training_compute
 from .sampling.grids import save_grid
 from .sampling.mask_to_image import RadsynthMaskToImagePipeline
 from .sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, RadsynthPipeline, model_hash
@@ -165,11 +165,15 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
             save_pipeline(pipeline, model_dir(config))
             write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
     accelerator.wait_for_everyone()
+    parts = [AUTOENCODER_DIR, DIFFUSION_DIR]
     if config.conditioning.use_masks:
         held_out = [record for record in records if record.split == "test"][: config.controlnet.validation_cases]
         validation = CachedImages(held_out, cache_dir, conditioning) if held_out else None
         _mask_models(config, train_images, validation, latents, digest, progress)
+        parts += [CONTROLNET_FOLDER] + ([MASK_GENERATOR_FOLDER] if config.mask_generator.enabled else [])
     out = model_dir(config)
+    if accelerator.is_main_process:
+        write_training_compute(out, {part: train_dir(config) / part for part in parts})
     return TrainResult(out, digest, holdout, autoencoder.scaling_factor, trainer.loop.state.step, resumed_from)
 
 

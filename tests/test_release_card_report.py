@@ -24,12 +24,13 @@ from radsynth.pipelines.release.report import (
     write_html_report,
 )
 from radsynth.pipelines.release.samples import read_sample_folder
+from radsynth.pipelines.sampling.compute_log import COMPUTE_LOG, log_batch, sampling_compute
 from radsynth.pipelines.sampling.writers import write_sample
 
 PLANTED_IDS = ("PAT-12345", "CASE-0001", "/hospital/archive")
 SIDE = 32  # 2D samples: 32 x 32 at 1 mm, so the gallery scales them by DISPLAY_SIZE / 32 exactly
 VOLUME_SHAPE, VOLUME_SPACING = (24, 20, 16), (1.0, 1.0, 2.0)
-REQUIRED_SECTIONS = ("Synthetic data", "Intended use", "Out-of-scope use", "Dataset structure", "Generation",
+REQUIRED_SECTIONS = ("Synthetic data", "Intended use", "Out-of-scope use", "Dataset structure", "Generation", "Compute",
                      "Training data", "Evaluation", "Gate results", "Privacy", "Known limitations", "Citation and software")
 
 
@@ -195,6 +196,27 @@ def test_card_renders_aggregates_and_never_identifiers(tmp_path):
     assert "- cases: 240 from 160 patients" in body
     assert "- train split: 168 cases, 118 patients" in body
     assert "- finding: none 116, effusion 21, pneumothorax <5" in body  # small counts are suppressed
+
+
+def test_sampling_compute_charges_each_sample_its_batch_share_and_the_card_shows_it_with_training(tmp_path):
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    log_batch(samples, ["syn_0", "syn_1"], 4.0, None, "CPU (x86_64, 2 threads)")
+    log_batch(samples, ["syn_2"], 3.0, None, "CPU (x86_64, 2 threads)")
+    log_batch(samples, ["syn_1"], 1.0, None, "CPU (x86_64, 2 threads)")  # rewritten later: its last batch counts
+    (samples / COMPUTE_LOG).open("a").write('{"samples": ["syn_3"], "seco')  # a line cut by a kill
+    compute = sampling_compute(samples, ["syn_0", "syn_1", "syn_2", "syn_3"])
+    assert compute == {"images": 3, "seconds_per_image": round((2.0 + 1.0 + 3.0) / 3, 4), "energy_j_per_image": None,
+                       "devices": ["CPU (x86_64, 2 threads)"]}
+    assert sampling_compute(samples, ["other"]) is None and sampling_compute(tmp_path, ["syn_0"]) is None
+
+    provenance = _provenance()
+    provenance["dataset"]["n_samples"] = 4
+    provenance["compute"] = {"sampling": compute, "training": {"seconds": 600.0, "energy_j": 7.2e6,
+                                                               "devices": ["NVIDIA H200"]}}
+    body = write_dataset_card(tmp_path, provenance).read_text()
+    assert "- sampling: 2 s per image on CPU (x86_64, 2 threads), energy not measured (3 of 4 images timed)" in body
+    assert "- training the generator (once): 600 s on NVIDIA H200, energy 2 kWh (7200000 J); 150 s per released" in body
 
 
 def test_card_for_3d_ct_with_derived_samples(tmp_path):

@@ -87,6 +87,13 @@ def test_a_private_build_is_published_with_card_report_and_formats_and_republish
         rows = list(csv.DictReader(handle))
     assert len(rows) == result["n_released"] and {row["is_synthetic"] for row in rows} <= {"1", "True", "true"}
     assert "SYNTHETIC" in (folder / "report.html").read_text().upper()
+    # What the images cost: every released sample was timed by the generate that wrote it
+    n = result["n_released"]
+    sampling, training = provenance["compute"]["sampling"], provenance["compute"]["training"]
+    assert sampling["images"] == n and sampling["seconds_per_image"] > 0 and sampling["energy_j_per_image"] is None
+    assert training["seconds"] > 0 and training["devices"][0].startswith("CPU")
+    card = (folder / "README.md").read_text()
+    assert "## Compute" in card and f"energy not measured ({n} of {n} images timed)" in card
 
     code, again = release_cli(config_path, capsys=capsys)
     assert code == 0 and again["reused"] and again["version"] == "v1"

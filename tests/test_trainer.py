@@ -1,9 +1,12 @@
 """The shared training loop: deterministic batches, checkpoints, and exact resume after an interruption."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from radsynth.generators import compute
 from radsynth.generators.data import batch_indices, step_generator
 from radsynth.generators.trainer import LoopSettings, TrainingLoop, read_metrics
 
@@ -24,7 +27,7 @@ class Interrupt(Exception):
     pass
 
 
-def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False):
+def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False, tick=None):
     """A tiny model fitted with Adam and a cosine schedule; randomness comes from the step number only."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
@@ -38,6 +41,8 @@ def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False):
     def train_step(step):
         if stop_at is not None and step == stop_at:
             raise Interrupt
+        if tick is not None:
+            tick()
         generator = step_generator(seed=3, step=step)
         x = torch.randn(16, 4, generator=generator)
         y = x @ weights.T + 0.1 * torch.randn(16, 1, generator=generator)
@@ -68,6 +73,27 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_continues_the_e
     assert read_metrics(tmp_path / "killed" / "metrics.csv", "lr") == lr_straight
     # Only the last K=2 checkpoints are kept.
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["step-0000008", "step-0000012"]
+
+
+def test_compute_is_counted_to_the_last_checkpoint_so_a_resumed_run_adds_up_to_an_uninterrupted_one(tmp_path,
+                                                                                                     monkeypatch):
+    """A clock that moves one second per step: 12 steps cost 12 s, straight or killed at step 6 and resumed (the
+    killed run's steps 5 and 6 were lost with it and are redone, so they are counted once)."""
+    clock = [0.0]
+    monkeypatch.setattr(compute, "_clock", lambda: clock[0])
+
+    def tick():
+        clock[0] += 1.0
+
+    straight, _ = regression_run(tmp_path / "straight", tick=tick)
+    with pytest.raises(Interrupt):
+        regression_run(tmp_path / "killed", stop_at=6, tick=tick)
+    resumed, _ = regression_run(tmp_path / "killed", tick=tick)
+    assert straight.state.seconds == resumed.state.seconds == 12.0 and resumed.state.energy_j is None
+    for run in ("straight", "killed"):
+        record = json.loads((tmp_path / run / "compute.json").read_text())
+        assert record["steps"] == 12 and record["seconds"] == 12.0 and record["processes"] == 1
+        assert record["energy_j"] is None and record["device"].startswith("CPU")
 
 
 def test_a_finished_run_does_nothing_when_started_again(tmp_path):

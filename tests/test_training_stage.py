@@ -102,6 +102,12 @@ def test_model_card_and_folder_carry_no_patient_or_case_identifiers(tmp_path):
     text = "".join(p.read_text(errors="ignore") for p in result.model_dir.rglob("*") if p.suffix in (".json", ".md"))
     assert not any(record.patient_id in text or record.case_id in text for record in records)
     assert not list(result.model_dir.rglob("*.bin")) and not list(result.model_dir.rglob("*.pkl"))
+    # What training cost, per part, in the folder and on the card
+    compute = json.loads((result.model_dir / "compute.json").read_text())
+    assert {name: part["steps"] for name, part in compute["parts"].items()} == {"autoencoder": 4, "diffusion": 2}
+    assert compute["training_seconds"] == pytest.approx(sum(p["seconds"] for p in compute["parts"].values()), abs=0.02)
+    assert compute["training_seconds"] > 0 and compute["training_energy_j"] is None  # no NVIDIA counter on a CPU
+    assert "## Compute" in card and "| diffusion | 2 |" in card and "energy not measured" in card
 
 
 @pytest.mark.parametrize("objective, scheduler", [("epsilon", "ddim"), ("rectified_flow", "flow_match_euler")])
@@ -250,6 +256,9 @@ def test_masks_train_a_controlnet_beside_the_unchanged_base_model(tmp_path):
     records, _ = ingested_dataset(with_masks)
     vocabulary = records[0].label_names
     assert controlnet.config.num_labels == max(vocabulary) + 1 and len(vocabulary) > 2
+    parts = json.loads((tmp_path / "model" / "compute.json").read_text())["parts"]
+    assert {name: part["steps"] for name, part in parts.items()} == {"autoencoder": 4, "diffusion": 4,
+                                                                      "mask_controlnet": 3}
     # The base pipeline's index leaves it out (an optional component); mask tasks load it beside the base.
     assert json.loads((tmp_path / "model" / "model_index.json").read_text())["mask_controlnet"] == [None, None]
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from radsynth.pipelines.data.io import write_text
+from radsynth.pipelines.model_card import energy_text
 
 from .hub import hub_configs
 from .redaction import suppress_small_cells
@@ -123,6 +124,7 @@ def write_dataset_card(folder: Path, provenance: dict) -> Path:
         _out_of_scope_use(),
         _structure(folder, provenance),
         _generation(provenance),
+        _compute(provenance),
         _training_data(provenance),
         _evaluation(provenance),
         _gate(provenance),
@@ -293,6 +295,30 @@ def _generation(provenance: Mapping) -> str:
     if summary:
         lines += ["", "Configuration (summary):", "", "```yaml", yaml.safe_dump(summary, sort_keys=False).strip(), "```"]
     return "\n".join(lines)
+
+
+def _compute(provenance: Mapping) -> str:
+    compute, n_samples = section(provenance, "compute"), int(section(provenance, "dataset").get("n_samples") or 0)
+    sampling, training = compute.get("sampling"), compute.get("training")
+    lines = ["## Compute", ""]
+    if sampling:
+        lines.append(f"- sampling: {sampling['seconds_per_image']:.3g} s per image on {_md(', '.join(sampling['devices']))}"
+                     f", energy {_energy_per_image(sampling.get('energy_j_per_image'))} "
+                     f"({sampling['images']} of {n_samples} images timed)")
+    else:
+        lines.append("- sampling: not recorded (samples from another tool, or from before radsynth logged it)")
+    if training:
+        per_image = f"; {training['seconds'] / n_samples:.3g} s per released image" if n_samples else ""
+        lines.append(f"- training the generator (once): {training['seconds']:.0f} s on "
+                     f"{_md(', '.join(training['devices']))}, energy {energy_text(training.get('energy_j'))}{per_image}")
+    else:
+        lines.append("- training the generator: not recorded in its model folder")
+    lines += ["", "Energy is NVIDIA's NVML counter where the work ran on an NVIDIA GPU; elsewhere it is not measured."]
+    return "\n".join(lines)
+
+
+def _energy_per_image(joules: float | None) -> str:
+    return "not measured" if joules is None else f"{joules:.3g} J per image"
 
 
 def _config_summary(config: Mapping) -> dict:

@@ -16,8 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from radsynth.configs import RadsynthConfig
+from radsynth.generators.trainer import COMPUTE_FILE
 from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
+from radsynth.pipelines.sampling.compute_log import sampling_compute
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, build_sample_dir
 from radsynth.pipelines.scoring.scorecard import read_scorecard, software_versions
 from radsynth.pipelines.training import sampling_model_dir
@@ -99,6 +101,7 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
         provenance = build_provenance(config, info, selection, scorecard, gate, training_data)
         provenance["dataset"]["version"] = version
         provenance["generator"]["model_card"] = "model_card.md" if model_card.is_file() else None
+        provenance["compute"] = release_compute(model_card.parent, samples_dir, selection.kept)
         for name in config.release.formats:
             FORMAT_WRITERS[name](selection.kept, _format_folder(folder, name, config, info), info)
         if model_card.is_file():
@@ -164,6 +167,17 @@ def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selec
         "gate": gate.to_dict(),
         "limitations": list(LIMITATIONS),
     }
+
+
+def release_compute(model_folder: Path, samples_dir: Path, kept: list[ReleaseSample]) -> dict:
+    """What the released images cost: the model's training (its ``compute.json``, once for the model) and the
+    sampling of these images (the sample folder's log); None where a figure was not recorded."""
+    path = model_folder / COMPUTE_FILE
+    training = json.loads(path.read_text()) if path.is_file() else None
+    if training is not None:
+        training = {"seconds": training["training_seconds"], "energy_j": training["training_energy_j"],
+                    "devices": sorted({part["device"] for part in training["parts"].values()})}
+    return {"training": training, "sampling": sampling_compute(samples_dir, [sample.sample_id for sample in kept])}
 
 
 def headline_rows(scorecard: dict) -> list[dict]:

@@ -19,6 +19,7 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.generators.compute import ComputeMeter
 from radsynth.generators.data import ConditioningSpec
 from radsynth.generators.prompts import parse_prompt, prompt_attributes
 from radsynth.generators.trainer import check_device
@@ -26,6 +27,7 @@ from radsynth.generators.trainer import check_device
 from ..data.ingest import data_dir
 from ..data.io import remove_temporaries
 from ..data.manifest import read_manifest
+from .compute_log import log_batch
 from .lesion_inpaint import RadsynthLesionInpaintPipeline
 from .mask_to_image import RadsynthMaskToImagePipeline
 from .pairs import PairSource, SampleCondition, generated_condition, with_lesions
@@ -150,6 +152,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
     todo = {i for i in wanted if not _done(sample_dir, i, sample_seed(digest, config, i, sampler), digest)}
     written, latent_stds = [], []
     batches = _fixed_batches(wanted, config.sampling.batch_size, todo)
+    meter = ComputeMeter(pipeline.device)
     for indices in tqdm(batches, desc="generate", unit="batch", disable=None if progress else True):
         seeds = [sample_seed(digest, config, i, sampler) for i in indices]
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
@@ -176,6 +179,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high),
                          label=pair.label_map)
             written.append(sample_id(index))
+        log_batch(sample_dir, [sample_id(index) for index in indices if index in todo], *meter.take(), meter.device)
     return GenerateResult(sample_dir, written, len(wanted) - len(todo), digest,
                           float(np.mean(latent_stds)) if latent_stds else None)
 
