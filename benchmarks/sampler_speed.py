@@ -83,7 +83,8 @@ def main() -> None:
         # The floor's interval once (it does not depend on the samples); point values for every sampler.
         compared = features.compare(images, n_boot=0 if floors else config.scoring.bootstrap_samples)
         floors = floors or _floor(compared["real_floor"])
-        quality = {name: compared["synthetic"][name].value for name in ("fd", "coverage")}
+        quality = {"fd": compared["synthetic"]["frechet_distance"].value,
+                   "coverage": compared["synthetic"]["coverage"].value}
         rows.append({"sampler": name, "steps": steps, "guidance_scale": scale,
                      "network_calls_per_image": steps * (2 if scale > 1 else 1),
                      "seconds_per_image": seconds / len(images), **quality})
@@ -126,7 +127,9 @@ class _Features:
     def compare(self, images: np.ndarray, n_boot: int) -> dict:
         """FD and coverage of the images against train, next to unseen real images at the same n (the floor)."""
         def metrics(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-            return {"fd": realism.frechet_distance_features(a, b), "coverage": realism.density_coverage(b, a)[1]}
+            # the scorecard's names, so the intervals are cut to what each metric can take (FD >= 0)
+            return {"frechet_distance": realism.frechet_distance_features(a, b),
+                    "coverage": realism.density_coverage(b, a)[1]}
 
         return realism.with_real_floor(metrics, self.encoder.extract(images), self.train_features,
                                        self.unseen_features, None, self.train.groups, self.unseen_groups,
@@ -134,8 +137,9 @@ class _Features:
 
 
 def _floor(floor: dict) -> dict:
-    return {"fd_real_floor": floor["fd"].value, "fd_real_floor_ci_low": floor["fd"].ci_low,
-            "fd_real_floor_ci_high": floor["fd"].ci_high, "coverage_real_floor": floor["coverage"].value,
+    fd = floor["frechet_distance"]
+    return {"fd_real_floor": fd.value, "fd_real_floor_ci_low": fd.ci_low,
+            "fd_real_floor_ci_high": fd.ci_high, "coverage_real_floor": floor["coverage"].value,
             "coverage_real_floor_ci_low": floor["coverage"].ci_low}
 
 

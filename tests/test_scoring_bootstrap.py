@@ -13,6 +13,7 @@ from radsynth.pipelines.scoring.bootstrap import (
     half_sample,
 )
 from radsynth.pipelines.scoring.realism import (
+    METRIC_RANGES,
     density_coverage,
     frechet_distance_features,
     kernel_inception_distance,
@@ -88,6 +89,8 @@ def test_identical_distributions_get_realism_intervals_holding_the_point_value_a
                 estimate = half[side][name]
                 assert estimate.value == with_replacement.value  # the same point value, another interval
                 assert estimate.ci_low <= estimate.value <= estimate.ci_high, (side, name, estimate)
+                low, high = METRIC_RANGES.get(name, (-np.inf, np.inf))  # never outside what the metric can take
+                assert low <= estimate.ci_low and estimate.ci_high <= high, (side, name, estimate)
                 for scheme, interval in (("half", estimate), ("boot", with_replacement)):
                     holds[scheme]["null"][name] += interval.ci_low <= null[name] <= interval.ci_high
                     holds[scheme]["value"][name] += interval.ci_low <= interval.value <= interval.ci_high

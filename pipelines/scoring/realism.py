@@ -18,6 +18,7 @@ Pairwise distances are computed over row blocks, so 20k x 20k sets run in bounde
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 
 import numpy as np
 import scipy.linalg
@@ -255,6 +256,8 @@ def rbf_mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, seed: 
     Kernel sums are taken over row blocks, so memory stays bounded for large sets.
     """
     a, b = _features(a, "a"), _features(b, "b")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"MMD needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if bandwidth is None:
         bandwidth = median_bandwidth(a, b, seed=seed)
     return _set_geometry(a, b, bandwidth=bandwidth)["rbf_mmd"]
@@ -268,11 +271,10 @@ def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
     twice. Without this, a point repeated k + 1 times would get radius 0 and the copies of each neighbour would
     shrink every radius around them; with it, repeating points weights them (in density and coverage) but leaves
     the estimated manifold unchanged. NaN for every point when the set has at most k distinct points (no k-th
-    neighbour): the metrics are then NaN and a resampling interval drops the replicate.
+    neighbour, e.g. a half-sample of a handful of samples): the metrics are then NaN and a resampling interval
+    drops the replicate.
     """
     x = _features(features)
-    if len(x) <= k:
-        raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {len(x)}")
     points = _Distinct(x)
     (points.values,) = _centred(points.values)
     return _within_set(points, (k,), None)[0][k][points.inverse]
@@ -309,11 +311,13 @@ def set_metrics(fake: np.ndarray, real: np.ndarray, bandwidth: float, precision_
 
     Equal to the metrics' own functions, from one real x real, one fake x fake and one fake x real distance pass
     instead of three real x real and three fake x real passes: inside a resampling interval, at 64 synthetic
-    against 1,679 training images, the passes are most of the realism time.
+    against 1,679 training images, the passes are most of the realism time. A metric the sets are too small for
+    (a half-sample of a handful of samples) is NaN, and the interval drops that replicate.
     """
     real, fake = _check_pair(real, fake)
-    return {"frechet_distance": frechet_distance_features(fake, real),
-            "kid": kernel_inception_distance(fake, real, subsets=kid_subsets, seed=seed)[0],
+    pairs = min(len(fake), len(real)) >= 2
+    return {"frechet_distance": frechet_distance_features(fake, real) if pairs else float("nan"),
+            "kid": kernel_inception_distance(fake, real, subsets=kid_subsets, seed=seed)[0] if pairs else float("nan"),
             **_set_geometry(fake, real, precision_k=precision_k, density_k=density_k, bandwidth=bandwidth)}
 
 
@@ -353,12 +357,6 @@ def _set_geometry(fake: np.ndarray, real: np.ndarray, precision_k: int | None = 
     Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold even
     when that point's radius is 0. Repeated rows count as often as they occur (weights), never as neighbours.
     """
-    # precision/recall draws balls around both sets, density/coverage around the real one only
-    for k, sets in ((precision_k, (real, fake)), (density_k, (real,))):
-        if k is not None and min(map(len, sets)) <= k:
-            raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {min(map(len, sets))}")
-    if bandwidth is not None and min(len(fake), len(real)) < 2:
-        raise ValueError(f"MMD needs at least 2 samples per set, got {len(fake)} and {len(real)}")
     gamma = None if bandwidth is None else 1.0 / (2.0 * bandwidth**2)
     fakes, reals = _Distinct(fake), _Distinct(real)
     fakes.values, reals.values = _centred(fakes.values, reals.values)
@@ -385,8 +383,9 @@ def _set_geometry(fake: np.ndarray, real: np.ndarray, precision_k: int | None = 
 
     found: dict[str, float] = {}
     n_fake, n_real = float(fakes.counts.sum()), float(reals.counts.sum())
-    if gamma is not None:
-        found["rbf_mmd"] = _unbiased_mmd2(fake_kernel, real_kernel, cross_kernel, len(fake), len(real))
+    if gamma is not None:  # NaN below 2 per set, as the k-NN metrics below k + 1 distinct points (a small resample)
+        found["rbf_mmd"] = (_unbiased_mmd2(fake_kernel, real_kernel, cross_kernel, len(fake), len(real))
+                            if min(len(fake), len(real)) >= 2 else float("nan"))
     if precision_k is not None:
         undefined = np.isnan(real_radii[precision_k]).any() or np.isnan(fake_radii[precision_k]).any()
         found["precision"] = float("nan") if undefined else float(fakes.counts @ in_real_manifold.double()) / n_fake
@@ -536,6 +535,20 @@ class DensityCoverage(_FeatureSetMetric):
 
 
 # ------------------------------------------------------------------------------------------ real-vs-real floor
+# What each named metric can take: a centred interval is cut to it (a density of 0.01 does not get "CI -0.02 to
+# 0.05"). KID and MMD are unbiased estimates and rightly go below 0.
+METRIC_RANGES = {"frechet_distance": (0.0, np.inf), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+                 "coverage": (0.0, 1.0), "density": (0.0, np.inf)}
+
+
+def _within_range(estimate: Estimate, bounds: tuple[float, float] | None) -> Estimate:
+    if bounds is None or not np.isfinite(estimate.ci_low):
+        return estimate
+    low, high = bounds
+    return replace(estimate, ci_low=float(np.clip(estimate.ci_low, low, high)),
+                   ci_high=float(np.clip(estimate.ci_high, low, high)))
+
+
 def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic: np.ndarray, train: np.ndarray,
                     unseen: np.ndarray, synthetic_groups: Sequence[str] | None, train_groups: Sequence[str],
                     unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0) -> dict:
@@ -580,8 +593,10 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
         chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
         subset, subset_groups = values[chosen], [groups[i] for i in chosen]
         estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
-                                   [subset_groups, train_groups], n_boot=n_boot, seed=seed)
-        return dict(zip(names, estimates)) if names else estimates[0]
+                                     [subset_groups, train_groups], n_boot=n_boot, seed=seed)
+        if not names:
+            return estimates[0]
+        return {name: _within_range(estimate, METRIC_RANGES.get(name)) for name, estimate in zip(names, estimates)}
 
     return {"synthetic": estimate(synthetic, synthetic_groups, 0), "real_floor": estimate(unseen, unseen_groups, 1),
             "n": n, "n_reference": len(train)}
