@@ -338,6 +338,8 @@ def _within_set(points: _Distinct, ks: Sequence[int], gamma: float | None) -> tu
     radii = {k: np.full(len(x), np.nan) for k in ks}
     usable = [k for k in ks if len(x) > k]
     kernel_sum = 0.0
+    if not usable and gamma is None:  # nothing to compute: no pass
+        return radii, 0.0
     for rows, squared in _squared_distance_blocks(x, x):
         if gamma is not None:  # before the diagonal is masked: copies of a row are pairs, k = 1
             kernel_sum += float(counts[rows] @ torch.exp(-gamma * squared) @ counts)
