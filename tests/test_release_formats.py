@@ -21,6 +21,7 @@ from pydicom.pixels import apply_modality_lut
 from radsynth.configs.errors import UserInputError
 from radsynth.pipelines.release.card import write_dataset_card
 from radsynth.pipelines.release.formats import FORMAT_WRITERS, check_format_supports
+from radsynth.pipelines.release.hub import hub_configs
 from radsynth.pipelines.release.samples import DatasetInfo, ReleaseSample, read_sample_folder
 from radsynth.pipelines.sampling.writers import PNG_MAX, SYNTHETIC_DESCRIPTION, write_sample
 
@@ -285,6 +286,19 @@ def test_a_release_loads_in_hugging_face_datasets_each_sample_once_with_its_labe
     label = classes.features["label"]
     assert isinstance(label, datasets.ClassLabel) and label.names == ["effusion", "normal"]
     assert [label.int2str(row["label"]) for row in classes] == classes["finding"]
+
+
+def test_without_label_maps_the_image_folder_is_the_default_hub_config(xray, tmp_path):
+    text_only = replace(xray, samples=[replace(sample, label_path=None) for sample in xray.samples],
+                        info=replace(xray.info, label_names={}))
+    release = tmp_path / "release"
+    release.mkdir()
+    for format_name in ("png16", "imagefolder"):
+        _write(format_name, text_only, release / format_name)
+    configs = hub_configs(release, "finding")
+    assert [(config["config_name"], config.get("default", False)) for config in configs] == [
+        ("imagefolder", True), ("png16", False)]
+    assert hub_configs(release, "finding") == configs and hub_configs(tmp_path / "empty", "finding") == []
 
 
 @pytest.mark.parametrize("format_name, table", [("monai", "datalist.json"), ("imagefolder", "metadata.csv"),

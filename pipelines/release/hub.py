@@ -38,7 +38,8 @@ def hub_configs(folder: Path, class_attribute: str | None) -> list[dict]:
         configs.append({"config_name": name, "data_files": [{"split": "train", "path": f"{name}/**"}],
                         "features": [_feature(column, classes) for column in rows[0]]})
     with_label_maps = [config for config in configs if _has_label_maps(config)]
-    default = (with_label_maps or configs or [None])[0]
+    classification = [config for config in configs if config["config_name"] == "imagefolder"]
+    default = (with_label_maps or classification or configs or [None])[0]
     if default is not None:
         default["default"] = True
         configs.sort(key=lambda config: config is not default)
