@@ -15,6 +15,7 @@ import yaml
 from radsynth.configs import RadsynthConfig
 from radsynth.generators.trainer import COMPUTE_FILE
 
+from .data.io import write_json
 from .data.manifest import CaseRecord
 from .data.splits import split_counts
 
@@ -94,12 +95,13 @@ def write_training_compute(folder: Path, runs: dict[str, Path], inherited: Path 
     """What training the model in ``folder`` cost: each part's ``compute.json`` (written by its training loop in
     ``runs[part]``), and the parts of the model it was made from (``inherited``: a teacher's folder), gathered
     into ``folder/compute.json`` and the card's "Compute" section. The release divides it by the images made."""
-    parts = dict(_read_json(inherited / COMPUTE_FILE).get("parts", {})) if inherited is not None else {}
-    parts |= {name: _read_json(run / COMPUTE_FILE) for name, run in runs.items() if (run / COMPUTE_FILE).is_file()}
+    parts = dict((training_compute(inherited) or {}).get("parts", {})) if inherited is not None else {}
+    parts |= {name: json.loads((run / COMPUTE_FILE).read_text()) for name, run in runs.items()
+              if (run / COMPUTE_FILE).is_file()}
     energies = [part.get("energy_j") for part in parts.values()]
     compute = {"parts": parts, "training_seconds": round(sum(part["seconds"] for part in parts.values()), 2),
                "training_energy_j": round(sum(energies), 1) if energies and None not in energies else None}
-    (folder / COMPUTE_FILE).write_text(json.dumps(compute, indent=1))
+    write_json(folder / COMPUTE_FILE, compute)
     add_card_section(folder, "Compute", [
         "| part | steps | seconds | device | energy |", "|---|---|---|---|---|",
         *[_compute_row(name, part) for name, part in parts.items()],
@@ -118,5 +120,7 @@ def energy_text(joules: float | None) -> str:
     return "not measured" if joules is None else f"{joules / 3.6e6:.3g} kWh ({joules:.0f} J)"
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def training_compute(folder: Path) -> dict | None:
+    """A model folder's ``compute.json`` (``write_training_compute``), or None for a folder without one."""
+    path = Path(folder) / COMPUTE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

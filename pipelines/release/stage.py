@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from radsynth.configs import RadsynthConfig
-from radsynth.generators.trainer import COMPUTE_FILE
 from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
+from radsynth.pipelines.model_card import training_compute
 from radsynth.pipelines.sampling.compute_log import sampling_compute
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, build_sample_dir
 from radsynth.pipelines.scoring.scorecard import read_scorecard, software_versions
@@ -172,8 +172,7 @@ def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selec
 def release_compute(model_folder: Path, samples_dir: Path, kept: list[ReleaseSample]) -> dict:
     """What the released images cost: the model's training (its ``compute.json``, once for the model) and the
     sampling of these images (the sample folder's log); None where a figure was not recorded."""
-    path = model_folder / COMPUTE_FILE
-    training = json.loads(path.read_text()) if path.is_file() else None
+    training = training_compute(model_folder)
     if training is not None:
         training = {"seconds": training["training_seconds"], "energy_j": training["training_energy_j"],
                     "devices": sorted({part["device"] for part in training["parts"].values()})}

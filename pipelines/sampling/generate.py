@@ -168,6 +168,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
         latent_stds.append(output.latent_std)
+        batch_written = []
         for index, seed, pair, image in zip(indices, seeds, drawn, np.asarray(output.images)):
             if index not in todo:
                 continue
@@ -178,8 +179,9 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             write_sample(sample_dir, sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high),
                          label=pair.label_map)
-            written.append(sample_id(index))
-        log_batch(sample_dir, [sample_id(index) for index in indices if index in todo], *meter.take(), meter.device)
+            batch_written.append(sample_id(index))
+        log_batch(sample_dir, batch_written, *meter.take(), meter.device)
+        written += batch_written
     return GenerateResult(sample_dir, written, len(wanted) - len(todo), digest,
                           float(np.mean(latent_stds)) if latent_stds else None)
 
