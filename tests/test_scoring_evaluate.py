@@ -107,3 +107,8 @@ def test_evaluate_cli_scores_a_tiny_build_with_membership_inference(tmp_path):
     assert {"frechet_distance", "coverage", "dcr_share", "copy_rate", "membership_inference_auc"} <= metrics
     assert saved["sizes"]["synthetic"] == 6 and "privacy" in saved["verdicts"]
     assert (run_dir / "eval" / "scorecard.md").is_file()
+    # The real side, the generator's probes included, is kept beside the data; a second evaluate reads it back.
+    kept = {path.name.split("-")[0] for path in (run_dir / "data" / "scoring-cache").iterdir()}
+    assert {"self_supervised_encoder", "membership_inference", "copy_detector", "realism_floor"} <= kept
+    assert main(["evaluate", str(config_path), "--json"]) == 0
+    assert json.loads((run_dir / "eval" / "scorecard.json").read_text())["rows"] == saved["rows"]

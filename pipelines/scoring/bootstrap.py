@@ -43,6 +43,10 @@ class Estimate:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, values: dict) -> Estimate:
+        return cls(**values)
+
 
 def group_members(groups: Sequence[str]) -> list[np.ndarray]:
     """The sample indices of each group (patient), computed once per set rather than once per replicate."""

@@ -9,11 +9,12 @@ real images (the holdout) score on the same check.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.configs.schema import GateConfig, ScoringConfig
@@ -22,6 +23,7 @@ from ..data.io import remove_temporaries
 from .bootstrap import Estimate
 from .image_sets import ImageSet
 from .privacy_decision import privacy_checks, privacy_verdict
+from .real_side import RealSideCache
 from .scorecard import Scorecard
 
 CALIBRATION_SOURCES = 256
@@ -57,10 +59,15 @@ class ScoreResult:
 
 
 def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, seed: int = 0,
-          log=print, gate: GateConfig | None = None) -> ScoreResult:
+          log=print, gate: GateConfig | None = None, cache_dir: str | Path | None = None) -> ScoreResult:
     """The scorecard of ``inputs``; its privacy verdict is the release gate's privacy decision under ``gate``
-    (``release.gate``; its defaults for an audit without a config)."""
+    (``release.gate``; its defaults for an audit without a config).
+
+    cache_dir: where real-side work is kept between runs (``real_side``); None computes it in this run only. The
+    scorecard is the same either way.
+    """
     _check_compatible(inputs)
+    cache = _real_side_cache(inputs, settings, seed, cache_dir)
     card = Scorecard(sizes={"synthetic": len(inputs.synthetic), "train": len(inputs.train),
                             "holdout": len(inputs.holdout), "test": len(inputs.test) if inputs.test else 0,
                             "holdout_patients": len(set(inputs.holdout.groups))})
@@ -79,16 +86,19 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
     def timed(name, step):
         started = time.perf_counter()
         log(f"scoring: {name}")
-        result = step()
+        with tqdm(desc=f"scoring {name}", unit="step", disable=None) as bar:
+            result = step(bar.update)
         seconds[name] = round(time.perf_counter() - started, 2)
         return result
 
-    features = timed("features", lambda: _features(inputs, settings, seed))
-    timed("realism", lambda: _realism(card, inputs, features, settings, seed))
-    timed("adherence", lambda: _adherence(card, inputs, settings, seed))
-    timed("privacy", lambda: _privacy(card, inputs, features, settings, seed))
+    features = timed("features", lambda tick: _features(inputs, settings, seed, cache, tick))
+    timed("realism", lambda tick: _realism(card, inputs, features, settings, seed, cache, tick))
+    timed("adherence", lambda tick: _adherence(card, inputs, settings, seed, cache, tick))
+    timed("privacy", lambda tick: _privacy(card, inputs, features, settings, seed, cache, tick))
     if settings.utility:
-        timed("utility", lambda: _utility(card, inputs, settings, seed))
+        timed("utility", lambda tick: _utility(card, inputs, settings, seed, cache, tick))
+    log(f"scoring: real-side work {cache.hits} entries reused, {cache.misses} computed"
+        + (f" (kept in {cache.folder})" if cache.folder is not None else ""))
     remove_temporaries(out_dir)  # a scoring run killed mid-write left them; this run rewrites every file
     for row in card.per_sample:
         row["flagged"] = bool(row.get("pixel_copy") or row.get("embedding_copy"))
@@ -96,6 +106,17 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
     card.settings["seconds"] = seconds
     paths = card.write(out_dir)
     return ScoreResult(card, paths, seconds)
+
+
+def _real_side_cache(inputs: ScoringInputs, settings: ScoringConfig, seed: int,
+                     cache_dir: str | Path | None) -> RealSideCache:
+    model = None
+    if inputs.pipeline is not None:  # the white-box probes' entries are the generator's too
+        from ..sampling.pipeline import model_hash
+
+        model = model_hash(inputs.pipeline) if cache_dir is not None else "this run's generator"
+    return RealSideCache(cache_dir, [inputs.train, inputs.holdout, inputs.test], settings.model_dump(mode="json"),
+                         seed, model=model)
 
 
 # ------------------------------------------------------------------------------------------ features
@@ -124,29 +145,43 @@ class FeatureTable:
         return self.holdout if self.test is None else np.concatenate([self.holdout, self.test])
 
 
-def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> list[FeatureTable]:
+def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: RealSideCache,
+              tick) -> list[FeatureTable]:
+    real = {"train": inputs.train, "holdout": inputs.holdout, "test": inputs.test}
+    with_masks = all(s.masks is not None for s in [inputs.synthetic, *real.values()] if s is not None)
+    tables = []
+    for name in settings.feature_spaces:
+        extractor = _extractor(name, inputs, with_masks, settings, seed, cache)
+
+        def extract(image_set: ImageSet, extractor=extractor) -> np.ndarray:
+            return extractor.extract(image_set.images, image_set.masks if with_masks else None)
+
+        features = cache.arrays(f"features_{name}", lambda: {k: extract(s) for k, s in real.items() if s is not None},
+                                masks=with_masks)
+        table = FeatureTable(name, extractor, extract(inputs.synthetic), features["train"], features["holdout"],
+                             features.get("test"), uses_masks=with_masks)
+        tables.append(table if name == "self_supervised" else _standardise(table))
+        tick()
+    return tables
+
+
+def _extractor(name: str, inputs: ScoringInputs, with_masks: bool, settings: ScoringConfig, seed: int,
+               cache: RealSideCache):
     from .features import RadiomicsFeatures, RandomCNNFeatures, SelfSupervisedEncoder
 
     dims = inputs.train.spatial_dims
-    sets = [inputs.synthetic, inputs.train, inputs.holdout, inputs.test]
-    with_masks = all(s.masks is not None for s in sets if s is not None)
-    # Per-label radiomics only when every set has label maps (synthetic ones: their conditioning masks).
-    labels = sorted(set(np.unique(inputs.train.masks).tolist()) - {0}) if with_masks else None
-    tables = []
-    for name in settings.feature_spaces:
-        if name == "random_cnn":
-            extractor = RandomCNNFeatures(dims, seed=seed)
-        elif name == "radiomics":
-            extractor = RadiomicsFeatures(dims, labels=labels)
-        else:
-            # Trained on train + holdout together, so neither the members nor the non-members are favoured.
-            extractor = SelfSupervisedEncoder(dims, seed=seed)
-            extractor.fit(np.concatenate([inputs.train.images, inputs.holdout.images]),
-                          steps=settings.self_supervised_steps)
-        arrays = [None if s is None else extractor.extract(s.images, s.masks if with_masks else None) for s in sets]
-        table = FeatureTable(name, extractor, *arrays, uses_masks=with_masks)
-        tables.append(table if name == "self_supervised" else _standardise(table))
-    return tables
+    if name == "random_cnn":
+        return RandomCNNFeatures(dims, seed=seed)
+    if name == "radiomics":
+        # Per-label radiomics only when every set has label maps (synthetic ones: their conditioning masks).
+        labels = sorted(set(np.unique(inputs.train.masks).tolist()) - {0}) if with_masks else None
+        return RadiomicsFeatures(dims, labels=labels)
+    # Trained on train + holdout together, so neither the members nor the non-members are favoured.
+    extractor = SelfSupervisedEncoder(dims, seed=seed)
+    cache.weights("self_supervised_encoder", {"encoder": extractor.encoder, "head": extractor.head},
+                  lambda: extractor.fit(np.concatenate([inputs.train.images, inputs.holdout.images]),
+                                        steps=settings.self_supervised_steps))
+    return extractor
 
 
 def _standardise(table: FeatureTable) -> FeatureTable:
@@ -163,15 +198,18 @@ def _standardise(table: FeatureTable) -> FeatureTable:
     return FeatureTable(table.name, table.extractor, *scaled, uses_masks=table.uses_masks, mean=mean, sd=sd)
 
 
-def _diagnostic_features(inputs: ScoringInputs) -> FeatureTable | None:
+def _diagnostic_features(inputs: ScoringInputs, cache: RealSideCache) -> FeatureTable | None:
     """The generator's own latents: realism there is a diagnostic, never a verdict (see GeneratorLatentFeatures)."""
     if inputs.pipeline is None:
         return None
     from .generator_probes import GeneratorLatentFeatures
 
     extractor = GeneratorLatentFeatures(inputs.pipeline)
-    sets = [inputs.synthetic, inputs.train, inputs.holdout, inputs.test]
-    return FeatureTable(extractor.name, extractor, *(None if s is None else extractor.extract(s.images) for s in sets))
+    real = {"train": inputs.train, "holdout": inputs.holdout, "test": inputs.test}
+    features = cache.arrays("features_generator_latents", uses_model=True, compute=lambda: {
+        k: extractor.extract(s.images) for k, s in real.items() if s is not None})
+    return FeatureTable(extractor.name, extractor, extractor.extract(inputs.synthetic.images), features["train"],
+                        features["holdout"], features.get("test"))
 
 
 def _primary(features: list[FeatureTable]) -> FeatureTable:
@@ -182,8 +220,23 @@ def _primary(features: list[FeatureTable]) -> FeatureTable:
 # ------------------------------------------------------------------------------------------- realism
 
 
+def _known_floor(cache: RealSideCache, metric, table: FeatureTable, train_groups, unseen_groups, n_boot: int,
+                 seed: int, **key):
+    """``with_real_floor``'s floor at n through the cache: it reads the real features only."""
+    from . import realism
+
+    def floor(n: int):
+        estimates = cache.record("realism_floor", lambda: {
+            name: e.to_dict() for name, e in realism.real_floor(metric, table.train, table.unseen, train_groups,
+                                                                 unseen_groups, n, n_boot, seed).items()},
+            uses_model=table.name == "generator_latents", space=table.name, n=n, **key)
+        return {name: Estimate.from_dict(values) for name, values in estimates.items()}
+
+    return floor
+
+
 def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
-             seed: int) -> None:
+             seed: int, cache: RealSideCache, tick) -> None:
     from . import realism
     from .diversity import ms_ssim_diversity_comparison
 
@@ -200,23 +253,28 @@ def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
         return lambda a, b: realism.set_metrics(a, b, bandwidth, kid_subsets=5, seed=seed)
 
     unseen = inputs.unseen
-    diagnostic = _diagnostic_features(inputs)
+    diagnostic = _diagnostic_features(inputs, cache)
     for table in features + ([diagnostic] if diagnostic is not None else []):
-        result = realism.with_real_floor(all_metrics(table), table.synthetic, table.train, table.unseen,
-                                         inputs.synthetic.groups, inputs.train.groups, unseen.groups,
-                                         n_boot=settings.bootstrap_samples, seed=seed)
         # FD-infinity refits FD at 15 subset sizes: inside the bootstrap it cost two thirds of all realism time
         # (1000 x 1000 images, 480 features), so it is a point value on the same n-subsets, without interval.
-        for side, value in realism.with_real_floor(lambda a, b: realism.fd_infinity(a, b, seed=seed), table.synthetic,
-                                                   table.train, table.unseen, inputs.synthetic.groups,
-                                                   inputs.train.groups, unseen.groups, n_boot=0, seed=seed).items():
-            if side in ("synthetic", "real_floor"):
-                result[side]["fd_infinity"] = value
+        for metric, n_boot in ((all_metrics(table), settings.bootstrap_samples),
+                               (lambda a, b: {"fd_infinity": realism.fd_infinity(a, b, seed=seed)}, 0)):
+            found = realism.with_real_floor(
+                metric, table.synthetic, table.train, table.unseen, inputs.synthetic.groups, inputs.train.groups,
+                unseen.groups, n_boot=n_boot, seed=seed,
+                known_floor=_known_floor(cache, metric, table, inputs.train.groups, unseen.groups, n_boot, seed,
+                                         metrics=sorted(better) if n_boot else ["fd_infinity"]))
+            if n_boot:
+                result = found
+            else:
+                for side in ("synthetic", "real_floor"):
+                    result[side]["fd_infinity"] = found[side]["fd_infinity"]
         for metric, direction in better.items():
             card.add("realism", metric, result["synthetic"][metric], feature_space=table.name,
                      reference=result["real_floor"][metric], reference_name="real vs real", n=result["n"],
                      better=direction, note="diagnostic only: the generator's own space" if table is diagnostic else "")
-    _realism_strata(card, inputs, features[0], settings, seed)
+        tick()
+    _realism_strata(card, inputs, features[0], settings, seed, cache, tick)
     diversity = ms_ssim_diversity_comparison(inputs.synthetic.images, unseen.images, inputs.synthetic.groups,
                                              unseen.groups, n_boot=settings.bootstrap_samples, seed=seed)
     card.add("realism", "ms_ssim_between_samples", diversity["synthetic"], feature_space="pixels",
@@ -239,7 +297,7 @@ def _strata(inputs: ScoringInputs, settings: ScoringConfig) -> list[tuple[str, n
 
 
 def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig,
-                    seed: int) -> None:
+                    seed: int, cache: RealSideCache, tick) -> None:
     from . import realism
 
     unseen = inputs.unseen
@@ -252,11 +310,17 @@ def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable,
             continue
         groups = [np.asarray(g)[m].tolist() for g, m in ((inputs.synthetic.groups, synthetic),
                                                            (inputs.train.groups, train), (unseen.groups, real))]
-        result = realism.with_real_floor(
-            lambda a, b: {"frechet_distance": realism.frechet_distance_features(a, b),
-                          "coverage": realism.density_coverage(b, a)[1]},
-            table.synthetic[synthetic], table.train[train], table.unseen[real], *groups,
-            n_boot=settings.bootstrap_samples, seed=seed)
+
+        def metric(a, b):
+            return {"frechet_distance": realism.frechet_distance_features(a, b),
+                    "coverage": realism.density_coverage(b, a)[1]}
+
+        stratum = replace(table, train=table.train[train], holdout=table.unseen[real], test=None)
+        result = realism.with_real_floor(metric, table.synthetic[synthetic], stratum.train, stratum.unseen, *groups,
+                                         n_boot=settings.bootstrap_samples, seed=seed,
+                                         known_floor=_known_floor(cache, metric, stratum, *groups[1:],
+                                                                  settings.bootstrap_samples, seed, stratum=name))
+        tick()
         for metric in ("frechet_distance", "coverage"):
             card.add("realism", metric, result["synthetic"][metric], feature_space=table.name, stratum=name,
                      reference=result["real_floor"][metric], reference_name="real vs real", n=result["n"])
@@ -287,12 +351,13 @@ def _labels(inputs: ScoringInputs) -> list[int] | None:
     return sorted(set(np.unique(inputs.train.masks).tolist()) - {0}) or None
 
 
-def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> None:
+def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: RealSideCache,
+               tick) -> None:
     from .adherence import label_volume_agreement, mask_dice_ratio
 
     evaluation, labels = inputs.evaluation, _labels(inputs)
     if labels is not None:
-        segmenter = _real_segmenter(inputs, labels, settings, seed)
+        segmenter = _real_segmenter(inputs, labels, settings, seed, cache)
         report = mask_dice_ratio(segmenter, inputs.synthetic, evaluation, labels, n_boot=settings.bootstrap_samples,
                                  seed=seed)
         for name, row in report["per_label"].items():
@@ -310,14 +375,15 @@ def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, 
                      feature_space="segmenter (real train)", stratum=f"label {name}",
                      reference=reference.get("median_absolute_relative_error"), reference_name="real test",
                      n=row["n"], better="near reference", note=f"volumes in {volumes['unit']}")
+        tick()
     else:
         card.notes.append("mask-Dice ratio: not applicable (the synthetic samples or the real data have no masks)")
 
     for attribute in _scorable_attributes(inputs):
         from .adherence import attribute_adherence
 
-        report = attribute_adherence(_real_classifier(inputs, attribute, settings, seed), inputs.synthetic, evaluation,
-                                     attribute, n_boot=settings.bootstrap_samples, seed=seed)
+        report = attribute_adherence(_real_classifier(inputs, attribute, settings, seed, cache), inputs.synthetic,
+                                     evaluation, attribute, n_boot=settings.bootstrap_samples, seed=seed)
         card.add("adherence", "attribute_balanced_accuracy_ratio", report["ratio"],
                  feature_space="classifier (real train)", stratum=attribute,
                  reference=report["real_balanced_accuracy"], reference_name="classifier on real test",
@@ -329,6 +395,7 @@ def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, 
         by_id = {row["id"]: row for row in report["per_sample"]}
         for record in card.per_sample:
             record.update({k: v for k, v in by_id.get(record["sample_id"], {}).items() if k != "id"})
+        tick()
 
 
 def _scorable_attributes(inputs: ScoringInputs) -> list[str]:
@@ -338,35 +405,45 @@ def _scorable_attributes(inputs: ScoringInputs) -> list[str]:
             and any(c.get(a) for c in inputs.synthetic.conditions)]
 
 
-def _real_segmenter(inputs: ScoringInputs, labels: list[int], settings: ScoringConfig, seed: int):
+def _real_segmenter(inputs: ScoringInputs, labels: list[int], settings: ScoringConfig, seed: int,
+                    cache: RealSideCache):
     from .segmenter import Segmenter
 
     segmenter = Segmenter(inputs.train.spatial_dims, num_classes=max(labels) + 1, seed=seed)
-    return segmenter.fit(inputs.train.images, inputs.train.masks, steps=settings.segmenter_steps)
+    cache.weights("adherence_segmenter", {"network": segmenter.network}, labels=labels,
+                  fit=lambda: segmenter.fit(inputs.train.images, inputs.train.masks, steps=settings.segmenter_steps))
+    return segmenter
 
 
-def _real_classifier(inputs: ScoringInputs, attribute: str, settings: ScoringConfig, seed: int):
+def _real_classifier(inputs: ScoringInputs, attribute: str, settings: ScoringConfig, seed: int,
+                     cache: RealSideCache):
     from .attribute_classifier import AttributeClassifier
 
     classes = sorted({c.get(attribute) for c in inputs.train.conditions} - {None})
     known = [i for i, c in enumerate(inputs.train.conditions) if c.get(attribute) in classes]
     classifier = AttributeClassifier(inputs.train.images.shape[1:], classes, seed=seed)
-    return classifier.fit(torch.from_numpy(inputs.train.images[known])[:, None],
-                          [inputs.train.conditions[i][attribute] for i in known], steps=settings.classifier_steps)
+    cache.weights("adherence_classifier", {"network": classifier.network}, attribute=attribute, classes=classes,
+                  fit=lambda: classifier.fit(torch.from_numpy(inputs.train.images[known])[:, None],
+                                             [inputs.train.conditions[i][attribute] for i in known],
+                                             steps=settings.classifier_steps))
+    return classifier
 
 
 # ------------------------------------------------------------------------------------------- privacy
 
 
 def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
-             seed: int) -> None:
+             seed: int, cache: RealSideCache, tick) -> None:
     from . import privacy
 
     synthetic, train, holdout = inputs.synthetic, inputs.train, inputs.holdout
     pixel_kwargs = {"max_shift": settings.pixel_max_shift, "comparison_size": settings.pixel_comparison_size,
                     "chunk": settings.nearest_neighbour_chunk}
     pixel = privacy.pixel_nearest_neighbours(synthetic.images, train.images, **pixel_kwargs)
-    pixel_holdout = privacy.pixel_nearest_neighbours(holdout.images, train.images, **pixel_kwargs)
+    stored = cache.arrays("pixel_matches_holdout", lambda: asdict(
+        privacy.pixel_nearest_neighbours(holdout.images, train.images, **pixel_kwargs)))
+    pixel_holdout = privacy.PixelMatches(**{**stored, "comparison_shape": tuple(stored["comparison_shape"].tolist())})
+    tick()
     # Calibrated on unseen real images: at most 1% of them are flagged by chance.
     pixel_threshold = privacy.threshold_at_false_positive_rate(pixel_holdout.correlation, 0.01)
     pixel_copy = pixel.flags(pixel_threshold)
@@ -378,7 +455,9 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
              better="near reference")
 
     table = _primary(features)
-    detector = _copy_detector(inputs, table, settings, seed)
+    detector = privacy.CopyDetector(**cache.record("copy_detector", lambda: asdict(
+        _copy_detector(inputs, table, settings, seed)), uses_model=inputs.pipeline is not None, space=table.name))
+    tick()
     flags, similarity, nn_index = detector.flags(table.synthetic, table.train)
     holdout_flags, _, _ = detector.flags(table.holdout, table.train)
     card.add("privacy", "embedding_copy_rate", float(flags.mean()), feature_space=table.name,
@@ -417,7 +496,9 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
                       dcr_holdout=float(primary_dcr["dcr_holdout"][i]),
                       authentic=bool(authenticity["per_sample"][i]))
     _privacy_strata(card, inputs, flags | pixel_copy, primary_dcr)
-    _membership(card, inputs, settings, seed)
+    tick()
+    _membership(card, inputs, settings, seed, cache)
+    tick()
 
 
 def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig, seed: int):
@@ -468,16 +549,19 @@ def _privacy_strata(card: Scorecard, inputs: ScoringInputs, copies: np.ndarray, 
                      note="no bootstrap: strata are small")
 
 
-def _membership(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> dict | None:
+def _membership(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int,
+                cache: RealSideCache) -> dict | None:
     if inputs.pipeline is None or not settings.membership_inference:
         card.notes.append("membership inference: not run (no generator given, or scoring.membership_inference off)")
         return None
     from .generator_probes import membership_inference_report
 
-    report = membership_inference_report(inputs.pipeline, inputs.train, inputs.holdout,
-                                         n_max=settings.membership_samples, timesteps=settings.membership_timesteps,
-                                         seed=seed, n_boot=settings.bootstrap_samples,
-                                         by=inputs.attributes[0] if inputs.attributes else None)
+    by = inputs.attributes[0] if inputs.attributes else None
+    # Members and non-members are real images: the whole report is real-side work of this generator.
+    report = cache.record("membership_inference", lambda: membership_inference_report(
+        inputs.pipeline, inputs.train, inputs.holdout, n_max=settings.membership_samples,
+        timesteps=settings.membership_timesteps, seed=seed, n_boot=settings.bootstrap_samples, by=by),
+        uses_model=True, by=by)
     card.add("privacy", "membership_inference_auc", Estimate(**report["auc_ci"]), feature_space="denoising loss",
              reference=0.5, reference_name="no membership signal", n=report["n_members"], better="near 0.5")
     card.add("privacy", "membership_inference_tpr_at_1pct_fpr", report["tpr_at_1pct_fpr"],
@@ -493,7 +577,8 @@ def _membership(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig,
 # ------------------------------------------------------------------------------------------- utility
 
 
-def _utility(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int) -> None:
+def _utility(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: RealSideCache,
+             tick) -> None:
     from .utility import augmentation_gain, train_on_synthetic_test_on_real
 
     evaluation, labels = inputs.evaluation, _labels(inputs)
@@ -508,7 +593,7 @@ def _utility(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, se
         tstr = train_on_synthetic_test_on_real(
             inputs.synthetic, inputs.train, evaluation, labels=labels if task == "segmentation" else None,
             attribute=attribute, segmentation_plan=_plan(settings), classification_plan=_plan(settings, 32),
-            seed=seed, n_boot=settings.bootstrap_samples)[task]
+            seed=seed, n_boot=settings.bootstrap_samples, cache=cache)[task]
         summary = tstr["mean"] if task == "segmentation" else tstr
         metric = tstr["metric"]
         card.add("utility", f"{metric} train-on-synthetic", summary["synthetic"], stratum=stratum,
@@ -518,12 +603,13 @@ def _utility(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, se
         gain = augmentation_gain(inputs.train, inputs.synthetic, evaluation, fractions=settings.utility_fractions,
                                  seeds=seeds, task=task, labels=labels if task == "segmentation" else None,
                                  attribute=attribute, plan=_plan(settings, 16 if task == "segmentation" else 32),
-                                 n_boot=settings.bootstrap_samples, bootstrap_seed=seed)
+                                 n_boot=settings.bootstrap_samples, bootstrap_seed=seed, cache=cache)
         for row in gain["fractions"]:
             card.add("utility", f"{metric} augmentation gain", row["gain"],
                      stratum=f"{stratum}, {row['fraction']:.0%} real", reference=row["real_only"],
                      reference_name="real only", n=len(evaluation), better="higher",
                      note=f"mean over {len(seeds)} seeds; augmented {row['augmented'].value:.3f}")
+        tick()
 
 
 def _plan(settings: ScoringConfig, batch_size: int = 16):
@@ -538,6 +624,13 @@ def _plan(settings: ScoringConfig, batch_size: int = 16):
 def build_sample_dir(config: RadsynthConfig) -> Path:
     """Where a build's samples are read from: ``scoring.sample_dir``, else <output_dir>/samples."""
     return Path(config.scoring.sample_dir or config.output_dir / "samples")
+
+
+def build_scoring_cache_dir(config: RadsynthConfig) -> Path:
+    """Where a build's real-side scoring work is kept (``real_side``): beside the preprocessed data it reads."""
+    from ..data.ingest import data_dir
+
+    return data_dir(config) / "scoring-cache"
 
 
 def build_eval_dir(config: RadsynthConfig) -> Path:
@@ -565,7 +658,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
         config.conditioning.attributes)
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes)
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
-                 gate=config.release.gate)
+                 gate=config.release.gate, cache_dir=build_scoring_cache_dir(config))
 
 
 def _check_compatible(inputs: ScoringInputs) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "KernelInceptionDistance",
     "PrecisionRecall",
     "RBFMaximumMeanDiscrepancy",
+    "comparison_size",
     "density_coverage",
     "fd_infinity",
     "frechet_distance",
@@ -46,6 +47,7 @@ __all__ = [
     "median_bandwidth",
     "precision_recall",
     "rbf_mmd",
+    "real_floor",
     "set_metrics",
     "with_real_floor",
 ]
@@ -553,7 +555,8 @@ def _within_range(estimate: Estimate, bounds: tuple[float, float] | None) -> Est
 
 def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic: np.ndarray, train: np.ndarray,
                     unseen: np.ndarray, synthetic_groups: Sequence[str] | None, train_groups: Sequence[str],
-                    unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0) -> dict:
+                    unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0,
+                    known_floor: Callable[[int], Estimate | dict[str, Estimate]] | None = None) -> dict:
     """A two-set metric of the synthetic set against the training set, next to the real-vs-real floor.
 
     metric(x, y) -> float compares a set x with the training reference y (FD, KID mean, 1 - coverage, ...); it
@@ -569,6 +572,8 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
     with-replacement bootstrap biases these metrics): every replicate takes half of the compared set and half of
     the training set, without replacement. Units: synthetic samples are their own unit (None means that), real
     images their patient id.
+    known_floor(n): the floor's estimates when they are known already (``real_side``: they depend on the real sets
+    and n only, never on the synthetic set), else computed here.
     Returns {"synthetic": Estimate, "real_floor": Estimate, "n": n, "n_reference": len(train)}.
     """
     synthetic, train, unseen = np.asarray(synthetic), np.asarray(train), np.asarray(unseen)
@@ -578,9 +583,31 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
                                  ("unseen", unseen, unseen_groups)):
         if len(values) != len(groups):
             raise ValueError(f"{name}: {len(values)} samples but {len(groups)} groups")
-    n = min(len(synthetic), len(unseen))
-    train_groups = list(train_groups)
+    n = comparison_size(len(synthetic), len(unseen))
+    floor = known_floor(n) if known_floor is not None else _against_train(metric, unseen, unseen_groups, train,
+                                                                         train_groups, n, 1, n_boot, seed)
+    return {"synthetic": _against_train(metric, synthetic, synthetic_groups, train, train_groups, n, 0, n_boot, seed),
+            "real_floor": floor, "n": n, "n_reference": len(train)}
 
+
+def comparison_size(n_synthetic: int, n_unseen: int) -> int:
+    """The n both sides of ``with_real_floor`` are compared at."""
+    return min(n_synthetic, n_unseen)
+
+
+def real_floor(metric: Callable[[np.ndarray, np.ndarray], float], train: np.ndarray, unseen: np.ndarray,
+               train_groups: Sequence[str], unseen_groups: Sequence[str], n: int, n_boot: int = 200,
+               seed: int = 0) -> Estimate | dict[str, Estimate]:
+    """``with_real_floor``'s real-vs-real floor at n, alone (what a cache keeps)."""
+    return _against_train(metric, np.asarray(unseen), unseen_groups, np.asarray(train), list(train_groups), n, 1,
+                          n_boot, seed)
+
+
+def _against_train(metric: Callable[[np.ndarray, np.ndarray], float], values: np.ndarray, groups: Sequence[str],
+                   train: np.ndarray, train_groups: Sequence[str], n: int, stream: int, n_boot: int,
+                   seed: int) -> Estimate | dict[str, Estimate]:
+    """metric(n of ``values``, train) with its half-sample interval; one random stream per side (``stream``), so
+    the floor's subset does not depend on the synthetic set."""
     names: list[str] = []  # set when ``metric`` returns a dict of named numbers
 
     def evaluate(subset: np.ndarray, reference: np.ndarray) -> list[float]:
@@ -590,15 +617,10 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
             return [float(result[name]) for name in names]
         return [float(result)]
 
-    def estimate(values: np.ndarray, groups: Sequence[str], stream: int) -> Estimate | dict[str, Estimate]:
-        # one random stream per side, so the floor's subset does not depend on the synthetic set
-        chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
-        subset, subset_groups = values[chosen], [groups[i] for i in chosen]
-        estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
-                                     [subset_groups, train_groups], n_boot=n_boot, seed=seed)
-        if not names:
-            return estimates[0]
-        return {name: _within_range(estimate, METRIC_RANGES.get(name)) for name, estimate in zip(names, estimates)}
-
-    return {"synthetic": estimate(synthetic, synthetic_groups, 0), "real_floor": estimate(unseen, unseen_groups, 1),
-            "n": n, "n_reference": len(train)}
+    chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
+    subset, subset_groups = values[chosen], [groups[i] for i in chosen]
+    estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
+                                 [subset_groups, list(train_groups)], n_boot=n_boot, seed=seed)
+    if not names:
+        return estimates[0]
+    return {name: _within_range(estimate, METRIC_RANGES.get(name)) for name, estimate in zip(names, estimates)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from .attribute_classifier import AttributeClassifier
 from .bootstrap import Estimate, bootstrap
 from .image_sets import ImageSet
+from .real_side import RealSideCache, rows_digest
 from .roc import macro_auc
 from .segmenter import Segmenter, per_label_dice
 
@@ -118,14 +119,9 @@ def _require_masks(image_set: ImageSet, role: str) -> np.ndarray:
 
 def tstr_segmentation(synthetic: ImageSet, real_train: ImageSet, real_test: ImageSet, labels: Sequence[int],
                       plan: TrainingPlan = TrainingPlan(), seed: int = 0, n_boot: int = 200,
-                      label_names: Mapping[int, str] | None = None) -> dict:
+                      label_names: Mapping[int, str] | None = None, cache: RealSideCache | None = None) -> dict:
     """Per-label Dice on real test of a UNet trained on synthetic pairs vs one trained on real train pairs."""
-    num_classes = _num_classes(labels, synthetic, real_train, real_test)
-    test_masks = _require_masks(real_test, "real test")
-    dice = {}
-    for arm, source in (("synthetic", synthetic), ("real", real_train)):
-        model = _train_segmenter(source.images, _require_masks(source, arm), num_classes, plan, seed)
-        dice[arm] = per_label_dice(model.predict(real_test.images), test_masks, labels)
+    dice = _tstr_arms("segmentation", synthetic, real_train, real_test, labels, None, plan, seed, cache)
     names = [str(label_names.get(label, label)) if label_names else str(label) for label in labels]
     per_label = {name: _paired(_label_mean(dice["real"], j), _label_mean(dice["synthetic"], j), real_test.groups,
                                n_boot, seed) for j, name in enumerate(names)}
@@ -137,21 +133,29 @@ def tstr_segmentation(synthetic: ImageSet, real_train: ImageSet, real_test: Imag
 
 def tstr_classification(synthetic: ImageSet, real_train: ImageSet, real_test: ImageSet, attribute: str,
                         plan: TrainingPlan = TrainingPlan(steps=400, batch_size=32), seed: int = 0,
-                        n_boot: int = 200, classes: Sequence[str] | None = None) -> dict:
+                        n_boot: int = 200, classes: Sequence[str] | None = None,
+                        cache: RealSideCache | None = None) -> dict:
     """One-vs-rest macro AUC on real test of a classifier trained on synthetic (prompted attribute values)
     vs one trained on real train (true values)."""
-    synthetic_labels, real_labels = _attribute_labels(synthetic, attribute), _attribute_labels(real_train, attribute)
-    test_labels = _attribute_labels(real_test, attribute)
-    classes = list(classes) if classes is not None else sorted(set(real_labels) | set(synthetic_labels) | set(test_labels))
-    truth = np.array([classes.index(v) for v in test_labels])
-    probabilities = {}
-    for arm, source, source_labels in (("synthetic", synthetic, synthetic_labels), ("real", real_train, real_labels)):
-        model = _train_classifier(source.images, source_labels, classes, plan, seed)
-        probabilities[arm] = model.predict_proba(_as_channels(real_test.images))
+    classes = _classes(attribute, classes, real_train, synthetic, real_test)
+    truth = np.array([classes.index(v) for v in _attribute_labels(real_test, attribute)])
+    probabilities = _tstr_arms("classification", synthetic, real_train, real_test, None, attribute, plan, seed, cache,
+                               classes)
     result = _paired(lambda rows: macro_auc(probabilities["real"][rows], truth[rows]),
                      lambda rows: macro_auc(probabilities["synthetic"][rows], truth[rows]), real_test.groups, n_boot, seed)
     return {"metric": "auc", "attribute": attribute, "classes": classes, **result, "n_test": len(real_test),
             "n_synthetic": len(synthetic), "n_real_train": len(real_train)}
+
+
+def _tstr_arms(task: str, synthetic: ImageSet, real_train: ImageSet, real_test: ImageSet,
+               labels: Sequence[int] | None, attribute: str | None, plan: TrainingPlan, seed: int,
+               cache: RealSideCache | None, classes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Test outputs of the model trained on synthetic only and of the one trained on all of real train: the
+    augmentation study's fit with no real rows, and its real-only fit on every row (the same model, so a cache
+    trains it once for both)."""
+    _, fit_and_score = _task_scorer(task, real_train, synthetic, real_test, labels, attribute, plan, cache, classes)
+    return {"synthetic": fit_and_score(np.arange(0), True, seed),
+            "real": fit_and_score(np.arange(len(real_train)), False, seed)}
 
 
 def train_on_synthetic_test_on_real(synthetic: ImageSet, real_train: ImageSet, real_test: ImageSet, *,
@@ -159,15 +163,18 @@ def train_on_synthetic_test_on_real(synthetic: ImageSet, real_train: ImageSet, r
                                     segmentation_plan: TrainingPlan = TrainingPlan(),
                                     classification_plan: TrainingPlan = TrainingPlan(steps=400, batch_size=32),
                                     seed: int = 0, n_boot: int = 200,
-                                    label_names: Mapping[int, str] | None = None) -> dict:
-    """TSTR vs TRTR for segmentation (when ``labels`` are given) and classification (when ``attribute`` is)."""
+                                    label_names: Mapping[int, str] | None = None,
+                                    cache: RealSideCache | None = None) -> dict:
+    """TSTR vs TRTR for segmentation (when ``labels`` are given) and classification (when ``attribute`` is).
+
+    cache: keeps the train-on-real models' test outputs (``real_side``)."""
     result = {}
     if labels is not None:
         result["segmentation"] = tstr_segmentation(synthetic, real_train, real_test, labels, segmentation_plan, seed,
-                                                   n_boot, label_names)
+                                                   n_boot, label_names, cache)
     if attribute is not None:
         result["classification"] = tstr_classification(synthetic, real_train, real_test, attribute,
-                                                        classification_plan, seed, n_boot)
+                                                        classification_plan, seed, n_boot, cache=cache)
     if not result:
         raise ValueError("train_on_synthetic_test_on_real needs labels (segmentation), attribute (classification) or both")
     return result
@@ -194,14 +201,14 @@ def augmentation_gain(real_train: ImageSet, synthetic: ImageSet, real_test: Imag
                       fractions: Sequence[float] = (0.1, 0.25, 1.0), seeds: Sequence[int] = (0, 1, 2),
                       task: str = "segmentation", labels: Sequence[int] | None = None, attribute: str | None = None,
                       steps: int | None = None, plan: TrainingPlan | None = None, n_boot: int = 200,
-                      bootstrap_seed: int = 0) -> dict:
+                      bootstrap_seed: int = 0, cache: RealSideCache | None = None) -> dict:
     """Real-fraction alone vs real-fraction + all synthetic, per fraction, averaged over seeds.
 
     For each fraction and seed, two models with the same seed and number of steps: one on the patient
     subsample, one on it pooled with the synthetic set (sampled uniformly from the pool). Metric on real
     test: macro Dice over ``labels`` (segmentation) or macro AUC of ``attribute`` (classification). Gain =
     mean over seeds of (augmented - real only); its CI is a paired bootstrap over test patients (the same
-    draw scores every seed and both arms).
+    draw scores every seed and both arms). cache: keeps the real-only models' test outputs (``real_side``).
     """
     if task not in ("segmentation", "classification"):
         raise ValueError(f"task must be 'segmentation' or 'classification', got '{task}'")
@@ -211,7 +218,7 @@ def augmentation_gain(real_train: ImageSet, synthetic: ImageSet, real_test: Imag
         raise ValueError("augmentation_gain(task='classification') needs attribute")
     plan = plan or (TrainingPlan() if task == "segmentation" else TrainingPlan(steps=400, batch_size=32))
     plan = replace(plan, steps=steps) if steps is not None else plan
-    score_test, fit_and_score = _task_scorer(task, real_train, synthetic, real_test, labels, attribute, plan)
+    score_test, fit_and_score = _task_scorer(task, real_train, synthetic, real_test, labels, attribute, plan, cache)
 
     table = []
     for fraction in fractions:
@@ -248,9 +255,40 @@ def _gain_estimates(score_test: Callable[[np.ndarray, np.ndarray], float], outpu
 
 
 def _task_scorer(task: str, real_train: ImageSet, synthetic: ImageSet, real_test: ImageSet,
-                 labels: Sequence[int] | None, attribute: str | None, plan: TrainingPlan
+                 labels: Sequence[int] | None, attribute: str | None, plan: TrainingPlan,
+                 cache: RealSideCache | None = None, classes: Sequence[str] | None = None
                  ) -> tuple[Callable[[np.ndarray, np.ndarray], float], Callable[[np.ndarray, bool, int], np.ndarray]]:
-    """(score(test outputs, test rows) -> float, fit_and_score(real rows, augmented, seed) -> test outputs)."""
+    """(score(test outputs, test rows) -> float, fit_and_score(real rows, augmented, seed) -> test outputs).
+
+    A fit on real rows alone reads no synthetic image: with a ``cache`` its test outputs are kept and reused.
+    """
+    scorer, fit_and_score = _task_fit(task, real_train, synthetic, real_test, labels, attribute, plan, classes)
+    if cache is None:
+        return scorer, fit_and_score
+    target = {"labels": list(labels), "num_classes": _num_classes(labels, real_train, synthetic, real_test)} \
+        if task == "segmentation" else {
+        "attribute": attribute, "classes": _classes(attribute, classes, real_train, synthetic, real_test)}
+
+    def cached(rows: np.ndarray, augmented: bool, seed: int) -> np.ndarray:
+        if augmented:
+            return fit_and_score(rows, augmented, seed)
+        return cache.arrays("utility_real_only", lambda: {"outputs": fit_and_score(rows, False, seed)}, task=task,
+                            rows=rows_digest(rows), seed=seed, plan=asdict(plan), **target)["outputs"]
+
+    return scorer, cached
+
+
+def _classes(attribute: str, classes: Sequence[str] | None, *sets: ImageSet) -> list[str]:
+    """The classifier's classes: given, else every value of ``attribute`` in the sets, sorted."""
+    if classes is not None:
+        return list(classes)
+    return sorted(set().union(*(_attribute_labels(s, attribute) for s in sets)))
+
+
+def _task_fit(task: str, real_train: ImageSet, synthetic: ImageSet, real_test: ImageSet,
+              labels: Sequence[int] | None, attribute: str | None, plan: TrainingPlan,
+              classes: Sequence[str] | None
+              ) -> tuple[Callable[[np.ndarray, np.ndarray], float], Callable[[np.ndarray, bool, int], np.ndarray]]:
     if task == "segmentation":
         num_classes = _num_classes(labels, real_train, synthetic, real_test)
         train_masks, synthetic_masks = _require_masks(real_train, "real train"), _require_masks(synthetic, "synthetic")
@@ -266,9 +304,8 @@ def _task_scorer(task: str, real_train: ImageSet, synthetic: ImageSet, real_test
         return _macro_dice, fit_and_score
 
     train_labels, synthetic_labels = _attribute_labels(real_train, attribute), _attribute_labels(synthetic, attribute)
-    test_labels = _attribute_labels(real_test, attribute)
-    classes = sorted(set(train_labels) | set(synthetic_labels) | set(test_labels))
-    truth = np.array([classes.index(v) for v in test_labels])
+    classes = _classes(attribute, classes, real_train, synthetic, real_test)
+    truth = np.array([classes.index(v) for v in _attribute_labels(real_test, attribute)])
 
     def fit_and_score_classifier(rows: np.ndarray, augmented: bool, seed: int) -> np.ndarray:
         images, chosen = real_train.images[rows], [train_labels[i] for i in rows]
