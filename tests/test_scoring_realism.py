@@ -358,3 +358,41 @@ def test_fd_from_covariance_factors_equals_the_matrix_square_root_formula(n_a, n
     expected = realism.frechet_distance(*realism.gaussian_statistics(a), *realism.gaussian_statistics(b))
     # The sqrtm route adds 1e-6 to singular covariances' diagonals; the factor route needs no offset.
     assert realism.frechet_distance_features(a, b) == pytest.approx(expected, rel=1e-6, abs=1e-4)
+
+
+def test_a_real_geometry_computed_once_gives_the_same_metrics_and_survives_packing():
+    """The training half's side of ``set_metrics`` computed once (and read back from the real-side cache) scores
+    every fake set exactly as the arrays would; with repeats on both sides."""
+    rng = np.random.default_rng(3)
+    real = np.concatenate([correlated(0, 120, 6), correlated(0, 120, 6)[:10]])
+    fakes = [np.concatenate([correlated(1, 40, 6), real[:3]]), correlated(2, 25, 6) * 1.3]
+    bandwidth = median_bandwidth(fakes[0], real)
+    halves = [np.sort(rng.choice(len(real), 70, replace=False)) for _ in range(3)]
+    geometries = [realism.RealGeometry.of(real, (3, 5), bandwidth, rows) for rows in halves]
+    restored = realism.unpack(realism.pack(geometries), real, halves, bandwidth)
+    for fake in fakes:
+        for rows, geometry, again in zip(halves, geometries, restored):
+            expected = set_metrics(fake, real[rows], bandwidth, seed=4)
+            assert set_metrics(fake, geometry, bandwidth, seed=4) == expected
+            assert set_metrics(fake, again, bandwidth, seed=4) == expected
+        assert set_metrics(fake, real, bandwidth, seed=4)["frechet_distance"] == pytest.approx(
+            frechet_distance_features(fake, real), rel=1e-9)
+    with pytest.raises(ValueError, match="bandwidth"):
+        set_metrics(fakes[0], geometries[0], bandwidth * 2)
+
+
+def test_with_real_floor_compares_both_sides_with_the_same_training_rows():
+    """Each set has its own random stream: the synthetic value and the floor see the same training halves, the ones
+    ``training_rows`` lists, so their geometry is computed once."""
+    train, unseen, synthetic = correlated(0, 90, 4), correlated(1, 40, 4), correlated(2, 30, 4)
+    groups = [f"p{i // 2}" for i in range(90)]
+    asked: list[bytes] = []
+
+    def reference(rows):
+        asked.append(np.asarray(rows).tobytes())
+        return train[rows]
+
+    realism.with_real_floor(lambda a, b: float(a.mean() - b.mean()), synthetic, train, unseen, None, groups,
+                            [f"u{i}" for i in range(40)], n_boot=12, seed=7, reference=reference)
+    expected = [rows.tobytes() for rows in realism.training_rows(groups, 12, 7)]
+    assert asked == expected + expected  # the floor, then the synthetic side

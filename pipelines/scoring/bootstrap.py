@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 __all__ = ["Estimate", "bootstrap", "bootstrap_many", "group_members", "group_resample", "half_sample",
-           "half_sample_many"]
+           "half_sample_many", "resamples"]
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,25 @@ def half_sample_many(statistics: Callable[..., Sequence[float]], groups: Sequenc
     return [_estimate(value, replicates[:, k], level, centred=True) for k, value in enumerate(values)]
 
 
+def resamples(groups: Sequence[str], n_boot: int, seed: int, stream: int,
+              draw: Callable[[list[np.ndarray], np.random.Generator], np.ndarray] = half_sample) -> list[np.ndarray]:
+    """The rows each replicate draws from the set at position ``stream`` of a joint resample.
+
+    Every set has its own random stream, so a set's replicates do not depend on the other sets: the training set's
+    half-samples are the same whether a synthetic set or the real floor is compared with it, and the real side
+    of each replicate can be computed once (``realism.RealGeometry``).
+    """
+    members = group_members(groups)
+    rng = np.random.default_rng([seed, stream])
+    return [draw(members, rng) for _ in range(n_boot)]
+
+
 def _replicates(statistics: Callable[..., Sequence[float]], groups: Sequence[Sequence[str]], n_boot: int, seed: int,
                 draw: Callable[[list[np.ndarray], np.random.Generator], np.ndarray]) -> tuple[list[float], np.ndarray]:
     full = [np.arange(len(g)) for g in groups]
     values = [float(value) for value in np.asarray(statistics(*full), dtype=float)]
-    members = [group_members(g) for g in groups]
-    rng = np.random.default_rng(seed)
-    replicates = np.array([statistics(*(draw(m, rng) for m in members)) for _ in range(n_boot)], dtype=float)
+    drawn = [resamples(g, n_boot, seed, stream, draw) for stream, g in enumerate(groups)]
+    replicates = np.array([statistics(*rows) for rows in zip(*drawn)], dtype=float)
     return values, replicates.reshape(n_boot, len(values))  # n_boot = 0: point values only, no interval
 
 

@@ -221,18 +221,52 @@ def _primary(features: list[FeatureTable]) -> FeatureTable:
 
 
 def _known_floor(cache: RealSideCache, metric, table: FeatureTable, train_groups, unseen_groups, n_boot: int,
-                 seed: int, **key):
+                 seed: int, reference=None, **key):
     """``with_real_floor``'s floor at n through the cache: it reads the real features only."""
     from . import realism
 
     def floor(n: int):
         estimates = cache.record("realism_floor", lambda: {
             name: e.to_dict() for name, e in realism.real_floor(metric, table.train, table.unseen, train_groups,
-                                                                 unseen_groups, n, n_boot, seed).items()},
+                                                                 unseen_groups, n, n_boot, seed, reference).items()},
             uses_model=table.name == "generator_latents", space=table.name, n=n, **key)
         return {name: Estimate.from_dict(values) for name, values in estimates.items()}
 
     return floor
+
+
+# k of precision/recall and of density/coverage (set_metrics' defaults), for the training halves' geometry
+_NEIGHBOURS = (3, 5)
+
+
+def _set_metrics_with_floor(cache: RealSideCache, table: FeatureTable, synthetic: np.ndarray, synthetic_groups,
+                            train_groups, unseen_groups, bandwidth: float, settings: ScoringConfig, seed: int,
+                            metrics: list[str] | None = None, **key) -> dict:
+    """``set_metrics`` of the synthetic features and of the real floor against the training features, with their
+    half-sample intervals. The real side goes through the cache: the geometry of every replicate's training half
+    (``realism.RealGeometry``, shared by both sides) and the floor; a fresh synthetic set pays for its own side."""
+    from . import realism
+
+    n_boot = settings.bootstrap_samples
+    rows = realism.training_rows(train_groups, n_boot, seed)
+    packed = cache.arrays("realism_geometry", lambda: realism.pack([
+        realism.RealGeometry.of(table.train, _NEIGHBOURS, bandwidth, r) for r in rows]),
+        uses_model=table.name == "generator_latents", space=table.name, **key)
+    known = dict(zip((r.tobytes() for r in rows), realism.unpack(packed, table.train, rows, bandwidth)))
+
+    def reference(train_rows: np.ndarray):
+        found = known.get(np.asarray(train_rows).tobytes())
+        return found if found is not None else realism.RealGeometry.of(table.train, _NEIGHBOURS, bandwidth, train_rows)
+
+    def metric(a, b):
+        # KID over a few subsets: the half-samples already resample, more subsets only add cost.
+        found = realism.set_metrics(a, b, bandwidth, *_NEIGHBOURS, kid_subsets=5, seed=seed)
+        return found if metrics is None else {name: found[name] for name in metrics}
+
+    floor = _known_floor(cache, metric, table, train_groups, unseen_groups, n_boot, seed, reference,
+                         metrics=metrics, **key)
+    return realism.with_real_floor(metric, synthetic, table.train, table.unseen, synthetic_groups, train_groups,
+                                   unseen_groups, n_boot=n_boot, seed=seed, known_floor=floor, reference=reference)
 
 
 def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
@@ -243,38 +277,31 @@ def _realism(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
     better = {"frechet_distance": "lower", "fd_infinity": "lower", "kid": "lower", "rbf_mmd": "lower",
               "precision": "near reference", "recall": "near reference", "density": "near reference",
               "coverage": "near reference"}
-
-    def all_metrics(table: FeatureTable):
-        # One bandwidth for the synthetic value and its floor, or the two would be on different kernels.
-        bandwidth = realism.median_bandwidth(table.train, table.unseen, seed=seed)
-
-        # Every metric from the same resample and the same distance passes. KID over a few subsets: the half-samples
-        # already resample, more subsets only add cost.
-        return lambda a, b: realism.set_metrics(a, b, bandwidth, kid_subsets=5, seed=seed)
-
     unseen = inputs.unseen
     diagnostic = _diagnostic_features(inputs, cache)
+    bandwidths = {}
     for table in features + ([diagnostic] if diagnostic is not None else []):
+        # One bandwidth for the synthetic value and its floor, or the two would be on different kernels.
+        bandwidth = bandwidths[table.name] = realism.median_bandwidth(table.train, table.unseen, seed=seed)
+        result = _set_metrics_with_floor(cache, table, table.synthetic, inputs.synthetic.groups, inputs.train.groups,
+                                         unseen.groups, bandwidth, settings, seed)
         # FD-infinity refits FD at 15 subset sizes: inside the bootstrap it cost two thirds of all realism time
         # (1000 x 1000 images, 480 features), so it is a point value on the same n-subsets, without interval.
-        for metric, n_boot in ((all_metrics(table), settings.bootstrap_samples),
-                               (lambda a, b: {"fd_infinity": realism.fd_infinity(a, b, seed=seed)}, 0)):
-            found = realism.with_real_floor(
-                metric, table.synthetic, table.train, table.unseen, inputs.synthetic.groups, inputs.train.groups,
-                unseen.groups, n_boot=n_boot, seed=seed,
-                known_floor=_known_floor(cache, metric, table, inputs.train.groups, unseen.groups, n_boot, seed,
-                                         metrics=sorted(better) if n_boot else ["fd_infinity"]))
-            if n_boot:
-                result = found
-            else:
-                for side in ("synthetic", "real_floor"):
-                    result[side]["fd_infinity"] = found[side]["fd_infinity"]
+        def fd_infinity(a, b):
+            return {"fd_infinity": realism.fd_infinity(a, b, seed=seed)}
+
+        found = realism.with_real_floor(
+            fd_infinity, table.synthetic, table.train, table.unseen, inputs.synthetic.groups, inputs.train.groups,
+            unseen.groups, n_boot=0, seed=seed, known_floor=_known_floor(
+                cache, fd_infinity, table, inputs.train.groups, unseen.groups, 0, seed, metrics=["fd_infinity"]))
+        for side in ("synthetic", "real_floor"):
+            result[side]["fd_infinity"] = found[side]["fd_infinity"]
         for metric, direction in better.items():
             card.add("realism", metric, result["synthetic"][metric], feature_space=table.name,
                      reference=result["real_floor"][metric], reference_name="real vs real", n=result["n"],
                      better=direction, note="diagnostic only: the generator's own space" if table is diagnostic else "")
         tick()
-    _realism_strata(card, inputs, features[0], settings, seed, cache, tick)
+    _realism_strata(card, inputs, features[0], bandwidths[features[0].name], settings, seed, cache, tick)
     diversity = ms_ssim_diversity_comparison(inputs.synthetic.images, unseen.images, inputs.synthetic.groups,
                                              unseen.groups, n_boot=settings.bootstrap_samples, seed=seed)
     card.add("realism", "ms_ssim_between_samples", diversity["synthetic"], feature_space="pixels",
@@ -296,10 +323,8 @@ def _strata(inputs: ScoringInputs, settings: ScoringConfig) -> list[tuple[str, n
     return [(name, s, r) for name, s, r in strata if s.sum() >= 2]
 
 
-def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig,
-                    seed: int, cache: RealSideCache, tick) -> None:
-    from . import realism
-
+def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable, bandwidth: float,
+                    settings: ScoringConfig, seed: int, cache: RealSideCache, tick) -> None:
     unseen = inputs.unseen
     for name, synthetic, real in _strata(inputs, settings):
         train = np.array([c.get(name.split("=")[0]) == name.split("=", 1)[1] for c in inputs.train.conditions])
@@ -310,16 +335,9 @@ def _realism_strata(card: Scorecard, inputs: ScoringInputs, table: FeatureTable,
             continue
         groups = [np.asarray(g)[m].tolist() for g, m in ((inputs.synthetic.groups, synthetic),
                                                            (inputs.train.groups, train), (unseen.groups, real))]
-
-        def metric(a, b):
-            return {"frechet_distance": realism.frechet_distance_features(a, b),
-                    "coverage": realism.density_coverage(b, a)[1]}
-
         stratum = replace(table, train=table.train[train], holdout=table.unseen[real], test=None)
-        result = realism.with_real_floor(metric, table.synthetic[synthetic], stratum.train, stratum.unseen, *groups,
-                                         n_boot=settings.bootstrap_samples, seed=seed,
-                                         known_floor=_known_floor(cache, metric, stratum, *groups[1:],
-                                                                  settings.bootstrap_samples, seed, stratum=name))
+        result = _set_metrics_with_floor(cache, stratum, table.synthetic[synthetic], *groups, bandwidth, settings,
+                                         seed, metrics=["frechet_distance", "coverage"], stratum=name)
         tick()
         for metric in ("frechet_distance", "coverage"):
             card.add("realism", metric, result["synthetic"][metric], feature_space=table.name, stratum=name,

@@ -18,7 +18,7 @@ Pairwise distances are computed over row blocks, so 20k x 20k sets run in bounde
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.linalg
@@ -26,7 +26,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from radsynth.pipelines.scoring.bootstrap import Estimate, half_sample_many
+from radsynth.pipelines.scoring.bootstrap import Estimate, half_sample_many, resamples
 
 __all__ = [
     "DensityCoverage",
@@ -44,11 +44,13 @@ __all__ = [
     "gaussian_statistics",
     "kernel_inception_distance",
     "knn_radii",
+    "RealGeometry",
     "median_bandwidth",
     "precision_recall",
     "rbf_mmd",
     "real_floor",
     "set_metrics",
+    "training_rows",
     "with_real_floor",
 ]
 
@@ -262,7 +264,7 @@ def rbf_mmd(a: np.ndarray, b: np.ndarray, bandwidth: float | None = None, seed: 
         raise ValueError(f"MMD needs at least 2 samples per set, got {len(a)} and {len(b)}")
     if bandwidth is None:
         bandwidth = median_bandwidth(a, b, seed=seed)
-    return _set_geometry(a, b, bandwidth=bandwidth)["rbf_mmd"]
+    return _set_geometry(a, RealGeometry.of(b, (), bandwidth))["rbf_mmd"]
 
 
 # ---------------------------------------------------------------------------------- k-NN manifold estimates
@@ -290,7 +292,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[fl
     recall: share of real points inside the fake manifold: does the generator cover the real variety?
     """
     real, fake = _check_pair(real, fake)
-    found = _set_geometry(fake, real, precision_k=k)
+    found = _set_geometry(fake, RealGeometry.of(real, (k,)), precision_k=k)
     return found["precision"], found["recall"]
 
 
@@ -303,31 +305,37 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[fl
     coverage: share of real points whose ball contains at least one fake point (mode dropping lowers it).
     """
     real, fake = _check_pair(real, fake)
-    found = _set_geometry(fake, real, density_k=k)
+    found = _set_geometry(fake, RealGeometry.of(real, (k,)), density_k=k)
     return found["density"], found["coverage"]
 
 
-def set_metrics(fake: np.ndarray, real: np.ndarray, bandwidth: float, precision_k: int = 3, density_k: int = 5,
-                kid_subsets: int = 5, seed: int = 0) -> dict[str, float]:
+def set_metrics(fake: np.ndarray, real: np.ndarray | RealGeometry, bandwidth: float, precision_k: int = 3,
+                density_k: int = 5, kid_subsets: int = 5, seed: int = 0) -> dict[str, float]:
     """FD, KID, RBF-MMD, precision/recall and density/coverage of ``fake`` against ``real`` at once.
 
     Equal to the metrics' own functions, from one real x real, one fake x fake and one fake x real distance pass
     instead of three real x real and three fake x real passes: inside a resampling interval, at 64 synthetic
-    against 1,679 training images, the passes are most of the realism time. A metric the sets are too small for
-    (a half-sample of a handful of samples) is NaN, and the interval drops that replicate.
+    against 1,679 training images, the passes are most of the realism time. ``real`` may be its
+    ``RealGeometry`` (for these k and this bandwidth), computed once for every fake set compared with it. A metric
+    the sets are too small for (a half-sample of a handful of samples) is NaN, and the interval drops that
+    replicate.
     """
-    real, fake = _check_pair(real, fake)
-    pairs = min(len(fake), len(real)) >= 2
-    return {"frechet_distance": frechet_distance_features(fake, real) if pairs else float("nan"),
-            "kid": kernel_inception_distance(fake, real, subsets=kid_subsets, seed=seed)[0] if pairs else float("nan"),
-            **_set_geometry(fake, real, precision_k=precision_k, density_k=density_k, bandwidth=bandwidth)}
+    reference = real if isinstance(real, RealGeometry) else RealGeometry.of(real, (precision_k, density_k), bandwidth)
+    reference.check(fake, (precision_k, density_k), bandwidth)
+    fake = _features(fake, "fake")
+    pairs = min(len(fake), reference.n) >= 2
+    return {"frechet_distance": reference.frechet_distance(fake) if pairs else float("nan"),
+            "kid": (kernel_inception_distance(fake, reference.features, subsets=kid_subsets, seed=seed)[0] if pairs
+                    else float("nan")),
+            **_set_geometry(fake, reference, precision_k=precision_k, density_k=density_k)}
 
 
 class _Distinct:
-    """A set's distinct rows, how often each occurs, and the row -> distinct-row map."""
+    """A set's distinct rows, how often each occurs, the row -> distinct-row map and each distinct row's first row."""
 
     def __init__(self, x: np.ndarray) -> None:
-        self.values, self.inverse, counts = np.unique(x, axis=0, return_inverse=True, return_counts=True)
+        self.values, self.first, self.inverse, counts = np.unique(x, axis=0, return_index=True, return_inverse=True,
+                                                                  return_counts=True)
         self.inverse = self.inverse.reshape(-1)
         self.counts = torch.from_numpy(counts.astype(np.float64))
 
@@ -354,51 +362,156 @@ def _within_set(points: _Distinct, ks: Sequence[int], gamma: float | None) -> tu
     return radii, kernel_sum - float(counts.sum())  # the pairs (i, i) each contribute k(x, x) = 1
 
 
-def _set_geometry(fake: np.ndarray, real: np.ndarray, precision_k: int | None = None, density_k: int | None = None,
-                  bandwidth: float | None = None) -> dict[str, float]:
-    """The distance-based metrics asked for, from one pass per pair of sets over their distinct rows.
+def _gamma(bandwidth: float | None) -> float | None:
+    return None if bandwidth is None else 1.0 / (2.0 * bandwidth**2)
+
+
+@dataclass
+class RealGeometry:
+    """The real set's side of ``set_metrics``, computed once and compared with any number of fake sets.
+
+    Its distinct rows (with counts), their k-NN radii, the RBF kernel sum over its pairs and its Gaussian
+    moments. In a realism interval every replicate's half of the training set is such a set, the same for the
+    synthetic value and for the real floor (each set has its own random stream) and for every later scoring of
+    the same real data: ``real_side`` keeps them (``pack``), so a fresh synthetic set pays for its own side only.
+    The rows are ``source[rows]``, read when needed rather than copied into every replicate.
+    """
+
+    source: np.ndarray
+    rows: np.ndarray
+    distinct: np.ndarray  # position in ``rows`` of each distinct row's first occurrence, in sorted row order
+    counts: np.ndarray  # occurrences of each distinct row
+    radii: dict[int, np.ndarray]  # k -> radius per distinct row, NaN when there are at most k distinct rows
+    kernel_sum: float  # RBF kernel over ordered pairs of rows, self-pairs left out (0 without a bandwidth)
+    bandwidth: float | None
+
+    @classmethod
+    def of(cls, real: np.ndarray, ks: Sequence[int], bandwidth: float | None = None,
+           rows: np.ndarray | None = None) -> RealGeometry:
+        """The geometry of ``real`` (or of ``real[rows]``) for these k and this bandwidth."""
+        source = _features(real, "real")
+        rows = np.arange(len(source)) if rows is None else np.asarray(rows)
+        points = _Distinct(source[rows])
+        points.values = points.values - points.values.mean(axis=0)  # the centre the fake sets are moved by too
+        radii, kernel_sum = _within_set(points, ks, _gamma(bandwidth))
+        return cls(source, rows, points.first, points.counts.numpy(), radii, kernel_sum, bandwidth)
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.source[self.rows]
+
+    @property
+    def values(self) -> np.ndarray:
+        """The distinct rows, centred on their mean."""
+        distinct = self.source[self.rows[self.distinct]]
+        return distinct - distinct.mean(axis=0)
+
+    @property
+    def centre(self) -> np.ndarray:
+        return self.source[self.rows[self.distinct]].mean(axis=0)
+
+    def check(self, fake: np.ndarray, ks: Sequence[int], bandwidth: float | None) -> None:
+        if np.shape(fake)[-1] != self.source.shape[1]:
+            raise ValueError(f"feature sizes differ: real {self.source.shape[1]} vs fake {np.shape(fake)[-1]}")
+        if not set(ks) <= set(self.radii) or bandwidth != self.bandwidth:
+            raise ValueError(f"a real geometry for k {sorted(self.radii)}, bandwidth {self.bandwidth} compared at k "
+                             f"{sorted(ks)}, bandwidth {bandwidth}")
+
+    def frechet_distance(self, fake: np.ndarray) -> float:
+        """FD of ``fake`` against this set, equal to ``frechet_distance_features(fake, features)``.
+
+        Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of L1.T S2 L1 = (C L1).T (C L1), with
+        S1 = L1 L1.T and C this set's centred rows / sqrt(n - 1): no factor of S2, so nothing F x F per replicate.
+        """
+        mean, factor = covariance_factor(fake)
+        rows = self.features
+        centred = (rows - rows.mean(axis=0)) / np.sqrt(len(rows) - 1)
+        projected = centred @ factor
+        trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(projected.T @ projected), 0.0, None)).sum()
+        diff = mean - rows.mean(axis=0)
+        return float(diff @ diff + (factor ** 2).sum() + (centred ** 2).sum() - 2.0 * trace_sqrt)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"distinct": self.distinct, "counts": self.counts, "kernel_sum": np.array(self.kernel_sum),
+                **{f"radii_{k}": r for k, r in self.radii.items()}}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], source: np.ndarray, rows: np.ndarray,
+                    bandwidth: float | None) -> RealGeometry:
+        radii = {int(name.split("_")[1]): value for name, value in arrays.items() if name.startswith("radii_")}
+        return cls(_features(source, "real"), np.asarray(rows), arrays["distinct"], arrays["counts"], radii,
+                   float(arrays["kernel_sum"]), bandwidth)
+
+
+def pack(geometries: Sequence[RealGeometry]) -> dict[str, np.ndarray]:
+    """Several geometries (one per replicate) as flat arrays, for ``real_side``; ``unpack`` reverses it."""
+    parts = [g.to_arrays() for g in geometries]
+    sizes = np.array([len(part["distinct"]) for part in parts])
+    return {name: (np.stack([part[name] for part in parts]) if name == "kernel_sum"
+                   else np.concatenate([part[name] for part in parts])) for name in parts[0]} | {"sizes": sizes}
+
+
+def unpack(arrays: dict[str, np.ndarray], source: np.ndarray, rows: Sequence[np.ndarray],
+           bandwidth: float | None) -> list[RealGeometry]:
+    ends = np.cumsum(arrays["sizes"])
+    geometries = []
+    for index, (start, end) in enumerate(zip(np.concatenate([[0], ends[:-1]]), ends)):
+        part = {name: value[index] if name == "kernel_sum" else value[start:end]
+                for name, value in arrays.items() if name != "sizes"}
+        geometries.append(RealGeometry.from_arrays(part, source, rows[index], bandwidth))
+    return geometries
+
+
+def _set_geometry(fake: np.ndarray, reference: RealGeometry, precision_k: int | None = None,
+                  density_k: int | None = None) -> dict[str, float]:
+    """The distance-based metrics asked for, from one pass over the fake set's distinct rows and one across.
 
     Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold even
     when that point's radius is 0. Repeated rows count as often as they occur (weights), never as neighbours.
     """
-    gamma = None if bandwidth is None else 1.0 / (2.0 * bandwidth**2)
-    fakes, reals = _Distinct(fake), _Distinct(real)
-    fakes.values, reals.values = _centred(fakes.values, reals.values)
-    real_radii, real_kernel = _within_set(reals, [k for k in (precision_k, density_k) if k is not None], gamma)
+    gamma = _gamma(reference.bandwidth)
+    fakes = _Distinct(_features(fake, "fake"))
+    fakes.values = fakes.values - reference.centre
+    real_values, real_counts = reference.values, torch.from_numpy(reference.counts.astype(np.float64))
+    real_radii, real_kernel = reference.radii, reference.kernel_sum
     fake_radii, fake_kernel = _within_set(fakes, [precision_k] if precision_k is not None else [], gamma)
 
     real_ball = {k: torch.from_numpy(real_radii[k]) for k in real_radii}
     fake_ball = torch.from_numpy(fake_radii[precision_k]) if precision_k is not None else None
     in_real_manifold = torch.zeros(len(fakes.values), dtype=torch.bool)
     balls_containing = torch.zeros(len(fakes.values), dtype=torch.float64)
-    nearest_fake = torch.full((len(reals.values),), torch.inf, dtype=torch.float64)
-    in_fake_manifold = torch.zeros(len(reals.values), dtype=torch.bool)
+    nearest_fake = torch.full((len(real_values),), torch.inf, dtype=torch.float64)
+    in_fake_manifold = torch.zeros(len(real_values), dtype=torch.bool)
     cross_kernel = 0.0
-    for rows, squared in _squared_distance_blocks(fakes.values, reals.values):
+    for rows, squared in _squared_distance_blocks(fakes.values, real_values):
         if gamma is not None:
-            cross_kernel += float(fakes.counts[rows] @ torch.exp(-gamma * squared) @ reals.counts)
+            cross_kernel += float(fakes.counts[rows] @ torch.exp(-gamma * squared) @ real_counts)
         distance = squared.sqrt_()
         if precision_k is not None:
             in_real_manifold[rows] = (distance <= real_ball[precision_k][None, :]).any(1)
             in_fake_manifold |= (distance <= fake_ball[rows, None]).any(0)
         if density_k is not None:
-            balls_containing[rows] = (distance <= real_ball[density_k][None, :]).to(torch.float64) @ reals.counts
+            balls_containing[rows] = (distance <= real_ball[density_k][None, :]).to(torch.float64) @ real_counts
             nearest_fake = torch.minimum(nearest_fake, distance.min(0).values)
 
     found: dict[str, float] = {}
-    n_fake, n_real = float(fakes.counts.sum()), float(reals.counts.sum())
+    n_fake, n_real = float(fakes.counts.sum()), float(real_counts.sum())
     if gamma is not None:  # NaN below 2 per set, as the k-NN metrics below k + 1 distinct points (a small resample)
-        found["rbf_mmd"] = (_unbiased_mmd2(fake_kernel, real_kernel, cross_kernel, len(fake), len(real))
-                            if min(len(fake), len(real)) >= 2 else float("nan"))
+        found["rbf_mmd"] = (_unbiased_mmd2(fake_kernel, real_kernel, cross_kernel, len(fake), reference.n)
+                            if min(len(fake), reference.n) >= 2 else float("nan"))
     if precision_k is not None:
         undefined = np.isnan(real_radii[precision_k]).any() or np.isnan(fake_radii[precision_k]).any()
         found["precision"] = float("nan") if undefined else float(fakes.counts @ in_real_manifold.double()) / n_fake
-        found["recall"] = float("nan") if undefined else float(reals.counts @ in_fake_manifold.double()) / n_real
+        found["recall"] = float("nan") if undefined else float(real_counts @ in_fake_manifold.double()) / n_real
     if density_k is not None:
         undefined = np.isnan(real_radii[density_k]).any()
         covered = (nearest_fake <= real_ball[density_k]).double()
         found["density"] = float("nan") if undefined else float(fakes.counts @ balls_containing) / (density_k * n_fake)
-        found["coverage"] = float("nan") if undefined else float(reals.counts @ covered) / n_real
+        found["coverage"] = float("nan") if undefined else float(real_counts @ covered) / n_real
     return found
 
 
@@ -556,7 +669,8 @@ def _within_range(estimate: Estimate, bounds: tuple[float, float] | None) -> Est
 def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic: np.ndarray, train: np.ndarray,
                     unseen: np.ndarray, synthetic_groups: Sequence[str] | None, train_groups: Sequence[str],
                     unseen_groups: Sequence[str], n_boot: int = 200, seed: int = 0,
-                    known_floor: Callable[[int], Estimate | dict[str, Estimate]] | None = None) -> dict:
+                    known_floor: Callable[[int], Estimate | dict[str, Estimate]] | None = None,
+                    reference: Callable[[np.ndarray], object] | None = None) -> dict:
     """A two-set metric of the synthetic set against the training set, next to the real-vs-real floor.
 
     metric(x, y) -> float compares a set x with the training reference y (FD, KID mean, 1 - coverage, ...); it
@@ -574,6 +688,8 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
     images their patient id.
     known_floor(n): the floor's estimates when they are known already (``real_side``: they depend on the real sets
     and n only, never on the synthetic set), else computed here.
+    reference(train rows): what ``metric`` gets as its second argument for those training rows (default: the
+    rows' features; a ``RealGeometry`` for ``set_metrics``, computed once per replicate for both sides).
     Returns {"synthetic": Estimate, "real_floor": Estimate, "n": n, "n_reference": len(train)}.
     """
     synthetic, train, unseen = np.asarray(synthetic), np.asarray(train), np.asarray(unseen)
@@ -584,9 +700,10 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
         if len(values) != len(groups):
             raise ValueError(f"{name}: {len(values)} samples but {len(groups)} groups")
     n = comparison_size(len(synthetic), len(unseen))
-    floor = known_floor(n) if known_floor is not None else _against_train(metric, unseen, unseen_groups, train,
-                                                                         train_groups, n, 1, n_boot, seed)
-    return {"synthetic": _against_train(metric, synthetic, synthetic_groups, train, train_groups, n, 0, n_boot, seed),
+    floor = known_floor(n) if known_floor is not None else _against_train(
+        metric, unseen, unseen_groups, train, train_groups, n, 1, n_boot, seed, reference)
+    return {"synthetic": _against_train(metric, synthetic, synthetic_groups, train, train_groups, n, 0, n_boot, seed,
+                                        reference),
             "real_floor": floor, "n": n, "n_reference": len(train)}
 
 
@@ -597,15 +714,24 @@ def comparison_size(n_synthetic: int, n_unseen: int) -> int:
 
 def real_floor(metric: Callable[[np.ndarray, np.ndarray], float], train: np.ndarray, unseen: np.ndarray,
                train_groups: Sequence[str], unseen_groups: Sequence[str], n: int, n_boot: int = 200,
-               seed: int = 0) -> Estimate | dict[str, Estimate]:
+               seed: int = 0, reference: Callable[[np.ndarray], object] | None = None) -> Estimate | dict[str, Estimate]:
     """``with_real_floor``'s real-vs-real floor at n, alone (what a cache keeps)."""
     return _against_train(metric, np.asarray(unseen), unseen_groups, np.asarray(train), list(train_groups), n, 1,
-                          n_boot, seed)
+                          n_boot, seed, reference)
+
+
+def training_rows(train_groups: Sequence[str], n_boot: int, seed: int) -> list[np.ndarray]:
+    """The training rows ``with_real_floor`` compares with: all of them (the value), then each replicate's half."""
+    return [np.arange(len(train_groups)), *resamples(train_groups, n_boot, seed, _TRAIN_STREAM)]
+
+
+_TRAIN_STREAM = 1  # the training set is the second set of each joint half-sample
 
 
 def _against_train(metric: Callable[[np.ndarray, np.ndarray], float], values: np.ndarray, groups: Sequence[str],
                    train: np.ndarray, train_groups: Sequence[str], n: int, stream: int, n_boot: int,
-                   seed: int) -> Estimate | dict[str, Estimate]:
+                   seed: int, reference: Callable[[np.ndarray], object] | None = None
+                   ) -> Estimate | dict[str, Estimate]:
     """metric(n of ``values``, train) with its half-sample interval; one random stream per side (``stream``), so
     the floor's subset does not depend on the synthetic set."""
     names: list[str] = []  # set when ``metric`` returns a dict of named numbers
@@ -619,7 +745,8 @@ def _against_train(metric: Callable[[np.ndarray, np.ndarray], float], values: np
 
     chosen = np.sort(np.random.default_rng([seed, stream]).choice(len(values), n, replace=False))
     subset, subset_groups = values[chosen], [groups[i] for i in chosen]
-    estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], train[reference_rows]),
+    reference = reference or (lambda rows: train[rows])
+    estimates = half_sample_many(lambda rows, reference_rows: evaluate(subset[rows], reference(reference_rows)),
                                  [subset_groups, list(train_groups)], n_boot=n_boot, seed=seed)
     if not names:
         return estimates[0]
