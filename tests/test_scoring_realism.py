@@ -379,6 +379,10 @@ def test_a_real_geometry_computed_once_gives_the_same_metrics_and_survives_packi
             frechet_distance_features(fake, real), rel=1e-9)
     with pytest.raises(ValueError, match="bandwidth"):
         set_metrics(fakes[0], geometries[0], bandwidth * 2)
+    # Asking for fewer metrics skips their passes and leaves the others unchanged.
+    everything = set_metrics(fakes[1], geometries[0], bandwidth, seed=4)
+    assert set_metrics(fakes[1], geometries[0], bandwidth, seed=4, only=["coverage", "frechet_distance"]) == {
+        "coverage": everything["coverage"], "frechet_distance": everything["frechet_distance"]}
 
 
 def test_with_real_floor_compares_both_sides_with_the_same_training_rows():

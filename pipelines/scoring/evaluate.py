@@ -260,8 +260,8 @@ def _set_metrics_with_floor(cache: RealSideCache, table: FeatureTable, synthetic
 
     def metric(a, b):
         # KID over a few subsets: the half-samples already resample, more subsets only add cost.
-        found = realism.set_metrics(a, b, bandwidth, *_NEIGHBOURS, kid_subsets=5, seed=seed)
-        return found if metrics is None else {name: found[name] for name in metrics}
+        return realism.set_metrics(a, b, bandwidth, *_NEIGHBOURS, kid_subsets=5, seed=seed,
+                                   only=metrics or realism.SET_METRICS)
 
     floor = _known_floor(cache, metric, table, train_groups, unseen_groups, n_boot, seed, reference,
                          metrics=metrics, **key)

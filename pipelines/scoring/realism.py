@@ -45,6 +45,7 @@ __all__ = [
     "kernel_inception_distance",
     "knn_radii",
     "RealGeometry",
+    "SET_METRICS",
     "median_bandwidth",
     "precision_recall",
     "rbf_mmd",
@@ -309,8 +310,12 @@ def density_coverage(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[fl
     return found["density"], found["coverage"]
 
 
+SET_METRICS = ("frechet_distance", "kid", "rbf_mmd", "precision", "recall", "density", "coverage")
+
+
 def set_metrics(fake: np.ndarray, real: np.ndarray | RealGeometry, bandwidth: float, precision_k: int = 3,
-                density_k: int = 5, kid_subsets: int = 5, seed: int = 0) -> dict[str, float]:
+                density_k: int = 5, kid_subsets: int = 5, seed: int = 0,
+                only: Sequence[str] = SET_METRICS) -> dict[str, float]:
     """FD, KID, RBF-MMD, precision/recall and density/coverage of ``fake`` against ``real`` at once.
 
     Equal to the metrics' own functions, from one real x real, one fake x fake and one fake x real distance pass
@@ -318,16 +323,24 @@ def set_metrics(fake: np.ndarray, real: np.ndarray | RealGeometry, bandwidth: fl
     against 1,679 training images, the passes are most of the realism time. ``real`` may be its
     ``RealGeometry`` (for these k and this bandwidth), computed once for every fake set compared with it. A metric
     the sets are too small for (a half-sample of a handful of samples) is NaN, and the interval drops that
-    replicate.
+    replicate. ``only``: the metrics wanted, the passes the others need are skipped.
     """
+    if not set(only) <= set(SET_METRICS):
+        raise ValueError(f"unknown metrics {sorted(set(only) - set(SET_METRICS))}; known: {list(SET_METRICS)}")
     reference = real if isinstance(real, RealGeometry) else RealGeometry.of(real, (precision_k, density_k), bandwidth)
     reference.check(fake, (precision_k, density_k), bandwidth)
     fake = _features(fake, "fake")
     pairs = min(len(fake), reference.n) >= 2
-    return {"frechet_distance": reference.frechet_distance(fake) if pairs else float("nan"),
-            "kid": (kernel_inception_distance(fake, reference.features, subsets=kid_subsets, seed=seed)[0] if pairs
-                    else float("nan")),
-            **_set_geometry(fake, reference, precision_k=precision_k, density_k=density_k)}
+    found = {}
+    if "frechet_distance" in only:
+        found["frechet_distance"] = reference.frechet_distance(fake) if pairs else float("nan")
+    if "kid" in only:
+        found["kid"] = (kernel_inception_distance(fake, reference.features, subsets=kid_subsets, seed=seed)[0]
+                        if pairs else float("nan"))
+    found |= _set_geometry(fake, reference, precision_k=precision_k if {"precision", "recall"} & set(only) else None,
+                           density_k=density_k if {"density", "coverage"} & set(only) else None,
+                           kernel="rbf_mmd" in only)
+    return {name: found[name] for name in only}
 
 
 class _Distinct:
@@ -467,13 +480,13 @@ def unpack(arrays: dict[str, np.ndarray], source: np.ndarray, rows: Sequence[np.
 
 
 def _set_geometry(fake: np.ndarray, reference: RealGeometry, precision_k: int | None = None,
-                  density_k: int | None = None) -> dict[str, float]:
+                  density_k: int | None = None, kernel: bool = True) -> dict[str, float]:
     """The distance-based metrics asked for, from one pass over the fake set's distinct rows and one across.
 
     Balls are closed (distance <= radius) so that an exact copy of a real point lies on the real manifold even
     when that point's radius is 0. Repeated rows count as often as they occur (weights), never as neighbours.
     """
-    gamma = _gamma(reference.bandwidth)
+    gamma = _gamma(reference.bandwidth) if kernel else None
     fakes = _Distinct(_features(fake, "fake"))
     fakes.values = fakes.values - reference.centre
     real_values, real_counts = reference.values, torch.from_numpy(reference.counts.astype(np.float64))
