@@ -1,0 +1,146 @@
+"""How scoring grows with the set sizes: time and peak memory per phase, first run and with the real side cached.
+
+    python benchmarks/scoring_scale.py [--sizes 500 1000 2000] [--size 64] [scoring.key=value ...]
+
+For each n (one fresh process per n, so peak memory is that n's): built-in chest phantoms at 64x64 are ingested
+into a temporary folder; train = n training cases, and two disjoint sets of n other training cases stand in for
+a generator's output (real images with their own masks as conditioning masks); holdout and test are the splits
+(about 0.43 n each). The demo's scoring settings are used. Scored twice against the same real side:
+- first: nothing cached (self-supervised encoder, real features, floors, calibrations, real-only models);
+- cached: a fresh synthetic set of the same size, the real side read back from the first run's cache.
+Per phase: seconds and peak resident memory (sampled every 50 ms). The reference, measured in the same process,
+is one brute-force pixel correlation of every sample with every training image (an n x n x pixels product); the
+growth from the smallest to the largest n is reported as an exponent (time ~ n^k: 1 is linear).
+Prints one JSON object with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+from radsynth.configs import load_config
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.scoring.evaluate import ScoringInputs, score
+from radsynth.pipelines.scoring.loading import cached_split
+
+
+class PhaseMemory:
+    """Peak resident memory per scoring phase: phases start at the scorer's "scoring: <phase>" log lines."""
+
+    def __init__(self) -> None:
+        self.phase, self.peaks = "setup", {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def log(self, line: str) -> None:
+        if line.startswith("scoring: ") and " " not in line[len("scoring: "):]:
+            self.phase = line[len("scoring: "):]
+
+    def _sample(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.wait(0.05):
+            with open("/proc/self/statm") as statm:
+                resident = int(statm.read().split()[1]) * page
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), resident)
+
+    def __enter__(self) -> PhaseMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def brute_force_correlation_seconds(synthetic: np.ndarray, train: np.ndarray) -> float:
+    started = time.perf_counter()
+    a = torch.from_numpy(synthetic.reshape(len(synthetic), -1)).double()
+    b = torch.from_numpy(train.reshape(len(train), -1)).double()
+    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True)
+    b = (b - b.mean(1, keepdim=True)) / b.std(1, keepdim=True)
+    (a @ b.T).max(1)
+    return time.perf_counter() - started
+
+
+def one_size(n: int, size: int, overrides: list[str]) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    with tempfile.TemporaryDirectory() as run_dir:
+        n_cases = math.ceil(n * 3 / 0.7) + 10  # the default split keeps ~70% for training: train + two "synthetic"
+        config = load_config("demo", [f"runtime.output_dir={run_dir}", f"data.phantom.n_cases={n_cases}",
+                                      f"data.preprocess.target_shape=[{size},{size}]", *overrides])
+        ingest(config, progress=False)
+        pool = cached_split(config, "train")
+        holdout, test = cached_split(config, "holdout"), cached_split(config, "test")
+        train = pool.subset(range(n))
+        runs = {}
+        for name, start in (("first", n), ("cached", 2 * n)):
+            synthetic = pool.subset(range(start, start + n))
+            synthetic.is_synthetic, synthetic.groups, synthetic.name = True, list(synthetic.ids), "synthetic"
+            inputs = ScoringInputs(synthetic, train, holdout, test, attributes=list(config.conditioning.attributes))
+            reference = brute_force_correlation_seconds(synthetic.images, train.images)
+            with PhaseMemory() as memory:
+                started = time.perf_counter()
+                result = score(inputs, config.scoring, os.path.join(run_dir, f"eval-{name}"), seed=0, log=memory.log,
+                               cache_dir=os.path.join(run_dir, "scoring-cache"))
+                seconds = time.perf_counter() - started
+            runs[name] = {"seconds": round(seconds, 1), "reference_seconds": round(reference, 3),
+                          "over_reference": round(seconds / reference, 1), "phase_seconds": result.seconds,
+                          "phase_peak_mb": {k: round(v / 2**20) for k, v in memory.peaks.items()}}
+        return {"n_synthetic": n, "n_train": n, "n_holdout": len(holdout), "n_test": len(test),
+                "image_shape": [size, size], **runs}
+
+
+def growth(rows: list[dict], run: str, phase: str | None = None) -> float | None:
+    """Exponent k of time ~ n^k between the smallest and the largest n."""
+    first, last = rows[0], rows[-1]
+    if phase is None:
+        t0, t1 = first[run]["seconds"], last[run]["seconds"]
+    else:
+        t0, t1 = first[run]["phase_seconds"].get(phase), last[run]["phase_seconds"].get(phase)
+    if not t0 or not t1 or first["n_synthetic"] == last["n_synthetic"]:
+        return None
+    return round(math.log(t1 / t0) / math.log(last["n_synthetic"] / first["n_synthetic"]), 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000])
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="scoring.key=value")
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(one_size(args.child, args.size, args.overrides)))
+        return
+    rows = []
+    for n in sorted(args.sizes):  # one after the other: two torch processes on a small CPU slow each other down
+        child = subprocess.run([sys.executable, __file__, "--child", str(n), "--size", str(args.size),
+                                *args.overrides], check=True, capture_output=True, text=True)
+        rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    phases = sorted(rows[-1]["first"]["phase_seconds"])
+    print(json.dumps({
+        "sizes": rows,
+        "growth_exponent": {run: {"total": growth(rows, run), **{p: growth(rows, run, p) for p in phases}}
+                            for run in ("first", "cached")},
+        "settings": "demo" + (" " + " ".join(args.overrides) if args.overrides else ""),
+        "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+                    "torch": torch.__version__},
+    }, indent=1))
+
+
+if __name__ == "__main__":
+    main()
