@@ -1,6 +1,6 @@
 """How scoring grows with the set sizes: time and peak memory per phase, first run and with the real side cached.
 
-    python benchmarks/scoring_scale.py [--sizes 500 1000 2000] [--size 64] [scoring.key=value ...]
+    python benchmarks/scoring_scale.py [scoring.key=value ...] [--size 64] [--sizes 500 1000 2000]
 
 For each n (one fresh process per n, so peak memory is that n's): built-in chest phantoms at 64x64 are ingested
 into a temporary folder; train = n training cases, and two disjoint sets of n other training cases stand in for
