@@ -34,6 +34,8 @@ __all__ = [
     "KernelInceptionDistance",
     "PrecisionRecall",
     "RBFMaximumMeanDiscrepancy",
+    "RealGeometry",
+    "SET_METRICS",
     "comparison_size",
     "density_coverage",
     "fd_infinity",
@@ -44,8 +46,6 @@ __all__ = [
     "gaussian_statistics",
     "kernel_inception_distance",
     "knn_radii",
-    "RealGeometry",
-    "SET_METRICS",
     "median_bandwidth",
     "precision_recall",
     "rbf_mmd",
@@ -417,15 +417,11 @@ class RealGeometry:
     def features(self) -> np.ndarray:
         return self.source[self.rows]
 
-    @property
-    def values(self) -> np.ndarray:
-        """The distinct rows, centred on their mean."""
+    def centred(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the distinct rows centred on their mean, that mean): the fake set is moved by the same centre."""
         distinct = self.source[self.rows[self.distinct]]
-        return distinct - distinct.mean(axis=0)
-
-    @property
-    def centre(self) -> np.ndarray:
-        return self.source[self.rows[self.distinct]].mean(axis=0)
+        centre = distinct.mean(axis=0)
+        return distinct - centre, centre
 
     def check(self, fake: np.ndarray, ks: Sequence[int], bandwidth: float | None) -> None:
         if np.shape(fake)[-1] != self.source.shape[1]:
@@ -442,10 +438,11 @@ class RealGeometry:
         """
         mean, factor = covariance_factor(fake)
         rows = self.features
-        centred = (rows - rows.mean(axis=0)) / np.sqrt(len(rows) - 1)
+        real_mean = rows.mean(axis=0)
+        centred = (rows - real_mean) / np.sqrt(len(rows) - 1)
         projected = centred @ factor
         trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(projected.T @ projected), 0.0, None)).sum()
-        diff = mean - rows.mean(axis=0)
+        diff = mean - real_mean
         return float(diff @ diff + (factor ** 2).sum() + (centred ** 2).sum() - 2.0 * trace_sqrt)
 
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -488,8 +485,9 @@ def _set_geometry(fake: np.ndarray, reference: RealGeometry, precision_k: int | 
     """
     gamma = _gamma(reference.bandwidth) if kernel else None
     fakes = _Distinct(_features(fake, "fake"))
-    fakes.values = fakes.values - reference.centre
-    real_values, real_counts = reference.values, torch.from_numpy(reference.counts.astype(np.float64))
+    real_values, centre = reference.centred()
+    fakes.values = fakes.values - centre
+    real_counts = torch.from_numpy(reference.counts.astype(np.float64))
     real_radii, real_kernel = reference.radii, reference.kernel_sum
     fake_radii, fake_kernel = _within_set(fakes, [precision_k] if precision_k is not None else [], gamma)
 
@@ -713,8 +711,8 @@ def with_real_floor(metric: Callable[[np.ndarray, np.ndarray], float], synthetic
         if len(values) != len(groups):
             raise ValueError(f"{name}: {len(values)} samples but {len(groups)} groups")
     n = comparison_size(len(synthetic), len(unseen))
-    floor = known_floor(n) if known_floor is not None else _against_train(
-        metric, unseen, unseen_groups, train, train_groups, n, 1, n_boot, seed, reference)
+    floor = known_floor(n) if known_floor is not None else real_floor(
+        metric, train, unseen, train_groups, unseen_groups, n, n_boot, seed, reference)
     return {"synthetic": _against_train(metric, synthetic, synthetic_groups, train, train_groups, n, 0, n_boot, seed,
                                         reference),
             "real_floor": floor, "n": n, "n_reference": len(train)}
@@ -749,8 +747,8 @@ def _against_train(metric: Callable[[np.ndarray, np.ndarray], float], values: np
     the floor's subset does not depend on the synthetic set."""
     names: list[str] = []  # set when ``metric`` returns a dict of named numbers
 
-    def evaluate(subset: np.ndarray, reference: np.ndarray) -> list[float]:
-        result = metric(subset, reference)
+    def evaluate(subset: np.ndarray, train_side) -> list[float]:
+        result = metric(subset, train_side)
         if isinstance(result, dict):
             names[:] = list(result)
             return [float(result[name]) for name in names]

@@ -265,9 +265,10 @@ def _task_scorer(task: str, real_train: ImageSet, synthetic: ImageSet, real_test
     scorer, fit_and_score = _task_fit(task, real_train, synthetic, real_test, labels, attribute, plan, classes)
     if cache is None:
         return scorer, fit_and_score
-    target = {"labels": list(labels), "num_classes": _num_classes(labels, real_train, synthetic, real_test)} \
-        if task == "segmentation" else {
-        "attribute": attribute, "classes": _classes(attribute, classes, real_train, synthetic, real_test)}
+    if task == "segmentation":
+        target = {"labels": list(labels), "num_classes": _num_classes(labels, real_train, synthetic, real_test)}
+    else:
+        target = {"attribute": attribute, "classes": _classes(attribute, classes, real_train, synthetic, real_test)}
 
     def cached(rows: np.ndarray, augmented: bool, seed: int) -> np.ndarray:
         if augmented:
