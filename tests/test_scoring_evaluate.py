@@ -94,7 +94,7 @@ def test_real_images_with_their_own_masks_score_as_adherent_and_useful(tmp_path,
 
 
 @pytest.mark.slow
-def test_evaluate_cli_scores_a_tiny_build_with_membership_inference(tmp_path):
+def test_evaluate_cli_scores_a_tiny_build_with_membership_inference(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     config_path = tmp_path / "tiny.yaml"
     config = tiny_config(run_dir, "diffusion.max_steps=4", "data.phantom.n_cases=40", *FAST)
@@ -112,3 +112,15 @@ def test_evaluate_cli_scores_a_tiny_build_with_membership_inference(tmp_path):
     assert {"self_supervised_encoder", "membership_inference", "copy_detector", "realism_floor"} <= kept
     assert main(["evaluate", str(config_path), "--json"]) == 0
     assert json.loads((run_dir / "eval" / "scorecard.json").read_text())["rows"] == saved["rows"]
+    # The generator's own near copies are drawn as the samples are: another sampler is another calibration.
+    from radsynth.pipelines.scoring import generator_probes
+
+    drawn, regenerate = [], generator_probes.partial_noise_regeneration
+    monkeypatch.setattr(generator_probes, "partial_noise_regeneration", lambda *args, **kwargs: (
+        drawn.append(kwargs), regenerate(*args, **kwargs))[1])
+    steps, guidance = config.sampling.num_inference_steps + 3, config.sampling.guidance_scale + 0.5
+    assert main(["evaluate", str(config_path), f"sampling.num_inference_steps={steps}",
+                 f"sampling.guidance_scale={guidance}", "--json"]) == 0
+    assert [(kwargs["num_inference_steps"], kwargs["guidance_scale"]) for kwargs in drawn] == [(steps, guidance)]
+    detectors = [path for path in (run_dir / "data" / "scoring-cache").iterdir() if path.name.startswith("copy_")]
+    assert len(detectors) == 2

@@ -37,6 +37,9 @@ class ScoringInputs:
     test: ImageSet | None = None
     pipeline: object | None = None  # a RadsynthTextToImagePipeline: enables round-trip copies and membership inference
     attributes: list[str] = field(default_factory=list)
+    # How the samples were drawn ({num_inference_steps, guidance_scale}): the near copies the generator itself makes
+    # for the copy detector's calibration are drawn so too. None: the pipeline's own defaults.
+    sampler: dict | None = None
 
     @property
     def unseen(self) -> ImageSet:
@@ -474,7 +477,8 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
 
     table = _primary(features)
     detector = privacy.CopyDetector(**cache.record("copy_detector", lambda: asdict(
-        _copy_detector(inputs, table, settings, seed)), uses_model=inputs.pipeline is not None, space=table.name))
+        _copy_detector(inputs, table, settings, seed)), uses_model=inputs.pipeline is not None, space=table.name,
+        sampler=inputs.sampler))
     tick()
     flags, similarity, nn_index = detector.flags(table.synthetic, table.train)
     holdout_flags, _, _ = detector.flags(table.holdout, table.train)
@@ -540,7 +544,7 @@ def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: Scoring
         # What a memorising generator emits: a training latent partly noised and denoised again.
         copies["partial_noise_regeneration"] = partial_noise_regeneration(
             inputs.pipeline, images, sources.prompts, strength=0.3, seed=seed, spacing=sources.spacing,
-            conditions=sources.conditions)[:, 0].numpy()
+            conditions=sources.conditions, **(inputs.sampler or {}))[:, 0].numpy()
     # A near copy keeps its source's label map (close enough for the small shifts of the copies made here).
     embeddings = {kind: table.embed(copy, sources.masks) for kind, copy in copies.items()}
     kinds = [kind for kind, e in embeddings.items() for _ in range(len(e))]
@@ -659,7 +663,7 @@ def build_eval_dir(config: RadsynthConfig) -> Path:
 def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample_dir: str | Path | None = None,
              out_dir: str | Path | None = None, log=print) -> ScoreResult:
     """Score a build's samples (``scoring.sample_dir`` or <output_dir>/samples) against its real splits."""
-    from ..sampling.generate import load_pipeline
+    from ..sampling.generate import load_pipeline, sampler_settings
     from ..training import sampling_model_dir
     from .loading import cached_split, sample_set
 
@@ -674,7 +678,9 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     pipeline = load_pipeline(model, config, progress=False) if (model / "model_index.json").is_file() else None
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
         config.conditioning.attributes)
-    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes)
+    sampler = None if pipeline is None else {key: value for key, value in sampler_settings(config, pipeline).items()
+                                             if key in ("num_inference_steps", "guidance_scale")}
+    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler)
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
                  gate=config.release.gate, cache_dir=build_scoring_cache_dir(config))
 
