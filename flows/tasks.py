@@ -22,6 +22,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml
+from radsynth.generators.compute import resolve_precision
 from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.io import write_text
 from radsynth.pipelines.distillation import distill
@@ -148,7 +149,7 @@ def launch_command(config: RadsynthConfig, config_path: Path) -> list[str]:
             command += [f"--{field}", str(getattr(launch, field))]
     if launch.num_processes > 1 and not launch.config_file:
         command.append("--multi_gpu")  # several processes = several GPUs (accelerate runs one on a CPU)
-    command += ["--mixed_precision", config.runtime.precision]
+    command += ["--mixed_precision", resolve_precision(config.runtime.precision, config.runtime.device)]
     return [*command, "-m", "radsynth.flows.cli", "train", str(config_path), "--json"]
 
 

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-__all__ = ["ComputeMeter", "device_description"]
+__all__ = ["ComputeMeter", "device_description", "resolve_precision"]
 
 _clock = time.perf_counter  # a module attribute, so a test can drive the clock
 
@@ -23,6 +23,24 @@ def device_description(device: torch.device | str) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``runtime.precision`` as accelerate takes it: "auto" is bf16 mixed precision where ``device`` ("auto",
+    "cpu", "cuda[:N]", "mps") computes bf16 natively, else "no" (fp32).
+
+    Native means an NVIDIA GPU that supports bf16 (Ampere and later) or a CPU with AVX512-BF16 or AMX: measured on
+    a 2-core AVX512-BF16 CPU, the demo's autoencoder trains 1.6x and its UNet 1.5x faster in bf16. Elsewhere bf16
+    is emulated and slower than fp32, so "auto" keeps fp32; fp16 is never picked (it needs loss scaling).
+    """
+    if precision != "auto":
+        return precision
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device == "mps":
+        return "no"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 
 
 class ComputeMeter:

@@ -32,6 +32,7 @@ from radsynth.generators.autoencoder_trainer import (
     calibrate_scaling_factor,
     holdout_reconstruction,
 )
+from radsynth.generators.compute import resolve_precision
 from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
@@ -194,7 +195,9 @@ def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: 
     settings = {name: _differing_from_defaults(getattr(config, name)) for name in (section, *also)}
     settings = {name: {k: v for k, v in values.items() if k not in ignore} for name, values in settings.items()}
     settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
-    key = {"upstream": upstream, "seed": config.runtime.seed, "precision": config.runtime.precision, **settings}
+    # The precision it trained in, not the setting: "auto" means fp32 on one machine and bf16 on another.
+    precision = resolve_precision(config.runtime.precision, config.runtime.device)
+    key = {"upstream": upstream, "seed": config.runtime.seed, "precision": precision, **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 

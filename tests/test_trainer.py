@@ -144,3 +144,30 @@ def test_a_pickle_planted_in_a_checkpoint_never_runs(tmp_path, planted):
                 "custom_checkpoint_0.pkl": "a pickled object radsynth does not write"}[planted]
     assert expected in str(caught.value) and "\n" not in str(caught.value)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(("cpu_bf16", "cpu_amx", "expected"), [(True, False, "bf16"), (False, True, "bf16"),
+                                                                (False, False, "no")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, cpu_bf16, cpu_amx, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: cpu_amx)
+    assert compute.resolve_precision("auto", "auto") == compute.resolve_precision("auto", "cpu") == expected
+    # A precision that is named is kept, whatever the machine.
+    assert [compute.resolve_precision(p, "cpu") for p in ("no", "bf16", "fp16")] == ["no", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize(("gpu_bf16", "expected"), [(True, "bf16"), (False, "no")])
+def test_auto_precision_on_a_gpu_follows_its_bf16_support(monkeypatch, gpu_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: gpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: not gpu_bf16)  # the CPU is not asked
+    assert compute.resolve_precision("auto", "auto") == compute.resolve_precision("auto", "cuda:0") == expected
+    assert compute.resolve_precision("auto", "mps") == "no"
+
+
+def test_an_auto_precision_loop_trains_in_the_resolved_precision(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    loop = TrainingLoop(tmp_path, LoopSettings(max_steps=1, mixed_precision="auto", device="cpu", progress=False))
+    assert loop.accelerator.mixed_precision == "no"

@@ -220,6 +220,14 @@ def test_a_training_part_starts_over_when_what_it_was_trained_from_changes(tmp_p
 
     assert with_new_setting(3) == stamp and with_new_setting(4) != stamp
 
+    # "auto" precision is stamped as what it resolved to here: the same training as naming that precision.
+    from radsynth.generators.compute import resolve_precision
+
+    resolved = resolve_precision("auto", base.runtime.device)
+    assert part_fingerprint(tiny_config(tmp_path, "runtime.precision=auto"), "diffusion", "autoencoder-a",
+                            also=("conditioning",)) == part_fingerprint(
+        tiny_config(tmp_path, f"runtime.precision=\"{resolved}\""), "diffusion", "autoencoder-a", also=("conditioning",))
+
     folder = tmp_path / "diffusion"
     (folder / "checkpoints").mkdir(parents=True)
     start_over_if_changed(folder, stamp)  # a folder from before stamps is adopted, not deleted
