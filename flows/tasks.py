@@ -22,7 +22,6 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml
-from radsynth.generators.compute import resolve_precision
 from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.io import write_text
 from radsynth.pipelines.distillation import distill
@@ -40,6 +39,7 @@ from radsynth.pipelines.training import (
     train,
     train_dir,
     trained_model_dir,
+    training_precision,
 )
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
@@ -149,7 +149,7 @@ def launch_command(config: RadsynthConfig, config_path: Path) -> list[str]:
             command += [f"--{field}", str(getattr(launch, field))]
     if launch.num_processes > 1 and not launch.config_file:
         command.append("--multi_gpu")  # several processes = several GPUs (accelerate runs one on a CPU)
-    command += ["--mixed_precision", resolve_precision(config.runtime.precision, config.runtime.device)]
+    command += ["--mixed_precision", training_precision(config)]
     return [*command, "-m", "radsynth.flows.cli", "train", str(config_path), "--json"]
 
 

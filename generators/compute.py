@@ -25,20 +25,22 @@ def device_description(device: torch.device | str) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def resolve_precision(precision: str, device: str) -> str:
+def resolve_precision(precision: str, device: str, spatial_dims: int = 2) -> str:
     """``runtime.precision`` as accelerate takes it: "auto" is bf16 mixed precision where ``device`` ("auto",
     "cpu", "cuda[:N]", "mps") computes bf16 natively, else "no" (fp32).
 
     Native means an NVIDIA GPU that supports bf16 (Ampere and later) or a CPU with AVX512-BF16 or AMX: measured on
     a 2-core AVX512-BF16 CPU, the demo's autoencoder trains 1.6x and its UNet 1.5x faster in bf16. Elsewhere bf16
-    is emulated and slower than fp32, so "auto" keeps fp32; fp16 is never picked (it needs loss scaling).
+    is emulated and slower than fp32, so "auto" keeps fp32; fp16 is never picked (it needs loss scaling). A 3D
+    model on a CPU stays in fp32 too: there the bf16 backward of 3D convolutions (oneDNN, torch 2.13) now and then
+    returned non-finite weight gradients, which made a UNet's weights NaN from its first step.
     """
     if precision != "auto":
         return precision
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    if device == "mps":
+    if device == "mps" or spatial_dims != 2:
         return "no"
     return "bf16" if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else "no"
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
 
-from .compute import ComputeMeter, resolve_precision
+from .compute import ComputeMeter
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d{7})$")
 TENSOR_LIST = "__tensors__"  # in a state's JSON: this key is a list of that many tensors in its safetensors
@@ -48,7 +48,7 @@ class LoopSettings:
     log_every: int = 10
     validate_every: int | None = None
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" | "auto" (bf16 where the device computes it natively)
+    mixed_precision: str = "no"  # "no" | "bf16" | "fp16" (``compute.resolve_precision`` turns "auto" into one)
     device: str = "auto"  # "auto" | "cpu" | "cuda[:N]"
     progress: bool = True
     tensorboard: bool = False  # metrics.csv always; TensorBoard events in <run>/tensorboard as well
@@ -133,7 +133,7 @@ def make_accelerator(settings: LoopSettings) -> Accelerator:
     check_device(settings.device)
     AcceleratorState._reset_state()
     on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(mixed_precision=resolve_precision(settings.mixed_precision, settings.device), cpu=on_cpu,
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=on_cpu,
                        gradient_accumulation_steps=settings.gradient_accumulation_steps)
 
 

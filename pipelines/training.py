@@ -196,9 +196,13 @@ def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: 
     settings = {name: {k: v for k, v in values.items() if k not in ignore} for name, values in settings.items()}
     settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
     # The precision it trained in, not the setting: "auto" means fp32 on one machine and bf16 on another.
-    precision = resolve_precision(config.runtime.precision, config.runtime.device)
-    key = {"upstream": upstream, "seed": config.runtime.seed, "precision": precision, **settings}
+    key = {"upstream": upstream, "seed": config.runtime.seed, "precision": training_precision(config), **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def training_precision(config: RadsynthConfig) -> str:
+    """The mixed precision every training part runs in ("no", "bf16" or "fp16"; "auto" resolved for this machine)."""
+    return resolve_precision(config.runtime.precision, config.runtime.device, config.data.spatial_dims)
 
 
 def _differing_from_defaults(section) -> dict:
@@ -238,7 +242,7 @@ def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | No
         max_steps=max_steps or diffusion.max_steps, checkpoint_every=checkpoint_every or diffusion.checkpoint_every,
         keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every, validate_every=validate_every,
         gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
-        mixed_precision=config.runtime.precision, device=config.runtime.device, progress=progress,
+        mixed_precision=training_precision(config), device=config.runtime.device, progress=progress,
         tensorboard=config.runtime.tensorboard)
 
 

@@ -220,10 +220,12 @@ def test_a_training_part_starts_over_when_what_it_was_trained_from_changes(tmp_p
 
     assert with_new_setting(3) == stamp and with_new_setting(4) != stamp
 
-    # "auto" precision is stamped as what it resolved to here: the same training as naming that precision.
-    from radsynth.generators.compute import resolve_precision
+    # "auto" precision trains, and is stamped, as what it resolved to here: the same training as naming that one.
+    from radsynth.pipelines.training import loop_settings, training_precision
 
-    resolved = resolve_precision("auto", base.runtime.device)
+    auto = tiny_config(tmp_path, "runtime.precision=auto")
+    resolved = training_precision(auto)
+    assert resolved in ("no", "bf16") and loop_settings(auto, progress=False).mixed_precision == resolved
     assert part_fingerprint(tiny_config(tmp_path, "runtime.precision=auto"), "diffusion", "autoencoder-a",
                             also=("conditioning",)) == part_fingerprint(
         tiny_config(tmp_path, f"runtime.precision=\"{resolved}\""), "diffusion", "autoencoder-a", also=("conditioning",))
