@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image as PILImage
 
@@ -195,3 +196,42 @@ def test_the_same_samples_under_another_license_are_another_release(tmp_path):
     first, second = (DatasetInfo("d", "xray", 2, license=text) for text in ("CC0-1.0 (...)", "CC BY-SA 4.0 (...)"))
     assert _fingerprint(config, first, [], scorecard, GateResult()) == _fingerprint(config, first, [], scorecard, GateResult())
     assert _fingerprint(config, first, [], scorecard, GateResult()) != _fingerprint(config, second, [], scorecard, GateResult())
+
+
+@pytest.mark.slow
+def test_a_pairs_build_of_the_demo_releases_every_segmentation_format_nnunet_verifies_and_datasets_loads_once(
+        tmp_path, capsys):
+    """The demo's pairs (generated label maps, nothing derived from a real case) through train, generate, evaluate
+    and release: nnU-Net's own integrity check passes on the release, and ``load_dataset`` on its root gives each
+    sample once, with its label map."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+    from .test_pairs import GENERATED
+
+    datasets = pytest.importorskip("datasets")
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, *GENERATED, "diffusion.max_steps=4", *RELEASABLE, "scoring.utility=false",
+                         *QUALITY_OFF, "sampling.pairs=true", "sampling.mask_source=generated",
+                         "release.formats=[nnunet,msd,monai,imagefolder,png16]")
+    config_path = tmp_path / "pairs.yaml"
+    config_path.write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))
+    for command in (["train"], ["generate", "--n", "12"], ["evaluate"]):
+        assert main([command[0], str(config_path), *command[1:], "--json"]) == 0
+    capsys.readouterr()
+    code, result = release_cli(config_path, capsys=capsys)
+    assert code == 0 and result["gate_passed"], result
+    release = Path(result["release"])
+    assert {"nnunet", "msd", "monai", "imagefolder", "png16"} <= {path.name for path in release.iterdir()}
+
+    (nnunet,) = (release / "nnunet").iterdir()
+    verify_dataset_integrity(str(nnunet), num_processes=1)  # raises on missing files, bad labels, shape or spacing
+    released = sorted(path.name.removesuffix("_0000.png") for path in (nnunet / "imagesTr").iterdir())
+    assert len(released) == result["n_released"] > 0
+
+    rows = datasets.load_dataset(str(release), cache_dir=str(tmp_path / "hf"))["train"]
+    assert rows.num_rows == result["n_released"] and len(set(rows["sample_id"])) == rows.num_rows
+    for row in rows:
+        sidecar = json.loads((run_dir / "samples" / f"{row['sample_id']}.json").read_text())
+        assert sidecar["mask"] == {"mask_source": "generated", "derived_from_real": False}
+        label = np.asarray(PILImage.open(run_dir / "samples" / sidecar["label_file"]))
+        assert np.array_equal(np.asarray(row["mask"]), label)
