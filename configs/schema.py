@@ -452,7 +452,7 @@ class RuntimeConfig(Section):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     precision: Literal["no", "bf16", "fp16", "auto"] = Field(
         "no", description="training's mixed precision; auto: bf16 where the device computes it natively (an NVIDIA "
-        "GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else no (fp32)")
+        "GPU from Ampere on; for 2D models a CPU with AVX512-BF16 or AMX), else no (fp32)")
     seed: int = 0
     output_dir: str = "runs/default"
     num_workers: int = Field(0, ge=0)
