@@ -69,18 +69,20 @@ class LatentDiffusion:
     objective: what the denoiser predicts (saved with the model, see ``RadsynthPipeline.objective``);
     class_attribute, class_names: the attribute fed as a class embedding and its values (index = position + 1);
     latent_clip: clip the clean latents a prediction implies to +-this while sampling (None: no clip);
-    spacing: the model's own voxel spacing, used when a batch gives none.
+    spacing: the model's own voxel spacing, used when a batch gives none;
+    loss_weights: clean latents -> weights (broadcastable to them) of each element's squared error in ``losses``
+        (the mask generator's rare labels, ``label_loss_weights``); None: every element alike.
     """
 
     def __init__(self, denoiser: torch.nn.Module, codec, text_encoder: torch.nn.Module,
                  objective: TrainingObjective, *, controlnet: torch.nn.Module | None = None,
                  conditioning_scale: float = 1.0, class_attribute: str | None = None,
                  class_names: Sequence[str] = (), latent_clip: float | None = None,
-                 spacing: Sequence[float] | None = None):
+                 spacing: Sequence[float] | None = None, loss_weights: Callable[[Tensor], Tensor] | None = None):
         self.denoiser, self.codec, self.text_encoder, self.objective = denoiser, codec, text_encoder, objective
         self.controlnet, self.conditioning_scale = controlnet, conditioning_scale
         self.class_attribute, self.class_names = class_attribute, list(class_names)
-        self.latent_clip, self.spacing = latent_clip, spacing
+        self.latent_clip, self.spacing, self.loss_weights = latent_clip, spacing, loss_weights
 
     # ------------------------------------------------------------------------------------ conditioning
 
@@ -167,7 +169,10 @@ class LatentDiffusion:
         target. timesteps: the objective's own unit (``TrainingObjective.sample_timesteps``)."""
         noisy, target, model_timesteps = self.objective.noisy_and_target(clean, noise, timesteps)
         prediction = self.predict(noisy, model_timesteps, condition)
-        return ((prediction.float() - target.float()) ** 2).reshape(len(clean), -1).mean(dim=1)
+        squared = (prediction.float() - target.float()) ** 2
+        if self.loss_weights is not None:
+            squared = squared * self.loss_weights(clean).to(squared.device)
+        return squared.reshape(len(clean), -1).mean(dim=1)
 
     def guided_prediction(self, latents: Tensor, timestep: Tensor, condition: Conditioning, guidance_scale: float,
                           unconditional: Conditioning | None = None) -> Tensor:

@@ -11,12 +11,18 @@ per voxel: boundaries come out smooth rather than blocky, and the map lands on e
 ControlNet and the image use. An optional Gaussian on the interpolated shares (``smoothing_sigma``, image
 voxels) rounds boundaries further; it is off by default, since at sigma 1 it erases structures a few voxels
 thick (kidneys and vertebrae of a 48^3 torso keep a Dice of 0.1-0.4 against 0.6-0.8 without it).
+
+Findings are a rounding error of a plain squared error: on the demo's chest maps a consolidation is 0.3% of the
+share map and, trained so, the generator drew none in 64 maps (half of whose prompts asked for one).
+``LabelLossWeights`` weights the loss towards rare labels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
@@ -26,7 +32,12 @@ from torch import Tensor
 from .controlnet import one_hot_labels
 from .unet import RadsynthUNet
 
-__all__ = ["RadsynthMaskGenerator"]
+__all__ = ["LabelLossWeights", "RadsynthMaskGenerator"]
+
+# A label whose mean share of the training maps is under this is rare: a finding or a lesion, not an organ.
+RARE_LABEL_SHARE = 0.01
+# The largest per-label weight: the demo's 4-pixel nodules would otherwise weigh 60 times the background.
+MAX_LABEL_WEIGHT = 20.0
 
 
 class RadsynthMaskGenerator(ModelMixin, ConfigMixin):
@@ -104,3 +115,37 @@ class RadsynthMaskGenerator(ModelMixin, ConfigMixin):
                 class_labels: Tensor | None = None, spacing: Tensor | Sequence[float] | None = None) -> Tensor:
         """The denoiser's prediction for noisy label shares (the signature of ``RadsynthUNet.forward``)."""
         return self.denoiser(sample, timestep, encoder_hidden_states, class_labels=class_labels, spacing=spacing)
+
+
+@dataclass(frozen=True)
+class LabelLossWeights:
+    """Weights of the mask generator's squared error towards rare labels, built from the training shares.
+
+    - per label: (the commonest label's mean share / this label's) ** ``balance``, at most ``MAX_LABEL_WEIGHT``.
+      Every voxel of a label's channel gets the same weight, so the loss's minimum (each channel's conditional
+      mean) does not move; only how much of training goes to it.
+    - per voxel: 1 + ``rare_weight`` x the rare labels' shares there. This one moves the minimum: where the
+      model is unsure, it draws the rare label, so findings come out larger as it grows.
+
+    Measured on the demo's chest maps (1,679 training maps, 16x16 grid, 600 steps; real median areas
+    consolidation 91, effusion 62, pneumothorax 197 pixels of 64x64): unweighted, or per label alone, no finding
+    was drawn; per voxel alone (3) effusion barely (5 pixels); both (0.5, 3): the finding asked for in 31 of 32
+    maps at 46, 48 and 107 pixels, none for "finding: none"; rare_weight 30: 425-1,174 pixels.
+    """
+
+    per_label: torch.Tensor  # (L,)
+    rare: torch.Tensor  # (L,) bool
+    rare_weight: float
+
+    @classmethod
+    def from_shares(cls, shares: torch.Tensor, balance: float, rare_weight: float) -> LabelLossWeights:
+        """shares: the training maps as ``RadsynthMaskGenerator.encode`` gives them, (N, L, *grid) in [-1, 1]."""
+        frequency = ((shares.float() + 1.0) / 2.0).mean(dim=[d for d in range(shares.ndim) if d != 1])
+        per_label = (frequency.max() / frequency.clamp_min(1e-12)).pow(balance).clamp(max=MAX_LABEL_WEIGHT)
+        return cls(per_label, frequency < RARE_LABEL_SHARE, rare_weight)
+
+    def __call__(self, clean: torch.Tensor) -> torch.Tensor:
+        """Weights (B, L, *grid) of a batch's clean shares (B, L, *grid)."""
+        per_label = self.per_label.to(clean.device).view(1, -1, *[1] * (clean.ndim - 2))
+        rare_share = ((clean[:, self.rare.to(clean.device)].float() + 1.0) / 2.0).sum(dim=1, keepdim=True)
+        return per_label * (1.0 + self.rare_weight * rare_share)

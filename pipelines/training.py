@@ -38,7 +38,7 @@ from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSp
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.generators.losses import AutoencoderLoss
-from radsynth.generators.mask_generator import RadsynthMaskGenerator
+from radsynth.generators.mask_generator import LabelLossWeights, RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
 from radsynth.generators.text_encoder import load_text_encoder
 from radsynth.generators.trainer import LoopSettings
@@ -346,8 +346,10 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
     """Train the mask generator on the training label maps under the base's frozen text encoder; save it as the
     model's ``mask_generator``. Returns its steps."""
     folder = train_dir(config) / MASK_GENERATOR_FOLDER
-    start_over_if_changed(folder, part_fingerprint(config, "mask_generator", upstream=base_hash))
     settings, diffusion, unet_config = config.mask_generator, config.diffusion, base.unet.config
+    # The loss weighting counts at its defaults too: mask generators trained before it existed drew no findings.
+    weighting = f"label_balance={settings.label_balance},rare_label_weight={settings.rare_label_weight}"
+    start_over_if_changed(folder, part_fingerprint(config, "mask_generator", upstream=f"{base_hash}/{weighting}"))
     torch.manual_seed(config.runtime.seed + 3)
     generator = RadsynthMaskGenerator(
         label_names={str(value): name for value, name in sorted(label_names.items())},
@@ -360,7 +362,8 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
     shares = torch.cat([generator.encode(latents.label_maps[start:start + 64])
                         for start in range(0, len(latents), 64)])
     maps = CachedLatents(shares, torch.zeros_like(shares), latents.prompts, latents.spacing, latents.class_labels)
-    trainer = _trainer(config, mask_generator_diffusion(base, generator), [generator], maps, folder,
+    weights = LabelLossWeights.from_shares(shares, settings.label_balance, settings.rare_label_weight)
+    trainer = _trainer(config, mask_generator_diffusion(base, generator, weights), [generator], maps, folder,
                        loop_settings(config, progress, max_steps=settings.max_steps,
                                      checkpoint_every=settings.checkpoint_every),
                        settings.learning_rate, settings.batch_size)

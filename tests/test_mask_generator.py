@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from radsynth.generators.mask_generator import RadsynthMaskGenerator
+from radsynth.generators.latent_diffusion import LatentDiffusion
+from radsynth.generators.mask_generator import MAX_LABEL_WEIGHT, LabelLossWeights, RadsynthMaskGenerator
 from radsynth.pipelines.masks import PHANTOM_VOLUME_ORIENTATION, default_orientation
 from radsynth.pipelines.sampling.pipeline import MASK_GENERATOR_FOLDER
 from radsynth.pipelines.sampling.text_to_pair import RadsynthTextToPairPipeline
@@ -64,6 +65,41 @@ def test_label_shares_coarsened_then_upsampled_keep_every_label_and_the_organs_s
     # At full resolution without smoothing the representation is lossless.
     exact = tiny_generator(case.label.ndim, image_shape=case.label.shape, label_names=names, downsample=1)
     torch.testing.assert_close(exact.decode(exact.encode(maps)), maps)
+
+
+def test_label_loss_weights_favour_rare_labels_per_label_and_where_they_lie():
+    # 100 maps of 10x10: an organ of 9 pixels in each, a 1-pixel finding in half -> mean shares 0.905, 0.09, 0.005.
+    maps = torch.zeros(100, 1, 10, 10, dtype=torch.long)
+    maps[:, :, 1:4, 1:4] = 1
+    maps[:50, :, 9, 9] = 2
+    shares = tiny_generator(2, image_shape=(10, 10), downsample=1).encode(maps)
+    weights = LabelLossWeights.from_shares(shares, balance=0.5, rare_weight=3.0)
+    torch.testing.assert_close(weights.per_label, torch.tensor([1.0, (0.905 / 0.09) ** 0.5, (0.905 / 0.005) ** 0.5]))
+    assert weights.rare.tolist() == [False, False, True]
+    # Known answers per voxel: per-label weight x (1 + 3 x the rare share there).
+    batch = weights(shares[:2])
+    torch.testing.assert_close(batch[0, :, 0, 0], weights.per_label)
+    torch.testing.assert_close(batch[0, :, 9, 9], weights.per_label * 4.0)
+    # The cap, and "off" is the plain squared error.
+    assert LabelLossWeights.from_shares(shares, balance=1.0, rare_weight=0.0).per_label.max() == MAX_LABEL_WEIGHT
+    torch.testing.assert_close(LabelLossWeights.from_shares(shares, 0.0, 0.0)(shares), torch.ones_like(shares))
+
+
+def test_the_mask_generators_loss_is_weighted_by_its_label_weights():
+    generator, pipeline = tiny_generator(2), pair_pipeline(2)
+    clean = generator.encode(torch.randint(0, 3, (2, 1, *SHAPES[2])))
+    weights = LabelLossWeights.from_shares(clean, balance=0.5, rare_weight=3.0)
+
+    def losses(loss_weights):
+        diffusion = LatentDiffusion(generator, generator, pipeline.text_encoder, pipeline.objective,
+                                    loss_weights=loss_weights)
+        torch.manual_seed(1)
+        noise = torch.randn_like(clean)
+        return diffusion.losses(clean, diffusion.condition(PROMPTS[:2]), noise, torch.tensor([300, 700]))
+
+    plain, doubled = losses(None), losses(lambda batch: torch.full_like(batch, 2.0))
+    torch.testing.assert_close(doubled, 2 * plain)
+    assert not torch.allclose(losses(weights), plain)
 
 
 def test_a_saved_mask_generator_loads_with_its_vocabulary_orientation_and_weights(tmp_path):
