@@ -343,6 +343,8 @@ class SamplingConfig(Section):
     scheduler: Literal["ddpm", "ddim", "dpm_solver", "flow_match_euler"] = "ddim"
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
+    mask_guidance_scale: float | None = Field(None, ge=0, description="the mask generator's classifier-free "
+                                              "guidance when pairs draw their maps; null: guidance_scale")
     num_samples: int = Field(64, ge=1)
     batch_size: int = Field(8, ge=1)
     shard_size: int = Field(32, ge=1, description="samples per shard; shards are the unit of fan-out and of resume")

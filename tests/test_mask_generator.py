@@ -130,6 +130,26 @@ def test_pairs_from_text_share_one_grid_and_each_pair_reproduces_alone(spatial_d
     assert np.abs(other.images - output.images).max() > 1e-3
 
 
+def test_the_mask_generators_guidance_is_its_own_and_defaults_to_the_images(monkeypatch):
+    pipeline, used = pair_pipeline(2), []
+    sample = LatentDiffusion.sample
+
+    def spy(self, *args, guidance_scale=1.0, **kwargs):
+        used.append((type(self.denoiser).__name__, guidance_scale))
+        return sample(self, *args, guidance_scale=guidance_scale, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusion, "sample", spy)
+    default = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=3.0, generator=generators())
+    unguided = pipeline(PROMPTS, num_inference_steps=3, guidance_scale=3.0, mask_guidance_scale=1.0,
+                        generator=generators())
+    assert used == [("RadsynthMaskGenerator", 3.0), ("RadsynthUNet", 3.0),
+                    ("RadsynthMaskGenerator", 1.0), ("RadsynthUNet", 3.0)]
+    # (This tiny generator draws the same all-lung map either way, so the images agree: the image's sampling is
+    # untouched by the maps' guidance.)
+    np.testing.assert_array_equal(unguided.label_maps, default.label_maps)
+    np.testing.assert_allclose(unguided.images, default.images, atol=1e-5)
+
+
 def test_lesion_requests_edit_generated_maps_before_the_image_is_drawn():
     pipeline = pair_pipeline(2)  # 16 x 16 pixels of 1.5 mm
     output = pipeline(PROMPTS, lesions=["nodule 20 mm2"], num_inference_steps=3, generator=generators())

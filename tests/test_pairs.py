@@ -97,6 +97,17 @@ def test_generated_masks_train_with_the_model_and_make_pairs_that_owe_nothing_to
         assert sidecar["derived_from_real"] is False and sidecar["mask_source"] == "edited"
         nodule = next(int(value) for value, name in sidecar["label_names"].items() if name == "nodule")
         assert label[tuple(sidecar["lesions"][0]["centre_voxel"])] == nodule and request in sidecar["prompt"]
+        assert "mask_guidance_scale" not in sidecar  # the maps had the images' guidance
+    # The maps' own guidance is part of how a pair was drawn: it keys the seed and the sidecar says it.
+    path = config_file(tmp_path, run_dir, *GENERATED, "sampling.mask_source=generated",
+                       "sampling.mask_guidance_scale=1.0")
+    done = radsynth("generate", str(path), "--pairs", "--n", "1", "--lesion", request, "--out",
+                    str(tmp_path / "unguided"), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, unguided = (json.loads((folder / "syn_000000.json").read_text())
+                       for folder in (run_dir / "samples", tmp_path / "unguided"))
+    assert unguided["mask_guidance_scale"] == 1.0 and unguided["guidance_scale"] == first["guidance_scale"]
+    assert unguided["seed"] != first["seed"]
 
 
 def test_generated_masks_need_the_mask_generator(tmp_path):

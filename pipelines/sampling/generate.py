@@ -83,10 +83,14 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
 def sampler_settings(config: RadsynthConfig, pipeline: RadsynthPipeline) -> dict:
     """How every sample is drawn (what changes one sample; batch size and count do not): the configured sampler,
     or a distilled student's own, ``distill.steps`` steps of its learnt guidance and no more guidance on top."""
-    distilled = pipeline.config.distilled_guidance_scale
+    distilled, sampling = pipeline.config.distilled_guidance_scale, config.sampling
+    # Pairs whose maps are drawn: the mask generator's own guidance, when set, changes them too (a student's maps
+    # keep the guidance it learnt).
+    maps = ({"mask_guidance_scale": sampling.mask_guidance_scale} if sampling.pairs and
+            sampling.mask_source == "generated" and sampling.mask_guidance_scale is not None else {})
     if distilled is None:
-        return {"scheduler": config.sampling.scheduler, "num_inference_steps": config.sampling.num_inference_steps,
-                "guidance_scale": config.sampling.guidance_scale}
+        return {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
+                "guidance_scale": sampling.guidance_scale, **maps}
     return {"scheduler": STUDENT_SCHEDULER, "num_inference_steps": config.distill.steps, "guidance_scale": 1.0,
             "distilled_guidance_scale": distilled}
 
@@ -163,7 +167,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
         output = pipeline([pair.prompt for pair in drawn], conditions=[pair.conditions for pair in drawn],
                           num_inference_steps=sampler["num_inference_steps"],
                           guidance_scale=sampler["guidance_scale"], generator=generators, output_type="physical",
-                          **_pair_inputs(drawn, config))
+                          **_pair_inputs(drawn, config, sampler))
         if getattr(output, "mask_sources", None):  # the maps were generated: their conditions come with them
             drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)
                      for pair, label_map, edits in zip(drawn, output.label_maps, output.lesions)]
@@ -194,16 +198,17 @@ def _fixed_batches(wanted: Sequence[int], size: int, todo: set[int]) -> list[lis
     return [group for group in groups if todo.intersection(group)]
 
 
-def _pair_inputs(drawn: list[SampleCondition], config: RadsynthConfig) -> dict:
-    """The pipeline's arguments for pairs: lesion requests for generated maps; otherwise the drawn maps, and for
-    inpainting the real images and the regions to generate."""
+def _pair_inputs(drawn: list[SampleCondition], config: RadsynthConfig, sampler: dict) -> dict:
+    """The pipeline's arguments for pairs: lesion requests and the mask generator's sampler for generated maps;
+    otherwise the drawn maps, and for inpainting the real images and the regions to generate."""
     sampling = config.sampling
     if not sampling.pairs:
         return {}
     inputs = {"conditioning_scale": config.controlnet.conditioning_scale}
     if sampling.mask_source == "generated":
         # The mask generator is never distilled: it keeps the configured steps under a student too.
-        return {**inputs, "lesions": sampling.lesions, "mask_inference_steps": sampling.num_inference_steps}
+        return {**inputs, "lesions": sampling.lesions, "mask_inference_steps": sampling.num_inference_steps,
+                "mask_guidance_scale": sampler.get("mask_guidance_scale")}
     inputs["label_maps"] = np.stack([pair.label_map[None] for pair in drawn])
     if sampling.inpaint:
         inputs.update(images=np.stack([pair.background[None] for pair in drawn]),

@@ -91,8 +91,8 @@ class RadsynthTextToPairPipeline(RadsynthPipeline):
     def __call__(self, prompts: str | list[str], label_maps: torch.Tensor | np.ndarray | None = None,
                  lesions: Sequence[str] = (), conditions: Conditions | None = None, conditioning_scale: float = 1.0,
                  num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None,
-                 mask_inference_steps: int | None = None, output_type: str = "np",
-                 return_dict: bool = True) -> RadsynthPairOutput | tuple:
+                 mask_inference_steps: int | None = None, mask_guidance_scale: float | None = None,
+                 output_type: str = "np", return_dict: bool = True) -> RadsynthPairOutput | tuple:
         """One image + label map per prompt.
 
         label_maps: the caller's maps (B, 1, *image_shape) instead of generated ones.
@@ -100,12 +100,15 @@ class RadsynthTextToPairPipeline(RadsynthPipeline):
             the edits' random draws (size within a range, position) come from each prompt's generator.
         generator: one per prompt makes each pair reproducible on its own (map noise, edits, image noise).
         mask_inference_steps: the mask generator's steps (default ``num_inference_steps``).
+        mask_guidance_scale: the mask generator's guidance (default ``guidance_scale``; a distilled student's maps
+            keep the guidance it learnt).
         """
         prompts = self.check_prompts(prompts, generator, conditions)
         check_output_type(output_type)
         if label_maps is None:
-            maps = self.generate_label_maps(prompts, conditions, generator, mask_inference_steps or num_inference_steps,
-                                            guidance_scale).cpu().numpy()
+            maps = self.generate_label_maps(
+                prompts, conditions, generator, mask_inference_steps or num_inference_steps,
+                guidance_scale if mask_guidance_scale is None else mask_guidance_scale).cpu().numpy()
             sources = ["generated"] * len(prompts)
         else:
             maps = as_label_maps(label_maps, len(prompts), self.config.image_shape).cpu().numpy()
