@@ -71,7 +71,7 @@ class LatentDiffusion:
     latent_clip: clip the clean latents a prediction implies to +-this while sampling (None: no clip);
     spacing: the model's own voxel spacing, used when a batch gives none;
     loss_weights: clean latents -> weights (broadcastable to them) of each element's squared error in ``losses``
-        (the mask generator's rare labels, ``label_loss_weights``); None: every element alike.
+        (the mask generator's rare labels, ``mask_generator.LabelLossWeights``); None: every element alike.
     """
 
     def __init__(self, denoiser: torch.nn.Module, codec, text_encoder: torch.nn.Module,

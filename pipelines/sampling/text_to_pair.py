@@ -36,7 +36,7 @@ SHARE_CLIP = 1.0
 def mask_generator_diffusion(base: RadsynthPipeline, mask_generator: torch.nn.Module,
                              loss_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatentDiffusion:
     """The mask generator's core: label shares are its own latents, under the base model's (frozen) text encoder,
-    its class vocabulary and its objective. loss_weights: training's (``label_loss_weights``)."""
+    its class vocabulary and its objective. loss_weights: training's (``LabelLossWeights``)."""
     return LatentDiffusion(mask_generator, mask_generator, base.text_encoder, base.objective,
                            class_attribute=base.config.class_attribute, class_names=base.config.class_names,
                            latent_clip=SHARE_CLIP, spacing=base.config.spacing, loss_weights=loss_weights)
