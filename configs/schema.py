@@ -230,6 +230,9 @@ class ControlNetConfig(Section):
     """
 
     conditioning_scale: float = Field(1.0, ge=0, description="how strongly the label map steers the UNet")
+    rare_label_weight: float = Field(0.0, ge=0, description="extra loss weight on the latents under rare labels "
+                                     "(under 1% of the maps: findings, lesions); it reads the map, so it does not "
+                                     "bias what is learnt, only where training attends; 0: off")
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)

@@ -8,12 +8,15 @@ model's predictions exactly as they were, and training moves away from there (Zh
 
 Wrapped as a diffusers ModelMixin/ConfigMixin so it saves and loads as a pipeline component. Do not save it
 in a folder named ``controlnet``: diffusers mistakes such a folder for its own pipeline (see DESIGN.md).
+
+Findings are a few latents of a map: ``ControlLossWeights`` weights the loss towards them.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,10 @@ from torch import Tensor
 
 from .unet import RadsynthUNet
 
-__all__ = ["RadsynthControlNet", "one_hot_labels"]
+__all__ = ["ControlLossWeights", "RadsynthControlNet", "one_hot_labels", "rare_labels"]
+
+# A label whose mean share of the training maps is under this is rare: a finding or a lesion, not an organ.
+RARE_LABEL_SHARE = 0.01
 
 
 def one_hot_labels(label_map: Tensor, num_labels: int) -> Tensor:
@@ -34,6 +40,33 @@ def one_hot_labels(label_map: Tensor, num_labels: int) -> Tensor:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
         raise ValueError(f"label values must lie in 0..{num_labels - 1}, found {int(labels.min())}..{int(labels.max())}")
     return F.one_hot(labels, num_labels).movedim(-1, 1).float()
+
+
+def rare_labels(label_maps: Tensor, num_labels: int) -> Tensor:
+    """(num_labels,) booleans: the labels under ``RARE_LABEL_SHARE`` of the maps' voxels, (N, 1, *spatial)."""
+    counts = torch.bincount(label_maps.reshape(-1).long(), minlength=num_labels)[:num_labels]
+    return counts.double() / max(label_maps.numel(), 1) < RARE_LABEL_SHARE
+
+
+@dataclass(frozen=True)
+class ControlLossWeights:
+    """Weights of the ControlNet's squared error on the latents: 1 + ``rare_weight`` x the share of rare labels
+    under each latent voxel of the batch's own label maps.
+
+    The weight reads the condition (the map), never the clean latents, so the loss's minimum (the image given its
+    map) does not move; training only attends more to the few latents where a finding is drawn.
+    rare: (num_labels,) booleans (``rare_labels``); factor: image voxels per latent voxel per axis.
+    """
+
+    rare: Tensor
+    rare_weight: float
+    factor: int
+
+    def __call__(self, clean: Tensor, condition) -> Tensor:
+        """Weights (B, 1, *latent grid) of a batch whose ``condition.control`` holds its one-hot maps."""
+        shares = condition.control[:, self.rare.to(condition.control.device)].float().sum(dim=1, keepdim=True)
+        pool = (F.avg_pool2d, F.avg_pool3d)[clean.ndim - 4]
+        return 1.0 + self.rare_weight * pool(shares, self.factor)
 
 
 class RadsynthControlNet(ModelMixin, ConfigMixin):

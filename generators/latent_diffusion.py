@@ -70,15 +70,17 @@ class LatentDiffusion:
     class_attribute, class_names: the attribute fed as a class embedding and its values (index = position + 1);
     latent_clip: clip the clean latents a prediction implies to +-this while sampling (None: no clip);
     spacing: the model's own voxel spacing, used when a batch gives none;
-    loss_weights: clean latents -> weights (broadcastable to them) of each element's squared error in ``losses``
-        (the mask generator's rare labels, ``mask_generator.LabelLossWeights``); None: every element alike.
+    loss_weights: (clean latents, condition) -> weights (broadcastable to the latents) of each element's squared
+        error in ``losses``, towards rare labels (``mask_generator.LabelLossWeights``,
+        ``controlnet.ControlLossWeights``); None: every element alike.
     """
 
     def __init__(self, denoiser: torch.nn.Module, codec, text_encoder: torch.nn.Module,
                  objective: TrainingObjective, *, controlnet: torch.nn.Module | None = None,
                  conditioning_scale: float = 1.0, class_attribute: str | None = None,
                  class_names: Sequence[str] = (), latent_clip: float | None = None,
-                 spacing: Sequence[float] | None = None, loss_weights: Callable[[Tensor], Tensor] | None = None):
+                 spacing: Sequence[float] | None = None,
+                 loss_weights: Callable[[Tensor, Conditioning], Tensor] | None = None):
         self.denoiser, self.codec, self.text_encoder, self.objective = denoiser, codec, text_encoder, objective
         self.controlnet, self.conditioning_scale = controlnet, conditioning_scale
         self.class_attribute, self.class_names = class_attribute, list(class_names)
@@ -171,7 +173,7 @@ class LatentDiffusion:
         prediction = self.predict(noisy, model_timesteps, condition)
         squared = (prediction.float() - target.float()) ** 2
         if self.loss_weights is not None:
-            squared = squared * self.loss_weights(clean).to(squared.device)
+            squared = squared * self.loss_weights(clean, condition).to(squared.device)
         return squared.reshape(len(clean), -1).mean(dim=1)
 
     def guided_prediction(self, latents: Tensor, timestep: Tensor, condition: Conditioning, guidance_scale: float,

@@ -29,13 +29,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.layers import GaussianFilter
 from torch import Tensor
 
-from .controlnet import one_hot_labels
+from .controlnet import RARE_LABEL_SHARE, one_hot_labels
 from .unet import RadsynthUNet
 
 __all__ = ["LabelLossWeights", "RadsynthMaskGenerator"]
 
-# A label whose mean share of the training maps is under this is rare: a finding or a lesion, not an organ.
-RARE_LABEL_SHARE = 0.01
 # The largest per-label weight: the demo's 4-pixel nodules would otherwise weigh 60 times the background.
 MAX_LABEL_WEIGHT = 20.0
 
@@ -157,8 +155,8 @@ class LabelLossWeights:
         per_label = (frequency.max() / frequency.clamp_min(1e-12)).pow(balance).clamp(max=MAX_LABEL_WEIGHT)
         return cls(per_label, frequency < RARE_LABEL_SHARE, rare_weight)
 
-    def __call__(self, clean: torch.Tensor) -> torch.Tensor:
-        """Weights (B, L, *grid) of a batch's clean shares (B, L, *grid)."""
+    def __call__(self, clean: torch.Tensor, condition: object = None) -> torch.Tensor:
+        """Weights (B, L, *grid) of a batch's clean shares (B, L, *grid); the condition does not enter."""
         per_label = self.per_label.to(clean.device).view(1, -1, *[1] * (clean.ndim - 2))
         rare_share = ((clean[:, self.rare.to(clean.device)].float() + 1.0) / 2.0).sum(dim=1, keepdim=True)
         return per_label * (1.0 + self.rare_weight * rare_share)

@@ -33,7 +33,7 @@ from radsynth.generators.autoencoder_trainer import (
     holdout_reconstruction,
 )
 from radsynth.generators.compute import resolve_precision
-from radsynth.generators.controlnet import RadsynthControlNet
+from radsynth.generators.controlnet import ControlLossWeights, RadsynthControlNet, rare_labels
 from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.latent_diffusion import LatentDiffusion
@@ -321,7 +321,10 @@ def _controlnet(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedL
     torch.manual_seed(config.runtime.seed + 2)
     controlnet = RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
     settings = config.controlnet
-    trainer = _trainer(config, base.diffusion(controlnet, settings.conditioning_scale), [controlnet], latents, folder,
+    weights = (ControlLossWeights(rare_labels(latents.label_maps, num_labels), settings.rare_label_weight,
+                                  base.vae.downsample_factor) if settings.rare_label_weight else None)
+    diffusion = base.diffusion(controlnet, settings.conditioning_scale, weights)
+    trainer = _trainer(config, diffusion, [controlnet], latents, folder,
                        loop_settings(config, progress, max_steps=settings.max_steps,
                                      checkpoint_every=settings.checkpoint_every, validate_every=settings.validate_every),
                        settings.learning_rate, settings.batch_size)

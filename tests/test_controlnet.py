@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from radsynth.generators.controlnet import RadsynthControlNet, one_hot_labels
+from radsynth.generators.controlnet import ControlLossWeights, RadsynthControlNet, one_hot_labels, rare_labels
 from radsynth.generators.data import CachedLatents
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
-from radsynth.generators.latent_diffusion import LatentDiffusion
+from radsynth.generators.latent_diffusion import Conditioning, LatentDiffusion
 from radsynth.generators.objectives import TrainingObjective
 from radsynth.generators.text_encoder import load_text_encoder
 from radsynth.generators.trainer import LoopSettings, read_metrics
@@ -185,3 +185,20 @@ def test_controlnet_training_learns_from_the_label_map_and_leaves_the_base_model
         controlnet.save_pretrained(trained_path)
     assert any(weight.any() for name, weight in RadsynthControlNet.from_pretrained(trained_path).state_dict().items()
                if "zero" in name or "controlnet_down_blocks" in name)
+
+
+def test_control_loss_weights_favour_the_latents_under_rare_labels_whatever_the_latents():
+    # 100 maps of 8x8: an organ of 16 pixels in each, a 2x2 finding in the top-left corner of 10 of them
+    # -> shares 0.75, 0.25 and 0.00625: only the finding is rare.
+    maps = torch.zeros(100, 1, 8, 8, dtype=torch.long)
+    maps[:, :, 4:, 4:] = 1
+    maps[:10, :, :2, :2] = 2
+    rare = rare_labels(maps, 3)
+    assert rare.tolist() == [False, False, True]
+    weights = ControlLossWeights(rare, rare_weight=8.0, factor=4)  # 8x8 images, 2x2 latents
+    condition = Conditioning(context=torch.zeros(2, 1, 4), control=one_hot_labels(maps[9:11], 3))
+    for clean in (torch.zeros(2, 3, 2, 2), torch.randn(2, 3, 2, 2)):
+        found = weights(clean, condition)
+        # The finding covers 4 of the top-left latent's 16 pixels: 1 + 8 x 0.25; the map without one: all 1.
+        torch.testing.assert_close(found[0, 0], torch.tensor([[3.0, 1.0], [1.0, 1.0]]))
+        torch.testing.assert_close(found[1], torch.ones(1, 2, 2))

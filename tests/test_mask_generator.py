@@ -97,7 +97,7 @@ def test_the_mask_generators_loss_is_weighted_by_its_label_weights():
         noise = torch.randn_like(clean)
         return diffusion.losses(clean, diffusion.condition(PROMPTS[:2]), noise, torch.tensor([300, 700]))
 
-    plain, doubled = losses(None), losses(lambda batch: torch.full_like(batch, 2.0))
+    plain, doubled = losses(None), losses(lambda batch, condition: torch.full_like(batch, 2.0))
     torch.testing.assert_close(doubled, 2 * plain)
     assert not torch.allclose(losses(weights), plain)
 

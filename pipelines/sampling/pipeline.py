@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,13 +131,14 @@ class RadsynthPipeline(DiffusionPipeline):
     def objective(self) -> TrainingObjective:
         return TrainingObjective(self.config.objective, self.config.num_train_timesteps)
 
-    def diffusion(self, controlnet: torch.nn.Module | None = None, conditioning_scale: float = 1.0) -> LatentDiffusion:
+    def diffusion(self, controlnet: torch.nn.Module | None = None, conditioning_scale: float = 1.0,
+                  loss_weights: Callable | None = None) -> LatentDiffusion:
         """The image model's core; a ``controlnet`` (the model's ``mask_controlnet``, or one in training) steers it
-        at ``conditioning_scale``."""
+        at ``conditioning_scale``. loss_weights: training's (``LatentDiffusion``)."""
         return LatentDiffusion(self.unet, self.vae, self.text_encoder, self.objective, controlnet=controlnet,
                                conditioning_scale=conditioning_scale, class_attribute=self.config.class_attribute,
                                class_names=self.config.class_names, latent_clip=self.config.latent_clip,
-                               spacing=self.config.spacing)
+                               spacing=self.config.spacing, loss_weights=loss_weights)
 
     def base_scheduler(self, name: str | None = None):
         """A fresh scheduler of the base objective's kind (a distilled student's own scheduler cannot run the mask
