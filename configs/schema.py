@@ -372,6 +372,9 @@ class ScoringConfig(Section):
     )
     sample_dir: str | None = Field(None, description="samples to score; default <output_dir>/samples")
     max_samples: int | None = Field(None, ge=2, description="score at most this many samples (the first ones)")
+    synthetic_memory_mb: float = Field(
+        1024, ge=0, description="synthetic images and maps beyond this size are decoded into a temporary file "
+        "($TMPDIR) and read from it batch by batch, so scoring a large set does not hold it in memory; 0: always")
     bootstrap_samples: int = Field(200, ge=10)
     nearest_neighbour_chunk: int = Field(1024, ge=1)
     copy_detection_recall: float = Field(0.95, gt=0, lt=1)

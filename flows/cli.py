@@ -238,7 +238,8 @@ def _score(config: None, args: argparse.Namespace) -> dict:
 
     settings = load_scoring_config(args.overrides)
     train = folder_set(args.train, "train", is_synthetic=False, modality=args.modality)
-    sets = {name: folder_set(path, name, is_synthetic=name == "synthetic", reference=train)
+    sets = {name: folder_set(path, name, is_synthetic=name == "synthetic", reference=train,
+                             memory_mb=settings.synthetic_memory_mb if name == "synthetic" else None)
             for name, path in (("synthetic", args.synthetic), ("holdout", args.holdout), ("test", args.test)) if path}
     inputs = ScoringInputs(sets["synthetic"], train, sets["holdout"], sets.get("test"), attributes=args.attributes)
     result = score(inputs, settings, args.out, seed=args.seed, log=(lambda _: None) if args.json else print)

@@ -16,11 +16,12 @@ from radsynth.pipelines.data.preprocess import IntensityMap
 from radsynth.pipelines.scoring.adherence import (
     attribute_adherence,
     intensity_plausibility,
-    label_volume_agreement,
     label_volumes,
     mask_dice_ratio,
     per_sample_medians,
     real_range,
+    segment,
+    volume_agreement,
 )
 from radsynth.pipelines.scoring.attribute_classifier import AttributeClassifier
 from radsynth.pipelines.scoring.image_sets import ImageSet
@@ -151,7 +152,9 @@ def test_label_volume_known_units_and_exact_masks_give_zero_error():
     assert label_volumes(volume, (1.0, 2.0, 5.0), [2])[0, 0] == pytest.approx(0.08)
 
     masks = shapes_set(12, seed=4).masks
-    exact = label_volume_agreement(masks, masks, (1.0, 1.0), SHAPE_LABELS, real_predicted=masks, real_truth=masks)
+    volumes = label_volumes(masks, (1.0, 1.0), SHAPE_LABELS)
+    exact = volume_agreement(volumes, volumes, SHAPE_LABELS, 2, real_predicted_volumes=volumes,
+                             real_truth_volumes=volumes)
     assert exact["unit"] == "cm2"
     for label in ("1", "2"):
         assert exact["per_label"][label]["median_relative_error"] == 0.0
@@ -159,7 +162,19 @@ def test_label_volume_known_units_and_exact_masks_give_zero_error():
         assert exact["per_label"][label]["pearson"] == pytest.approx(1.0)
         assert exact["reference"][label]["median_relative_error"] == 0.0
     grown = np.where((masks == 0) & (np.roll(masks, 1, axis=2) == 1), 1, masks)  # disc one pixel wider
-    assert label_volume_agreement(grown, masks, (1.0, 1.0), [1])["per_label"]["1"]["median_relative_error"] > 0.05
+    grown_error = volume_agreement(label_volumes(grown, (1.0, 1.0), [1]), label_volumes(masks, (1.0, 1.0), [1]), [1],
+                                   2)["per_label"]["1"]["median_relative_error"]
+    assert grown_error > 0.05
+
+
+def test_segment_reads_a_set_in_batches_exactly_as_one_pass_over_it(shapes_segmenter):
+    data = shapes_set(70, seed=5)  # more images than one batch
+    segmented = segment(shapes_segmenter, data, SHAPE_LABELS, spacing=(2.0, 1.0))
+    predicted = shapes_segmenter.predict(data.images)
+    np.testing.assert_array_equal(segmented.dice, per_label_dice(predicted, data.masks, SHAPE_LABELS))
+    np.testing.assert_array_equal(segmented.predicted_volumes, label_volumes(predicted, (2.0, 1.0), SHAPE_LABELS))
+    np.testing.assert_array_equal(segmented.mask_volumes, label_volumes(data.masks, (2.0, 1.0), SHAPE_LABELS))
+    assert np.isfinite(segmented.dice[:, 0]).all() and (segmented.mask_volumes[:, 0] > 0).all()
 
 
 CT_LABELS = (1, 2, 3, 4, 5, 8)  # body, lungs, liver, spleen, vertebrae

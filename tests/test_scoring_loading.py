@@ -93,6 +93,39 @@ def test_a_pairs_label_map_is_its_mask_and_never_a_sample_of_its_own(tmp_path, f
         sample_set(tmp_path, reference)
 
 
+def test_a_set_above_the_memory_setting_is_held_on_disk_with_the_same_values_and_leaves_no_file(tmp_path,
+                                                                                             monkeypatch):
+    intensity = IntensityMap("ct_window", -1000.0, 1000.0)
+    reference = ImageSet(np.zeros((2, 16, 16), np.float32), ["a", "b"], ["p", "q"], (1.0, 1.0), intensity, False)
+    rng = np.random.default_rng(0)
+    sidecar = {"prompt": "p", "seed": 1, "scheduler": "ddim", "num_inference_steps": 2, "guidance_scale": 1.0,
+               "model_hash": "x"}
+    for index in range(5):
+        write_sample(tmp_path / "samples", f"syn_{index:06d}", rng.normal(0, 300, (16, 16)), (1.0, 1.0), "nifti",
+                     sidecar, label=rng.integers(0, 3, (16, 16)))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    in_memory = sample_set(tmp_path / "samples", reference, memory_mb=1.0)  # 5 x 16 x 16 x 12 bytes: 15 kB
+    on_disk = sample_set(tmp_path / "samples", reference, memory_mb=0.01)
+    assert not isinstance(in_memory.images, np.memmap) and not isinstance(in_memory.masks, np.memmap)
+    assert isinstance(on_disk.images, np.memmap) and isinstance(on_disk.masks, np.memmap)
+    np.testing.assert_array_equal(on_disk.images, in_memory.images)
+    np.testing.assert_array_equal(on_disk.masks, in_memory.masks)
+    assert list(scratch.iterdir()) == []  # the files are anonymous: nothing to clean up, even after a crash
+    first = sample_set(tmp_path / "samples", reference, max_samples=3, memory_mb=0)
+    assert first.ids == in_memory.ids[:3] and isinstance(first.images, np.memmap)
+    np.testing.assert_array_equal(first.images, in_memory.images[:3])
+
+    train = folder_set(write_png_folder(tmp_path / "train"), "train", is_synthetic=False)
+    other = write_png_folder(tmp_path / "other", seed=1)
+    held = folder_set(other, "synthetic", is_synthetic=True, reference=train, memory_mb=0)
+    kept = folder_set(other, "synthetic", is_synthetic=True, reference=train)
+    assert isinstance(held.images, np.memmap) and not isinstance(kept.images, np.memmap)
+    np.testing.assert_array_equal(held.images, kept.images)
+    np.testing.assert_array_equal(held.masks, kept.masks)
+
+
 def test_mask_folder_with_a_missing_or_non_integer_mask_is_a_user_error(tmp_path):
     folder = write_png_folder(tmp_path / "train")
     (folder / "labels" / "im3.png").unlink()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,18 +26,19 @@ from scipy import stats
 
 from .attribute_classifier import AttributeClassifier
 from .bootstrap import Estimate, bootstrap
-from .image_sets import ImageSet
+from .image_sets import ImageSet, map_batches
 from .segmenter import Segmenter, per_label_dice
 
 __all__ = [
     "attribute_adherence",
     "dice_ratio_from_scores",
     "intensity_plausibility",
-    "label_volume_agreement",
     "label_volumes",
     "mask_dice_ratio",
     "per_sample_medians",
     "real_range",
+    "segment",
+    "volume_agreement",
 ]
 
 # The lowest 5% of the [-1, 1] scale is taken as background when no masks are given: air below the CT window,
@@ -69,6 +71,33 @@ def _require_masks(image_set: ImageSet, role: str) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------- mask Dice
 
 
+@dataclass
+class Segmented:
+    """A segmenter's reading of a set, per image and label (N, L): Dice of its prediction against the set's own
+    label maps, and the label's volume in the prediction and in the map (see ``label_volumes``)."""
+
+    dice: np.ndarray
+    predicted_volumes: np.ndarray
+    mask_volumes: np.ndarray
+
+
+def segment(segmenter: Segmenter, image_set: ImageSet, labels: Sequence[int],
+            spacing: Sequence[float] | None = None) -> Segmented:
+    """Segment every image of ``image_set`` once, a batch at a time (a set held on disk is never read whole):
+    what the mask-Dice ratio and the volume agreement both read. spacing: for the volumes (default the set's)."""
+    masks = _require_masks(image_set, "image set")
+    spacing = image_set.spacing if spacing is None else spacing
+
+    def per_batch(part: slice) -> np.ndarray:
+        predicted, target = segmenter.predict(image_set.images[part]), np.asarray(masks[part])
+        return np.concatenate([per_label_dice(predicted, target, labels),
+                               label_volumes(predicted, spacing, labels),
+                               label_volumes(target, spacing, labels)], axis=1)
+
+    table = map_batches(per_batch, len(image_set))
+    return Segmented(*np.split(table, 3, axis=1))
+
+
 def mask_dice_ratio(segmenter: Segmenter, synthetic: ImageSet, real_test: ImageSet, labels: Sequence[int],
                     n_boot: int = 200, seed: int = 0, label_names: Mapping[int, str] | None = None) -> dict:
     """Segment synthetic and real test images with a segmenter trained on real images, and compare its Dice.
@@ -76,11 +105,9 @@ def mask_dice_ratio(segmenter: Segmenter, synthetic: ImageSet, real_test: ImageS
     The segmenter is trained by the caller on the real *train* split. Synthetic Dice is against the
     conditioning masks (``synthetic.masks``); real Dice against ground truth. See ``dice_ratio_from_scores``.
     """
-    synthetic_masks, real_masks = _require_masks(synthetic, "synthetic"), _require_masks(real_test, "real test")
-    synthetic_dice = per_label_dice(segmenter.predict(synthetic.images), synthetic_masks, labels)
-    real_dice = per_label_dice(segmenter.predict(real_test.images), real_masks, labels)
-    return dice_ratio_from_scores(synthetic_dice, real_dice, synthetic.groups, real_test.groups, labels,
-                                  synthetic.ids, n_boot, seed, label_names)
+    return dice_ratio_from_scores(segment(segmenter, synthetic, labels).dice,
+                                  segment(segmenter, real_test, labels).dice, synthetic.groups, real_test.groups,
+                                  labels, synthetic.ids, n_boot, seed, label_names)
 
 
 def dice_ratio_from_scores(synthetic_dice: np.ndarray, real_dice: np.ndarray, synthetic_groups: Sequence[str],
@@ -164,27 +191,26 @@ def _agreement(predicted: np.ndarray, reference: np.ndarray) -> dict:
     }
 
 
-def label_volume_agreement(predicted: np.ndarray, conditioning: np.ndarray, spacing: Sequence[float],
-                           labels: Sequence[int], real_predicted: np.ndarray | None = None,
-                           real_truth: np.ndarray | None = None,
-                           label_names: Mapping[int, str] | None = None) -> dict:
+def volume_agreement(predicted_volumes: np.ndarray, conditioning_volumes: np.ndarray, labels: Sequence[int],
+                     spatial_dims: int, real_predicted_volumes: np.ndarray | None = None,
+                     real_truth_volumes: np.ndarray | None = None,
+                     label_names: Mapping[int, str] | None = None) -> dict:
     """Per label: the segmented volume of each sample against the volume its conditioning mask asked for.
 
     Relative error is (predicted - conditioning) / conditioning over samples whose conditioning mask has the
     label (signed median: systematic over- or under-growth; absolute median: typical miss). Pearson and
-    Spearman correlation run over samples where the label is in either map. With ``real_predicted`` and
-    ``real_truth`` (the same segmenter on real test images) the same numbers are given as the reference: the
-    segmenter's own volume error bounds what a perfect generator could reach.
+    Spearman correlation run over samples where the label is in either map. With the real test images' volumes
+    (the same segmenter's and the ground truth's) the same numbers are given as the reference: the
+    segmenter's own volume error bounds what a perfect generator could reach. Volumes are (N, L), as
+    ``label_volumes`` gives them.
     """
     names = _names(labels, label_names)
-    predicted_volumes = label_volumes(predicted, spacing, labels)
-    conditioning_volumes = label_volumes(conditioning, spacing, labels)
     reference = None
-    if real_predicted is not None and real_truth is not None:
-        real_p, real_t = label_volumes(real_predicted, spacing, labels), label_volumes(real_truth, spacing, labels)
-        reference = {name: _agreement(real_p[:, j], real_t[:, j]) for j, name in enumerate(names)}
+    if real_predicted_volumes is not None and real_truth_volumes is not None:
+        reference = {name: _agreement(real_predicted_volumes[:, j], real_truth_volumes[:, j])
+                     for j, name in enumerate(names)}
     return {
-        "unit": "ml" if len(spacing) == 3 else "cm2",
+        "unit": "ml" if spatial_dims == 3 else "cm2",
         "labels": names,
         "per_label": {name: _agreement(predicted_volumes[:, j], conditioning_volumes[:, j])
                       for j, name in enumerate(names)},
@@ -204,21 +230,20 @@ def per_sample_medians(image_set: ImageSet, labels: Sequence[int] | None = None)
     labels, one region: the foreground (above the bottom 5% of the [-1, 1] scale; the whole image when an
     image has no foreground). NaN where an image lacks the label.
     """
-    physical = image_set.physical()
-    n = len(physical)
-    if labels is None:
-        medians = np.empty((n, 1))
-        for i in range(n):
-            foreground = image_set.images[i] > FOREGROUND_THRESHOLD
-            medians[i, 0] = np.median(physical[i][foreground]) if foreground.any() else np.median(physical[i])
-        return medians
-    masks = _require_masks(image_set, "image set")
-    medians = np.full((n, len(labels)), np.nan)
-    for i in range(n):
+    n = len(image_set)
+    masks = None if labels is None else _require_masks(image_set, "image set")
+    medians = np.full((n, 1 if labels is None else len(labels)), np.nan)
+    for i in range(n):  # one image at a time: a set held on disk is never read whole
+        image = np.asarray(image_set.images[i])
+        physical = image_set.intensity.inverse(image)
+        if labels is None:
+            foreground = image > FOREGROUND_THRESHOLD
+            medians[i, 0] = np.median(physical[foreground]) if foreground.any() else np.median(physical)
+            continue
         for j, label in enumerate(labels):
             inside = masks[i] == label
             if inside.any():
-                medians[i, j] = np.median(physical[i][inside])
+                medians[i, j] = np.median(physical[inside])
     return medians
 
 
@@ -348,8 +373,11 @@ def attribute_adherence(classifier: AttributeClassifier, synthetic: ImageSet, re
         raise ValueError(f"attribute '{attribute}': no synthetic or no real test image has a value among {classes}")
 
     def predict(image_set: ImageSet, rows: np.ndarray) -> np.ndarray:
-        images = torch.from_numpy(np.ascontiguousarray(image_set.images[rows], dtype=np.float32))[:, None]
-        return np.array(classifier.predict(images), dtype=object)
+        def per_batch(part: slice) -> np.ndarray:
+            images = np.ascontiguousarray(image_set.images[rows[part]], dtype=np.float32)
+            return np.array(classifier.predict(torch.from_numpy(images)[:, None]), dtype=object)
+
+        return map_batches(per_batch, len(rows))
 
     synthetic_predicted, real_predicted = predict(synthetic, synthetic_rows), predict(real_test, real_rows)
     groups = [[synthetic.groups[i] for i in synthetic_rows], [real_test.groups[i] for i in real_rows]]

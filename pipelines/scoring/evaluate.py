@@ -374,22 +374,22 @@ def _labels(inputs: ScoringInputs) -> list[int] | None:
 
 def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: RealSideCache,
                tick) -> None:
-    from .adherence import label_volume_agreement, mask_dice_ratio
+    from .adherence import dice_ratio_from_scores, segment, volume_agreement
 
     evaluation, labels = inputs.evaluation, _labels(inputs)
     if labels is not None:
         segmenter = _real_segmenter(inputs, labels, settings, seed, cache)
-        report = mask_dice_ratio(segmenter, inputs.synthetic, evaluation, labels, n_boot=settings.bootstrap_samples,
-                                 seed=seed)
+        synthetic, real = (segment(segmenter, s, labels, inputs.train.spacing) for s in (inputs.synthetic, evaluation))
+        report = dice_ratio_from_scores(synthetic.dice, real.dice, inputs.synthetic.groups, evaluation.groups, labels,
+                                        inputs.synthetic.ids, n_boot=settings.bootstrap_samples, seed=seed)
         for name, row in report["per_label"].items():
             card.add("adherence", "mask_dice_ratio", row["ratio"], feature_space="segmenter (real train)",
                      stratum=f"label {name}", reference=row["real_dice"], reference_name="segmenter Dice on real test",
                      n=row["n_synthetic"], better="near 1", note=f"synthetic Dice {row['synthetic_dice'].value:.3f}")
         for record, sample in zip(card.per_sample, report["per_sample"]):
             record.update({k: v for k, v in sample.items() if k != "id"})
-        volumes = label_volume_agreement(segmenter.predict(inputs.synthetic.images), inputs.synthetic.masks,
-                                         inputs.train.spacing, labels, segmenter.predict(evaluation.images),
-                                         evaluation.masks)
+        volumes = volume_agreement(synthetic.predicted_volumes, synthetic.mask_volumes, labels,
+                                   inputs.train.spatial_dims, real.predicted_volumes, real.mask_volumes)
         for name, row in volumes["per_label"].items():
             reference = volumes["reference"][name] if volumes["reference"] else {}
             card.add("adherence", "label_volume_median_abs_relative_error", row["median_absolute_relative_error"],
@@ -671,9 +671,8 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     holdout = cached_split(config, "holdout")
     test = cached_split(config, "test")
     samples = Path(sample_dir or build_sample_dir(config))
-    synthetic = sample_set(samples, train)
-    if config.scoring.max_samples:
-        synthetic = synthetic.subset(range(min(len(synthetic), config.scoring.max_samples)))
+    synthetic = sample_set(samples, train, max_samples=config.scoring.max_samples,
+                           memory_mb=config.scoring.synthetic_memory_mb)
     model = Path(model_dir or sampling_model_dir(config))
     pipeline = load_pipeline(model, config, progress=False) if (model / "model_index.json").is_file() else None
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(

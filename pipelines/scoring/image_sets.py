@@ -6,12 +6,16 @@ mapping onto [-1, 1] and one grid, so a pixel or feature difference is a differe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from radsynth.pipelines.data.preprocess import IntensityMap
+
+from .features.base import chunks
 
 
 @dataclass
@@ -68,3 +72,27 @@ class ImageSet:
                         None if self.masks is None else self.masks[index],
                         [self.conditions[i] for i in index], [self.prompts[i] for i in index], self.name,
                         [self.sources[i] for i in index] if self.sources else [])
+
+
+BATCH_SIZE = 64  # images per batch in the per-image passes over a set
+
+
+def image_array(count: int, shape: Sequence[int], dtype, on_disk_in: str | Path | None = None) -> np.ndarray:
+    """An empty (count, *shape) array to fill image by image: in memory, or, with ``on_disk_in``, a memory-mapped
+    file in that folder, so that a set larger than memory is decoded and scored without holding it there.
+
+    The file is anonymous (unlinked as it is created): it disappears with the array, and a killed run leaves
+    nothing behind. Scorers read such a set in batches (``map_batches``); the pages they touch are cache
+    the OS may drop, not the process's own memory.
+    """
+    if on_disk_in is None:
+        return np.empty((count, *shape), dtype=dtype)
+    handle = tempfile.TemporaryFile(dir=on_disk_in, prefix=".scoring-set-")
+    return np.memmap(handle, dtype=dtype, mode="w+", shape=(count, *shape))
+
+
+def map_batches(function: Callable[[slice], np.ndarray], count: int, batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """``function`` of consecutive slices of ``range(count)``, its outputs concatenated along the first axis: how a
+    per-image pass walks a set held on disk (for functions whose rows do not depend on the rest of the batch)."""
+    # An empty set is one empty slice: the function still gives its output's shape.
+    return np.concatenate([function(part) for part in chunks(max(count, 1), batch_size)])

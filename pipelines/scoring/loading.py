@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -35,7 +36,7 @@ from ..data.manifest import CaseRecord, read_manifest
 from ..data.preprocess import IntensityMap, fit_intensity_map
 from ..sampling.sidecar import SampleDigest, Sidecar, read_sidecar
 from ..sampling.writers import png16_to_physical
-from .image_sets import ImageSet
+from .image_sets import ImageSet, image_array
 
 MASK_FOLDERS = ("labels", "masks")
 METADATA_FILE = "metadata.csv"
@@ -77,13 +78,16 @@ def _conditions(record: CaseRecord, config: RadsynthConfig) -> dict[str, str]:
     return prompt_attributes(record.attributes, keys)
 
 
-def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic") -> ImageSet:
+def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic", max_samples: int | None = None,
+               memory_mb: float | None = None) -> ImageSet:
     """Generated samples (image + JSON sidecar) on the reference's grid and intensity scale.
 
     The sidecar's prompt gives each sample's conditions; PNG samples are mapped back to physical units through
     the sidecar's ``png_low``/``png_high`` first. A pair's label map (the sidecar's ``label_file``, as
     ``radsynth generate --pairs`` writes it) is that sample's mask and never a sample of its own; without pairs,
     masks come from a ``labels/`` or ``masks/`` folder. Samples without a sidecar are read like any image folder.
+    max_samples: the first this many samples only. memory_mb: a set whose images and masks would take more is
+    decoded into a file on disk (``image_array``), sample by sample; None: always in memory.
     """
     folder = Path(folder)
     files = _image_files(folder)
@@ -94,25 +98,37 @@ def sample_set(folder: str | Path, reference: ImageSet, name: str = "synthetic")
     if 0 < paired < len(files):
         raise UserInputError(folder, f"{paired} of {len(files)} samples have a label map",
                              "pairs for every sample (radsynth generate --pairs) or for none")
+    files = files[:max_samples]
     mask_folder = None if paired else _mask_folder(folder)
     shape = reference.images.shape[1:]
-    images, ids, prompts, conditions, masks, sources = [], [], [], [], [], []
-    for path in files:
+    images, masks = _arrays(len(files), shape, bool(paired) or mask_folder is not None, memory_mb)
+    ids, prompts, conditions, sources = [], [], [], []
+    for i, path in enumerate(files):
         sidecar, sample_id = sidecars[path], strip_image_suffix(path.name)
-        images.append(_on_grid(reference.intensity.forward(_read_physical(path, sidecar)), shape, order=1))
+        images[i] = _on_grid(reference.intensity.forward(_read_physical(path, sidecar)), shape, order=1)
         ids.append(sample_id)
         prompts.append(sidecar.prompt if sidecar else "")
         # Conditions as data; a sidecar from before they were recorded states them in its prompt's header.
         conditions.append(dict(sidecar.conditions) or parse_prompt(sidecar.prompt) if sidecar else {})
         if paired:
-            masks.append(_read_mask_file(folder / sidecar.label_file, shape))
+            masks[i] = _read_mask_file(folder / sidecar.label_file, shape)
         elif mask_folder is not None:
-            masks.append(_read_mask(mask_folder, path.name, shape))
+            masks[i] = _read_mask(mask_folder, path.name, shape)
         if sidecar:  # after the files are known to be there
             sources.append({**asdict(SampleDigest.of(folder, sample_id, sidecar)), "model_hash": sidecar.model_hash})
-    return ImageSet(np.stack(images), ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
-                    masks=np.stack(masks) if masks else None, conditions=conditions, prompts=prompts, name=name,
+    return ImageSet(images, ids, list(ids), reference.spacing, reference.intensity, is_synthetic=True,
+                    masks=masks, conditions=conditions, prompts=prompts, name=name,
                     sources=sources if len(sources) == len(ids) else [])
+
+
+def _arrays(count: int, shape: Sequence[int], with_masks: bool,
+            memory_mb: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Empty image (float32) and mask (int64) arrays for ``count`` images: in memory, or on disk in the system's
+    temporary folder when they would take more than ``memory_mb``."""
+    size = count * int(np.prod(shape)) * (4 + (8 if with_masks else 0))
+    on_disk = tempfile.gettempdir() if memory_mb is not None and size > memory_mb * 2**20 else None
+    return (image_array(count, shape, np.float32, on_disk),
+            image_array(count, shape, np.int64, on_disk) if with_masks else None)
 
 
 def _sidecar(image_path: Path) -> Sidecar | None:
@@ -125,19 +141,14 @@ def _sidecar(image_path: Path) -> Sidecar | None:
 
 
 def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: ImageSet | None = None,
-               modality: str | None = None) -> ImageSet:
+               modality: str | None = None, memory_mb: float | None = None) -> ImageSet:
     """All images of a folder. Without a reference the folder *is* the reference: its first image's shape is
-    the grid and an intensity map is fitted on all its pixels (``modality`` "ct" uses the CT window)."""
+    the grid and an intensity map is fitted on all its pixels (``modality`` "ct" uses the CT window). With one,
+    images are read one at a time and a set above ``memory_mb`` is held on disk (see ``sample_set``)."""
     folder = Path(folder)
     files = _image_files(folder)
-    arrays = [_read_physical(path, None) for path in files]
-    for path, array in zip(files, arrays):
-        if not np.isfinite(array).all():
-            raise UserInputError(path, "has NaN or infinite values", "images of finite intensities")
-        if not is_synthetic and array.min() == array.max():
-            raise UserInputError(path, f"every pixel is {array.min():g}: not a real image",
-                                 "real images with contrast (a blank file in a real folder is an export error)")
     if reference is None:
+        arrays = [_checked_image(path, is_synthetic) for path in files]
         shape = arrays[0].shape
         pooled = np.concatenate([a[:: max(1, a.size // 200_000)].ravel() for a in arrays])
         intensity = fit_intensity_map(pooled, modality or "xray", IntensityConfig())
@@ -145,16 +156,31 @@ def folder_set(folder: str | Path, name: str, is_synthetic: bool, reference: Ima
             raise UserInputError(folder, "every training pixel has the same value", "real images with contrast")
         spacing = read_image(files[0]).spacing[: len(shape)]
     else:
+        arrays = None
         shape, intensity, spacing = reference.images.shape[1:], reference.intensity, reference.spacing
-    images = np.stack([_on_grid(intensity.forward(a), shape, order=1) for a in arrays])
     mask_folder = _mask_folder(folder)
-    masks = np.stack([_read_mask(mask_folder, p.name, shape) for p in files]) if mask_folder is not None else None
+    images, masks = _arrays(len(files), shape, mask_folder is not None, memory_mb)
+    for i, path in enumerate(files):
+        array = arrays[i] if arrays is not None else _checked_image(path, is_synthetic)
+        images[i] = _on_grid(intensity.forward(array), shape, order=1)
+        if masks is not None:
+            masks[i] = _read_mask(mask_folder, path.name, shape)
     ids = [strip_image_suffix(p.name) for p in files]
     metadata = _metadata(folder, ids)
     groups = [metadata.get(i, {}).get("patient_id") or i for i in ids]
     conditions = [{k: v for k, v in metadata.get(i, {}).items() if k not in ("patient_id", "file", "id") and v}
                   for i in ids]
     return ImageSet(images, ids, groups, spacing, intensity, is_synthetic, masks, conditions, name=name)
+
+
+def _checked_image(path: Path, is_synthetic: bool) -> np.ndarray:
+    array = _read_physical(path, None)
+    if not np.isfinite(array).all():
+        raise UserInputError(path, "has NaN or infinite values", "images of finite intensities")
+    if not is_synthetic and array.min() == array.max():
+        raise UserInputError(path, f"every pixel is {array.min():g}: not a real image",
+                             "real images with contrast (a blank file in a real folder is an export error)")
+    return array
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -31,7 +31,8 @@ def check_images(images: np.ndarray, spatial_dims: int, who: str) -> np.ndarray:
     if array.ndim != spatial_dims + 1:
         raise ValueError(f"{who}: expected images of shape (N, {', '.join('DHW'[-spatial_dims:])}) for "
                          f"spatial_dims={spatial_dims}, got shape {array.shape}")
-    if not np.all(np.isfinite(array)):
+    # Batch by batch: a set held on disk (``image_sets.image_array``) is not read whole for one check.
+    if not all(np.isfinite(array[part]).all() for part in chunks(len(array), 64)):
         raise ValueError(f"{who}: images contain NaN or infinite values")
     return array.astype(np.float32, copy=False)
 
