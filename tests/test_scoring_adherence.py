@@ -24,7 +24,7 @@ from radsynth.pipelines.scoring.adherence import (
     volume_agreement,
 )
 from radsynth.pipelines.scoring.attribute_classifier import AttributeClassifier
-from radsynth.pipelines.scoring.image_sets import ImageSet
+from radsynth.pipelines.scoring.image_sets import ConcatenatedRows, ImageSet, image_array
 from radsynth.pipelines.scoring.segmenter import Segmenter, per_label_dice
 
 SHAPE_LABELS = (1, 2)  # 1 = bright disc, 2 = dark square
@@ -111,6 +111,37 @@ def test_segmenter_is_deterministic_batch_independent_and_takes_any_grid():
                                                             for i in range(len(data))]))
     first_weights = next(first.network.parameters()).detach()
     assert not torch.equal(first_weights, next(other.network.parameters()).detach())
+
+
+def test_models_trained_on_concatenated_rows_of_a_set_on_disk_equal_those_trained_on_one_array(tmp_path):
+    real, synthetic = shapes_set(6, seed=3, size=30), shapes_set(10, seed=4, size=30, synthetic=True)
+    images = image_array(len(synthetic), synthetic.images.shape[1:], np.float32, on_disk_in=tmp_path)
+    masks = image_array(len(synthetic), synthetic.masks.shape[1:], np.int64, on_disk_in=tmp_path)
+    images[:], masks[:] = synthetic.images, synthetic.masks
+    stacked = ConcatenatedRows(real.images, images)
+    np.testing.assert_array_equal(stacked[np.array([7, 0, 15, 6])],
+                                  np.concatenate([real.images, synthetic.images])[[7, 0, 15, 6]])
+    with pytest.raises(IndexError):
+        stacked[np.array([16])]
+
+    def segmenter(x, y):
+        return Segmenter(2, 3, channels=TINY, seed=1).fit(x, y, steps=4, batch_size=4)
+
+    joined = segmenter(np.concatenate([real.images, synthetic.images]), np.concatenate([real.masks, synthetic.masks]))
+    streamed = segmenter(stacked, ConcatenatedRows(real.masks, masks))
+    for a, b in zip(joined.network.parameters(), streamed.network.parameters()):
+        assert torch.equal(a, b)
+
+    labels = [c["finding"] for c in real.conditions + synthetic.conditions]
+    classes = sorted(set(labels))
+    joined = AttributeClassifier((30, 30), classes, channels=(4, 8), seed=1).fit(
+        torch.from_numpy(np.concatenate([real.images, synthetic.images]))[:, None], labels, steps=4, batch_size=4)
+    streamed = AttributeClassifier((30, 30), classes, channels=(4, 8), seed=1).fit(stacked, labels, steps=4,
+                                                                                   batch_size=4)
+    for a, b in zip(joined.network.parameters(), streamed.network.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(joined.network.parameters()),
+                           next(AttributeClassifier((30, 30), classes, channels=(4, 8), seed=2).network.parameters()))
 
 
 def test_segmenter_runs_in_3d():

@@ -30,8 +30,10 @@ class AttributeClassifier:
         self.network = Classifier(in_shape=(1, *image_shape), classes=len(self.classes), channels=channels,
                                   strides=(2,) * len(channels), num_res_units=1)
 
-    def fit(self, images: torch.Tensor, labels: Sequence[str], steps: int = 400, batch_size: int = 32,
+    def fit(self, images, labels: Sequence[str], steps: int = 400, batch_size: int = 32,
             learning_rate: float = 1e-3) -> AttributeClassifier:
+        """images: a (N, 1, *spatial) tensor, or (N, *spatial) rows of an array, a memory-mapped one or a
+        ``ConcatenatedRows``, gathered a batch at a time (a set held on disk is not read whole)."""
         targets = torch.tensor([self.classes.index(label) for label in labels])
         counts = torch.bincount(targets, minlength=len(self.classes)).float()
         weights = (1.0 / counts.clamp_min(1))[targets]
@@ -40,7 +42,9 @@ class AttributeClassifier:
         self.network.train()
         for _ in range(steps):
             rows = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-            x = images[rows] + 0.02 * torch.randn(images[rows].shape, generator=generator)  # mild noise
+            batch = images[rows] if isinstance(images, torch.Tensor) else torch.from_numpy(
+                np.asarray(images[rows.numpy()], dtype=np.float32))[:, None]
+            x = batch + 0.02 * torch.randn(batch.shape, generator=generator)  # mild noise
             loss = F.cross_entropy(self.network(x), targets[rows])
             optimizer.zero_grad()
             loss.backward()

@@ -96,3 +96,32 @@ def map_batches(function: Callable[[slice], np.ndarray], count: int, batch_size:
     per-image pass walks a set held on disk (for functions whose rows do not depend on the rest of the batch)."""
     # An empty set is one empty slice: the function still gives its output's shape.
     return np.concatenate([function(part) for part in chunks(max(count, 1), batch_size)])
+
+
+class ConcatenatedRows:
+    """Arrays stacked along the first axis without copying them: indexing with row numbers gathers those rows
+    from each part. What a training loop drawing random batches from real plus synthetic images needs, so that a
+    synthetic set held on disk is never copied whole into memory."""
+
+    def __init__(self, *parts: np.ndarray) -> None:
+        if len({tuple(part.shape[1:]) for part in parts}) != 1:
+            raise ValueError(f"parts of different shapes: {[tuple(part.shape) for part in parts]}")
+        self.parts = parts
+        self.starts = np.cumsum([0, *(len(part) for part in parts)])
+        self.shape = (int(self.starts[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.ndim != 1 or (len(rows) and not 0 <= rows.min() <= rows.max() < len(self)):
+            raise IndexError(f"rows must be a 1-D array of row numbers below {len(self)}")
+        owner = np.searchsorted(self.starts, rows, side="right") - 1
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for k, part in enumerate(self.parts):
+            mine = owner == k
+            if mine.any():
+                out[mine] = part[rows[mine] - self.starts[k]]
+        return out

@@ -52,20 +52,24 @@ class Segmenter:
         Augmentation is small shifts and intensity scale/offset/noise only: flips would swap left and right
         structures, which are different labels in chest and torso label maps.
         """
-        x_all = self._as_input(images)
-        if len(x_all) == 0:
+        images, masks = _rows_source(images), _rows_source(masks)
+        if len(images) == 0:
             raise ValueError("Segmenter.fit needs at least one image")
-        y_all = torch.as_tensor(np.asarray(masks), dtype=torch.long).reshape(x_all.shape)
-        if int(y_all.max()) >= self.num_classes or int(y_all.min()) < 0:
-            raise ValueError(f"mask labels must lie in 0..{self.num_classes - 1}, found {int(y_all.min())}..{int(y_all.max())}")
-        x_all, y_all = self._pad(x_all, -1.0), self._pad(y_all, 0)
+        if len(masks) != len(images):
+            raise ValueError(f"{len(images)} images but {len(masks)} masks")
+        # Batches are gathered (and padded) as they are drawn: a set held on disk is not read whole.
+        low, high = _label_range(masks)
+        if high >= self.num_classes or low < 0:
+            raise ValueError(f"mask labels must lie in 0..{self.num_classes - 1}, found {low}..{high}")
         generator = torch.Generator().manual_seed(self.seed)
         loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
         optimizer = torch.optim.Adam(self.network.parameters(), lr=learning_rate)
         self.network.train()
         for _ in range(steps):
-            rows = torch.randint(0, len(x_all), (batch_size,), generator=generator)
-            x, y = x_all[rows], y_all[rows]
+            rows = torch.randint(0, len(images), (batch_size,), generator=generator).numpy()
+            x = self._as_input(images[rows])
+            y = torch.as_tensor(np.asarray(masks[rows]), dtype=torch.long).reshape(x.shape)
+            x, y = self._pad(x, -1.0), self._pad(y, 0)
             if augment:
                 x, y = _augment(x, y, generator)
             loss = loss_function(self.network(x.to(self.device)), y.to(self.device))
@@ -102,6 +106,19 @@ class Segmenter:
         if not any(widths):
             return x
         return F.pad(x, widths, value=value)
+
+
+def _rows_source(array):
+    """What ``fit`` draws rows from: numpy arrays, memory-mapped ones and ``ConcatenatedRows`` as they are (indexed
+    a batch at a time); a tensor as its numpy view."""
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else array
+
+
+def _label_range(masks) -> tuple[int, int]:
+    """Smallest and largest label, a batch of rows at a time."""
+    ranges = [(int(batch.min()), int(batch.max())) for batch in
+              (np.asarray(masks[np.arange(start, min(start + 64, len(masks)))]) for start in range(0, len(masks), 64))]
+    return min(low for low, _ in ranges), max(high for _, high in ranges)
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ import torch
 
 from .attribute_classifier import AttributeClassifier
 from .bootstrap import Estimate, bootstrap
-from .image_sets import ImageSet
+from .image_sets import ConcatenatedRows, ImageSet
 from .real_side import RealSideCache, rows_digest
 from .roc import macro_auc
 from .segmenter import Segmenter, per_label_dice
@@ -82,9 +82,9 @@ def _num_classes(labels: Sequence[int], *sets: ImageSet) -> int:
     return int(max([max(labels)] + [int(s.masks.max()) for s in sets if s.masks is not None and len(s)])) + 1
 
 
-def _train_segmenter(images: np.ndarray, masks: np.ndarray, num_classes: int, plan: TrainingPlan,
-                     seed: int) -> Segmenter:
-    segmenter = Segmenter(images.ndim - 1, num_classes, channels=plan.channels, seed=seed)
+def _train_segmenter(images: np.ndarray | ConcatenatedRows, masks: np.ndarray | ConcatenatedRows, num_classes: int,
+                     plan: TrainingPlan, seed: int) -> Segmenter:
+    segmenter = Segmenter(len(images.shape) - 1, num_classes, channels=plan.channels, seed=seed)
     return segmenter.fit(images, masks, steps=plan.steps, batch_size=plan.batch_size,
                          learning_rate=plan.learning_rate)
 
@@ -97,10 +97,10 @@ def _attribute_labels(image_set: ImageSet, attribute: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def _train_classifier(images: np.ndarray, labels: Sequence[str], classes: Sequence[str], plan: TrainingPlan,
-                      seed: int) -> AttributeClassifier:
+def _train_classifier(images: np.ndarray | ConcatenatedRows, labels: Sequence[str], classes: Sequence[str],
+                      plan: TrainingPlan, seed: int) -> AttributeClassifier:
     classifier = AttributeClassifier(images.shape[1:], classes, channels=plan.channels, seed=seed)
-    return classifier.fit(_as_channels(images), labels, steps=plan.steps, batch_size=plan.batch_size,
+    return classifier.fit(images, labels, steps=plan.steps, batch_size=plan.batch_size,
                           learning_rate=plan.learning_rate)
 
 
@@ -298,7 +298,7 @@ def _task_fit(task: str, real_train: ImageSet, synthetic: ImageSet, real_test: I
         def fit_and_score(rows: np.ndarray, augmented: bool, seed: int) -> np.ndarray:
             images, masks = real_train.images[rows], train_masks[rows]
             if augmented:
-                images, masks = np.concatenate([images, synthetic.images]), np.concatenate([masks, synthetic_masks])
+                images, masks = ConcatenatedRows(images, synthetic.images), ConcatenatedRows(masks, synthetic_masks)
             model = _train_segmenter(images, masks, num_classes, plan, seed)
             return per_label_dice(model.predict(real_test.images), test_masks, labels)
 
@@ -311,7 +311,7 @@ def _task_fit(task: str, real_train: ImageSet, synthetic: ImageSet, real_test: I
     def fit_and_score_classifier(rows: np.ndarray, augmented: bool, seed: int) -> np.ndarray:
         images, chosen = real_train.images[rows], [train_labels[i] for i in rows]
         if augmented:
-            images, chosen = np.concatenate([images, synthetic.images]), chosen + synthetic_labels
+            images, chosen = ConcatenatedRows(images, synthetic.images), chosen + synthetic_labels
         model = _train_classifier(images, chosen, classes, plan, seed)
         return model.predict_proba(_as_channels(real_test.images))
 
