@@ -121,6 +121,7 @@ def test_models_trained_on_concatenated_rows_of_a_set_on_disk_equal_those_traine
     stacked = ConcatenatedRows(real.images, images)
     np.testing.assert_array_equal(stacked[np.array([7, 0, 15, 6])],
                                   np.concatenate([real.images, synthetic.images])[[7, 0, 15, 6]])
+    np.testing.assert_array_equal(stacked[4:9], np.concatenate([real.images, synthetic.images])[4:9])
     with pytest.raises(IndexError):
         stacked[np.array([16])]
 
@@ -142,6 +143,17 @@ def test_models_trained_on_concatenated_rows_of_a_set_on_disk_equal_those_traine
         assert torch.equal(a, b)
     assert not torch.equal(next(joined.network.parameters()),
                            next(AttributeClassifier((30, 30), classes, channels=(4, 8), seed=2).network.parameters()))
+
+
+def test_segmenter_refuses_labels_outside_its_classes_wherever_they_lie():
+    images = np.zeros((70, 8, 8), np.float32)
+    masks = np.zeros((70, 8, 8), np.int64)
+    masks[68, 0, 0] = 3  # in the second batch of rows the range is read in
+    with pytest.raises(ValueError, match=r"0\.\.2, found 0\.\.3"):
+        Segmenter(2, 3, channels=TINY).fit(images, masks, steps=1)
+    masks[68, 0, 0] = -1
+    with pytest.raises(ValueError, match=r"found -1\.\.0"):
+        Segmenter(2, 3, channels=TINY).fit(images, masks, steps=1)
 
 
 def test_segmenter_runs_in_3d():

@@ -34,7 +34,8 @@ SHARE_CLIP = 1.0
 
 
 def mask_generator_diffusion(base: RadsynthPipeline, mask_generator: torch.nn.Module,
-                             loss_weights: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LatentDiffusion:
+                             loss_weights: Callable[[torch.Tensor, object], torch.Tensor] | None = None
+                             ) -> LatentDiffusion:
     """The mask generator's core: label shares are its own latents, under the base model's (frozen) text encoder,
     its class vocabulary and its objective. loss_weights: training's (``LabelLossWeights``)."""
     return LatentDiffusion(mask_generator, mask_generator, base.text_encoder, base.objective,

@@ -15,7 +15,7 @@ import numpy as np
 
 from radsynth.pipelines.data.preprocess import IntensityMap
 
-from .features.base import chunks
+from .features.base import BATCH_SIZE, chunks
 
 
 @dataclass
@@ -74,9 +74,6 @@ class ImageSet:
                         [self.sources[i] for i in index] if self.sources else [])
 
 
-BATCH_SIZE = 64  # images per batch in the per-image passes over a set
-
-
 def image_array(count: int, shape: Sequence[int], dtype, on_disk_in: str | Path | None = None) -> np.ndarray:
     """An empty (count, *shape) array to fill image by image: in memory, or, with ``on_disk_in``, a memory-mapped
     file in that folder, so that a set larger than memory is decoded and scored without holding it there.
@@ -99,9 +96,9 @@ def map_batches(function: Callable[[slice], np.ndarray], count: int, batch_size:
 
 
 class ConcatenatedRows:
-    """Arrays stacked along the first axis without copying them: indexing with row numbers gathers those rows
-    from each part. What a training loop drawing random batches from real plus synthetic images needs, so that a
-    synthetic set held on disk is never copied whole into memory."""
+    """Arrays stacked along the first axis without copying them: indexing with row numbers (or a slice) gathers
+    those rows from each part. What a training loop drawing random batches from real plus synthetic images needs,
+    so that a synthetic set held on disk is never copied whole into memory."""
 
     def __init__(self, *parts: np.ndarray) -> None:
         if len({tuple(part.shape[1:]) for part in parts}) != 1:
@@ -114,8 +111,8 @@ class ConcatenatedRows:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64)
+    def __getitem__(self, rows: np.ndarray | slice) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows, dtype=np.int64)
         if rows.ndim != 1 or (len(rows) and not 0 <= rows.min() <= rows.max() < len(self)):
             raise IndexError(f"rows must be a 1-D array of row numbers below {len(self)}")
         owner = np.searchsorted(self.starts, rows, side="right") - 1

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 
+from .image_sets import map_batches
+
 __all__ = ["Segmenter", "per_label_dice"]
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -116,9 +118,8 @@ def _rows_source(array):
 
 def _label_range(masks) -> tuple[int, int]:
     """Smallest and largest label, a batch of rows at a time."""
-    ranges = [(int(batch.min()), int(batch.max())) for batch in
-              (np.asarray(masks[np.arange(start, min(start + 64, len(masks)))]) for start in range(0, len(masks), 64))]
-    return min(low for low, _ in ranges), max(high for _, high in ranges)
+    ranges = map_batches(lambda part: np.array([[masks[part].min(), masks[part].max()]]), len(masks))
+    return int(ranges[:, 0].min()), int(ranges[:, 1].max())
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

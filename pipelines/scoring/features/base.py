@@ -25,6 +25,9 @@ class FeatureExtractor(Protocol):
     def extract(self, images: np.ndarray, masks: np.ndarray | None = None, batch_size: int = 64) -> np.ndarray: ...
 
 
+BATCH_SIZE = 64  # images per batch in the per-image passes over a set
+
+
 def check_images(images: np.ndarray, spatial_dims: int, who: str) -> np.ndarray:
     """``images`` as float32 (N, *spatial) with ``spatial_dims`` spatial axes; a clear error otherwise."""
     array = np.asarray(images)
@@ -32,7 +35,7 @@ def check_images(images: np.ndarray, spatial_dims: int, who: str) -> np.ndarray:
         raise ValueError(f"{who}: expected images of shape (N, {', '.join('DHW'[-spatial_dims:])}) for "
                          f"spatial_dims={spatial_dims}, got shape {array.shape}")
     # Batch by batch: a set held on disk (``image_sets.image_array``) is not read whole for one check.
-    if not all(np.isfinite(array[part]).all() for part in chunks(len(array), 64)):
+    if not all(np.isfinite(array[part]).all() for part in chunks(len(array), BATCH_SIZE)):
         raise ValueError(f"{who}: images contain NaN or infinite values")
     return array.astype(np.float32, copy=False)
 
