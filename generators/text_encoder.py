@@ -14,6 +14,7 @@ Two encoders share one interface, `encode(prompts) -> (B, max_length, embed_dim)
 
 from __future__ import annotations
 
+import contextvars
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -27,12 +28,18 @@ from torch import Tensor, nn
 from radsynth.configs.errors import UserInputError
 
 __all__ = [
+    "BUNDLED_ENCODER",
     "SPECIAL_TOKENS",
     "PretrainedTextEncoder",
     "RadsynthTextEncoder",
     "WordTokenizer",
     "load_text_encoder",
 ]
+
+# A saved PretrainedTextEncoder's tokenizer and architecture, inside its component folder.
+BUNDLED_ENCODER = "hf_encoder"
+# Set by PretrainedTextEncoder.from_pretrained for the constructor diffusers calls beneath it (per thread).
+_LOADING_BUNDLED: contextvars.ContextVar[str | None] = contextvars.ContextVar("loading_bundled", default=None)
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # ids 0..3, in this order, at the head of every vocabulary
@@ -179,16 +186,45 @@ class PretrainedTextEncoder(ModelMixin, ConfigMixin):
     """A frozen Hugging Face text encoder (BERT-like, CLIP or T5) and its tokenizer, from a local folder.
 
     Never trained: every parameter has requires_grad False and the network stays in eval mode (no dropout)
-    even inside a model that is training. Saved with a pipeline, the config records `pretrained_path` and
-    the weights are stored too; loading again still reads the tokenizer and architecture from that folder.
+    even inside a model that is training. Saved with a pipeline, the component folder is self-contained: the
+    weights as any component's, and the tokenizer and architecture in `BUNDLED_ENCODER` beside them. The folder
+    it was first read from is not part of the model (`ignore_for_config`): a model folder loads on another machine,
+    its hash does not depend on a path, and no local path is written into a folder that may be shared.
     """
 
+    ignore_for_config = ["pretrained_path"]
+
     @register_to_config
-    def __init__(self, pretrained_path: str, max_length: int = 64) -> None:
+    def __init__(self, pretrained_path: str | None = None, max_length: int = 64) -> None:
         super().__init__()
-        self.tokenizer, self.model = _load_local_hf_encoder(Path(pretrained_path))
+        bundled = _LOADING_BUNDLED.get()
+        if pretrained_path is None and bundled is None:
+            raise ValueError("PretrainedTextEncoder needs pretrained_path (a local Hugging Face folder)")
+        # Loading a saved encoder: the architecture comes from the bundle, the weights from the component's own
+        # safetensors, so they are stored once.
+        self.tokenizer, self.source_config, self.model = _load_local_hf_encoder(
+            Path(pretrained_path or bundled), weights=pretrained_path is not None)
         self.model.requires_grad_(False)
         self.model.eval()
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        super().save_pretrained(save_directory, **kwargs)
+        bundle = Path(save_directory) / BUNDLED_ENCODER
+        self.tokenizer.save_pretrained(bundle)
+        self.source_config.save_pretrained(bundle)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> PretrainedTextEncoder:
+        folder = Path(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
+        bundle = folder / BUNDLED_ENCODER
+        if not (bundle / "config.json").is_file():
+            raise UserInputError(folder, f"a saved pretrained text encoder without its {BUNDLED_ENCODER}/ (tokenizer "
+                                 "and architecture)", "a folder written by this radsynth's save_pretrained")
+        token = _LOADING_BUNDLED.set(str(bundle))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        finally:
+            _LOADING_BUNDLED.reset(token)
 
     @property
     def embed_dim(self) -> int:
@@ -214,19 +250,22 @@ class PretrainedTextEncoder(ModelMixin, ConfigMixin):
         return self(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
 
 
-def _load_local_hf_encoder(path: Path) -> tuple[object, nn.Module]:
+def _load_local_hf_encoder(path: Path, weights: bool = True) -> tuple[object, object, nn.Module]:
+    """(tokenizer, the folder's model config, the text tower); weights False builds the architecture only."""
     if not path.is_dir():
         raise UserInputError(
             path, "text encoder folder not found", "a local Hugging Face model folder; nothing is downloaded"
         )
     # Imported here: transformers is heavy and only this optional encoder needs it.
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
         # use_kernels=False: since transformers 5.25 a model swaps in kernels from the Hugging Face Hub by default,
         # which is network at run time (and fails on the meta device diffusers builds components on).
-        model = AutoModel.from_pretrained(path, local_files_only=True, use_kernels=False)
+        model = (AutoModel.from_pretrained(path, local_files_only=True, use_kernels=False) if weights
+                 else AutoModel.from_config(config))
     except (OSError, ValueError, KeyError) as error:
         raise UserInputError(
             path, f"cannot load a Hugging Face text encoder and tokenizer from it ({error})",
@@ -237,7 +276,7 @@ def _load_local_hf_encoder(path: Path) -> tuple[object, nn.Module]:
         model = model.text_model
     elif getattr(model.config, "is_encoder_decoder", False):
         model = model.get_encoder()
-    return tokenizer, model
+    return tokenizer, config, model
 
 
 def load_text_encoder(

@@ -95,3 +95,21 @@ def msd_config(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def tiny_bert(tmp_path):
+    """A random 2-layer BERT + a WordPiece tokenizer from a local vocab file, saved as transformers does."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path / "tiny-bert"
+    folder.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "nodule", "left", "right", "effusion", "mm", "8", "-"]
+    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)
+    BertModel(config).save_pretrained(folder)
+    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder

@@ -30,6 +30,7 @@ def make_pipeline(
     objective: str = "v_prediction",
     scheduler: str = "ddim",
     seed: int = 0,
+    text_encoder=None,
     **config,
 ) -> RadsynthTextToImagePipeline:
     torch.manual_seed(seed)
@@ -40,10 +41,12 @@ def make_pipeline(
     vae.set_scaling_factor(0.5)
     unet = RadsynthUNet(
         spatial_dims=spatial_dims, in_channels=4, out_channels=4, channels=(8, 16), attention_levels=(False, True),
-        num_head_channels=8, cross_attention_dim=16, norm_num_groups=8, use_spacing=spatial_dims == 3,
+        num_head_channels=8, cross_attention_dim=text_encoder.embed_dim if text_encoder else 16, norm_num_groups=8,
+        use_spacing=spatial_dims == 3,
     )
-    vocab = WordTokenizer.fit(PROMPTS, max_length=12).vocab
-    text_encoder = RadsynthTextEncoder(vocab=vocab, max_length=12, embed_dim=16, num_layers=1, num_heads=2)
+    if text_encoder is None:
+        vocab = WordTokenizer.fit(PROMPTS, max_length=12).vocab
+        text_encoder = RadsynthTextEncoder(vocab=vocab, max_length=12, embed_dim=16, num_layers=1, num_heads=2)
     # MONAI zero-initialises the UNet's output conv and attention projections, so a fresh UNet predicts zeros and
     # ignores its prompt; randomise them so that prompts and guidance reach the images.
     with torch.no_grad():
@@ -147,7 +150,7 @@ def test_save_and_load_restore_components_config_and_images(tmp_path):
     pipeline.save_pretrained(tmp_path)
 
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert {path.suffix for path in files} == {".json", ".safetensors"}  # nothing pickled
+    assert {path.suffix for path in files if path.name != "pipeline.py"} == {".json", ".safetensors"}  # no pickle
     folders = {path.name for path in tmp_path.iterdir() if path.is_dir()}
     assert folders == {"unet", "vae", "text_encoder", "scheduler"}
     assert not folders & {"controlnet", "ddpm", "ddim"}  # diffusers would mistake these for pipelines
@@ -339,3 +342,67 @@ def test_loading_a_saved_model_never_patches_torch_for_other_threads(tmp_path):
         patched.append(torch.nn.Module.register_parameter is not original)
     loader.join()
     assert len(patched) > 100 and not any(patched)
+
+
+def test_diffusers_alone_loads_a_saved_model_in_a_fresh_process(tmp_path):
+    """``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``, radsynth never imported by the
+    caller, returns the saved pipeline class and draws the same images."""
+    import subprocess
+    import sys
+
+    pipeline = make_pipeline(2)
+    pipeline.save_pretrained(tmp_path / "model")
+    np.save(tmp_path / "expected.npy", run(pipeline, seed=3, steps=2).images)
+    code = f"""
+import sys, numpy as np, torch
+from diffusers import DiffusionPipeline
+assert not any(name.startswith("radsynth") for name in sys.modules)
+pipeline = DiffusionPipeline.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
+pipeline.set_progress_bar_config(disable=True)
+images = pipeline({PROMPTS!r}, num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images
+print(type(pipeline).__name__, np.array_equal(images, np.load({str(tmp_path / "expected.npy")!r})))
+"""
+    env = {**__import__("os").environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["RadsynthTextToImagePipeline", "True"]
+    # Without trust_remote_code diffusers refuses to run the folder's code, as it should.
+    refused = subprocess.run([sys.executable, "-c", code.replace(", trust_remote_code=True", "")],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "trust_remote_code" in refused.stderr
+
+
+def test_a_model_with_a_pretrained_text_encoder_loads_without_the_encoders_folder(tiny_bert, tmp_path):
+    """The model folder is self-contained: the Hugging Face encoder it was trained with is bundled, so it
+    samples the same images, with the same hash, once the encoder's own folder is gone."""
+    import shutil
+
+    from radsynth.generators.text_encoder import load_text_encoder
+
+    pipeline = make_pipeline(2, text_encoder=load_text_encoder("pretrained", pretrained_path=tiny_bert, max_length=12))
+    pipeline.save_pretrained(tmp_path / "model")
+    shutil.rmtree(tiny_bert)
+    loaded = RadsynthTextToImagePipeline.from_model_dir(tmp_path / "model")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded, seed=3, steps=2).images, run(pipeline, seed=3, steps=2).images)
+    assert model_hash(loaded) == model_hash(pipeline)
+
+
+def test_radsynth_never_runs_the_code_in_a_model_folder(tmp_path):
+    """A model folder is user-writable: radsynth's own loaders read the class name from the index and ignore
+    the folder's pipeline.py, which diffusers would otherwise execute."""
+    from radsynth.pipelines.sampling.mask_to_image import RadsynthMaskToImagePipeline
+
+    make_pipeline(2).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "RadsynthTextToImagePipeline"]
+    from radsynth.pipelines.sampling import diffusers_entry
+
+    assert (tmp_path / "pipeline.py").read_text() == open(diffusers_entry.__file__).read()
+    marker = tmp_path / "executed"
+    (tmp_path / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    loaded = RadsynthTextToImagePipeline.from_model_dir(tmp_path)
+    assert type(loaded) is RadsynthTextToImagePipeline
+    with pytest.raises(FileNotFoundError, match="mask_controlnet"):  # another task reads the same folder
+        RadsynthMaskToImagePipeline.from_model_dir(tmp_path)
+    assert not marker.exists()

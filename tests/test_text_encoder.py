@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from radsynth.configs.errors import UserInputError  # noqa: E402
 from radsynth.generators.prompts import age_bin, parse_prompt, render_prompt  # noqa: E402
 from radsynth.generators.text_encoder import (  # noqa: E402
+    BUNDLED_ENCODER,
     SPECIAL_TOKENS,
     PretrainedTextEncoder,
     RadsynthTextEncoder,
@@ -199,23 +200,6 @@ def test_factory_fits_a_tokenizer_for_a_trained_encoder():
 # ---------------------------------------------------------------- frozen Hugging Face encoder
 
 
-@pytest.fixture
-def tiny_bert(tmp_path):
-    """A random 2-layer BERT + a WordPiece tokenizer from a local vocab file, saved as transformers does."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder = tmp_path / "tiny-bert"
-    folder.mkdir()
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "nodule", "left", "right", "effusion", "mm", "8", "-"]
-    (folder / "vocab.txt").write_text("\n".join(words) + "\n")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=32)
-    BertModel(config).save_pretrained(folder)
-    BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
-    return folder
-
-
 def test_pretrained_encoder_missing_folder_names_the_path(tmp_path):
     missing = tmp_path / "no-such-encoder"
     with pytest.raises(UserInputError, match="text encoder folder not found") as error:
@@ -254,6 +238,37 @@ def test_pretrained_encoder_loads_locally_frozen_and_offline(tiny_bert, tmp_path
     loaded = PretrainedTextEncoder.from_pretrained(tmp_path / "saved")
     assert torch.equal(loaded.encode(["8 mm left nodule", "right effusion", ""]), hidden)
     assert attempts == []
+
+
+def test_a_saved_pretrained_encoder_is_self_contained(tiny_bert, tmp_path):
+    """Saved, the encoder carries its tokenizer and architecture: it loads with its source folder gone, and no
+    local path is written into the folder (nor into its config, so a model's hash does not depend on one)."""
+    import shutil
+
+    encoder = load_text_encoder("pretrained", pretrained_path=tiny_bert, max_length=10)
+    expected = encoder.encode(["8 mm left nodule", "right effusion"])
+    encoder.save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tiny_bert)
+    loaded = PretrainedTextEncoder.from_pretrained(tmp_path / "saved", low_cpu_mem_usage=False)
+    assert torch.equal(loaded.encode(["8 mm left nodule", "right effusion"]), expected)
+    public = lambda config: {key: value for key, value in config.items() if not key.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(encoder.config) == {"max_length": 10}
+    assert loaded.tokenizer.get_vocab() == encoder.tokenizer.get_vocab()
+    for path in (tmp_path / "saved").rglob("*"):
+        if path.is_file() and path.suffix != ".safetensors":
+            assert str(tiny_bert) not in path.read_text(), path
+    # Stored once: the bundle has the architecture and tokenizer, the component's safetensors the weights.
+    assert not list((tmp_path / "saved" / BUNDLED_ENCODER).glob("*.safetensors"))
+
+
+def test_a_saved_pretrained_encoder_without_its_bundle_is_a_user_error(tiny_bert, tmp_path):
+    import shutil
+
+    load_text_encoder("pretrained", pretrained_path=tiny_bert).save_pretrained(tmp_path / "saved")
+    shutil.rmtree(tmp_path / "saved" / BUNDLED_ENCODER)
+    with pytest.raises(UserInputError, match=BUNDLED_ENCODER) as error:
+        PretrainedTextEncoder.from_pretrained(tmp_path / "saved")
+    assert str(tmp_path / "saved") in str(error.value)
 
 
 # ---------------------------------------------------------------- prompts

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ MODALITIES = ("ct", "mri", "xray")
 OUTPUT_TYPES = ("np", "pt", "physical")
 # Folder = component name. Not "controlnet": diffusers takes a folder of that name for its own pipeline.
 CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER = "mask_controlnet", "mask_generator"
+DIFFUSERS_ENTRY = "pipeline"  # the module diffusers' custom-pipeline loading reads from a model folder
 _EXTRA_COMPONENTS = {CONTROLNET_FOLDER: (RadsynthControlNet, "train with conditioning.use_masks: true"),
                      MASK_GENERATOR_FOLDER: (RadsynthMaskGenerator, "train with mask_generator.enabled: true")}
 Conditions = Sequence[Mapping[str, object]]
@@ -124,6 +126,27 @@ class RadsynthPipeline(DiffusionPipeline):
                 raise FileNotFoundError(f"{folder} has no {name}: {how}")
             components[name] = kind.from_pretrained(folder / name, use_safetensors=True, low_cpu_mem_usage=False)
         return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, **components)
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
+        """diffusers' folder, plus the file that lets diffusers alone load it (``diffusers_entry``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        folder = Path(save_directory)
+        shutil.copyfile(Path(__file__).with_name("diffusers_entry.py"), folder / f"{DIFFUSERS_ENTRY}.py")
+        index = json.loads((folder / "model_index.json").read_text())
+        index["_class_name"] = [DIFFUSERS_ENTRY, type(self).__name__]
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """The saved config with the class name alone: diffusers runs the folder's ``pipeline.py`` when the index
+        names it, which radsynth never does (the folder is user-writable; the class is already this one)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][1]
+        return loaded
 
     # ------------------------------------------------------------------------------------------ the model
 
