@@ -301,7 +301,10 @@ class FinetuneConfig(Section):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    from_: str | None = Field(None, alias="from", description="folder of the trained base model")
+    from_: str | None = Field(None, alias="from", description="folder of the base model: a radsynth model folder "
+                              "or a diffusers Stable-Diffusion-family folder (local; nothing is downloaded)")
+    base_format: Literal["auto", "radsynth", "diffusers"] = Field(
+        "auto", description="what finetune.from is; auto reads it off the folder's model_index.json")
     filter: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="attribute values the cases must have, e.g. {finding: pneumothorax}")
     method: Literal["lora", "full"] = "lora"

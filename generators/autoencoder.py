@@ -61,6 +61,10 @@ class RadsynthAutoencoder(ModelMixin, ConfigMixin):
         return 2 ** (len(self.config.channels) - 1)
 
     @property
+    def latent_channels(self) -> int:
+        return int(self.config.latent_channels)
+
+    @property
     def scaling_factor(self) -> float:
         return float(self.config.scaling_factor)
 
@@ -74,6 +78,11 @@ class RadsynthAutoencoder(ModelMixin, ConfigMixin):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Training pass: (reconstruction of a sampled latent, z_mu, z_sigma), all unscaled."""
         return self.net(x)
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, standard deviation) of the latent posterior, in scaled latent units (what latent caches store)."""
+        z_mu, z_sigma = self.net.encode(x)
+        return z_mu * self.scaling_factor, z_sigma * self.scaling_factor
 
     def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
         """Scaled latents: the posterior mean, or with `sample=True` a draw from the posterior."""

@@ -11,7 +11,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "out_proj"]
+# MONAI's attention names its output projection out_proj, diffusers' (a Stable-Diffusion base) to_out.0.
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "out_proj", "to_out.0"]
 
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Parameter]:

@@ -16,6 +16,8 @@ schedulers accept latents of any rank, so the same code drives 2D (4D tensors) a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -33,8 +35,10 @@ FLOW_SCHEDULERS = ("flow_match_euler",)  # sample rectified_flow models
 FLOW_TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 
 # The latent-diffusion schedule of MONAI's LDM tutorials and MAISI: betas linear in sqrt between these ends.
-# It keeps a little more signal at t = T than Stable Diffusion's (0.00085, 0.012) on small latents.
+# It keeps a little more signal at t = T than Stable Diffusion's (0.00085, 0.012) on small latents. A model
+# fine-tuned from a pretrained base keeps the base's schedule instead (saved with the model, ``noise_schedule``).
 NOISE_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.0015, "beta_end": 0.0195}
+NOISE_SCHEDULE_KEYS = tuple(NOISE_SCHEDULE)
 
 
 def _check_objective(objective: str) -> None:
@@ -60,7 +64,8 @@ class TrainingObjective:
     t in (0, 1) for rectified flow; ``model_timesteps`` is what the UNet is given in both cases.
     """
 
-    def __init__(self, name: str, num_train_timesteps: int = 1000, flow_timestep_sampling: str = "logit_normal"):
+    def __init__(self, name: str, num_train_timesteps: int = 1000, flow_timestep_sampling: str = "logit_normal",
+                 noise_schedule: Mapping[str, object] | None = None):
         _check_objective(name)
         if flow_timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
             raise ValueError(
@@ -71,8 +76,8 @@ class TrainingObjective:
         self.flow_timestep_sampling = flow_timestep_sampling
         # The forward (noising) process for the discrete objectives; rectified flow needs none.
         self.noise_scheduler = None if self.is_flow else DDPMScheduler(
-            num_train_timesteps=self.num_train_timesteps, prediction_type=name, clip_sample=False, **NOISE_SCHEDULE
-        )
+            num_train_timesteps=self.num_train_timesteps, prediction_type=name, clip_sample=False,
+            **(noise_schedule or NOISE_SCHEDULE))
 
     @property
     def is_flow(self) -> bool:
@@ -168,8 +173,10 @@ class TrainingObjective:
         return self.output_for(noisy, clipped, noise, model_timesteps).to(output.dtype)
 
 
-def build_inference_scheduler(objective: str, scheduler: str, num_train_timesteps: int = 1000) -> SchedulerMixin:
-    """A diffusers scheduler that samples a model trained with ``objective`` (same schedule, same prediction type)."""
+def build_inference_scheduler(objective: str, scheduler: str, num_train_timesteps: int = 1000,
+                              noise_schedule: Mapping[str, object] | None = None) -> SchedulerMixin:
+    """A diffusers scheduler that samples a model trained with ``objective`` (same schedule, same prediction type).
+    noise_schedule: the model's betas (``NOISE_SCHEDULE_KEYS``); None: radsynth's own ``NOISE_SCHEDULE``."""
     _check_objective(objective)
     allowed = FLOW_SCHEDULERS if _is_flow(objective) else DIFFUSION_SCHEDULERS
     if scheduler not in DIFFUSION_SCHEDULERS + FLOW_SCHEDULERS:
@@ -187,7 +194,8 @@ def build_inference_scheduler(objective: str, scheduler: str, num_train_timestep
     if scheduler == "flow_match_euler":
         # shift=1: sigma = t exactly as in training (resolution shifting is for much larger latents).
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=1.0)
-    common = {"num_train_timesteps": num_train_timesteps, "prediction_type": objective, **NOISE_SCHEDULE}
+    common = {"num_train_timesteps": num_train_timesteps, "prediction_type": objective,
+              **(noise_schedule or NOISE_SCHEDULE)}
     if scheduler == "ddpm":
         # "trailing" starts sampling at t = T - 1, the noise level that pure Gaussian latents actually have.
         return DDPMScheduler(clip_sample=False, timestep_spacing="trailing", **common)

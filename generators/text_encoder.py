@@ -192,18 +192,21 @@ class PretrainedTextEncoder(ModelMixin, ConfigMixin):
     its hash does not depend on a path, and no local path is written into a folder that may be shared.
     """
 
-    ignore_for_config = ["pretrained_path"]
+    ignore_for_config = ["pretrained_path", "tokenizer_path"]
 
     @register_to_config
-    def __init__(self, pretrained_path: str | None = None, max_length: int = 64) -> None:
+    def __init__(self, pretrained_path: str | None = None, max_length: int = 64,
+                 tokenizer_path: str | None = None) -> None:
         super().__init__()
         bundled = _LOADING_BUNDLED.get()
         if pretrained_path is None and bundled is None:
             raise ValueError("PretrainedTextEncoder needs pretrained_path (a local Hugging Face folder)")
         # Loading a saved encoder: the architecture comes from the bundle, the weights from the component's own
         # safetensors, so they are stored once.
+        # tokenizer_path: where the tokenizer is when it is not beside the model (a diffusers folder's tokenizer/).
         self.tokenizer, self.source_config, self.model = _load_local_hf_encoder(
-            Path(pretrained_path or bundled), weights=pretrained_path is not None)
+            Path(pretrained_path or bundled), weights=pretrained_path is not None,
+            tokenizer_path=Path(tokenizer_path) if pretrained_path and tokenizer_path else None)
         self.model.requires_grad_(False)
         self.model.eval()
 
@@ -250,17 +253,19 @@ class PretrainedTextEncoder(ModelMixin, ConfigMixin):
         return self(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
 
 
-def _load_local_hf_encoder(path: Path, weights: bool = True) -> tuple[object, object, nn.Module]:
+def _load_local_hf_encoder(path: Path, weights: bool = True,
+                           tokenizer_path: Path | None = None) -> tuple[object, object, nn.Module]:
     """(tokenizer, the folder's model config, the text tower); weights False builds the architecture only."""
-    if not path.is_dir():
-        raise UserInputError(
-            path, "text encoder folder not found", "a local Hugging Face model folder; nothing is downloaded"
-        )
+    for folder in (path, tokenizer_path or path):
+        if not folder.is_dir():
+            raise UserInputError(
+                folder, "text encoder folder not found", "a local Hugging Face model folder; nothing is downloaded"
+            )
     # Imported here: transformers is heavy and only this optional encoder needs it.
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path, local_files_only=True)
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         # use_kernels=False: since transformers 5.25 a model swaps in kernels from the Hugging Face Hub by default,
         # which is network at run time (and fails on the meta device diffusers builds components on).

@@ -20,9 +20,9 @@ from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.lora import add_lora, merge_lora
 
+from .bases import base_format, load_base
 from .data.manifest import CaseRecord
 from .model_card import write_model_card, write_training_compute
-from .sampling.generate import load_pipeline
 from .sampling.pipeline import model_hash
 from .training import (
     cached_latents,
@@ -64,16 +64,16 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     if not settings.from_:
         raise UserInputError("finetune.from", "missing", "the folder of a trained model")
     torch.manual_seed(config.runtime.seed)
-    base = load_pipeline(settings.from_, config, progress)
-    base_hash = model_hash(base)
     records, summary = ingested_dataset(config)
     subset = matching_cases(records, settings.filter, settings.max_cases)
     if not subset:
         raise UserInputError("finetune.filter", f"no train-split case matches {settings.filter}",
                              "attribute values as they appear in the manifest, e.g. {finding: pneumothorax}")
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
-    run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     images = CachedImages(subset, summary["cache"], conditioning)
+    base = load_base(config, summary, images.spacings, progress)
+    base_hash = model_hash(base)
+    run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     latents = cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
     latents.class_labels = class_labels(subset, base.config.class_attribute, list(base.config.class_names))
 
@@ -99,7 +99,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         digest = model_hash(base)
     write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
                      base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,
-                                 "filter": settings.filter})
+                                 "filter": settings.filter, "format": base_format(settings.from_)})
     write_training_compute(out, {"fine-tune": run_dir}, inherited=Path(settings.from_))
     (run_dir / "finetune.json").write_text(json.dumps({"base_hash": base_hash, "hash": digest, "cases": len(subset)}))
     return FinetuneResult(out, digest, base_hash, len(subset), trainer.loop.state.step)

@@ -43,7 +43,8 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *[f"- {name}: {count['cases']} cases, {count['patients']} patients" for name, count in splits.items()],
         "- only the train split was used for training; holdout and test were never seen",
         f"- licenses: {', '.join(f'{k} ({v} cases)' for k, v in licenses.items())}", "",
-        *([f"Fine-tuned ({base_model['method']}) from base model {base_model['hash'][:16]} on the cases matching "
+        *([f"Fine-tuned ({base_model['method']}) from the {base_model.get('format', 'radsynth')} base model "
+            f"{base_model['hash'][:16]} on the cases matching "
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
         "## Training", "",

@@ -391,9 +391,9 @@ def cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path:
     mus, sigmas = [], []
     for start in range(0, len(images), batch_size):
         x = images.images(range(start, min(start + batch_size, len(images)))).to(autoencoder.device)
-        _, z_mu, z_sigma = autoencoder(x)
-        mus.append(z_mu.cpu() * autoencoder.scaling_factor)
-        sigmas.append(z_sigma.cpu() * autoencoder.scaling_factor)
+        z_mu, z_sigma = autoencoder.posterior(x)
+        mus.append(z_mu.cpu())
+        sigmas.append(z_sigma.cpu())
     latents = CachedLatents(torch.cat(mus), torch.cat(sigmas), images.prompts, images.spacings)
     latents.save(path)
     write_json(stamp, identity)
@@ -430,17 +430,23 @@ def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedL
               class_names: list[str]) -> RadsynthTextToImagePipeline:
     scheduler = build_inference_scheduler(config.diffusion.objective, config.sampling.scheduler,
                                           config.diffusion.num_train_timesteps)
-    spacing = tuple(float(s) for s in latents.spacing.median(dim=0).values.tolist())
-    intensity = summary["intensity_train"]
-    # "physical" output inverts the preprocessing map; with no normalisation, [-1, 1] maps to itself.
-    low, high = (-1.0, 1.0) if intensity["mode"] == "none" else (intensity["low"], intensity["high"])
     return RadsynthTextToImagePipeline(
         unet=unet, vae=autoencoder, text_encoder=text_encoder, scheduler=scheduler,
-        modality=next(iter(summary["modality"])), spatial_dims=config.data.spatial_dims,
-        image_shape=tuple(summary["preprocessed_shape"]), spacing=spacing,
-        intensity_low=low, intensity_high=high, latent_clip=LATENT_CLIP,
+        **image_space(config, summary, latents.spacing), latent_clip=LATENT_CLIP,
         class_attribute=config.conditioning.class_attribute if class_names else None, class_names=class_names,
         objective=config.diffusion.objective, num_train_timesteps=config.diffusion.num_train_timesteps)
+
+
+def image_space(config: RadsynthConfig, summary: dict, spacings: torch.Tensor) -> dict:
+    """The pipeline settings that describe the ingested data: modality, grid, spacing (the training cases'
+    median) and the intensity range that "physical" output maps [-1, 1] back to."""
+    intensity = summary["intensity_train"]
+    # With no normalisation, [-1, 1] maps to itself.
+    low, high = (-1.0, 1.0) if intensity["mode"] == "none" else (intensity["low"], intensity["high"])
+    return {"modality": next(iter(summary["modality"])), "spatial_dims": config.data.spatial_dims,
+            "image_shape": tuple(summary["preprocessed_shape"]),
+            "spacing": tuple(float(s) for s in spacings.median(dim=0).values.tolist()),
+            "intensity_low": low, "intensity_high": high}
 
 
 def _validation_prompts(records: list[CaseRecord], conditioning: ConditioningSpec, limit: int = 6) -> list[str]:

@@ -71,13 +71,19 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
             raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
         kind = (RadsynthTextToPairPipeline if generated else
                 RadsynthLesionInpaintPipeline if config.sampling.inpaint else RadsynthMaskToImagePipeline)
-    check_device(config.runtime.device)
+    device = sampling_device(config)
     pipeline = kind.from_model_dir(model_dir)
     if pipeline.config.distilled_guidance_scale is None:
         pipeline.scheduler = pipeline.base_scheduler(config.sampling.scheduler)
-    device = "cuda" if config.runtime.device in ("auto", "cuda") and torch.cuda.is_available() else (
-        "cpu" if config.runtime.device == "auto" else config.runtime.device)
     return pipeline.to(device)
+
+
+def sampling_device(config: RadsynthConfig) -> str:
+    """``runtime.device`` as a torch device: "auto" is CUDA when there is one."""
+    check_device(config.runtime.device)
+    if config.runtime.device in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda"
+    return "cpu" if config.runtime.device == "auto" else config.runtime.device
 
 
 def sampler_settings(config: RadsynthConfig, pipeline: RadsynthPipeline) -> dict:

@@ -37,6 +37,7 @@ from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.latent_diffusion import Constraint, LatentDiffusion
 from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
+from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
 from radsynth.generators.text_encoder import PretrainedTextEncoder, RadsynthTextEncoder
 from radsynth.generators.unet import RadsynthUNet
 
@@ -67,6 +68,8 @@ class RadsynthPipeline(DiffusionPipeline):
 
     objective: what the denoiser was trained to predict, saved with the model (None: read off the saved
     scheduler, for folders written before it was recorded); samplers are built from it, never from a config.
+    noise_schedule: the betas it was trained under (``objectives.NOISE_SCHEDULE_KEYS``), set for a model fine-tuned
+    from a pretrained base that had its own; None: radsynth's ``NOISE_SCHEDULE``.
     distilled_guidance_scale: set on a distilled student, which learnt the teacher's guided prediction at this
     scale and is sampled without guidance.
     """
@@ -77,14 +80,15 @@ class RadsynthPipeline(DiffusionPipeline):
 
     # diffusers reads a pipeline's components and config from this signature: every name is spelled out once.
     # The component annotations are what diffusers' from_pipe matches components on.
-    def __init__(self, unet: RadsynthUNet, vae: RadsynthAutoencoder,
+    def __init__(self, unet: RadsynthUNet | StableDiffusionUNet, vae: RadsynthAutoencoder | StableDiffusionAutoencoder,
                  text_encoder: RadsynthTextEncoder | PretrainedTextEncoder, scheduler: SchedulerMixin,
                  mask_controlnet: RadsynthControlNet | None = None, mask_generator: RadsynthMaskGenerator | None = None,
                  modality: str = "xray", spatial_dims: int = 2, image_shape: tuple[int, ...] | list[int] = (64, 64),
                  spacing: tuple[float, ...] | list[float] = (1.0, 1.0), intensity_low: float = 0.0,
                  intensity_high: float = 1.0, latent_clip: float | None = None, class_attribute: str | None = None,
                  class_names: tuple[str, ...] | list[str] = (), objective: str | None = None,
-                 num_train_timesteps: int | None = None, distilled_guidance_scale: float | None = None):
+                 num_train_timesteps: int | None = None, distilled_guidance_scale: float | None = None,
+                 noise_schedule: dict | None = None):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -108,7 +112,8 @@ class RadsynthPipeline(DiffusionPipeline):
             class_attribute=class_attribute, class_names=tuple(class_names),
             objective=objective or _objective_of_scheduler(scheduler),
             num_train_timesteps=int(num_train_timesteps or scheduler.config.num_train_timesteps),
-            distilled_guidance_scale=None if distilled_guidance_scale is None else float(distilled_guidance_scale))
+            distilled_guidance_scale=None if distilled_guidance_scale is None else float(distilled_guidance_scale),
+            noise_schedule=None if noise_schedule is None else dict(noise_schedule))
 
     @classmethod
     def from_model_dir(cls, folder: str | Path, **components) -> RadsynthPipeline:
@@ -152,7 +157,8 @@ class RadsynthPipeline(DiffusionPipeline):
 
     @property
     def objective(self) -> TrainingObjective:
-        return TrainingObjective(self.config.objective, self.config.num_train_timesteps)
+        return TrainingObjective(self.config.objective, self.config.num_train_timesteps,
+                                 noise_schedule=self.config.noise_schedule)
 
     def diffusion(self, controlnet: torch.nn.Module | None = None, conditioning_scale: float = 1.0,
                   loss_weights: Callable | None = None) -> LatentDiffusion:
@@ -167,7 +173,8 @@ class RadsynthPipeline(DiffusionPipeline):
         """A fresh scheduler of the base objective's kind (a distilled student's own scheduler cannot run the mask
         generator, which is not distilled): ``name``, or DDIM / FlowMatchEuler."""
         default = "flow_match_euler" if self.objective.is_flow else "ddim"
-        return build_inference_scheduler(self.config.objective, name or default, self.config.num_train_timesteps)
+        return build_inference_scheduler(self.config.objective, name or default, self.config.num_train_timesteps,
+                                         self.config.noise_schedule)
 
     # ------------------------------------------------------------------------------------------ the steps
 
@@ -187,7 +194,7 @@ class RadsynthPipeline(DiffusionPipeline):
         if any(size % factor for size in self.config.image_shape):
             raise ValueError(
                 f"image_shape {self.config.image_shape} is not divisible by the autoencoder's factor {factor}")
-        return (batch_size, self.unet.config.in_channels, *(size // factor for size in self.config.image_shape))
+        return (batch_size, self.vae.latent_channels, *(size // factor for size in self.config.image_shape))
 
     def prepare_latents(self, batch_size: int, generator, latents: torch.Tensor | None, scheduler) -> torch.Tensor:
         shape, device, dtype = self.latent_shape(batch_size), self._execution_device, self.unet.dtype

@@ -82,10 +82,9 @@ def _batches(n: int, batch_size: int) -> Iterator[slice]:
 
 def _check_images(pipeline, images: torch.Tensor) -> torch.Tensor:
     images = torch.as_tensor(images)
-    dims = pipeline.vae.config.spatial_dims
-    if images.ndim != dims + 2 or images.shape[1] != pipeline.vae.config.in_channels:
-        raise ValueError(f"images must be (N, {pipeline.vae.config.in_channels}, *{dims} spatial), "
-                         f"got {tuple(images.shape)}")
+    dims = pipeline.config.spatial_dims  # radsynth images are single-channel, whatever the codec takes inside
+    if images.ndim != dims + 2 or images.shape[1] != 1:
+        raise ValueError(f"images must be (N, 1, *{dims} spatial), got {tuple(images.shape)}")
     return images
 
 
