@@ -38,6 +38,7 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
 
     teacher_steps: the teacher solver's grid (DDIM, or FlowMatchEuler for rectified flow, at this many steps),
     on which the student was distilled and from which its sampling timesteps are taken.
+    noise_schedule: the teacher's betas (None: radsynth's, ``objectives.NOISE_SCHEDULE``).
     """
 
     order = 1
@@ -45,15 +46,16 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, objective: str = "v_prediction", num_train_timesteps: int = 1000, teacher_steps: int = 50,
-                 timestep_scaling: float = 10.0, sigma_data: float = 0.5):
-        self.objective = TrainingObjective(objective, num_train_timesteps)
+                 timestep_scaling: float = 10.0, sigma_data: float = 0.5, noise_schedule: dict | None = None):
+        self.objective = TrainingObjective(objective, num_train_timesteps, noise_schedule=noise_schedule)
         self.timesteps = self.teacher_grid()
         self.num_inference_steps = None
 
     def teacher_grid(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The teacher solver's timesteps in model units, from the noisiest down."""
         solver = "flow_match_euler" if self.objective.is_flow else "ddim"
-        scheduler = build_inference_scheduler(self.config.objective, solver, self.config.num_train_timesteps)
+        scheduler = build_inference_scheduler(self.config.objective, solver, self.config.num_train_timesteps,
+                                              self.config.noise_schedule)
         scheduler.set_timesteps(self.config.teacher_steps, device=device)
         return scheduler.timesteps
 

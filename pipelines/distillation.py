@@ -72,7 +72,8 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
     latents.class_labels = class_labels(train_records, teacher.config.class_attribute, list(teacher.config.class_names))
     scheduler = ConsistencyScheduler(objective=teacher.config.objective,
                                      num_train_timesteps=teacher.config.num_train_timesteps,
-                                     teacher_steps=settings.teacher_steps)
+                                     teacher_steps=settings.teacher_steps,
+                                     noise_schedule=teacher.config.noise_schedule)
     torch.manual_seed(config.runtime.seed + 4)
     distiller = ConsistencyDistiller(
         teacher.diffusion(), copy.deepcopy(teacher.unet), latents, scheduler, run_dir,

@@ -182,3 +182,23 @@ def test_inference_scheduler_uses_the_training_prediction_type(name, scheduler_n
         assert scheduler.config.prediction_type == name
         training = TrainingObjective(name, num_train_timesteps=500).noise_scheduler
         torch.testing.assert_close(scheduler.alphas_cumprod, training.alphas_cumprod)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm", "dpm_solver"])
+def test_a_base_s_own_noise_schedule_reaches_training_sampling_and_the_consistency_sampler(scheduler):
+    """A model fine-tuned from a pretrained base is trained and sampled under the base's betas, not radsynth's."""
+    from diffusers import DDPMScheduler
+
+    from radsynth.generators.consistency import ConsistencyScheduler
+    from radsynth.generators.objectives import NOISE_SCHEDULE
+
+    stable_diffusion = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    reference = DDPMScheduler(**stable_diffusion).alphas_cumprod
+    trained = TrainingObjective("epsilon", noise_schedule=stable_diffusion).noise_scheduler.alphas_cumprod
+    sampled = build_inference_scheduler("epsilon", scheduler, noise_schedule=stable_diffusion).alphas_cumprod
+    student = ConsistencyScheduler("epsilon", noise_schedule=stable_diffusion).objective.noise_scheduler.alphas_cumprod
+    for alphas in (trained, sampled, student):
+        torch.testing.assert_close(alphas, reference)
+    default = build_inference_scheduler("epsilon", scheduler).alphas_cumprod
+    torch.testing.assert_close(default, DDPMScheduler(**NOISE_SCHEDULE).alphas_cumprod)
+    assert not torch.allclose(default, reference)
