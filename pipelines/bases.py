@@ -9,8 +9,10 @@ pipeline it becomes.
   the local data's: the fine-tune learns the local images under the base's prompts encoder.
 
 Weights are read from safetensors only and nothing is downloaded. What cannot work is refused before any
-training, in one line naming the setting to change: 3D data on a 2D base, an image grid the base's autoencoder
-and UNet cannot halve down to, a prediction type radsynth does not train.
+training, in one line naming the setting to change (``check_compatible``): a radsynth base of another modality,
+grid, field of view, CT window or class vocabulary than the local data (fine-tuning MAISI-style models off their
+training field of view is what makes them collapse to noise); 3D data on a 2D base, an image grid the base's
+autoencoder and UNet cannot halve down to, a prediction type radsynth does not train.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
@@ -26,6 +29,7 @@ from radsynth.generators.objectives import NOISE_SCHEDULE_KEYS, build_inference_
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
 from radsynth.generators.text_encoder import PretrainedTextEncoder
 
+from .data.manifest import CaseRecord
 from .sampling.generate import load_pipeline, sampling_device
 from .sampling.pipeline import RadsynthPipeline
 from .sampling.text_to_image import RadsynthTextToImagePipeline
@@ -36,6 +40,8 @@ BASE_FORMATS = ("radsynth", "diffusers")
 STABLE_DIFFUSION_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": None,
                                "tokenizer": None, "scheduler": None}
 TRAINABLE_PREDICTIONS = ("epsilon", "v_prediction")
+# How far the local field of view (grid x spacing, per axis) may differ from the base's before it is refused.
+FOV_TOLERANCE = 0.25
 
 
 def base_format(folder: str | Path) -> str:
@@ -61,12 +67,12 @@ def base_format(folder: str | Path) -> str:
     return "diffusers"
 
 
-def load_base(config: RadsynthConfig, summary: dict, spacings: torch.Tensor, progress: bool = True
-              ) -> RadsynthPipeline:
+def load_base(config: RadsynthConfig, summary: dict, cases: list[CaseRecord], spacings: torch.Tensor,
+              progress: bool = True) -> RadsynthPipeline:
     """The base named by ``finetune.from`` as a radsynth pipeline on the configured device.
 
-    summary, spacings: the ingested data's summary and its training cases' spacings, the image space a
-    Stable-Diffusion-family base is given (a radsynth base has its own).
+    summary, cases, spacings: the ingested data's summary, the fine-tune cases and their spacings: the image space
+    a Stable-Diffusion-family base is given and a radsynth base is checked against (``check_compatible``).
     """
     folder = Path(config.finetune.from_)
     found = base_format(folder)
@@ -75,8 +81,44 @@ def load_base(config: RadsynthConfig, summary: dict, spacings: torch.Tensor, pro
         raise UserInputError("finetune.base_format", f"{wanted!r}, but {folder} is a {found} folder",
                              f"auto, or {found}")
     if found == "radsynth":
-        return load_pipeline(folder, config, progress, pairs=False)
+        base = load_pipeline(folder, config, progress, pairs=False)
+        attribute = base.config.class_attribute
+        values = {str(case.attributes[attribute]) for case in cases if case.attributes.get(attribute) not in (None, "")}
+        check_compatible(base.config, image_space(config, summary, spacings), values)
+        return base
     return _stable_diffusion(folder, config, summary, spacings)
+
+
+def check_compatible(base: dict, local: dict, class_values: set[str]) -> None:
+    """Refuse a fine-tune whose data the base cannot take, with the setting that would fix it.
+
+    base: the base pipeline's config; local: the data's ``training.image_space``; class_values: the cases'
+    values of the base's class attribute. The base samples on its own grid, so the data must be on it; its field
+    of view must match within ``FOV_TOLERANCE``; a CT window must be the base's (the same numbers must mean the
+    same Hounsfield units); every class must be one the base knows (an unknown one would train as "no class").
+    Percentile-normalised modalities are not compared: their ranges are per scanner by design.
+    """
+    if base["modality"] != local["modality"]:
+        raise UserInputError("finetune.from", f"the base generates {base['modality']} and the data is "
+                             f"{local['modality']}", f"a {local['modality']} base, or train one")
+    if tuple(base["image_shape"]) != tuple(local["image_shape"]):
+        raise UserInputError("data.preprocess.target_shape", f"{list(local['image_shape'])}, but the base samples "
+                             f"{list(base['image_shape'])}", f"the base's grid: {list(base['image_shape'])}")
+    for axis, (size, base_mm, local_mm) in enumerate(zip(base["image_shape"], base["spacing"], local["spacing"])):
+        base_fov, local_fov = size * base_mm, size * local_mm
+        if abs(local_fov / base_fov - 1) > FOV_TOLERANCE:
+            raise UserInputError("data.preprocess.target_spacing", f"a field of view of {local_fov:.4g} mm on axis "
+                                 f"{axis}, the base was trained on {base_fov:.4g} mm (outside it, fine-tuned models "
+                                 "collapse to noise)", f"resample to the base's spacing {list(base['spacing'])}")
+    window = [local["intensity_low"], local["intensity_high"]]
+    if base["modality"] == "ct" and not np.allclose(window, [base["intensity_low"], base["intensity_high"]]):
+        raise UserInputError("data.preprocess.intensity.ct_window", f"{window} HU, but the base was trained on "
+                             f"[{base['intensity_low']:g}, {base['intensity_high']:g}]", "the base's window")
+    unknown = sorted(class_values - set(base["class_names"]))
+    if base["class_attribute"] and unknown:
+        raise UserInputError("finetune.filter", f"{base['class_attribute']} values {unknown} are not among the "
+                             f"base's classes {list(base['class_names'])}", "cases of the base's classes, or a "
+                             "base trained with them")
 
 
 def _stable_diffusion(folder: Path, config: RadsynthConfig, summary: dict, spacings: torch.Tensor

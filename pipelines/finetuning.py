@@ -71,7 +71,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
                              "attribute values as they appear in the manifest, e.g. {finding: pneumothorax}")
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     images = CachedImages(subset, summary["cache"], conditioning)
-    base = load_base(config, summary, images.spacings, progress)
+    base = load_base(config, summary, subset, images.spacings, progress)
     base_hash = model_hash(base)
     run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     latents = cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from radsynth.configs import UserInputError
 from radsynth.flows.cli import main
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
-from radsynth.pipelines.bases import base_format
+from radsynth.pipelines.bases import base_format, check_compatible
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.finetuning import finetune
 from radsynth.pipelines.sampling.generate import generate, load_pipeline
@@ -180,3 +180,48 @@ def test_the_cli_refuses_a_base_it_cannot_use_in_one_line(tmp_path, capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1].startswith("radsynth: error:") and "no model_index.json" in lines[-1]
     assert not list((tmp_path / "run").glob("model-*"))
+
+
+# ---------------------------------------------------------------- a radsynth base against the local data
+
+BASE = {"modality": "ct", "image_shape": (32, 32, 16), "spacing": (1.5, 1.5, 3.0), "intensity_low": -1000.0,
+        "intensity_high": 1000.0, "class_attribute": "finding", "class_names": ("lesion", "none")}
+LOCAL = {"modality": "ct", "spatial_dims": 3, "image_shape": (32, 32, 16), "spacing": (1.6, 1.5, 3.0),
+         "intensity_low": -1000.0, "intensity_high": 1000.0}
+
+
+def test_data_the_base_was_trained_like_is_accepted():
+    check_compatible(BASE, LOCAL, {"lesion"})
+    check_compatible({**BASE, "class_attribute": None, "class_names": ()}, LOCAL, {"anything"})
+    check_compatible({**BASE, "modality": "mri"}, {**LOCAL, "modality": "mri", "intensity_high": 812.0}, set())
+
+
+@pytest.mark.parametrize(("change", "key", "message"), [
+    ({"modality": "mri"}, "finetune.from", "the base generates ct and the data is mri"),
+    ({"image_shape": (64, 64, 16)}, "data.preprocess.target_shape", "the base's grid: [32, 32, 16]"),
+    ({"spacing": (1.5, 1.5, 4.5)}, "data.preprocess.target_spacing", "field of view of 72 mm on axis 2"),
+    ({"intensity_low": -200.0, "intensity_high": 400.0}, "data.preprocess.intensity.ct_window", "[-1000, 1000]"),
+])
+def test_data_off_the_bases_grid_field_of_view_window_or_modality_is_refused(change, key, message):
+    with pytest.raises(UserInputError) as error:
+        check_compatible(BASE, {**LOCAL, **change}, set())
+    assert str(error.value).startswith(key) and message in str(error.value)
+
+
+def test_a_class_the_base_never_saw_is_refused():
+    with pytest.raises(UserInputError, match=r"finding values \['cyst'\] are not among the base's classes"):
+        check_compatible(BASE, LOCAL, {"lesion", "cyst"})
+
+
+def test_a_fine_tune_on_another_grid_is_refused_before_training(tmp_path):
+    from radsynth.pipelines.training import train
+
+    base_run, run = tmp_path / "base", tmp_path / "local"
+    base_config = tiny_config(base_run, "diffusion.max_steps=1", "diffusion.validate_every=100")
+    ingest(base_config, progress=False)
+    base = train(base_config, progress=False)
+    config = tiny_config(run, f"finetune.from={base.model_dir}", "data.preprocess.target_shape=[16,16]")
+    ingest(config, progress=False)
+    with pytest.raises(UserInputError, match=r"target_shape: \[16, 16\], but the base samples \[32, 32\]"):
+        finetune(config, progress=False)
+    assert not list(run.glob("model-*")) and not (run / "train").exists()
