@@ -296,15 +296,31 @@ class ConditioningConfig(Section):
         return self
 
 
+BodyRegion = Literal["head_neck", "chest", "abdomen", "lower_body"]
+
+
+class MaisiBaseConfig(Section):
+    """What a MONAI MAISI bundle base needs beyond its own files."""
+
+    diffusion_weights: str | None = Field(
+        None, description="the diffusion UNet's file in the bundle's models/ (default: the one with 'unet' in its name)")
+    body_region: tuple[BodyRegion, BodyRegion] | None = Field(
+        None, description="[top, bottom]: the body regions the volumes start and end in, for a UNet with region inputs")
+    modality_class: int | None = Field(
+        None, ge=0, description="the class index of the data's modality, for a UNet with class embeddings (NV-Generate)")
+
+
 class FinetuneConfig(Section):
     """Adapt a trained model to a subset (a rare finding, 5-50 cases) without touching the base folder."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    from_: str | None = Field(None, alias="from", description="folder of the base model: a radsynth model folder "
-                              "or a diffusers Stable-Diffusion-family folder (local; nothing is downloaded)")
-    base_format: Literal["auto", "radsynth", "diffusers"] = Field(
-        "auto", description="what finetune.from is; auto reads it off the folder's model_index.json")
+    from_: str | None = Field(None, alias="from", description="folder of the base model: a radsynth model folder, "
+                              "a diffusers Stable-Diffusion-family folder or a MONAI MAISI bundle (local; nothing is "
+                              "downloaded)")
+    base_format: Literal["auto", "radsynth", "diffusers", "maisi"] = Field(
+        "auto", description="what finetune.from is; auto reads it off the folder's files")
+    maisi: MaisiBaseConfig = Field(default_factory=MaisiBaseConfig)
     filter: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="attribute values the cases must have, e.g. {finding: pneumothorax}")
     method: Literal["lora", "full"] = "lora"

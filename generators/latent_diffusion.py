@@ -98,7 +98,9 @@ class LatentDiffusion:
 
     @property
     def uses_spacing(self) -> bool:
-        return bool(_unwrapped(self.denoiser).config.get("use_spacing", False))
+        # A denoiser that derives it says so (MaisiUNet); radsynth's own record it in their config.
+        denoiser = _unwrapped(self.denoiser)
+        return bool(getattr(denoiser, "uses_spacing", denoiser.config.get("use_spacing", False)))
 
     def class_labels(self, conditions: Sequence[Mapping[str, object]]) -> Tensor | None:
         """Class indices of the class attribute's values (0, the null class, when absent or unseen)."""

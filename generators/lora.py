@@ -18,12 +18,15 @@ ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "out_proj", "to_out.0"]
 def add_lora(model: torch.nn.Module, rank: int, alpha: float) -> list[torch.nn.Parameter]:
     """Freeze ``model`` and give its attention projections trainable LoRA factors; returns those factors."""
     model.requires_grad_(False)
+    # Linear layers only: an attention without an output projection has an Identity in its place (MAISI's).
+    targets = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+               and any(name == projection or name.endswith(f".{projection}") for projection in ATTENTION_PROJECTIONS)]
+    if not targets:
+        raise ValueError("the model has no attention projections to adapt (no attention levels?)")
     # B starts at zero (peft default): the adapted model begins exactly where the base model is.
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=ATTENTION_PROJECTIONS)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
     inject_adapter_in_model(config, model)
     factors = [p for name, p in model.named_parameters() if "lora_" in name]
-    if not factors:
-        raise ValueError("the model has no attention projections to adapt (no attention levels?)")
     for parameter in factors:
         parameter.requires_grad_(True)
     return factors

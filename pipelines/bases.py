@@ -2,6 +2,11 @@
 pipeline it becomes.
 
 - ``radsynth``: a model folder radsynth saved (its ``model_index.json`` names a radsynth pipeline).
+- ``maisi``: a MONAI MAISI bundle (MAISI v1 / v2, NV-Generate: ``configs/`` with the network definitions in
+  JSON, ``models/`` with the autoencoder and diffusion UNet weights), built with MONAI's own MAISI classes
+  (``generators.maisi``). Its JSON is read, never executed: ``@`` references are followed, ``$`` expressions
+  and any class but MONAI's MAISI networks are refused. DDPM (v1) and rectified-flow (v2) UNets; spacing, body
+  region and modality class are its conditioning inputs (``finetune.maisi``). CT must use MAISI's window.
 - ``diffusers``: a Stable-Diffusion-family folder (``model_index.json`` with a ``UNet2DConditionModel``, an
   ``AutoencoderKL``, a Hugging Face text encoder, its tokenizer and a scheduler; Stable Diffusion 1.x / 2.x and
   RoentGen's layout). Its components are wrapped as radsynth parts (``generators.stable_diffusion``, the text
@@ -17,17 +22,24 @@ autoencoder and UNet cannot halve down to, a prediction type radsynth does not t
 
 from __future__ import annotations
 
+import inspect
 import json
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+from safetensors.torch import load_file
 
 from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.generators.data import ConditioningSpec
+from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
 from radsynth.generators.objectives import NOISE_SCHEDULE_KEYS, build_inference_scheduler
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
-from radsynth.generators.text_encoder import PretrainedTextEncoder
+from radsynth.generators.text_encoder import PretrainedTextEncoder, load_text_encoder
 
 from .data.manifest import CaseRecord
 from .sampling.generate import load_pipeline, sampling_device
@@ -35,7 +47,8 @@ from .sampling.pipeline import RadsynthPipeline
 from .sampling.text_to_image import RadsynthTextToImagePipeline
 from .training import image_space
 
-BASE_FORMATS = ("radsynth", "diffusers")
+BASE_FORMATS = ("radsynth", "diffusers", "maisi")
+MAISI_CT_WINDOW = (-1000.0, 1000.0)  # MAISI CT: this HU window onto [0, 1]
 # What a Stable-Diffusion-family folder holds (model_index.json component names).
 STABLE_DIFFUSION_COMPONENTS = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": None,
                                "tokenizer": None, "scheduler": None}
@@ -47,12 +60,13 @@ FOV_TOLERANCE = 0.25
 def base_format(folder: str | Path) -> str:
     """``radsynth`` or ``diffusers``, read off the folder's ``model_index.json``; anything else is a user error."""
     folder = Path(folder)
-    allowed = "a radsynth model folder, or a diffusers Stable-Diffusion-family folder (model_index.json)"
+    allowed = "a radsynth model folder, a diffusers Stable-Diffusion-family folder (model_index.json) or a MAISI bundle"
     index_path = folder / "model_index.json"
     if not index_path.is_file():
-        what = ("a MONAI bundle (MAISI / NV-Generate), which radsynth cannot start from yet"
-                if (folder / "configs").is_dir() and (folder / "models").is_dir() else "no model_index.json here")
-        raise UserInputError(folder, what, allowed)
+        if (folder / "configs").is_dir() and (folder / "models").is_dir():
+            _maisi_network_config(folder)  # a bundle without MAISI's networks is refused here
+            return "maisi"
+        raise UserInputError(folder, "no model_index.json here, nor a bundle's configs/ and models/", allowed)
     index = json.loads(index_path.read_text())
     name = index.get("_class_name")
     name = name[1] if isinstance(name, list) else name
@@ -80,6 +94,8 @@ def load_base(config: RadsynthConfig, summary: dict, cases: list[CaseRecord], sp
     if wanted != "auto" and wanted != found:
         raise UserInputError("finetune.base_format", f"{wanted!r}, but {folder} is a {found} folder",
                              f"auto, or {found}")
+    if found == "maisi":
+        return _maisi(folder, config, summary, cases, spacings)
     if found == "radsynth":
         base = load_pipeline(folder, config, progress, pairs=False)
         attribute = base.config.class_attribute
@@ -149,12 +165,7 @@ def _stable_diffusion(folder: Path, config: RadsynthConfig, summary: dict, spaci
                              f"attends to {unet.config.cross_attention_dim}", "a base whose parts belong together")
     wrapped_vae = StableDiffusionAutoencoder.from_diffusers(vae)
     space = image_space(config, summary, spacings)
-    grid = wrapped_vae.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-    if any(size % grid for size in space["image_shape"]):
-        fitted = [max(grid, round(size / grid) * grid) for size in space["image_shape"]]
-        raise UserInputError("data.preprocess.target_shape", f"{list(space['image_shape'])} cannot be halved down "
-                             f"by this base (its autoencoder and UNet need multiples of {grid})",
-                             f"resample to a multiple of {grid}, e.g. {fitted}")
+    _check_grid(space["image_shape"], wrapped_vae.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1))
     # The base's betas, diffusers' defaults where its scheduler config leaves one out (as diffusers reads it).
     defaults = DDPMScheduler.from_config(schedule).config
     noise_schedule = {key: defaults[key] for key in NOISE_SCHEDULE_KEYS}
@@ -165,3 +176,162 @@ def _stable_diffusion(folder: Path, config: RadsynthConfig, summary: dict, spaci
         **space, latent_clip=None, objective=objective, num_train_timesteps=timesteps,
         noise_schedule=noise_schedule)
     return pipeline.to(sampling_device(config))
+
+
+# ------------------------------------------------------------------------------------------------ MAISI bundles
+
+def _maisi_network_config(folder: Path) -> tuple[Path, dict]:
+    """The bundle's JSON that defines the autoencoder and the diffusion UNet."""
+    for path in sorted((folder / "configs").glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and {"autoencoder_def", "diffusion_unet_def"} <= set(data):
+            return path, data
+    raise UserInputError(folder / "configs", "no JSON with autoencoder_def and diffusion_unet_def",
+                         "a MAISI bundle's network config (e.g. config_network_rflow.json)")
+
+
+def _resolved(path: Path, data: dict, value, where: str):
+    """``value`` with the bundle's ``@name`` (and ``@a::b``) references followed; expressions are refused."""
+    if isinstance(value, str) and value.startswith("$"):
+        raise UserInputError(path, f"{where} is an expression ({value}), which radsynth never evaluates",
+                             "plain values or @references")
+    if isinstance(value, str) and value.startswith("@"):
+        target = data
+        for part in value[1:].split("::"):
+            if not isinstance(target, dict) or part not in target:
+                raise UserInputError(path, f"{where} refers to {value}, which the file does not define",
+                                     "a reference to a key of the same file")
+            target = target[part]
+        return _resolved(path, data, target, where)
+    if isinstance(value, list):
+        return [_resolved(path, data, item, where) for item in value]
+    if isinstance(value, dict):
+        return {key: _resolved(path, data, item, f"{where}.{key}") for key, item in value.items()}
+    return value
+
+
+def _network_arguments(path: Path, data: dict, key: str, kind: type) -> dict:
+    """The arguments of MONAI's ``kind`` as the bundle's ``key`` gives them; any other class is refused."""
+    definition = dict(data[key])
+    target = str(definition.pop("_target_", ""))
+    if target.rsplit(".", 1)[-1] != kind.__name__:
+        raise UserInputError(path, f"{key}._target_ is {target!r}", f"MONAI's {kind.__name__}")
+    arguments = _resolved(path, data, definition, key)
+    accepted = set(inspect.signature(kind.__init__).parameters) - {"self"}
+    unknown = sorted(set(arguments) - accepted)
+    if unknown:
+        raise UserInputError(path, f"{key} sets {unknown}, which MONAI's {kind.__name__} does not take",
+                             ", ".join(sorted(accepted)))
+    return arguments
+
+
+def _maisi_objective(path: Path, data: dict) -> tuple[str, int, dict | None]:
+    """(objective, num_train_timesteps, noise_schedule) of the bundle's ``noise_scheduler``."""
+    scheduler = _resolved(path, data, dict(data.get("noise_scheduler") or {}), "noise_scheduler")
+    kind = str(scheduler.get("_target_", "")).rsplit(".", 1)[-1]
+    timesteps = int(scheduler.get("num_train_timesteps", 1000))
+    if kind == "RFlowScheduler":
+        return "rectified_flow", timesteps, None
+    if kind == "DDPMScheduler":
+        schedules = {"linear_beta": "linear", "scaled_linear_beta": "scaled_linear"}
+        schedule = scheduler.get("schedule", "linear_beta")
+        prediction = scheduler.get("prediction_type", "epsilon")
+        if schedule not in schedules or prediction not in TRAINABLE_PREDICTIONS:
+            raise UserInputError(path, f"noise_scheduler has schedule {schedule!r} and prediction_type "
+                                 f"{prediction!r}", f"schedule {' or '.join(schedules)}, prediction_type "
+                                 f"{' or '.join(TRAINABLE_PREDICTIONS)}")
+        # MONAI's defaults where the bundle leaves them out.
+        return prediction, timesteps, {"beta_schedule": schedules[schedule],
+                                       "beta_start": float(scheduler.get("beta_start", 1e-4)),
+                                       "beta_end": float(scheduler.get("beta_end", 2e-2))}
+    raise UserInputError(path, f"noise_scheduler is {kind or 'missing'}", "MONAI's RFlowScheduler or DDPMScheduler")
+
+
+def _maisi_weights(folder: Path, name: str | None, part: str, matches) -> dict:
+    """A weights file of the bundle's ``models/``, read without unpickling anything but tensors and numbers."""
+    models = folder / "models"
+    candidates = sorted(path.name for path in models.iterdir() if path.suffix in (".pt", ".pth", ".safetensors"))
+    chosen = [name] if name else [file for file in candidates if matches(file)]
+    if len(chosen) != 1 or chosen[0] not in candidates:
+        setting = "finetune.maisi.diffusion_weights" if part == "diffusion UNet" else "finetune.from"
+        raise UserInputError(setting, f"cannot tell which file of {models} holds the {part} ({chosen or 'none'} "
+                             f"of {candidates})", "one of those files")
+    path = models / chosen[0]
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UserInputError(path, "holds more than tensors and numbers, and radsynth never unpickles objects",
+                             "a state dict saved with torch.save, or safetensors") from error
+
+
+def _state_dict(checkpoint: dict, *keys: str) -> dict:
+    for key in keys:
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _maisi(folder: Path, config: RadsynthConfig, summary: dict, cases: list[CaseRecord],
+           spacings: torch.Tensor) -> RadsynthTextToImagePipeline:
+    path, data = _maisi_network_config(folder)
+    space = image_space(config, summary, spacings)
+    if config.data.spatial_dims != 3:
+        raise UserInputError("finetune.from", f"{folder} is a 3D MAISI base and the data is 2D",
+                             "3D data (data.spatial_dims: 3), or a 2D base")
+    window = (space["intensity_low"], space["intensity_high"])
+    if space["modality"] == "ct" and not np.allclose(window, MAISI_CT_WINDOW):
+        raise UserInputError("data.preprocess.intensity.ct_window", f"{list(window)} HU, but MAISI maps "
+                             f"{list(MAISI_CT_WINDOW)} onto its [0, 1]", f"{list(MAISI_CT_WINDOW)}")
+    unet_arguments = _network_arguments(path, data, "diffusion_unet_def", DiffusionModelUNetMaisi)
+    if unet_arguments.get("with_conditioning"):
+        raise UserInputError(path, "a diffusion UNet with text cross-attention, for which radsynth has no encoder",
+                             "a MAISI UNet conditioned on spacing, body region and modality")
+    objective, timesteps, noise_schedule = _maisi_objective(path, data)
+    settings = config.finetune.maisi
+    top, bottom = settings.body_region or (None, None)
+    try:
+        unet = MaisiUNet(unet_arguments, negate_output=objective == "rectified_flow", top_region=top,
+                         bottom_region=bottom, modality_class=settings.modality_class)
+    except ValueError as error:
+        raise UserInputError("finetune.maisi", str(error), "body_region: [top, bottom], modality_class") from error
+    checkpoint = _maisi_weights(folder, settings.diffusion_weights, "diffusion UNet", lambda file: "unet" in file)
+    _load_weights(unet.net, _state_dict(checkpoint, "unet_state_dict", "state_dict"), path, "diffusion_unet_def")
+    scale = checkpoint.get("scale_factor", data.get("scale_factor"))
+    if scale is None:
+        raise UserInputError(path, "no scale_factor, in the UNet's checkpoint or the network config",
+                             "the latent scale the MAISI UNet was trained with")
+    vae = MaisiAutoencoder(_network_arguments(path, data, "autoencoder_def", AutoencoderKlMaisi),
+                           scaling_factor=float(torch.as_tensor(scale)))
+    autoencoder = _maisi_weights(folder, None, "autoencoder", lambda file: file.startswith("autoencoder"))
+    _load_weights(vae.net, _state_dict(autoencoder, "autoencoder_state_dict", "state_dict"), path, "autoencoder_def")
+    grid = vae.downsample_factor * 2 ** (len(unet_arguments["num_channels"]) - 1)
+    _check_grid(space["image_shape"], grid)
+    # MAISI reads no text: the pipeline's prompt interface keeps a small encoder the UNet never attends to.
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    text_encoder = load_text_encoder("trained", captions=[conditioning.prompt(case) for case in cases],
+                                     max_length=config.conditioning.max_tokens, embed_dim=8, num_layers=1, num_heads=1)
+    pipeline = RadsynthTextToImagePipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder,
+        scheduler=build_inference_scheduler(objective, "flow_match_euler" if objective == "rectified_flow" else "ddim",
+                                            timesteps, noise_schedule),
+        **space, latent_clip=None, objective=objective, num_train_timesteps=timesteps, noise_schedule=noise_schedule)
+    return pipeline.to(sampling_device(config))
+
+
+def _load_weights(network: torch.nn.Module, weights: dict, path: Path, key: str) -> None:
+    try:
+        network.load_state_dict(weights)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise UserInputError(path, f"the weights do not fit the network {key} defines ({first})",
+                             "the network config the weights were trained with") from error
+
+
+def _check_grid(shape: tuple[int, ...], grid: int) -> None:
+    if any(size % grid for size in shape):
+        fitted = [max(grid, round(size / grid) * grid) for size in shape]
+        raise UserInputError("data.preprocess.target_shape", f"{list(shape)} cannot be halved down by this base "
+                             f"(its autoencoder and UNet need multiples of {grid})",
+                             f"resample to a multiple of {grid}, e.g. {fitted}")

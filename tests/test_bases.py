@@ -160,7 +160,7 @@ def test_what_a_stable_diffusion_base_cannot_take_is_refused(sd_base, tmp_path):
 def test_folders_that_are_no_base_are_named_as_such(tmp_path, sd_base):
     (tmp_path / "bundle" / "configs").mkdir(parents=True)
     (tmp_path / "bundle" / "models").mkdir()
-    with pytest.raises(UserInputError, match="MONAI bundle"):
+    with pytest.raises(UserInputError, match="no JSON with autoencoder_def and diffusion_unet_def"):
         base_format(tmp_path / "bundle")
     with pytest.raises(UserInputError, match="no model_index.json"):
         base_format(tmp_path)
@@ -225,3 +225,163 @@ def test_a_fine_tune_on_another_grid_is_refused_before_training(tmp_path):
     with pytest.raises(UserInputError, match=r"target_shape: \[16, 16\], but the base samples \[32, 32\]"):
         finetune(config, progress=False)
     assert not list(run.glob("model-*")) and not (run / "train").exists()
+
+
+# ---------------------------------------------------------------- MONAI MAISI bundles
+
+TINY_3D = ["data.phantom.n_cases=10", "data.phantom.shape=[32,32,32]", "data.preprocess.target_shape=[32,32,32]",
+           "data.split.stratify_by=null", "autoencoder.batch_size=2", "diffusion.batch_size=2",
+           "finetune.max_cases=4", "finetune.max_steps=2", "finetune.learning_rate=0.01",
+           "finetune.maisi.body_region=[chest,abdomen]", "sampling.num_inference_steps=3", "sampling.batch_size=2"]
+
+
+def write_maisi_bundle(folder, scheduler: str, seed: int = 0):
+    """A bundle as MAISI ships one: networks defined in JSON with @references, weights as torch.save'd dicts
+    under models/ (the UNet's with its latent scale), written from MONAI's own MAISI classes."""
+    from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+    schedulers = {
+        "rflow": {"_target_": "monai.networks.schedulers.rectified_flow.RFlowScheduler", "num_train_timesteps": 1000,
+                  "use_discrete_timesteps": False, "use_timestep_transform": True, "sample_method": "uniform"},
+        "ddpm": {"_target_": "monai.networks.schedulers.ddpm.DDPMScheduler", "num_train_timesteps": 1000,
+                 "beta_start": 0.0015, "beta_end": 0.0195, "schedule": "scaled_linear_beta", "clip_sample": False},
+    }
+    network = {
+        "spatial_dims": 3, "image_channels": 1, "latent_channels": 4, "include_body_region": True,
+        "autoencoder_def": {
+            "_target_": "monai.apps.generation.maisi.networks.autoencoderkl_maisi.AutoencoderKlMaisi",
+            "spatial_dims": "@spatial_dims", "in_channels": "@image_channels", "out_channels": "@image_channels",
+            "latent_channels": "@latent_channels", "num_channels": [8, 16], "num_res_blocks": [1, 1],
+            "norm_num_groups": 8, "norm_eps": 1e-6, "attention_levels": [False, False],
+            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False, "use_checkpointing": False,
+            "use_convtranspose": False, "norm_float16": False, "num_splits": 1, "dim_split": 1},
+        "diffusion_unet_def": {
+            "_target_": "monai.apps.generation.maisi.networks.diffusion_model_unet_maisi.DiffusionModelUNetMaisi",
+            "spatial_dims": "@spatial_dims", "in_channels": "@latent_channels", "out_channels": "@latent_channels",
+            "num_channels": [8, 16], "attention_levels": [False, True], "num_head_channels": [0, 8],
+            "num_res_blocks": 1, "norm_num_groups": 8, "include_top_region_index_input": "@include_body_region",
+            "include_bottom_region_index_input": "@include_body_region", "include_spacing_input": True},
+        "noise_scheduler": schedulers[scheduler],
+    }
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    (folder / "configs" / "config_network.json").write_text(json.dumps(network, indent=2))
+    torch.manual_seed(seed)
+    resolved = {key: network[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+                for key, value in network["autoencoder_def"].items() if key != "_target_"}
+    torch.save(AutoencoderKlMaisi(**resolved).state_dict(), folder / "models" / "autoencoder_epoch273.pt")
+    resolved = {key: network[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+                for key, value in network["diffusion_unet_def"].items() if key != "_target_"}
+    unet = DiffusionModelUNetMaisi(**resolved)
+    with torch.no_grad():  # MONAI zero-initialises the output layer: randomise it, so the UNet's output is seen
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.1)
+    torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(0.8)},
+               folder / "models" / f"diff_unet_3d_{scheduler}.pt")
+    return folder
+
+
+@pytest.mark.parametrize("scheduler", ["rflow", "ddpm"])
+def test_a_maisi_bundle_is_fine_tuned_sampled_and_saved_as_a_radsynth_model(tmp_path, scheduler):
+    from radsynth.configs import load_config
+    from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", scheduler)
+    assert base_format(bundle) == "maisi"
+    config = load_config("demo-3d", [*TINY_3D, f"runtime.output_dir={tmp_path / 'run'}", f"finetune.from={bundle}",
+                                     *(["sampling.scheduler=flow_match_euler"] if scheduler == "rflow" else [])])
+    ingest(config, progress=False)
+    result = finetune(config, progress=False)
+    loaded = load_pipeline(result.model_dir, config, progress=False)
+    assert isinstance(loaded.unet, MaisiUNet) and isinstance(loaded.vae, MaisiAutoencoder)
+    assert loaded.vae.scaling_factor == pytest.approx(0.8) and loaded.config.modality == "ct"
+    assert loaded.config.objective == ("rectified_flow" if scheduler == "rflow" else "epsilon")
+    assert loaded.unet.config.negate_output == (scheduler == "rflow")
+    if scheduler == "ddpm":  # MAISI v1's schedule is radsynth's own, stated explicitly
+        assert loaded.config.noise_schedule == {"beta_schedule": "scaled_linear", "beta_start": 0.0015,
+                                                "beta_end": 0.0195}
+    tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = torch.load(bundle / "models" / f"diff_unet_3d_{scheduler}.pt", weights_only=True)["unet_state_dict"]
+    changed = {key for key in base if not torch.equal(tuned[f"net.{key}"], base[key])}
+    assert changed and all(key.split(".")[-2] in ("to_q", "to_k", "to_v", "out_proj") for key in changed)
+    out = generate(config, result.model_dir, 2, tmp_path / "samples", progress=False)
+    assert out.model_hash == result.model_hash and len(out.written) == 2
+
+
+def test_the_maisi_unet_is_called_with_maisi_s_own_inputs_and_its_velocity_sign():
+    """Spacing and body regions reach MONAI's UNet scaled by 100, as MAISI's inference scripts give them, and a
+    rectified-flow UNet's output (clean - noise in MONAI) is negated into radsynth's velocity (noise - clean)."""
+    from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
+
+    from radsynth.generators.maisi import MaisiUNet
+
+    arguments = {"spatial_dims": 3, "in_channels": 4, "out_channels": 4, "num_channels": [8, 16],
+                 "attention_levels": [False, True], "num_head_channels": [0, 8], "num_res_blocks": 1,
+                 "norm_num_groups": 8, "include_top_region_index_input": True,
+                 "include_bottom_region_index_input": True, "include_spacing_input": True}
+    torch.manual_seed(0)
+    wrapped = MaisiUNet(arguments, negate_output=True, top_region="chest", bottom_region="abdomen").eval()
+    with torch.no_grad():
+        for parameter in wrapped.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    reference = DiffusionModelUNetMaisi(**arguments).eval()
+    reference.load_state_dict(wrapped.net.state_dict())
+    x, t = torch.randn(2, 4, 8, 8, 8), torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        expected = reference(x, t, top_region_index_tensor=torch.tensor([[0.0, 100, 0, 0]] * 2),
+                             bottom_region_index_tensor=torch.tensor([[0.0, 0, 100, 0]] * 2),
+                             spacing_tensor=torch.tensor([[150.0, 150.0, 300.0]] * 2))
+        output = wrapped(x, t, torch.zeros(2, 1, 8), spacing=torch.tensor([1.5, 1.5, 3.0]))
+    torch.testing.assert_close(output, -expected)
+    with pytest.raises(ValueError, match="give top_region"):
+        MaisiUNet(arguments)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda network: network["diffusion_unet_def"].update(_target_="os.system"), "_target_ is 'os.system'"),
+    (lambda network: network["autoencoder_def"].update(num_channels="$[8, 16]"), "never evaluates"),
+    (lambda network: network["diffusion_unet_def"].update(in_channels="@no_such_key"), "does not define"),
+    (lambda network: network["autoencoder_def"].update(made_up_option=1), "made_up_option"),
+    (lambda network: network["noise_scheduler"].update(_target_="monai.networks.schedulers.DDIMScheduler"),
+     "noise_scheduler is DDIMScheduler"),
+])
+def test_a_bundle_config_radsynth_would_have_to_execute_or_guess_is_refused(tmp_path, edit, message):
+    from radsynth.configs import load_config
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow")
+    network = json.loads((bundle / "configs" / "config_network.json").read_text())
+    edit(network)
+    (bundle / "configs" / "config_network.json").write_text(json.dumps(network))
+    config = load_config("demo-3d", [*TINY_3D, f"runtime.output_dir={tmp_path / 'run'}", f"finetune.from={bundle}"])
+    ingest(config, progress=False)
+    with pytest.raises(UserInputError, match=message):
+        finetune(config, progress=False)
+
+
+def test_what_a_maisi_base_cannot_take_is_refused(tmp_path):
+    from radsynth.configs import load_config
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow")
+    run = tmp_path / "run"
+
+    def refused(*overrides):
+        config = load_config("demo-3d", [*TINY_3D, f"runtime.output_dir={run}", f"finetune.from={bundle}", *overrides])
+        ingest(config, progress=False)
+        with pytest.raises(UserInputError) as error:
+            finetune(config, progress=False)
+        return str(error.value)
+
+    assert refused("data.preprocess.intensity.ct_window=[-200,400]").startswith("data.preprocess.intensity.ct_window")
+    assert "multiple of 4" in refused("data.preprocess.target_shape=[30,30,30]")
+    assert "give top_region" in refused("finetune.maisi.body_region=null")
+    (bundle / "models" / "diff_unet_3d_copy.pt").write_bytes((bundle / "models" / "diff_unet_3d_rflow.pt").read_bytes())
+    assert "cannot tell which file" in refused()
+    assert "finetune.maisi.diffusion_weights" in refused()
+    (bundle / "models" / "diff_unet_3d_copy.pt").unlink()
+    import pickle
+
+    (bundle / "models" / "autoencoder_epoch273.pt").unlink()
+    torch.save({"state_dict": {}, "note": pickle.dumps}, bundle / "models" / "autoencoder_epoch273.pt")
+    assert "never unpickles" in refused()

@@ -35,6 +35,7 @@ from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.consistency import ConsistencyScheduler  # noqa: F401
 from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.latent_diffusion import Constraint, LatentDiffusion
+from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
 from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
@@ -80,7 +81,8 @@ class RadsynthPipeline(DiffusionPipeline):
 
     # diffusers reads a pipeline's components and config from this signature: every name is spelled out once.
     # The component annotations are what diffusers' from_pipe matches components on.
-    def __init__(self, unet: RadsynthUNet | StableDiffusionUNet, vae: RadsynthAutoencoder | StableDiffusionAutoencoder,
+    def __init__(self, unet: RadsynthUNet | StableDiffusionUNet | MaisiUNet,
+                 vae: RadsynthAutoencoder | StableDiffusionAutoencoder | MaisiAutoencoder,
                  text_encoder: RadsynthTextEncoder | PretrainedTextEncoder, scheduler: SchedulerMixin,
                  mask_controlnet: RadsynthControlNet | None = None, mask_generator: RadsynthMaskGenerator | None = None,
                  modality: str = "xray", spatial_dims: int = 2, image_shape: tuple[int, ...] | list[int] = (64, 64),
