@@ -445,6 +445,9 @@ class GateConfig(Section):
     mask_dice_ratio_min: float | None = Field(
         0.9, ge=0, description="quality: segmenter Dice on synthetic / on real test, per label; null: not gated")
     intensity: bool = Field(True, description="quality: per-label intensity within the real data's range")
+    attribute_adherence_min: float | None = Field(
+        0.8, ge=0, description="quality: per conditioned attribute, the real-trained classifier's balanced accuracy "
+        "on synthetic over on real test (prompts must steer the generator); null: not gated")
 
 
 class ReleaseConfig(Section):

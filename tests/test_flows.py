@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_BUILD = ["diffusion.max_steps=4", *RELEASABLE, "scoring.utility=false",
               "release.formats=[monai,imagefolder,png16]", "release.gate.coverage_margin=null",
               "release.gate.intensity=false", "release.gate.mask_dice_ratio_min=null",
+              "release.gate.attribute_adherence_min=null",
               "conditioning.class_attribute=finding", "sampling.num_samples=12", "sampling.shard_size=4"]
 
 

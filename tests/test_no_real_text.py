@@ -53,7 +53,8 @@ def test_names_record_numbers_and_dates_of_real_reports_never_leave(tmp_path):
                  "scoring.segmenter_steps=5", "scoring.classifier_steps=5", "scoring.utility=false",
                  "scoring.membership_timesteps=2", "release.formats=[monai,imagefolder,png16]",
                  "release.gate.coverage_margin=null", "release.gate.intensity=false",
-                 "release.gate.mask_dice_ratio_min=null", "release.license=CC0-1.0",
+                 "release.gate.mask_dice_ratio_min=null", "release.gate.attribute_adherence_min=null",
+                 "release.license=CC0-1.0",
                  "release.drop_intensity_outliers=false"]  # the 4-step model draws noise: the text is the point
     logs = []
     for command in (["train"], ["generate", "--n", "12"], ["evaluate"], ["release"]):

@@ -42,6 +42,9 @@ def clean_scorecard() -> dict:
             row("realism", "coverage", 0.80, "self_supervised", reference_value=0.82, n=40),
             row("realism", "coverage", 0.10, "radiomics", reference_value=0.80, n=40),  # not the gated space
             row("adherence", "mask_dice_ratio", 0.97, "segmenter", stratum="label lung", reference_value=0.9, n=100),
+            row("adherence", "attribute_balanced_accuracy_ratio", 0.93, "classifier", stratum="finding",
+                ci_low=0.81, ci_high=1.02, reference_value=0.78, n=100),
+            row("adherence", "attribute_balanced_accuracy_ratio", 1.01, "classifier", stratum="view", n=100),
             row("privacy", "copy_rate", 0.01, "pixels or self_supervised", reference_value=0.0, n=100),
             row("privacy", "copy_rate (pixel or embedding)", 0.0, stratum="finding=effusion", n=20),
             row("privacy", "dcr_share", 0.52, "self_supervised", sd=0.06, n=100),
@@ -64,7 +67,8 @@ def test_a_private_realistic_scorecard_passes_every_gate():
     assert result.passed, result.to_markdown()
     names = {check.name for check in result.checks}
     assert {"dcr_share (self_supervised)", "copy_rate", "min_dcr",
-            "membership_inference_tpr_at_1pct_fpr", "coverage (self_supervised)", "mask_dice_ratio", "intensity"} <= names
+            "membership_inference_tpr_at_1pct_fpr", "coverage (self_supervised)", "mask_dice_ratio", "intensity",
+            "attribute_adherence"} <= names
     assert "coverage (radiomics)" not in names and "dcr_share (radiomics)" not in names
 
 
@@ -77,6 +81,7 @@ def test_a_private_realistic_scorecard_passes_every_gate():
     ("membership_inference_tpr_at_1pct_fpr", 0.30, {}, "membership_inference_tpr_at_1pct_fpr"),
     ("coverage", 0.70, {"feature_space": "self_supervised"}, "coverage (self_supervised)"),  # floor 0.82 - 0.05
     ("mask_dice_ratio", 0.85, {}, "mask_dice_ratio"),
+    ("attribute_balanced_accuracy_ratio", 0.24, {"stratum": "finding"}, "attribute_adherence"),  # the demo's at 54d5370
 ])
 def test_each_gate_fails_alone_when_its_number_crosses_the_limit(metric, value, match, failing):
     result = evaluate_gates(with_value(clean_scorecard(), metric, value, **match), GateConfig())
@@ -87,6 +92,21 @@ def test_each_gate_fails_alone_when_its_number_crosses_the_limit(metric, value, 
     assert str(round(value, 4)) in check.reason or f"{value:.4g}" in check.reason
     privacy_metric = metric.startswith(("dcr", "copy", "min_dcr", "membership"))
     assert check.privacy is privacy_metric
+
+
+def test_prompts_that_do_not_steer_the_generator_are_refused_with_the_attribute_and_its_interval():
+    scorecard = with_value(clean_scorecard(), "attribute_balanced_accuracy_ratio", 0.5, stratum="finding")
+    failed = evaluate_gates(scorecard, GateConfig()).failed
+    assert [(c.name, c.stratum, c.privacy) for c in failed] == [("attribute_adherence", "finding", False)]
+    assert "finding:" in failed[0].reason and "95% CI 0.81 to 1.02" in failed[0].reason and "< limit 0.8" in failed[0].reason
+    unmeasured = with_value(clean_scorecard(), "attribute_balanced_accuracy_ratio", float("nan"), stratum="view")
+    assert [c.stratum for c in evaluate_gates(unmeasured, GateConfig()).failed] == ["view"]
+    off = evaluate_gates(scorecard, GateConfig(attribute_adherence_min=None))
+    assert off.passed and "attribute adherence: not gated (release.gate.attribute_adherence_min is null)" in off.notes
+    unconditioned = clean_scorecard()
+    unconditioned["rows"] = [r for r in unconditioned["rows"] if r["metric"] != "attribute_balanced_accuracy_ratio"]
+    result = evaluate_gates(unconditioned, GateConfig())
+    assert result.passed and any(note.startswith("attribute adherence: not gated (no prompted") for note in result.notes)
 
 
 def test_a_failing_stratum_is_named_and_reported_in_markdown():

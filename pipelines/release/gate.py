@@ -10,6 +10,9 @@ apply (no masks) are left out with a note:
   real data of the same size does.
 - mask-Dice ratio >= 0.9 per label: images must show what their masks say, to 90% of a real image's Dice.
 - intensity: per-label medians within the real data's range (scoring's order-statistic test).
+- attribute adherence >= 0.8 per conditioned attribute: a classifier trained on real images reads each prompted
+  value off the samples with at least 80% of the balanced accuracy it has on real test images, so a generator
+  whose prompts do not steer it is refused, with that reason (the interval is in the reason and the card).
 The release adds two checks of its own: the samples are the bytes that were scored (``scored_bytes_check``), and
 the scorecard was made under the config's scoring settings (``scoring_settings_check``).
 """
@@ -109,6 +112,14 @@ def evaluate_gates(scorecard: dict, gate: GateConfig) -> GateResult:
         result.checks += _intensity(scorecard.get("verdicts", {}).get("intensity"))
     else:
         result.notes.append("intensity plausibility: not gated (release.gate.intensity is false)")
+    if gate.attribute_adherence_min is not None:
+        adherence = list(_attribute_adherence(rows, gate.attribute_adherence_min))
+        result.checks += adherence
+        if not adherence:
+            result.notes.append("attribute adherence: not gated (no prompted attribute with two or more values "
+                                "in the training data)")
+    else:
+        result.notes.append("attribute adherence: not gated (release.gate.attribute_adherence_min is null)")
     return result
 
 
@@ -129,6 +140,16 @@ def _mask_dice(rows: list[dict], gate: GateConfig) -> Iterator[GateCheck]:
             continue
         yield measured_check("mask_dice_ratio", row, gate.mask_dice_ratio_min, ">=", False,
                      "segmenter Dice on synthetic over Dice on real test")
+
+
+def _attribute_adherence(rows: list[dict], limit: float) -> Iterator[GateCheck]:
+    # An attribute whose ratio could not be measured (its classifier no better than chance on real data) fails:
+    # nothing shows that its prompts steer the generator.
+    for row in rows_of(rows, "adherence", "attribute_balanced_accuracy_ratio"):
+        low, high = value_of(row, "ci_low"), value_of(row, "ci_high")
+        interval = f" (95% CI {low:.3g} to {high:.3g})" if low is not None and high is not None else ""
+        yield measured_check("attribute_adherence", row, limit, ">=", False,
+                             f"{row['stratum']}: classifier balanced accuracy on synthetic over real test{interval}")
 
 
 def _intensity(verdict: dict | None) -> list[GateCheck]:
