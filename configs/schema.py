@@ -187,6 +187,9 @@ class AutoencoderConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     checkpoint_every: int = Field(500, ge=1)
 
     @model_validator(mode="after")
@@ -210,6 +213,9 @@ class DiffusionConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
     max_steps: int = Field(5000, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     ema_decay: float | None = Field(0.999, gt=0, lt=1)
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
@@ -236,6 +242,9 @@ class ControlNetConfig(Section):
     learning_rate: float = Field(1e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     checkpoint_every: int = Field(500, ge=1)
     validate_every: int | None = Field(
         500, ge=1, description="log per-label Dice of generated images (a segmenter trained on real train images "
@@ -263,6 +272,9 @@ class MaskGeneratorConfig(Section):
     learning_rate: float = Field(2e-4, gt=0)
     batch_size: int = Field(8, ge=1)
     max_steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     checkpoint_every: int = Field(500, ge=1)
 
     @model_validator(mode="after")
@@ -328,6 +340,9 @@ class FinetuneConfig(Section):
     alpha: float = Field(8.0, gt=0)
     max_cases: int = Field(50, ge=1)
     max_steps: int = Field(500, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     learning_rate: float = Field(1e-4, gt=0)
 
 
@@ -352,6 +367,9 @@ class DistillConfig(Section):
     batch_size: int = Field(8, ge=1)
     target_decay: float = Field(0.95, gt=0, lt=1, description="EMA rate of the target network (LCM's 0.95)")
     max_steps: int = Field(1000, ge=1)
+    max_minutes: float | None = Field(
+        None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
+        "step reached depends on the machine; null: max_steps alone")
     checkpoint_every: int = Field(250, ge=1)
 
     @model_validator(mode="after")

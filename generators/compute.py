@@ -53,6 +53,10 @@ class ComputeMeter:
         self._nvml = _nvml_handle(torch.device(device))
         self._since, self._energy = _clock(), self._read_energy()
 
+    def pending(self) -> float:
+        """Seconds since the last ``take``, without taking them."""
+        return _clock() - self._since
+
     def take(self) -> tuple[float, float | None]:
         now, energy = _clock(), self._read_energy()
         seconds = now - self._since

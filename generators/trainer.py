@@ -43,6 +43,7 @@ COMPUTE_FILE = "compute.json"
 @dataclass
 class LoopSettings:
     max_steps: int
+    max_minutes: float | None = None  # a time budget beside max_steps: training seconds, resumed runs included
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -164,22 +165,23 @@ class TrainingLoop:
                    disable=None if settings.progress and self.accelerator.is_main_process else True)
         started, steps_done = time.perf_counter(), 0
         meter = ComputeMeter(self.accelerator.device)
-        while self.state.step < settings.max_steps:
+        while self.state.step < settings.max_steps and not self.out_of_time(meter):
             logs = train_step(self.state.step)
             self.state.step += 1
             steps_done += 1
             bar.update()
             step = self.state.step
-            if step % settings.log_every == 0 or step == settings.max_steps:
+            # The last step: max_steps, or the step at which the time budget ran out.
+            last = step == settings.max_steps or self.out_of_time(meter)
+            if step % settings.log_every == 0 or last:
                 elapsed = time.perf_counter() - started
                 self._log(step, {**logs, "steps_per_s": steps_done / max(elapsed, 1e-9)})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
-            last = step == settings.max_steps
             if validate and settings.validate_every and (step % settings.validate_every == 0 or last):
                 extra = validate(step)
                 if extra:
                     self._log(step, extra, kind="validation")
-            if step % settings.checkpoint_every == 0 or step == settings.max_steps:
+            if step % settings.checkpoint_every == 0 or last:
                 self.state.add(*meter.take())
                 self.save_checkpoint()
         bar.close()
@@ -188,6 +190,17 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             write_compute(self.run_dir, self.state, meter.device, self.accelerator.num_processes)
         return resumed_from
+
+    def out_of_time(self, meter: ComputeMeter) -> bool:
+        """Whether the time budget (``max_minutes``) is spent: this part's training seconds so far (the compute
+        counted to the last checkpoint, earlier runs' included, and this run's since), so a killed and resumed run
+        stops about where an uninterrupted one would. Every process stops together (the longest-running decides)."""
+        if self.settings.max_minutes is None:
+            return False
+        spent = torch.tensor(float(self.state.seconds + meter.pending() >= 60.0 * self.settings.max_minutes))
+        if self.accelerator.num_processes > 1:
+            spent = self.accelerator.reduce(spent.to(self.accelerator.device), reduction="max").cpu()
+        return bool(spent.item())
 
     # -------------------------------------------------------------------------------- checkpoints
     def checkpoints(self) -> list[Path]:

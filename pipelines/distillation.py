@@ -101,7 +101,7 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
 
 def _loop(config: RadsynthConfig, progress: bool) -> LoopSettings:
     settings = config.distill
-    loop = loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every)
+    loop = loop_settings(config, progress, settings)
     loop.gradient_accumulation_steps = 1
     return loop
 

@@ -85,7 +85,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     unet.train()
     # The base's own objective, read from its folder: a fine-tune continues what the base learnt to predict.
     trainer = DiffusionTrainer(
-        base.diffusion(), [unet], latents, run_dir, loop_settings(config, progress, max_steps=settings.max_steps),
+        base.diffusion(), [unet], latents, run_dir, loop_settings(config, progress, settings),
         learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
         batch_size=min(config.diffusion.batch_size, len(subset)),
         condition_dropout=config.conditioning.condition_dropout,

@@ -60,7 +60,7 @@ AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR, STUDENT_DIR = "autoencoder", "diffusi
 LATENT_CLIP = 3.0  # sampling clips the implied clean latents at about 3 latent SD (DESIGN: measured pitfalls)
 # Fields that say how long a run goes and how often it logs, checkpoints or validates: changing them keeps a
 # part's training (a larger max_steps resumes from the last checkpoint instead of starting over).
-BOOKKEEPING_FIELDS = {"max_steps", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints",
+BOOKKEEPING_FIELDS = {"max_steps", "max_minutes", "checkpoint_every", "validate_every", "log_every", "keep_checkpoints",
                       "validation_cases", "segmenter_steps"}
 
 
@@ -235,11 +235,15 @@ def split_cases(records: list[CaseRecord], split: str) -> list[CaseRecord]:
     return chosen
 
 
-def loop_settings(config: RadsynthConfig, progress: bool, *, max_steps: int | None = None,
-                   checkpoint_every: int | None = None, validate_every: int | None = None) -> LoopSettings:
+def loop_settings(config: RadsynthConfig, progress: bool, part=None, *,
+                  validate_every: int | None = None) -> LoopSettings:
+    """The loop of one training part: its section's steps, time budget and checkpoint interval (``part``, default
+    the diffusion section; a fine-tune has no interval of its own and takes the diffusion section's)."""
     diffusion = config.diffusion
+    part = part or diffusion
     return LoopSettings(
-        max_steps=max_steps or diffusion.max_steps, checkpoint_every=checkpoint_every or diffusion.checkpoint_every,
+        max_steps=part.max_steps, max_minutes=part.max_minutes,
+        checkpoint_every=getattr(part, "checkpoint_every", diffusion.checkpoint_every),
         keep_checkpoints=diffusion.keep_checkpoints, log_every=diffusion.log_every, validate_every=validate_every,
         gradient_accumulation_steps=diffusion.gradient_accumulation_steps,
         mixed_precision=training_precision(config), device=config.runtime.device, progress=progress,
@@ -270,7 +274,7 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
         latent_channels=settings.latent_channels, num_res_blocks=settings.num_res_blocks,
         attention_levels=tuple(settings.attention_levels), norm_num_groups=settings.norm_num_groups)
     loss = AutoencoderLoss(settings.kl_weight, settings.adversarial_weight, config.data.spatial_dims)
-    loop = loop_settings(config, progress, max_steps=settings.max_steps, checkpoint_every=settings.checkpoint_every)
+    loop = loop_settings(config, progress, settings)
     loop.gradient_accumulation_steps = 1
     trainer = AutoencoderTrainer(autoencoder, loss, train_images, train_dir(config) / AUTOENCODER_DIR, loop,
                                  settings.learning_rate, settings.batch_size, config.runtime.seed,
@@ -325,8 +329,7 @@ def _controlnet(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedL
                                   base.vae.downsample_factor) if settings.rare_label_weight else None)
     diffusion = base.diffusion(controlnet, settings.conditioning_scale, weights)
     trainer = _trainer(config, diffusion, [controlnet], latents, folder,
-                       loop_settings(config, progress, max_steps=settings.max_steps,
-                                     checkpoint_every=settings.checkpoint_every, validate_every=settings.validate_every),
+                       loop_settings(config, progress, settings, validate_every=settings.validate_every),
                        settings.learning_rate, settings.batch_size)
 
     def validate(step: int) -> dict[str, float] | None:
@@ -367,8 +370,7 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
     maps = CachedLatents(shares, torch.zeros_like(shares), latents.prompts, latents.spacing, latents.class_labels)
     weights = LabelLossWeights.from_shares(shares, settings.label_balance, settings.rare_label_weight)
     trainer = _trainer(config, mask_generator_diffusion(base, generator, weights), [generator], maps, folder,
-                       loop_settings(config, progress, max_steps=settings.max_steps,
-                                     checkpoint_every=settings.checkpoint_every),
+                       loop_settings(config, progress, settings),
                        settings.learning_rate, settings.batch_size)
     trainer.fit()
     with trainer.inference_weights() as (trained,):

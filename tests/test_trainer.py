@@ -27,14 +27,15 @@ class Interrupt(Exception):
     pass
 
 
-def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False, tick=None):
+def regression_run(run_dir, stop_at=None, max_steps=12, tensorboard=False, tick=None, max_minutes=None):
     """A tiny model fitted with Adam and a cosine schedule; randomness comes from the step number only."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_steps)
     loop = TrainingLoop(run_dir, LoopSettings(max_steps=max_steps, checkpoint_every=4, keep_checkpoints=2,
-                                              log_every=1, device="cpu", progress=False, tensorboard=tensorboard))
+                                              log_every=1, device="cpu", progress=False, tensorboard=tensorboard,
+                                              max_minutes=max_minutes))
     model, optimizer, schedule = loop.accelerator.prepare(model, optimizer, schedule)
     weights = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
 
@@ -94,6 +95,29 @@ def test_compute_is_counted_to_the_last_checkpoint_so_a_resumed_run_adds_up_to_a
         record = json.loads((tmp_path / run / "compute.json").read_text())
         assert record["steps"] == 12 and record["seconds"] == 12.0 and record["processes"] == 1
         assert record["energy_j"] is None and record["device"].startswith("CPU")
+
+
+def test_a_time_budget_stops_and_checkpoints_where_it_runs_out_and_is_remembered_on_rerun(tmp_path, monkeypatch):
+    """A clock that moves one second per step and a 5-second budget: of 12 steps, 5 are trained and checkpointed
+    (off the every-4 grid); run again, the spent budget is read from the checkpoint and nothing more is trained;
+    without a budget the run goes on to max_steps on the same curve."""
+    clock = [0.0]
+    monkeypatch.setattr(compute, "_clock", lambda: clock[0])
+
+    def tick():
+        clock[0] += 1.0
+
+    loop, _ = regression_run(tmp_path / "run", tick=tick, max_minutes=5 / 60)
+    assert loop.state.step == 5 and loop.state.seconds == 5.0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000004", "step-0000005"]
+    assert max(read_metrics(tmp_path / "run" / "metrics.csv", "loss")) == 5
+    again, resumed_from = regression_run(tmp_path / "run", tick=tick, max_minutes=5 / 60)
+    assert resumed_from == 5 and again.state.step == 5
+    finished, _ = regression_run(tmp_path / "run", tick=tick)
+    regression_run(tmp_path / "straight")
+    assert finished.state.step == 12
+    np.testing.assert_allclose(list(read_metrics(tmp_path / "run" / "metrics.csv", "loss").values()),
+                               list(read_metrics(tmp_path / "straight" / "metrics.csv", "loss").values()), rtol=1e-6)
 
 
 def test_a_finished_run_does_nothing_when_started_again(tmp_path):
