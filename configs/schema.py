@@ -221,6 +221,11 @@ class DiffusionConfig(Section):
     keep_checkpoints: int = Field(3, ge=1)
     validate_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
+    frontier_every: int | None = Field(
+        None, ge=1, description="every this many steps (and at the last) score frontier_samples fresh samples for "
+        "realism and memorisation (train/diffusion/frontier.csv, .png) and keep the most realistic checkpoint that "
+        "passes the gate's DCR-share and copy-rate limits; null: keep the last")
+    frontier_samples: int = Field(32, ge=8, description="samples drawn at each frontier point")
 
     @model_validator(mode="after")
     def _buildable(self) -> DiffusionConfig:

@@ -144,6 +144,7 @@ class TrainingLoop:
         self.settings = settings
         self.accelerator = accelerator or make_accelerator(settings)
         self.state = LoopState()
+        self.at_last_step = False  # while ``validate`` runs: whether its step is the run's last (steps or time)
         self.states = {"loop": self.state}  # saved beside accelerate's files, without pickle
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.csv"
@@ -178,6 +179,7 @@ class TrainingLoop:
                 self._log(step, {**logs, "steps_per_s": steps_done / max(elapsed, 1e-9)})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             if validate and settings.validate_every and (step % settings.validate_every == 0 or last):
+                self.at_last_step = last
                 extra = validate(step)
                 if extra:
                     self._log(step, extra, kind="validation")

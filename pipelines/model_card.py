@@ -22,7 +22,7 @@ from .data.splits import split_counts
 
 def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRecord], summary: dict,
                      autoencoder_holdout: dict[str, float], digest: str, steps: int,
-                     base_model: dict | None = None, distilled: dict | None = None) -> Path:
+                     base_model: dict | None = None, distilled: dict | None = None, frontier: dict | None = None) -> Path:
     origins = Counter(record.origin for record in records)
     licenses = Counter(record.license for record in records)
     front_matter = {"library_name": "radsynth", "tags": ["medical-imaging", "latent-diffusion", "synthetic-data"],
@@ -48,6 +48,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
         "## Training", "",
+        *(_frontier_lines(frontier) if frontier else []),
         f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
         *(["- autoencoder reconstruction on the holdout split (physical units): "
@@ -69,6 +70,20 @@ def _saved_objective(folder: Path) -> str:
     """What the saved model predicts, from its own index (a fine-tune's config may name another objective)."""
     index = folder / "model_index.json"
     return json.loads(index.read_text()).get("objective") or "n/a" if index.is_file() else "n/a"
+
+
+def _frontier_lines(frontier: dict) -> list[str]:
+    kept = frontier["kept"]
+    if kept is None:
+        choice = (f"none of the {frontier['points']} frontier points passed the gate's DCR-share and copy-rate limits, "
+                  f"so the last weights (step {frontier['last_step']}) were kept; expect the release gate to refuse")
+    else:
+        choice = (f"the weights kept are those of step {frontier['kept_step']} (of {frontier['last_step']}): the most "
+                  f"realistic of {frontier['private_points']} private points among {frontier['points']} (coverage "
+                  f"{kept['coverage']:.3g}, real floor {kept['coverage_floor']:.3g}; DCR share {kept['dcr_share']:.3g}, "
+                  f"limit {kept['dcr_share_limit']:.3g}; copy rate {kept['copy_rate']:.3g}, limit "
+                  f"{kept['copy_rate_limit']:.3g})")
+    return [f"- checkpoint chosen on the privacy-realism frontier (train/diffusion/frontier/): {choice}"]
 
 
 def _distillation_lines(distilled: dict, steps: int) -> list[str]:

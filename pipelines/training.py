@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -55,6 +56,7 @@ from .sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, Radsynt
 from .sampling.text_to_image import RadsynthTextToImagePipeline
 from .sampling.text_to_pair import mask_generator_diffusion
 from .scoring.mask_probe import MaskAdherenceProbe
+from .training_frontier import Frontier
 
 AUTOENCODER_DIR, DIFFUSION_DIR, MODEL_DIR, STUDENT_DIR = "autoencoder", "diffusion", "model", "model-student"
 LATENT_CLIP = 3.0  # sampling clips the implied clean latents at about 3 latent SD (DESIGN: measured pitfalls)
@@ -139,8 +141,10 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
                            class_attribute=config.conditioning.class_attribute, class_names=class_names)
     # The default text encoder learns with the UNet; a pretrained one stays frozen.
     trained = [unet, text_encoder] if any(p.requires_grad for p in text_encoder.parameters()) else [unet]
+    # One callback serves the validation grid and the frontier: it is called at the steps either asks for.
+    every = math.gcd(diffusion.validate_every, diffusion.frontier_every or diffusion.validate_every)
     trainer = _trainer(config, core, trained, latents, train_dir(config) / DIFFUSION_DIR,
-                       loop_settings(config, progress, validate_every=diffusion.validate_every),
+                       loop_settings(config, progress, validate_every=every),
                        diffusion.learning_rate, diffusion.batch_size)
 
     def pipeline_now() -> RadsynthTextToImagePipeline:
@@ -150,21 +154,31 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
 
     validation_prompts = _validation_prompts(records, conditioning)
 
+    frontier = (Frontier(config, train_dir(config) / DIFFUSION_DIR, train_images.prompts, trainer)
+                if diffusion.frontier_every and trainer.loop.accelerator.is_main_process else None)
+
     def validate(step: int) -> dict[str, float] | None:
         if not trainer.loop.accelerator.is_main_process:
             return None
+        last, logs = trainer.loop.at_last_step, {}
         with trainer.inference_weights():
-            return _validation_grid(pipeline_now(), validation_prompts, config,
-                                    train_dir(config) / DIFFUSION_DIR / "samples" / f"step-{step:07d}.png")
+            if step % diffusion.validate_every == 0 or last:
+                logs |= _validation_grid(pipeline_now(), validation_prompts, config,
+                                         train_dir(config) / DIFFUSION_DIR / "samples" / f"step-{step:07d}.png")
+            if frontier is not None and (step % diffusion.frontier_every == 0 or last):
+                logs |= frontier.add(step, pipeline_now())
+        return logs
 
     resumed_from = trainer.fit(validate)
     accelerator = trainer.loop.accelerator
     with trainer.inference_weights():
+        chosen = frontier.keep_chosen() if frontier is not None else None
         pipeline = pipeline_now()
         digest = model_hash(pipeline)  # of the saved (EMA) weights, before the training weights come back
         if accelerator.is_main_process:  # under `accelerate launch` every process holds the same weights
             save_pipeline(pipeline, model_dir(config))
-            write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step)
+            write_model_card(model_dir(config), config, records, summary, holdout, digest, trainer.loop.state.step,
+                             frontier=None if frontier is None else frontier.summary(chosen))
     accelerator.wait_for_everyone()
     parts = [AUTOENCODER_DIR, DIFFUSION_DIR]
     if config.conditioning.use_masks:
