@@ -16,10 +16,26 @@ from diffusers.utils.torch_utils import randn_tensor
 from monai.networks.nets import AutoencoderKL
 from torch import Tensor
 
-__all__ = ["RadsynthAutoencoder", "estimate_scaling_factor"]
+__all__ = ["LatentCodec", "RadsynthAutoencoder", "estimate_scaling_factor"]
 
 
-class RadsynthAutoencoder(ModelMixin, ConfigMixin):
+class LatentCodec:
+    """What every radsynth codec (this autoencoder, a pretrained base's) gives the diffusion model: ``posterior``
+    (mean and standard deviation in scaled latent units, what latent caches store), ``encode`` from it, ``decode``,
+    ``downsample_factor``, ``latent_channels`` and ``scaling_factor``."""
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
+        """Scaled latents: the posterior mean, or with `sample=True` a draw from the posterior."""
+        mean, std = self.posterior(x)
+        if not sample:
+            return mean
+        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+
+
+class RadsynthAutoencoder(LatentCodec, ModelMixin, ConfigMixin):
     """KL-regularised autoencoder for 2D or 3D single-channel images; downsamples 2 ** (len(channels) - 1) per axis.
 
     `forward` is the training pass (sampled latent, reconstruction, posterior); `encode` / `decode` are the
@@ -83,15 +99,6 @@ class RadsynthAutoencoder(ModelMixin, ConfigMixin):
         """(mean, standard deviation) of the latent posterior, in scaled latent units (what latent caches store)."""
         z_mu, z_sigma = self.net.encode(x)
         return z_mu * self.scaling_factor, z_sigma * self.scaling_factor
-
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        """Scaled latents: the posterior mean, or with `sample=True` a draw from the posterior."""
-        z_mu, z_sigma = self.net.encode(x)
-        latents = z_mu
-        if sample:
-            noise = randn_tensor(z_mu.shape, generator=generator, device=z_mu.device, dtype=z_mu.dtype)
-            latents = z_mu + z_sigma * noise
-        return latents * self.scaling_factor
 
     def decode(self, latents: Tensor) -> Tensor:
         """Images from scaled latents (as produced by `encode` or by the diffusion sampler)."""

@@ -20,10 +20,11 @@ from collections.abc import Sequence
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.torch_utils import randn_tensor
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from torch import Tensor
+
+from .autoencoder import LatentCodec
 
 __all__ = ["BODY_REGIONS", "INPUT_SCALE", "MaisiAutoencoder", "MaisiUNet", "body_region_vector"]
 
@@ -99,7 +100,7 @@ class MaisiUNet(ModelMixin, ConfigMixin):
         return -output if self.config.negate_output else output
 
 
-class MaisiAutoencoder(ModelMixin, ConfigMixin):
+class MaisiAutoencoder(LatentCodec, ModelMixin, ConfigMixin):
     """MAISI's autoencoder as radsynth's codec (single-channel 3D images in [-1, 1]).
 
     autoencoder: ``AutoencoderKlMaisi``'s arguments (the bundle's ``autoencoder_def``); scaling_factor: the
@@ -126,12 +127,6 @@ class MaisiAutoencoder(ModelMixin, ConfigMixin):
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z_mu, z_sigma = self.net.encode((x + 1.0) / 2.0)
         return z_mu * self.scaling_factor, z_sigma * self.scaling_factor
-
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        mean, std = self.posterior(x)
-        if not sample:
-            return mean
-        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.net.decode(latents / self.scaling_factor) * 2.0 - 1.0

@@ -18,14 +18,19 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
+
+from .autoencoder import LatentCodec
 
 __all__ = ["StableDiffusionAutoencoder", "StableDiffusionUNet"]
 
 
-def _public(config) -> dict:
-    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+def _wrapping(cls, argument: str, model: torch.nn.Module):
+    """``cls`` around the pretrained ``model`` itself (its config as ``argument``): no second copy is built."""
+    with torch.device("meta"):
+        wrapped = cls(**{argument: {key: value for key, value in dict(model.config).items() if not key.startswith("_")}})
+    wrapped.net = model
+    return wrapped
 
 
 class StableDiffusionUNet(ModelMixin, ConfigMixin):
@@ -43,10 +48,7 @@ class StableDiffusionUNet(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_diffusers(cls, model: UNet2DConditionModel) -> StableDiffusionUNet:
-        with torch.device("meta"):  # the pretrained model itself goes in: build no second copy of it
-            wrapped = cls(unet=_public(model.config))
-        wrapped.net = model
-        return wrapped
+        return _wrapping(cls, "unet", model)
 
     def conditioning_context(self, encoder_hidden_states: Tensor, spacing: Tensor | Sequence[float] | None = None
                              ) -> Tensor:
@@ -63,7 +65,7 @@ class StableDiffusionUNet(ModelMixin, ConfigMixin):
                         mid_block_additional_residual=mid_block_additional_residual, return_dict=False)[0]
 
 
-class StableDiffusionAutoencoder(ModelMixin, ConfigMixin):
+class StableDiffusionAutoencoder(LatentCodec, ModelMixin, ConfigMixin):
     """An SD autoencoder as radsynth's codec for grey 2D images: ``encode`` / ``decode`` in scaled latent units,
     ``posterior`` for the latent cache. vae: the ``AutoencoderKL`` config (the base's ``vae/config.json``), whose
     ``scaling_factor`` is the base's."""
@@ -75,10 +77,7 @@ class StableDiffusionAutoencoder(ModelMixin, ConfigMixin):
 
     @classmethod
     def from_diffusers(cls, model: AutoencoderKL) -> StableDiffusionAutoencoder:
-        with torch.device("meta"):  # the pretrained model itself goes in: build no second copy of it
-            wrapped = cls(vae=_public(model.config))
-        wrapped.net = model
-        return wrapped
+        return _wrapping(cls, "vae", model)
 
     @property
     def downsample_factor(self) -> int:
@@ -100,12 +99,6 @@ class StableDiffusionAutoencoder(ModelMixin, ConfigMixin):
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         distribution = self.net.encode(self._rgb(x)).latent_dist
         return distribution.mean * self.scaling_factor, distribution.std * self.scaling_factor
-
-    def encode(self, x: Tensor, sample: bool = False, generator: torch.Generator | None = None) -> Tensor:
-        mean, std = self.posterior(x)
-        if not sample:
-            return mean
-        return mean + std * randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     def decode(self, latents: Tensor) -> Tensor:
         images = self.net.decode(latents / self.scaling_factor, return_dict=False)[0]
