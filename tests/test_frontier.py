@@ -94,3 +94,20 @@ def test_an_earlier_point_chosen_puts_its_weights_into_the_saved_model(tmp_path,
     assert any(not torch.equal(saved[key], last[key]) for key in kept if key in last)
     assert not (folder / "step-0000004-0.safetensors").exists()  # never the best so far: nothing kept
     assert "the weights kept are those of step 2 (of 6)" in (result.model_dir / "README.md").read_text()
+
+
+def test_training_images_given_as_samples_are_not_private_and_unseen_real_ones_are(tmp_path):
+    """Known answer for the scorer: planted copies of training images fail its privacy limits (the gate's rule:
+    pixel or embedding matches), unseen real images of the holdout pass them."""
+    from radsynth.pipelines.scoring.frontier import FrontierScorer
+    from radsynth.pipelines.scoring.loading import cached_split
+
+    config = tiny_config(tmp_path / "run", "data.phantom.n_cases=60", "scoring.self_supervised_steps=5",
+                         "scoring.bootstrap_samples=20")
+    ingest(config, progress=False)
+    scorer = FrontierScorer(config)
+    train, test = cached_split(config, "train"), cached_split(config, "test")
+    copies = scorer.score(1, train.images[:8])
+    unseen = scorer.score(2, test.images[:8])
+    assert copies.copy_rate == 1.0 and not copies.private
+    assert unseen.copy_rate <= unseen.copy_rate_limit and unseen.private

@@ -458,15 +458,9 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
     from . import privacy
 
     synthetic, train, holdout = inputs.synthetic, inputs.train, inputs.holdout
-    pixel_kwargs = {"max_shift": settings.pixel_max_shift, "comparison_size": settings.pixel_comparison_size,
-                    "chunk": settings.nearest_neighbour_chunk}
-    pixel = privacy.pixel_nearest_neighbours(synthetic.images, train.images, **pixel_kwargs)
-    stored = cache.arrays("pixel_matches_holdout", lambda: asdict(
-        privacy.pixel_nearest_neighbours(holdout.images, train.images, **pixel_kwargs)))
-    pixel_holdout = privacy.PixelMatches(**{**stored, "comparison_shape": tuple(stored["comparison_shape"].tolist())})
+    pixel_holdout, pixel_threshold = pixel_copy_reference(train, holdout, settings, cache)
+    pixel = privacy.pixel_nearest_neighbours(synthetic.images, train.images, **_pixel_settings(settings))
     tick()
-    # Calibrated on unseen real images: at most 1% of them are flagged by chance.
-    pixel_threshold = privacy.threshold_at_false_positive_rate(pixel_holdout.correlation, 0.01)
     pixel_copy = pixel.flags(pixel_threshold)
     card.add("privacy", "pixel_copy_rate", float(pixel_copy.mean()), feature_space="pixels",
              reference=float(pixel_holdout.flags(pixel_threshold).mean()), reference_name="holdout",
@@ -521,6 +515,29 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
     tick()
     _membership(card, inputs, settings, seed, cache)
     tick()
+
+
+def _pixel_settings(settings: ScoringConfig) -> dict:
+    return {"max_shift": settings.pixel_max_shift, "comparison_size": settings.pixel_comparison_size,
+            "chunk": settings.nearest_neighbour_chunk}
+
+
+def pixel_copy_reference(train: ImageSet, holdout: ImageSet, settings: ScoringConfig, cache: RealSideCache):
+    """The holdout's pixel matches against train (cached) and the correlation threshold they calibrate: at most 1%
+    of unseen real images are flagged by chance. Returns (holdout matches, threshold)."""
+    from . import privacy
+
+    stored = cache.arrays("pixel_matches_holdout", lambda: asdict(
+        privacy.pixel_nearest_neighbours(holdout.images, train.images, **_pixel_settings(settings))))
+    matches = privacy.PixelMatches(**{**stored, "comparison_shape": tuple(stored["comparison_shape"].tolist())})
+    return matches, privacy.threshold_at_false_positive_rate(matches.correlation, 0.01)
+
+
+def pixel_copies(images: np.ndarray, train: ImageSet, settings: ScoringConfig, threshold: float) -> np.ndarray:
+    """Which images match a training image in pixels (shifted, correlated) above ``threshold``."""
+    from . import privacy
+
+    return privacy.pixel_nearest_neighbours(images, train.images, **_pixel_settings(settings)).flags(threshold)
 
 
 def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: ScoringConfig, seed: int):

@@ -5,9 +5,11 @@ is not necessarily the one to release. Every ``diffusion.frontier_every`` steps 
 inference weights draw ``diffusion.frontier_samples`` images, scored as ``evaluate`` scores them and against the
 same cached real side (``real_side``: the self-supervised encoder, the real features and the copy detector are
 computed once and shared with evaluate): realism is the self-supervised coverage with its real floor at the same
-n; memorisation is the DCR share against the holdout and the embedding copy rate, each with the release gate's
-own limit (``privacy_decision``). The kept checkpoint is the most realistic point that passes both. The white-box
-membership probe is left to evaluate: it needs the final model and many samples.
+n; memorisation is the DCR share against the holdout and the copy rate (pixel or embedding matches, the release
+gate's rule), each with the gate's own limit (``privacy_decision``). The kept checkpoint is the most realistic
+point that passes both. The white-box membership probe is left to evaluate: it needs the final model and many
+samples. The copy detector here is calibrated without the generator's own near copies (it changes every point),
+so it can flag fewer than evaluate's; the pixel matches do not depend on the generator.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class FrontierScorer:
             _extractor,
             _real_side_cache,
             build_scoring_cache_dir,
+            pixel_copy_reference,
         )
         from .loading import cached_split
         from .realism import median_bandwidth
@@ -78,13 +81,18 @@ class FrontierScorer:
         self.detector = privacy.CopyDetector(**self.cache.record("copy_detector", lambda: asdict(
             _copy_detector(real, self.table, self.settings, self.seed)), uses_model=False,
             space=self.table.name, sampler=None))
-        self.train_groups, self.holdout_groups = train.groups, holdout.groups
+        self.train, self.train_groups, self.holdout_groups = train, train.groups, holdout.groups
         self.unseen_groups = real.unseen.groups
+        # A copy is a pixel match or an embedding match, as the gate reads it; the holdout's rate is chance's.
+        pixel_holdout, self.pixel_threshold = pixel_copy_reference(train, holdout, self.settings, self.cache)
+        embedding_holdout = self.detector.flags(self.table.holdout, self.table.train,
+                                                chunk=self.settings.nearest_neighbour_chunk)[0]
+        self.holdout_copies = embedding_holdout | pixel_holdout.flags(self.pixel_threshold)
 
     def score(self, step: int, images: np.ndarray) -> FrontierPoint:
         """images: (N, *spatial) in [-1, 1], drawn by the model at ``step``."""
         from . import privacy
-        from .evaluate import _set_metrics_with_floor
+        from .evaluate import _set_metrics_with_floor, pixel_copies
         from .privacy_decision import PRIVACY_SPACE, _copy_rates, _dcr_share
 
         ids = [f"frontier-{i}" for i in range(len(images))]  # each sample its own bootstrap unit
@@ -95,8 +103,9 @@ class FrontierScorer:
         dcr = privacy.dcr_share(synthetic, table.train, table.holdout, ids, self.train_groups, self.holdout_groups,
                                 n_boot=self.settings.bootstrap_samples, seed=self.seed,
                                 chunk=self.settings.nearest_neighbour_chunk)["share"]
-        flags = self.detector.flags(synthetic, table.train, chunk=self.settings.nearest_neighbour_chunk)[0]
-        holdout_flags = self.detector.flags(table.holdout, table.train, chunk=self.settings.nearest_neighbour_chunk)[0]
+        flags = (self.detector.flags(synthetic, table.train, chunk=self.settings.nearest_neighbour_chunk)[0]
+                 | pixel_copies(images, self.train, self.settings, self.pixel_threshold))
+        holdout_flags = self.holdout_copies
         # The release gate's own checks, on the same rows it would read.
         rows = [{"section": "privacy", "metric": "dcr_share", "feature_space": PRIVACY_SPACE, "stratum": "all",
                  "value": dcr.value, "sd": dcr.sd},
