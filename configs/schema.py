@@ -327,6 +327,26 @@ class MaisiBaseConfig(Section):
         None, ge=0, description="the class index of the data's modality, for a UNet with class embeddings (NV-Generate)")
 
 
+class FinetunePrivacyConfig(Section):
+    """Differentially private fine-tuning (DP-SGD): a formal (epsilon, delta) guarantee per patient.
+
+    Each step samples patients independently (Poisson, as the accountant assumes), takes one case of each, clips
+    each patient's gradient to ``max_grad_norm`` and adds Gaussian noise calibrated so that the whole run spends
+    at most ``epsilon``. Only the LoRA factors train; the base must not have seen these patients.
+    """
+
+    epsilon: float | None = Field(None, gt=0, allow_inf_nan=False, description="the budget the whole fine-tune may "
+                                  "spend; null: not private (an ordinary fine-tune)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1 / (fine-tune patients)")
+    max_grad_norm: float = Field(1.0, gt=0, description="L2 bound on each patient's gradient per step")
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: Renyi DP or privacy random "
+                                              "variables (tighter)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.epsilon is not None
+
+
 class FinetuneConfig(Section):
     """Adapt a trained model to a subset (a rare finding, 5-50 cases) without touching the base folder."""
 
@@ -349,6 +369,7 @@ class FinetuneConfig(Section):
         None, gt=0, description="also stop after this much training time (this part's, resumed runs included); the "
         "step reached depends on the machine; null: max_steps alone")
     learning_rate: float = Field(1e-4, gt=0)
+    privacy: FinetunePrivacyConfig = Field(default_factory=FinetunePrivacyConfig)
 
 
 class DistillConfig(Section):

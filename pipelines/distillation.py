@@ -82,8 +82,10 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
         max_grad_norm=config.diffusion.max_grad_norm, warmup_steps=settings.warmup_steps, seed=config.runtime.seed)
     distiller.fit()
     with distiller.inference_weights() as student_unet:
+        # Distilled on the real training latents, outside any DP mechanism: a private teacher's guarantee does not
+        # carry over to its student.
         student = RadsynthTextToImagePipeline.from_pipe(teacher, unet=student_unet, scheduler=scheduler,
-                                                        distilled_guidance_scale=guidance)
+                                                        distilled_guidance_scale=guidance, differential_privacy=None)
         digest = model_hash(student)
         if distiller.loop.accelerator.is_main_process:
             save_pipeline(student, out)

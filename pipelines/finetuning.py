@@ -4,6 +4,12 @@
 base folder (never writes it), picks the train-split cases that match the filter, encodes them with the
 base autoencoder, trains LoRA factors on the UNet's attention (or the whole UNet, ``method: full``), and
 saves a complete, self-contained pipeline folder next to the base one.
+
+With ``finetune.privacy.epsilon`` the LoRA factors train by DP-SGD over patients (``generators.private_training``)
+and the spent (epsilon, delta) is saved in the model's config, its card and every sample's sidecar. The rest of
+the private path: the autoencoder and text encoder are the base's, frozen (their vocabulary and weights never see
+the fine-tune patients, so the base must not have either); the latents are encoded inside the mechanism's input;
+no checkpoint is chosen by looking at the data (the last step is saved); nothing else trains.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.lora import add_lora, merge_lora
+from radsynth.generators.private_training import PrivacyPlan, PrivateDiffusionTrainer, plan_privacy
 
 from .bases import base_format, load_base
 from .data.manifest import CaseRecord
@@ -30,6 +37,7 @@ from .training import (
     finetuned_model_dir,
     ingested_dataset,
     loop_settings,
+    model_dir,
     save_pipeline,
     train_dir,
 )
@@ -46,8 +54,9 @@ class FinetuneResult:
 
 def _run_key(config: RadsynthConfig, base_hash: str) -> str:
     """Checkpoints belong to one base model and one set of fine-tune settings: a run never resumes another's
-    state (a different rank would not even load). ``max_steps`` is left out so a longer run continues."""
-    settings = config.finetune.model_dump(mode="json", exclude={"max_steps"})
+    state (a different rank would not even load). ``max_steps`` is left out so a longer run continues, except
+    under differential privacy: the noise is calibrated for it, and a longer run would spend more than planned."""
+    settings = config.finetune.model_dump(mode="json", exclude=None if config.finetune.privacy.enabled else {"max_steps"})
     return hashlib.sha256(json.dumps({"base": base_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -69,6 +78,7 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     if not subset:
         raise UserInputError("finetune.filter", f"no train-split case matches {settings.filter}",
                              "attribute values as they appear in the manifest, e.g. {finding: pneumothorax}")
+    plan = _privacy_plan(config, subset)  # before anything is encoded or trained
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     images = CachedImages(subset, summary["cache"], conditioning)
     base = load_base(config, summary, subset, images.spacings, progress)
@@ -83,23 +93,48 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     else:
         unet.requires_grad_(True)
     unet.train()
+    batch_size = min(config.diffusion.batch_size, len(subset))
     # The base's own objective, read from its folder: a fine-tune continues what the base learnt to predict.
-    trainer = DiffusionTrainer(
-        base.diffusion(), [unet], latents, run_dir, loop_settings(config, progress, settings),
-        learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
-        batch_size=min(config.diffusion.batch_size, len(subset)),
-        condition_dropout=config.conditioning.condition_dropout,
-        max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
+    arguments = dict(learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
+                     batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
+                     max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
+    loop = loop_settings(config, progress, settings)
+    if plan is None:
+        trainer = DiffusionTrainer(base.diffusion(), [unet], latents, run_dir, loop, **arguments)
+    else:
+        trainer = PrivateDiffusionTrainer(base.diffusion(), [unet], latents, run_dir, loop, **arguments, plan=plan,
+                                          patient_of_row=[record.patient_id for record in subset])
     trainer.fit()
+    privacy = None if plan is None else plan.summary(trainer.loop.state.step)
     with trainer.inference_weights() as (trained_unet,):
         if settings.method == "lora":
             merge_lora(trained_unet)
         base.unet = trained_unet
+        base.register_to_config(differential_privacy=privacy)
         out = save_pipeline(base, finetuned_model_dir(config))
         digest = model_hash(base)
     write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
                      base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,
-                                 "filter": settings.filter, "format": base_format(settings.from_)})
+                                 "filter": settings.filter, "format": base_format(settings.from_)},
+                     differential_privacy=privacy)
     write_training_compute(out, {"fine-tune": run_dir}, inherited=Path(settings.from_))
     (run_dir / "finetune.json").write_text(json.dumps({"base_hash": base_hash, "hash": digest, "cases": len(subset)}))
     return FinetuneResult(out, digest, base_hash, len(subset), trainer.loop.state.step)
+
+
+def _privacy_plan(config: RadsynthConfig, subset: list[CaseRecord]) -> PrivacyPlan | None:
+    """The DP-SGD mechanism of a private fine-tune, or None; one line for settings no guarantee can come from."""
+    settings = config.finetune
+    privacy = settings.privacy
+    if not privacy.enabled:
+        return None
+    if settings.method != "lora":
+        raise UserInputError("finetune.method", "full fine-tuning is not offered under finetune.privacy: the noise "
+                             "grows with the trained parameters, millions here against thousands of LoRA factors",
+                             "lora")
+    if Path(settings.from_).resolve() == model_dir(config).resolve():
+        raise UserInputError("finetune.from", "is the model this config trains on these very patients: no guarantee "
+                             "about them can come from fine-tuning it", "a base trained on other (public) data")
+    patients = len({record.patient_id for record in subset})
+    return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, patients,
+                        min(config.diffusion.batch_size, patients), settings.max_steps, privacy.accountant)

@@ -22,7 +22,8 @@ from .data.splits import split_counts
 
 def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRecord], summary: dict,
                      autoencoder_holdout: dict[str, float], digest: str, steps: int,
-                     base_model: dict | None = None, distilled: dict | None = None, frontier: dict | None = None) -> Path:
+                     base_model: dict | None = None, distilled: dict | None = None, frontier: dict | None = None,
+                     differential_privacy: dict | None = None) -> Path:
     origins = Counter(record.origin for record in records)
     licenses = Counter(record.license for record in records)
     front_matter = {"library_name": "radsynth", "tags": ["medical-imaging", "latent-diffusion", "synthetic-data"],
@@ -47,6 +48,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
             f"{base_model['hash'][:16]} on the cases matching "
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
+        *(_privacy_lines(differential_privacy) if differential_privacy else []),
         "## Training", "",
         *(_frontier_lines(frontier) if frontier else []),
         f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
@@ -84,6 +86,20 @@ def _frontier_lines(frontier: dict) -> list[str]:
                   f"limit {kept['dcr_share_limit']:.3g}; copy rate {kept['copy_rate']:.3g}, limit "
                   f"{kept['copy_rate_limit']:.3g})")
     return [f"- checkpoint chosen on the privacy-realism frontier (train/diffusion/frontier/): {choice}"]
+
+
+def _privacy_lines(guarantee: dict) -> list[str]:
+    return ["## Differential privacy", "",
+            f"Fine-tuned by DP-SGD: ({guarantee['epsilon']:.3g}, {guarantee['delta']:.3g})-differential privacy per "
+            f"patient for the {guarantee['patients']} fine-tune patients (target epsilon {guarantee['target_epsilon']:g}; "
+            f"{guarantee['steps_taken']} of {guarantee['steps']} planned steps; each patient sampled at "
+            f"{guarantee['sample_rate']:.3g} per step, one case each; gradients clipped to {guarantee['max_grad_norm']:g}; "
+            f"noise multiplier {guarantee['noise_multiplier']:.4g}; Opacus {guarantee['accountant']} accountant).",
+            "Only the LoRA factors trained; the autoencoder, text encoder (and its vocabulary) and the rest of the UNet "
+            "are the base's, which must not have been trained on these patients: the guarantee does not cover the "
+            "base's own training data. The saved weights are the last step's: nothing was chosen by looking at the "
+            "data. Prompts drawn at sampling from the test split's attribute values are outside the guarantee "
+            "(set sampling.prompts for an end-to-end one).", ""]
 
 
 def _distillation_lines(distilled: dict, steps: int) -> list[str]:

@@ -86,7 +86,8 @@ def model_dir(config: RadsynthConfig) -> Path:
 
 def finetuned_model_dir(config: RadsynthConfig) -> Path:
     tag = "-".join(f"{key}-{value}" for key, value in sorted(config.finetune.filter.items())) or "all"
-    name = f"model-finetune-{config.finetune.method}-{tag}"
+    private = config.finetune.privacy
+    name = f"model-finetune-{config.finetune.method}-{tag}" + (f"-dp-eps{private.epsilon:g}" if private.enabled else "")
     return config.output_dir / re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 

@@ -438,6 +438,7 @@ def _privacy(provenance: Mapping) -> str:
     if privacy_checks:
         passed = sum(bool(check.get("passed")) for check in privacy_checks)
         lines.append(f"- Privacy checks of the gate: {passed} of {len(privacy_checks)} passed.")
+    lines += _formal_guarantee(provenance)
     derived = int(dataset.get("derived_from_real") or 0)
     lines.append(f"- {derived} samples carry real anatomy (derived from real images); they are for internal use only."
                  if derived else "- No sample is derived from a real image.")
@@ -446,6 +447,31 @@ def _privacy(provenance: Mapping) -> str:
                  "training patient closely; read privacy next to realism, since a generator that makes noise also "
                  "looks private.")
     return "\n".join(lines)
+
+
+EMPIRICAL_PRIVACY = {"dcr_share": "DCR share", "copy_rate": "copy rate", "membership_inference_auc":
+                     "membership-inference AUC", "membership_inference_tpr_at_1pct_fpr": "membership TPR at 1% FPR"}
+
+
+def _formal_guarantee(provenance: Mapping) -> list[str]:
+    """A DP fine-tuned generator's (epsilon, delta), beside the empirical figures measured on these samples."""
+    guarantee = section(section(provenance, "generator"), "differential_privacy")
+    if not guarantee:
+        return ["- Formal guarantee: none (the generator was not trained with differential privacy); the figures "
+                "above are empirical."]
+    rows = {row.get("metric"): row for row in section(provenance, "scorecard").get("rows") or []
+            if row.get("stratum") == "all" and row.get("metric") in EMPIRICAL_PRIVACY}
+    empirical = "; ".join(f"{name} {format_interval(rows[metric])}" for metric, name in EMPIRICAL_PRIVACY.items()
+                          if metric in rows)
+    return [f"- Formal guarantee: ({format_number(guarantee.get('epsilon'))}, {format_number(guarantee.get('delta'))})"
+            f"-differential privacy per {_md(guarantee.get('unit') or 'patient')} for the "
+            f"{format_number(guarantee.get('patients'))} patients the generator was fine-tuned on (DP-SGD: "
+            f"{format_number(guarantee.get('steps_taken'))} steps, each patient sampled at "
+            f"{format_number(guarantee.get('sample_rate'))}, gradients clipped to "
+            f"{format_number(guarantee.get('max_grad_norm'))}, noise multiplier "
+            f"{format_number(guarantee.get('noise_multiplier'))}, {_md(guarantee.get('accountant'))} accountant). It "
+            "holds whatever the attack; the base model it started from is not covered.",
+            f"- Empirical figures on the released samples: {empirical or 'not measured'}."]
 
 
 def _limitations(provenance: Mapping) -> str:

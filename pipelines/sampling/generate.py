@@ -185,7 +185,7 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             sidecar = {"prompt": pair.prompt, "conditions": prompt_attributes(pair.conditions, attribute_keys),
                        "seed": seed, **sampler, "objective": pipeline.config.objective,
                        "model_hash": digest, "sample_index": index,
-                       "modality": pipeline.config.modality, **pair.sidecar}
+                       "modality": pipeline.config.modality, **_privacy_guarantee(pipeline), **pair.sidecar}
             write_sample(sample_dir, sample_id(index), image[0], _affine(pipeline), fmt, sidecar,
                          png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high),
                          label=pair.label_map)
@@ -242,3 +242,13 @@ def _affine(pipeline: RadsynthTextToImagePipeline) -> np.ndarray:
     affine = np.diag([*spacing, 1.0])
     affine[:-1, -1] = -0.5 * (shape - 1) * spacing
     return affine
+
+
+def _privacy_guarantee(pipeline) -> dict:
+    """A DP fine-tuned model's formal guarantee, for each sample's sidecar (and so the release's provenance)."""
+    guarantee = pipeline.config.get("differential_privacy")
+    if not guarantee:
+        return {}
+    return {"differential_privacy": {key: guarantee[key] for key in ("epsilon", "delta", "unit", "steps_taken",
+                                                                     "noise_multiplier", "sample_rate", "max_grad_norm",
+                                                                     "patients", "accountant")}}

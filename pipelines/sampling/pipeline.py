@@ -73,6 +73,8 @@ class RadsynthPipeline(DiffusionPipeline):
     from a pretrained base that had its own; None: radsynth's ``NOISE_SCHEDULE``.
     distilled_guidance_scale: set on a distilled student, which learnt the teacher's guided prediction at this
     scale and is sampled without guidance.
+    differential_privacy: set on a model fine-tuned by DP-SGD (``PrivacyPlan.summary``): the (epsilon, delta) spent
+    per patient and the mechanism; every sample's sidecar carries it into the release.
     """
 
     _optional_components = [CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER]
@@ -90,7 +92,7 @@ class RadsynthPipeline(DiffusionPipeline):
                  intensity_high: float = 1.0, latent_clip: float | None = None, class_attribute: str | None = None,
                  class_names: tuple[str, ...] | list[str] = (), objective: str | None = None,
                  num_train_timesteps: int | None = None, distilled_guidance_scale: float | None = None,
-                 noise_schedule: dict | None = None):
+                 noise_schedule: dict | None = None, differential_privacy: dict | None = None):
         super().__init__()
         if modality not in MODALITIES:
             raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
@@ -115,7 +117,8 @@ class RadsynthPipeline(DiffusionPipeline):
             objective=objective or _objective_of_scheduler(scheduler),
             num_train_timesteps=int(num_train_timesteps or scheduler.config.num_train_timesteps),
             distilled_guidance_scale=None if distilled_guidance_scale is None else float(distilled_guidance_scale),
-            noise_schedule=None if noise_schedule is None else dict(noise_schedule))
+            noise_schedule=None if noise_schedule is None else dict(noise_schedule),
+            differential_privacy=None if differential_privacy is None else dict(differential_privacy))
 
     @classmethod
     def from_model_dir(cls, folder: str | Path, **components) -> RadsynthPipeline:

@@ -1,0 +1,124 @@
+"""Quality against epsilon: DP fine-tunes of one pretrained base, built and scored as radsynth builds them.
+
+    python benchmarks/dp_finetune.py CONFIG --base MODEL_DIR --out DIR [--epsilons 1 4 10 inf] [key=value ...]
+
+For each epsilon, ``radsynth build CONFIG finetune.from=MODEL_DIR finetune.privacy.epsilon=EPS`` (``inf``: the
+ordinary, non-private fine-tune) runs in DIR/eps-EPS: the fine-tune, sampling, the scorecard and the gate. Then,
+from each scorecard: realism (coverage in every feature space, with the real floor), adherence per prompted
+attribute, membership-inference AUC (with chance's interval: the real-vs-real reference) and DCR share. Writes
+DIR/dp_quality.json and DIR/dp_quality.png (quality against epsilon), adds the figure to every fine-tuned model's
+card, and prints one JSON object with the machine. Runs one build at a time (torch on a small CPU must not share).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROWS = {("realism", "coverage"), ("adherence", "attribute_balanced_accuracy_ratio"),
+        ("privacy", "membership_inference_auc"), ("privacy", "dcr_share"), ("privacy", "copy_rate")}
+
+
+def build(config: str, base: Path, out: Path, epsilon: float, overrides: list[str]) -> dict:
+    private = [] if math.isinf(epsilon) else [f"finetune.privacy.epsilon={epsilon:g}"]
+    command = [sys.executable, "-m", "radsynth.flows.cli", "build", config, f"finetune.from={base}",
+               f"runtime.output_dir={out}", *private, *overrides, "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode not in (0, 3):  # 3: the release gate refused, the scorecard is there
+        raise SystemExit(f"build at epsilon {epsilon:g} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    scorecard = json.loads((out / "eval" / "scorecard.json").read_text())
+    rows = [{key: row.get(key) for key in ("section", "metric", "feature_space", "stratum", "value", "ci_low",
+                                            "ci_high", "reference_value", "reference_ci_low", "reference_ci_high")}
+            for row in scorecard["rows"] if (row["section"], row["metric"]) in ROWS
+            and (row["stratum"] == "all" or row["section"] == "adherence")]
+    models = sorted(out.glob("model-finetune-*"))
+    guarantee = json.loads((models[-1] / "model_index.json").read_text()).get("differential_privacy")
+    return {"epsilon": epsilon, "build_exit": done.returncode, "build_seconds": round(seconds, 1),
+            "guarantee": guarantee, "model": str(models[-1]), "rows": rows}
+
+
+def pick(result: dict, section: str, metric: str, space: str | None = None) -> dict | None:
+    for row in result["rows"]:
+        if row["section"] == section and row["metric"] == metric and (space is None or row["feature_space"] == space):
+            return row
+    return None
+
+
+def plot(results: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["inf" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}" for r in results]
+    x = list(range(len(results)))
+    spaces = sorted({row["feature_space"] for r in results for row in r["rows"]
+                     if row["metric"] == "coverage" and row["section"] == "realism"})
+    figure, (realism, privacy) = plt.subplots(1, 2, figsize=(10, 4))
+    for space in spaces:
+        values = [(pick(r, "realism", "coverage", space) or {}).get("value") for r in results]
+        realism.plot(x, [math.nan if v is None else v for v in values], marker="o", label=f"coverage ({space})")
+    attributes = sorted({row["stratum"] for r in results for row in r["rows"] if row["section"] == "adherence"})
+    for attribute in attributes:
+        values = [next((row["value"] for row in r["rows"] if row["section"] == "adherence"
+                        and row["stratum"] == attribute), math.nan) for r in results]
+        realism.plot(x, values, marker="s", linestyle="--", label=f"adherence ratio ({attribute})")
+    realism.set(xticks=x, xticklabels=labels, xlabel="epsilon (per patient)", title="quality")
+    realism.legend(fontsize=7)
+    for metric, name in (("membership_inference_auc", "membership AUC"), ("dcr_share", "DCR share")):
+        rows = [pick(r, "privacy", metric) or {} for r in results]
+        values = [row.get("value", math.nan) for row in rows]
+        low = [v - (row.get("ci_low") if row.get("ci_low") is not None else v) for v, row in zip(values, rows)]
+        high = [(row.get("ci_high") if row.get("ci_high") is not None else v) - v for v, row in zip(values, rows)]
+        privacy.errorbar(x, values, yerr=[low, high], marker="o", capsize=3, label=name)
+    privacy.axhline(0.5, color="grey", linewidth=0.8)
+    privacy.set(xticks=x, xticklabels=labels, xlabel="epsilon (per patient)", title="empirical privacy (0.5: chance)")
+    privacy.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 10.0, math.inf])
+    args, overrides = parser.parse_known_args()
+    results = [build(args.config, args.base.resolve(), args.out / f"eps-{e:g}", e, overrides) for e in args.epsilons]
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure = plot(results, args.out / "dp_quality.png")
+    from radsynth.pipelines.model_card import add_card_section
+
+    table = ["| epsilon | spent | membership AUC | DCR share | build s |", "|---|---|---|---|---|"]
+    for r in results:
+        auc, dcr = pick(r, "privacy", "membership_inference_auc") or {}, pick(r, "privacy", "dcr_share") or {}
+        spent = (r["guarantee"] or {}).get("epsilon")
+        table.append(f"| {r['epsilon']:g} | {'n/a' if spent is None else f'{spent:.3g}'} | {auc.get('value')} | "
+                     f"{dcr.get('value')} | {r['build_seconds']} |")
+    for r in results:
+        card_figure = Path(r["model"]) / "dp_quality.png"
+        card_figure.write_bytes(figure.read_bytes())
+        add_card_section(Path(r["model"]), "Quality against epsilon",
+                         ["Fine-tunes of the same base at each epsilon, built and scored alike "
+                          "(benchmarks/dp_finetune.py):", "", *table, "", "![quality against epsilon](dp_quality.png)"])
+    report = {"config": args.config, "base": str(args.base), "overrides": overrides, "results": results,
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "python": platform.python_version()}}
+    (args.out / "dp_quality.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
