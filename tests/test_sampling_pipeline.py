@@ -357,6 +357,7 @@ def test_diffusers_alone_loads_a_saved_model_in_a_fresh_process(tmp_path):
 import sys, numpy as np, torch
 from diffusers import DiffusionPipeline
 assert not any(name.startswith("radsynth") for name in sys.modules)
+torch.set_num_threads({torch.get_num_threads()})  # the thread count changes float sums: keep the parent's
 pipeline = DiffusionPipeline.from_pretrained({str(tmp_path / "model")!r}, trust_remote_code=True)
 pipeline.set_progress_bar_config(disable=True)
 images = pipeline({PROMPTS!r}, num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images
