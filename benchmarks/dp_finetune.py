@@ -1,6 +1,6 @@
 """Quality against epsilon: DP fine-tunes of one pretrained base, built and scored as radsynth builds them.
 
-    python benchmarks/dp_finetune.py CONFIG --base MODEL_DIR --out DIR [--epsilons 1 4 10 inf] [key=value ...]
+    python benchmarks/dp_finetune.py CONFIG --base MODEL_DIR --out DIR [--epsilons 1,4,10,inf] [key=value ...]
 
 For each epsilon, ``radsynth build CONFIG finetune.from=MODEL_DIR finetune.privacy.epsilon=EPS`` (``inf``: the
 ordinary, non-private fine-tune) runs in DIR/eps-EPS: the fine-tune, sampling, the scorecard and the gate. Then,
@@ -53,6 +53,14 @@ def pick(result: dict, section: str, metric: str, space: str | None = None) -> d
     return None
 
 
+def interval(row: dict) -> str:
+    if row.get("value") is None:
+        return "n/a"
+    if row.get("ci_low") is None:
+        return f"{row['value']:.3g}"
+    return f"{row['value']:.3g} ({row['ci_low']:.3g}-{row['ci_high']:.3g})"
+
+
 def plot(results: list[dict], path: Path) -> Path:
     import matplotlib
 
@@ -74,8 +82,9 @@ def plot(results: list[dict], path: Path) -> Path:
         realism.plot(x, values, marker="s", linestyle="--", label=f"adherence ratio ({attribute})")
     realism.set(xticks=x, xticklabels=labels, xlabel="epsilon (per patient)", title="quality")
     realism.legend(fontsize=7)
-    for metric, name in (("membership_inference_auc", "membership AUC"), ("dcr_share", "DCR share")):
-        rows = [pick(r, "privacy", metric) or {} for r in results]
+    for metric, name, space in (("membership_inference_auc", "membership AUC", None),
+                                ("dcr_share", "DCR share (self-supervised, the gate's)", "self_supervised")):
+        rows = [pick(r, "privacy", metric, space) or {} for r in results]
         values = [row.get("value", math.nan) for row in rows]
         low = [v - (row.get("ci_low") if row.get("ci_low") is not None else v) for v, row in zip(values, rows)]
         high = [(row.get("ci_high") if row.get("ci_high") is not None else v) - v for v, row in zip(values, rows)]
@@ -94,25 +103,33 @@ def main() -> None:
     parser.add_argument("config")
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 10.0, math.inf])
+    parser.add_argument("--epsilons", default="1,4,10,inf", help="comma-separated; inf: not private")
+    parser.add_argument("--replot", action="store_true", help="redraw the figure and cards from DIR/dp_quality.json")
     args, overrides = parser.parse_known_args()
-    results = [build(args.config, args.base.resolve(), args.out / f"eps-{e:g}", e, overrides) for e in args.epsilons]
+    if args.replot:
+        results = json.loads((args.out / "dp_quality.json").read_text())["results"]
+    else:
+        epsilons = [float(value) for value in args.epsilons.split(",")]
+        results = [build(args.config, args.base.resolve(), args.out / f"eps-{e:g}", e, overrides) for e in epsilons]
     args.out.mkdir(parents=True, exist_ok=True)
     figure = plot(results, args.out / "dp_quality.png")
     from radsynth.pipelines.model_card import add_card_section
 
     table = ["| epsilon | spent | membership AUC | DCR share | build s |", "|---|---|---|---|---|"]
     for r in results:
-        auc, dcr = pick(r, "privacy", "membership_inference_auc") or {}, pick(r, "privacy", "dcr_share") or {}
+        auc = pick(r, "privacy", "membership_inference_auc") or {}
+        dcr = pick(r, "privacy", "dcr_share", "self_supervised") or {}
         spent = (r["guarantee"] or {}).get("epsilon")
-        table.append(f"| {r['epsilon']:g} | {'n/a' if spent is None else f'{spent:.3g}'} | {auc.get('value')} | "
-                     f"{dcr.get('value')} | {r['build_seconds']} |")
+        table.append(f"| {r['epsilon']:g} | {'n/a' if spent is None else f'{spent:.3g}'} | {interval(auc)} | "
+                     f"{interval(dcr)} | {r['build_seconds']} |")
     for r in results:
         card_figure = Path(r["model"]) / "dp_quality.png"
         card_figure.write_bytes(figure.read_bytes())
         add_card_section(Path(r["model"]), "Quality against epsilon",
                          ["Fine-tunes of the same base at each epsilon, built and scored alike "
                           "(benchmarks/dp_finetune.py):", "", *table, "", "![quality against epsilon](dp_quality.png)"])
+    if args.replot:
+        return
     report = {"config": args.config, "base": str(args.base), "overrides": overrides, "results": results,
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "python": platform.python_version()}}
