@@ -15,50 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROWS = {("realism", "coverage"), ("adherence", "attribute_balanced_accuracy_ratio"),
-        ("privacy", "membership_inference_auc"), ("privacy", "dcr_share"), ("privacy", "copy_rate")}
+from build_scores import interval, machine, pick, run_build
 
 
 def build(config: str, base: Path, out: Path, epsilon: float, overrides: list[str]) -> dict:
     private = [] if math.isinf(epsilon) else [f"finetune.privacy.epsilon={epsilon:g}"]
-    command = [sys.executable, "-m", "radsynth.flows.cli", "build", config, f"finetune.from={base}",
-               f"runtime.output_dir={out}", *private, *overrides, "--json"]
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode not in (0, 3):  # 3: the release gate refused, the scorecard is there
-        raise SystemExit(f"build at epsilon {epsilon:g} failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
-    scorecard = json.loads((out / "eval" / "scorecard.json").read_text())
-    rows = [{key: row.get(key) for key in ("section", "metric", "feature_space", "stratum", "value", "ci_low",
-                                            "ci_high", "reference_value", "reference_ci_low", "reference_ci_high")}
-            for row in scorecard["rows"] if (row["section"], row["metric"]) in ROWS
-            and (row["stratum"] == "all" or row["section"] == "adherence")]
+    result = run_build(config, out, [f"finetune.from={base}", *private, *overrides], f"at epsilon {epsilon:g}")
     models = sorted(out.glob("model-finetune-*"))
     guarantee = json.loads((models[-1] / "model_index.json").read_text()).get("differential_privacy")
-    return {"epsilon": epsilon, "build_exit": done.returncode, "build_seconds": round(seconds, 1),
-            "guarantee": guarantee, "model": str(models[-1]), "rows": rows}
-
-
-def pick(result: dict, section: str, metric: str, space: str | None = None) -> dict | None:
-    for row in result["rows"]:
-        if row["section"] == section and row["metric"] == metric and (space is None or row["feature_space"] == space):
-            return row
-    return None
-
-
-def interval(row: dict) -> str:
-    if row.get("value") is None:
-        return "n/a"
-    if row.get("ci_low") is None:
-        return f"{row['value']:.3g}"
-    return f"{row['value']:.3g} ({row['ci_low']:.3g}-{row['ci_high']:.3g})"
+    return {"epsilon": epsilon, **result, "guarantee": guarantee, "model": str(models[-1])}
 
 
 def plot(results: list[dict], path: Path) -> Path:
@@ -131,8 +98,7 @@ def main() -> None:
     if args.replot:
         return
     report = {"config": args.config, "base": str(args.base), "overrides": overrides, "results": results,
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "python": platform.python_version()}}
+              "machine": machine()}
     (args.out / "dp_quality.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report))
 

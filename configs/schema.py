@@ -7,13 +7,24 @@ names the key, never a silently ignored setting. Paths stay as given (relative t
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import UserInputError
 
 Modality = Literal["ct", "mri", "xray"]
+MODALITIES: tuple[Modality, ...] = get_args(Modality)
+
+
+def pooled_modality(modalities) -> str:
+    """What a model trained on these modalities generates: ``"mri+xray"`` for a multi-modality base, else the one."""
+    return "+".join(sorted(set(modalities)))
+
+
+def modality_parts(modality: str) -> list[str]:
+    """The modalities in a (pooled) modality name: ``["mri", "xray"]`` for ``"mri+xray"``."""
+    return modality.split("+")
 SplitName = Literal["train", "holdout", "test"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "holdout", "test")
 
@@ -43,6 +54,9 @@ class ImageFolderSource(Section):
     mask_threshold: int | None = Field(
         128, description="binarise 8-bit masks (0/255) at this value; null keeps integer label values as stored"
     )
+    modality_column: str | None = Field(None, description="a column giving each row's modality (ct, mri, xray), "
+                                        "for folders of several modalities; else data.modality")
+    body_region_column: str | None = Field(None, description="a column giving each row's body region")
 
 
 class MsdSource(Section):
@@ -128,12 +142,18 @@ class SplitConfig(Section):
         return {name: getattr(self, name) for name in SPLIT_NAMES}
 
 
-class DataConfig(Section):
+SourceFormat = Literal["phantom", "msd", "image_folder", "dicom"]
+
+
+class DataSource(Section):
+    """Where cases come from: one folder in one format (or the phantoms), and what it says about itself."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    format: Literal["phantom", "msd", "image_folder", "dicom"]
+    format: SourceFormat
     root: str | None = Field(None, description="input folder (not used by phantom)")
     modality: Modality | None = Field(
-        None, description="required for image folders; MSD, DICOM and phantoms can say it themselves")
+        None, description="required for image folders without a modality column; MSD, DICOM and phantoms can say it "
+        "themselves")
     body_region: str | None = None
     license: str = "unknown"
     label_names: dict[int, str] | None = Field(
@@ -143,22 +163,71 @@ class DataConfig(Section):
     msd: MsdSource = Field(default_factory=MsdSource)
     dicom: DicomSource = Field(default_factory=DicomSource)
     phantom: PhantomSource = Field(default_factory=PhantomSource)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> DataSource:
+        if self.format not in ("phantom", "sources") and self.root is None:
+            raise ValueError(f"data.root is required for format '{self.format}'")
+        if self.format == "image_folder" and self.modality is None and self.image_folder.modality_column is None:
+            raise ValueError("data.modality (one of ct, mri, xray) or data.image_folder.modality_column is required "
+                             "for format 'image_folder'")
+        if self.label_names is not None and self.label_names.get(0, "background") != "background":
+            raise ValueError("label_names[0] must be 'background'")
+        return self
+
+
+class PooledSource(DataSource):
+    """One of several datasets pooled into one manifest (``data.sources``): a multi-dataset, multi-modality base."""
+
+    max_cases: int | None = Field(None, ge=1, description="use this many of its cases (a seeded draw of patients)")
+    train_only: bool = Field(
+        False, description="every case goes to the train split: pretraining data without patient ids (MedNIST), "
+        "never a holdout, test or privacy reference")
+    with_labels: bool = Field(True, description="false: images only (label maps in another vocabulary are dropped)")
+
+
+POOLED_FORMAT = "data.sources (a list of datasets) goes with format 'sources', and only with it"
+
+
+class DataConfig(DataSource):
+    format: Literal["phantom", "msd", "image_folder", "dicom", "sources"]
+    sources: list[PooledSource] | None = Field(
+        None, description="several datasets in one manifest (format: sources); each is split by its own patients, "
+        "case and patient ids are prefixed with its name")
     preprocess: PreprocessConfig
     split: SplitConfig = Field(default_factory=SplitConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _sources_format(cls, values):
+        if isinstance(values, dict) and values.get("sources"):
+            if values.get("format", "sources") != "sources":
+                raise ValueError(POOLED_FORMAT)
+            values = {**values, "format": "sources"}
+        return values
+
     @model_validator(mode="after")
-    def _source_needs(self) -> DataConfig:
-        if self.format != "phantom" and self.root is None:
-            raise ValueError(f"data.root is required for format '{self.format}'")
-        if self.format == "image_folder" and self.modality is None:
-            raise ValueError("data.modality is required for format 'image_folder' (one of ct, mri, xray)")
-        if self.label_names is not None and self.label_names.get(0, "background") != "background":
-            raise ValueError("label_names[0] must be 'background'")
+    def _pooled(self) -> DataConfig:
+        if (self.format == "sources") != bool(self.sources):
+            raise ValueError(POOLED_FORMAT)
+        if self.sources:
+            if self.root is not None:
+                raise ValueError("data.root is not used with data.sources: give each source its own root")
+            names = [source.name for source in self.sources]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise ValueError(f"data.sources names must be unique; repeated: {repeated}")
         return self
 
     @property
     def spatial_dims(self) -> int:
         return len(self.preprocess.target_shape)
+
+    def source_of(self, source_name: str) -> DataSource:
+        """The settings a record's source was read with: its entry in ``sources``, or this config itself."""
+        if self.sources:
+            return next(source for source in self.sources if source.name == source_name)
+        return self
 
 
 # --------------------------------------------------------------------------------- generator stages

@@ -35,6 +35,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from safetensors.torch import load_file
 
 from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.configs.schema import modality_parts
 from radsynth.generators.data import ConditioningSpec
 from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
 from radsynth.generators.objectives import NOISE_SCHEDULE_KEYS, build_inference_scheduler
@@ -114,7 +115,7 @@ def check_compatible(base: dict, local: dict, class_values: set[str]) -> None:
     same Hounsfield units); every class must be one the base knows (an unknown one would train as "no class").
     Percentile-normalised modalities are not compared: their ranges are per scanner by design.
     """
-    if base["modality"] != local["modality"]:
+    if not set(modality_parts(local["modality"])) <= set(modality_parts(base["modality"])):
         raise UserInputError("finetune.from", f"the base generates {base['modality']} and the data is "
                              f"{local['modality']}", f"a {local['modality']} base, or train one")
     if tuple(base["image_shape"]) != tuple(local["image_shape"]):

@@ -27,6 +27,7 @@ import torch
 from accelerate import PartialState
 
 from radsynth.configs import RadsynthConfig, UserInputError
+from radsynth.configs.schema import pooled_modality
 from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.autoencoder_trainer import (
     AutoencoderTrainer,
@@ -460,7 +461,7 @@ def image_space(config: RadsynthConfig, summary: dict, spacings: torch.Tensor) -
     intensity = summary["intensity_train"]
     # With no normalisation, [-1, 1] maps to itself.
     low, high = (-1.0, 1.0) if intensity["mode"] == "none" else (intensity["low"], intensity["high"])
-    return {"modality": next(iter(summary["modality"])), "spatial_dims": config.data.spatial_dims,
+    return {"modality": pooled_modality(summary["modality"]), "spatial_dims": config.data.spatial_dims,
             "image_shape": tuple(summary["preprocessed_shape"]),
             "spacing": tuple(float(s) for s in spacings.median(dim=0).values.tolist()),
             "intensity_low": low, "intensity_high": high}

@@ -7,7 +7,7 @@ from radsynth.flows.cli import main
 
 from .conftest import REPO
 
-PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen"]
+PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen", "base-2d", "base-3d"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -41,7 +41,8 @@ def test_overrides_are_parsed_as_yaml_values_at_any_depth():
     [
         ("data.colour=red", "unknown key 'data.colour'; allowed here: name, format"),
         ("runtime.precission=bf16", "unknown key 'runtime.precission'"),
-        ("data.format=nifti", "data.format: Input should be 'phantom', 'msd', 'image_folder' or 'dicom' (got 'nifti')"),
+        ("data.format=nifti",
+         "data.format: Input should be 'phantom', 'msd', 'image_folder', 'dicom' or 'sources' (got 'nifti')"),
         ("runtime.precision=fp8", "runtime.precision: Input should be 'no', 'bf16', 'fp16' or 'auto' (got 'fp8')"),
         ("data.split.train=0.9", "train + holdout + test must sum to 1"),
         ("data.phantom.n_cases=-4", "data.phantom.n_cases: Input should be greater than or equal to 3 (got -4)"),

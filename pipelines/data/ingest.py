@@ -20,7 +20,8 @@ from .adapters import read_source
 from .cache import PreprocessedCache, cache_key
 from .checks import check_image, check_label
 from .io import Image, read_image, write_json
-from .manifest import CaseRecord, check_attributes, check_unique_case_ids, write_manifest
+from .manifest import CaseRecord, check_attributes, check_unique_case_ids, with_record_fields, write_manifest
+from .pooling import POOLED_WHERE, pooled_records
 from .preprocess import PreprocessedCase, preprocess_case
 from .splits import assign_splits, check_named_attributes
 from .summary import summarize
@@ -43,18 +44,20 @@ def data_dir(config: RadsynthConfig) -> Path:
 def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
     data = config.data
     out = data_dir(config)
-    where = data.root or f"phantom:{data.phantom.kind}"
-
-    records = read_source(data, out / "source")
+    if data.sources:
+        where, records = POOLED_WHERE, pooled_records(data, out / "source")
+    else:
+        where, records = data.root or f"phantom:{data.phantom.kind}", read_source(data, out / "source")
     if not records:
         raise UserInputError(where, "no cases found", f"see the layout expected by format '{data.format}'")
     check_unique_case_ids(records, where)
     check_attributes(records)
     conditioning = config.conditioning
-    check_named_attributes(records, {"data.split.stratify_by": [data.split.stratify_by] if data.split.stratify_by else [],
-                                     "conditioning.attributes": list(conditioning.attributes),
-                                     "conditioning.class_attribute": [conditioning.class_attribute]
-                                     if conditioning.class_attribute else []})
+    named = {"data.split.stratify_by": [data.split.stratify_by] if data.split.stratify_by else [],
+             "conditioning.attributes": list(conditioning.attributes),
+             "conditioning.class_attribute": [conditioning.class_attribute] if conditioning.class_attribute else []}
+    records = with_record_fields(records, [key for keys in named.values() for key in keys])
+    check_named_attributes(records, named)
     if data.label_names is not None:
         records = [record.model_copy(update={"label_names": dict(data.label_names)}) for record in records]
     _check_dimensions(records, data)
@@ -80,7 +83,8 @@ def load_case(record: CaseRecord, data: DataConfig) -> tuple[Image, Image | None
     if record.label is None:
         return image, None
     label = read_image(record.label, pixel_spacing=record.spacing)
-    threshold = data.image_folder.mask_threshold if data.format == "image_folder" else None
+    source = data.source_of(record.source)
+    threshold = source.image_folder.mask_threshold if source.format == "image_folder" else None
     if threshold is not None:
         below = sorted(int(v) for v in np.unique(label.array) if 0 < v < threshold)
         if below:  # 0/1/2 label maps, or several labels: the threshold would merge them or erase them

@@ -80,6 +80,20 @@ def check_attributes(records: Sequence[CaseRecord]) -> None:
             raise UserInputError(record.image, f"case {record.case_id} has age {age}", "an age in years, 0 or more")
 
 
+RECORD_FIELD_ATTRIBUTES = ("modality", "body_region")
+
+
+def with_record_fields(records: Sequence[CaseRecord], named: Iterable[str]) -> list[CaseRecord]:
+    """Records whose attributes also hold ``modality`` and ``body_region`` when a setting names them: a prompt of a
+    multi-dataset base leads with them ("modality: mri; body_region: brain. ..."), and a fine-tune in its
+    vocabulary names them too. A source's own attribute of that name is kept."""
+    fields = [key for key in RECORD_FIELD_ATTRIBUTES if key in set(named)]
+    if not fields:
+        return list(records)
+    return [record.model_copy(update={"attributes": {**{key: getattr(record, key) for key in fields},
+                                                     **record.attributes}}) for record in records]
+
+
 def check_unique_case_ids(records: Sequence[CaseRecord], where: str | Path) -> None:
     counts = Counter(record.case_id for record in records)
     duplicates = sorted(case_id for case_id, count in counts.items() if count > 1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from radsynth.configs.errors import UserInputError
@@ -51,13 +51,14 @@ def assign_splits(records: Sequence[CaseRecord], config: SplitConfig, where: str
 
     split_of: dict[str, str] = {}
     for stratum in sorted(strata):
-        patients = sorted(strata[stratum], key=lambda p: _patient_key(p, config.seed))
+        patients = patient_order(strata[stratum], config.seed)
         split_of.update(_cut(patients, {p: len(cases_of[p]) for p in patients}, config.fractions()))
     return [record.model_copy(update={"split": split_of[record.patient_id]}) for record in records]
 
 
-def _patient_key(patient_id: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{patient_id}".encode()).hexdigest()
+def patient_order(patients: Iterable[str], seed: int) -> list[str]:
+    """Patients in a seeded order that depends on nothing but their ids (not on the order they were read in)."""
+    return sorted(patients, key=lambda patient: hashlib.sha256(f"{seed}:{patient}".encode()).hexdigest())
 
 
 def _stratum(cases: list[CaseRecord], attribute: str | None) -> str:

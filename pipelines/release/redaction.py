@@ -30,16 +30,23 @@ TRAINING_DATA_FIELDS = ("dataset_cases", "patients", "modality", "body_region", 
 def redacted_config(config: RadsynthConfig) -> dict:
     values = config.model_dump(mode="json", by_alias=True)
     for dotted in LOCAL_FIELDS:
-        *parents, leaf = dotted.split(".")
-        section = values
-        for part in parents:
-            section = section.get(part) or {}
-        if section.get(leaf) not in (None, ""):
-            section[leaf] = REDACTED
+        _redact(values, dotted.split("."))
+        if dotted.startswith("data."):  # each pooled source has its own root and folders
+            for source in values["data"].get("sources") or []:
+                _redact(source, dotted.split(".")[1:])
     prompts = values["sampling"].get("prompts")
     if prompts:
         values["sampling"]["prompts"] = f"{len(prompts)} prompts from the config"
     return values
+
+
+def _redact(values: dict, path: list[str]) -> None:
+    *parents, leaf = path
+    section = values
+    for part in parents:
+        section = section.get(part) or {}
+    if section.get(leaf) not in (None, ""):
+        section[leaf] = REDACTED
 
 
 def redacted_training_data(summary: Mapping, prompted: Iterable[str]) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from radsynth.configs import RadsynthConfig
+from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.pipelines.data.ingest import data_dir
 from radsynth.pipelines.data.io import write_json, write_text
 from radsynth.pipelines.model_card import training_compute
@@ -117,8 +117,12 @@ def release(config: RadsynthConfig, samples_dir: str | Path | None = None, eval_
 
 def dataset_info(config: RadsynthConfig, samples: list[ReleaseSample], training_data: dict) -> DatasetInfo:
     attributes = list(config.conditioning.attributes)
-    modality = config.data.modality or next(iter(training_data.get("modality", {})), None) \
-        or str(samples[0].sidecar.get("modality", ""))
+    modalities = sorted(training_data.get("modality", {}))
+    if len(modalities) > 1:  # one release is one modality: its formats declare a single channel kind
+        raise UserInputError("data.sources", f"the model was trained on {'+'.join(modalities)}: a multi-modality "
+                             "base is pretraining, not a dataset to release", "fine-tune it on one dataset "
+                             "(finetune.from) and release that")
+    modality = config.data.modality or next(iter(modalities), None) or str(samples[0].sidecar.get("modality", ""))
     label_names = {int(k): str(v) for k, v in (training_data.get("label_names") or {}).items()}
     return DatasetInfo(
         name=config.release.name or config.data.name, modality=modality,

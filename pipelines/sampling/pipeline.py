@@ -29,6 +29,8 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, Schedu
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from radsynth.configs.schema import MODALITIES, modality_parts
+
 # The component classes must be imported for from_pretrained: diffusers loads a component only from a module
 # that is already imported (model_index.json names it, but naming a module never runs its code).
 from radsynth.generators.autoencoder import RadsynthAutoencoder
@@ -42,7 +44,6 @@ from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, Sta
 from radsynth.generators.text_encoder import PretrainedTextEncoder, RadsynthTextEncoder
 from radsynth.generators.unet import RadsynthUNet
 
-MODALITIES = ("ct", "mri", "xray")
 OUTPUT_TYPES = ("np", "pt", "physical")
 # Folder = component name. Not "controlnet": diffusers takes a folder of that name for its own pipeline.
 CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER = "mask_controlnet", "mask_generator"
@@ -94,8 +95,8 @@ class RadsynthPipeline(DiffusionPipeline):
                  num_train_timesteps: int | None = None, distilled_guidance_scale: float | None = None,
                  noise_schedule: dict | None = None, differential_privacy: dict | None = None):
         super().__init__()
-        if modality not in MODALITIES:
-            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        if not set(modality_parts(modality)) <= set(MODALITIES):
+            raise ValueError(f"modality must be one of {MODALITIES} (or several joined by '+'), got {modality!r}")
         if len(image_shape) != spatial_dims or len(spacing) != spatial_dims:
             raise ValueError(
                 f"image_shape {tuple(image_shape)} and spacing {tuple(spacing)} need {spatial_dims} entries each")

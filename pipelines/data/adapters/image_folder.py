@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image as PILImage
 
 from radsynth.configs.errors import UserInputError
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import MODALITIES, DataSource
 
 from ..io import RASTER_SUFFIXES
 from ..manifest import AttributeValue, CaseRecord, checked_case_id, file_sha256
@@ -20,7 +20,7 @@ from ..manifest import AttributeValue, CaseRecord, checked_case_id, file_sha256
 SPLIT_ALIASES = {"train": "train", "holdout": "holdout", "val": "holdout", "validation": "holdout", "test": "test"}
 
 
-def read_image_folder(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+def read_image_folder(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     source = data.image_folder
     root = Path(data.root)
     csv_path = root / source.csv
@@ -28,7 +28,6 @@ def read_image_folder(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
     images = _index_files(root / source.images_dir)
     masks = _index_files(root / source.masks_dir) if source.masks_dir and (root / source.masks_dir).is_dir() else {}
     label_names = data.label_names or {0: "background", 1: "foreground"}
-    region = data.body_region or "unknown"
 
     records = []
     for line, row in enumerate(rows, start=2):
@@ -44,18 +43,21 @@ def read_image_folder(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
         image_path, mask_path = images[case_id], masks.get(case_id)
         attributes = {column: _parse(row[column]) for column in source.attribute_columns}
         text = row[source.text_column].strip() if source.text_column else ""
+        modality = _modality(row, data, where)
+        region = (row[source.body_region_column].strip() if source.body_region_column else "") \
+            or data.body_region or "unknown"
         records.append(
             CaseRecord(
                 case_id=case_id,
                 patient_id=patient,
-                modality=data.modality,
+                modality=modality,
                 body_region=region,
                 image=str(image_path),
                 label=str(mask_path) if mask_path else None,
                 label_names=label_names,
                 spacing=source.pixel_spacing_mm,
                 shape=_raster_shape(image_path),
-                text=text or caption_from_attributes(data.modality, region, attributes),
+                text=text or caption_from_attributes(modality, region, attributes),
                 attributes=attributes,
                 split=_split(row, source.split_column, where),
                 source=data.name,
@@ -73,10 +75,11 @@ def caption_from_attributes(modality: str, region: str, attributes: dict[str, At
     return "; ".join(parts)
 
 
-def _required_columns(data: DataConfig) -> list[str]:
+def _required_columns(data: DataSource) -> list[str]:
     source = data.image_folder
     columns = [source.id_column, source.patient_column, *source.attribute_columns]
-    columns += [column for column in (source.text_column, source.split_column) if column]
+    columns += [column for column in (source.text_column, source.split_column, source.modality_column,
+                                      source.body_region_column) if column]
     return columns
 
 
@@ -134,6 +137,19 @@ def _parse(text: str | None) -> AttributeValue:
         except ValueError:
             pass
     return text
+
+
+def _modality(row: dict[str, str], data: DataSource, where: str) -> str:
+    column = data.image_folder.modality_column
+    value = row[column].strip().lower() if column else ""
+    if not value:
+        if data.modality is None:
+            raise UserInputError(where, f"empty {column}", f"one of {', '.join(MODALITIES)}, or set data.modality")
+        return data.modality
+    if value not in MODALITIES:
+        raise UserInputError(where, f"unknown modality '{row[column]}' in column {column}",
+                             f"one of {', '.join(MODALITIES)}")
+    return value
 
 
 def _split(row: dict[str, str], column: str | None, where: str) -> str | None:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from radsynth.configs.errors import UserInputError
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import DataSource
 
 from ..io import NIFTI_SUFFIXES, strip_image_suffix
 from ..manifest import CaseRecord, checked_case_id, file_sha256
@@ -24,7 +24,7 @@ CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 MODALITY_NAMES = {"ct": "ct", "mri": "mri", "mr": "mri", "t1": "mri", "t2": "mri", "flair": "mri", "xray": "xray"}
 
 
-def read_msd(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+def read_msd(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     root = Path(data.root)
     images_dir, labels_dir = root / data.msd.images_dir, root / data.msd.labels_dir
     if not images_dir.is_dir():
@@ -86,7 +86,7 @@ def _label_for(labels_dir: Path, case_id: str) -> Path | None:
     return None
 
 
-def _license(data: DataConfig, meta: dict) -> str:
+def _license(data: DataSource, meta: dict) -> str:
     if data.license != "unknown":
         return data.license
     return str(meta.get("licence") or meta.get("license") or "unknown")  # MSD spells it 'licence'

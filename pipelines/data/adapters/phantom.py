@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from radsynth.configs.schema import DataConfig, PhantomSource
+from radsynth.configs.schema import DataSource, PhantomSource
 
 from ..io import scaling_affine, write_nifti, write_png
 from ..manifest import CaseRecord, file_sha256, read_manifest, write_manifest
@@ -25,7 +25,7 @@ PHANTOM_LICENSE = "CC0-1.0 (radsynth procedural phantom)"
 NIFTI_DESCRIPTION = "radsynth phantom (not patient data)"
 
 
-def read_phantom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+def read_phantom(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     """Records for ``data.phantom``'s cohort, generating and writing it under ``work_dir`` unless already there.
 
     ``data.modality``, ``data.body_region``, ``data.license`` and ``data.label_names`` do not apply: a phantom

@@ -45,7 +45,7 @@ import pydicom
 from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import DataSource
 
 from ...manifest import CaseRecord
 from .case import DicomCase
@@ -77,7 +77,7 @@ logger = logging.getLogger(__name__)
 CONVERTED_DIR = "dicom-nifti"
 
 
-def read_dicom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+def read_dicom(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     with _pydicom_value_warnings_off():
         return _read_dicom(data, Path(work_dir))
 
@@ -97,7 +97,7 @@ def _pydicom_value_warnings_off() -> Iterator[None]:
         settings.reading_validation_mode = previous
 
 
-def _read_dicom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+def _read_dicom(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     root = Path(data.root)
     if not root.is_dir():
         raise UserInputError(root, "DICOM root folder not found", "data.root must be an existing folder")
@@ -122,6 +122,6 @@ def _read_dicom(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
     return sorted(records, key=lambda record: record.case_id)
 
 
-def _modality_filter_hint(data: DataConfig) -> str:
+def _modality_filter_hint(data: DataSource) -> str:
     return f" with modality {data.modality} (data.modality)" if data.modality else ""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import DataSource
 
 from ...io import write_nifti, write_png
 from ...manifest import CaseRecord, file_sha256
@@ -22,7 +22,7 @@ from .sidecar import Converted, reuse, write_sidecar
 logger = logging.getLogger(__name__)
 
 
-def convert_case(case: DicomCase, data: DataConfig, out_dir: Path, segs: list[Path]) -> CaseRecord:
+def convert_case(case: DicomCase, data: DataSource, out_dir: Path, segs: list[Path]) -> CaseRecord:
     label_source = None if case.is_projection else find_label(case, data, segs)
     if case.is_projection and (segs or find_nifti_label(case, data)):
         logger.warning("DICOM: labels for X-ray image %s are not supported and were ignored", case.case_id)

@@ -13,7 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from radsynth.configs.errors import UserInputError
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import DataSource
 
 from ...io import read_image
 from .case import DicomCase
@@ -34,7 +34,7 @@ class LabelSource:
     kind: str  # "nifti" | "seg"
 
 
-def find_label(case: DicomCase, data: DataConfig, segs: list[Path]) -> LabelSource | None:
+def find_label(case: DicomCase, data: DataSource, segs: list[Path]) -> LabelSource | None:
     nifti = find_nifti_label(case, data)
     if nifti is not None:
         if segs:
@@ -49,7 +49,7 @@ def find_label(case: DicomCase, data: DataConfig, segs: list[Path]) -> LabelSour
     return LabelSource(segs[0], "seg") if segs else None
 
 
-def find_nifti_label(case: DicomCase, data: DataConfig) -> Path | None:
+def find_nifti_label(case: DicomCase, data: DataSource) -> Path | None:
     if not data.dicom.labels_dir:
         return None
     folder = Path(data.dicom.labels_dir)

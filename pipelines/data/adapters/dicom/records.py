@@ -11,7 +11,7 @@ from pathlib import Path
 import nibabel as nib
 from pydicom.dataset import Dataset
 
-from radsynth.configs.schema import DataConfig
+from radsynth.configs.schema import DataSource
 
 from ...io import spacing_of
 from ...manifest import CaseRecord
@@ -26,7 +26,7 @@ AGE_UNITS_PER_YEAR = {"Y": 1.0, "M": 12.0, "W": 52.1775, "D": 365.25}
 PSEUDONYM_KEY_ENV = "RADSYNTH_PSEUDONYM_KEY"
 
 
-def build_record(case: DicomCase, data: DataConfig, converted: Converted, sha256: str) -> CaseRecord:
+def build_record(case: DicomCase, data: DataSource, converted: Converted, sha256: str) -> CaseRecord:
     header = case.headers[0]
     spacing, shape = _converted_geometry(converted.image, header)
     attributes = {

@@ -26,7 +26,7 @@ from pydicom.uid import (
 from tqdm.auto import tqdm
 
 from radsynth.configs.errors import UserInputError
-from radsynth.configs.schema import DataConfig, Modality
+from radsynth.configs.schema import DataSource, Modality
 
 from .case import PROJECTION_MODALITIES, DicomCase
 from .errors import first_line, unreadable
@@ -115,7 +115,7 @@ def _part10_problem(header: Dataset) -> str | None:
 
 
 def group_series(
-    headers: list[tuple[Path, Dataset]], data: DataConfig
+    headers: list[tuple[Path, Dataset]], data: DataSource
 ) -> tuple[list[DicomCase], Counter[str]]:
     by_series: dict[str, list[tuple[Path, Dataset]]] = defaultdict(list)
     for path, header in headers:

@@ -1,0 +1,74 @@
+"""Several datasets in one manifest (``data.sources``): the training data of a multi-dataset, multi-modality base.
+
+Each source is read by its own adapter and split by its own patients with the config's split settings, exactly
+as if it were ingested alone: a base pretrained on the pool has seen a dataset's train patients and none of its
+holdout or test patients, so fine-tuning on that dataset later still has unseen patients to score privacy
+against. A ``train_only`` source (MedNIST: no patient ids) goes wholly to train, so it is never a privacy
+reference. Case and patient ids are prefixed with the source's name: two datasets may both have a patient "1".
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from radsynth.configs.errors import UserInputError
+from radsynth.configs.schema import DataConfig, PooledSource, SplitConfig
+
+from .adapters import read_source
+from .manifest import CaseRecord, file_sha256
+from .splits import assign_splits, patient_order
+
+POOLED_WHERE = "data.sources"
+
+
+def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
+    """Every source's records, drawn, split and renamed; one label vocabulary across the labelled ones."""
+    records = []
+    for source in data.sources:
+        where = f"{POOLED_WHERE}[{source.name}]"
+        own = read_source(source, Path(work_dir) / source.name)
+        if not own:
+            raise UserInputError(where, "no cases found", f"see the layout expected by format '{source.format}'")
+        own = _drawn(own, source.max_cases, data.split.seed)
+        if not source.with_labels:
+            own = [record.model_copy(update={"label": None, "sha256": file_sha256(record.image)}) for record in own]
+        own = _split(own, source, data.split, where)
+        records += [record.model_copy(update={"case_id": f"{source.name}.{record.case_id}",
+                                              "patient_id": f"{source.name}/{record.patient_id}",
+                                              "source": source.name}) for record in own]
+    return _one_vocabulary(records)
+
+
+def _drawn(records: list[CaseRecord], max_cases: int | None, seed: int) -> list[CaseRecord]:
+    """Whole patients in a seeded order until ``max_cases`` cases are reached (a patient is never cut in two)."""
+    if max_cases is None or len(records) <= max_cases:
+        return records
+    cases_of: dict[str, list[CaseRecord]] = defaultdict(list)
+    for record in records:
+        cases_of[record.patient_id].append(record)
+    kept: list[CaseRecord] = []
+    for patient in patient_order(cases_of, seed):
+        if len(kept) + len(cases_of[patient]) > max_cases:
+            continue
+        kept += cases_of[patient]
+    return kept
+
+
+def _split(records: list[CaseRecord], source: PooledSource, split: SplitConfig, where: str) -> list[CaseRecord]:
+    if source.train_only:
+        return [record.model_copy(update={"split": "train"}) for record in records]
+    return assign_splits(records, split, where)
+
+
+def _one_vocabulary(records: list[CaseRecord]) -> list[CaseRecord]:
+    """Label value 1 must mean one thing across the pool; images without labels take the pool's vocabulary."""
+    vocabularies = {record.source: record.label_names for record in records if record.label is not None}
+    distinct = {tuple(sorted(names.items())) for names in vocabularies.values()}
+    if len(distinct) > 1:
+        shown = "; ".join(f"{source}: {names}" for source, names in sorted(vocabularies.items()))
+        raise UserInputError(POOLED_WHERE, f"the sources name their labels differently ({shown})",
+                             "the same label_names in each, or with_labels: false on the sources whose labels differ")
+    names = next(iter(vocabularies.values()), {0: "background"})
+    return [record if record.label is not None else record.model_copy(update={"label_names": names})
+            for record in records]

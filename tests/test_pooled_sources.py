@@ -1,0 +1,169 @@
+"""Several datasets in one manifest (``data.sources``): the data of radsynth's own multi-dataset base."""
+
+import json
+
+import pytest
+import yaml
+
+from radsynth.configs import UserInputError, load_config
+from radsynth.configs.schema import pooled_modality
+from radsynth.flows.cli import main
+from radsynth.generators.data import ConditioningSpec
+from radsynth.pipelines.bases import check_compatible
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.release.redaction import REDACTED, redacted_config
+from radsynth.pipelines.release.stage import dataset_info
+
+from .conftest import REPO, write_image_folder
+
+
+def pooled_config(tmp_path, *overrides, edit=None):
+    """Two image folders (one listing each row's modality and region) and a phantom cohort, pooled."""
+    xray = write_image_folder(tmp_path / "xray", n_cases=12, seed=1)
+    mixed = write_image_folder(tmp_path / "mixed", n_cases=8, seed=2)
+    lines = (mixed / "manifest.csv").read_text().splitlines()
+    rows = [lines[0] + ",modality,region"] + [f"{line},{'ct' if i % 2 else 'mri'},{'head' if i % 2 else 'knee'}"
+                                              for i, line in enumerate(lines[1:])]
+    (mixed / "manifest.csv").write_text("\n".join(rows) + "\n")
+    folder = {"csv": "manifest.csv", "images_dir": "images", "id_column": "id", "patient_column": "patientid",
+              "attribute_columns": ["sex"]}
+    sources = [
+        {"name": "xray", "format": "image_folder", "root": str(xray), "modality": "xray", "body_region": "chest",
+         "label_names": {0: "background", 1: "lung"}, "image_folder": folder},
+        {"name": "mixed", "format": "image_folder", "root": str(mixed), "train_only": True, "with_labels": False,
+         "image_folder": {**folder, "masks_dir": None, "modality_column": "modality", "body_region_column": "region"}},
+        {"name": "phantom", "format": "phantom", "with_labels": False,
+         "phantom": {"kind": "chest_xray", "n_cases": 9, "size": 32}},
+    ]
+    data = {"name": "pool", "sources": sources, "preprocess": {"target_shape": [16, 16], "intensity": {"mode": "percentile"}},
+            "split": {"seed": 0}}
+    config = {"data": data, "conditioning": {"attributes": ["modality", "body_region", "sex"], "include_text": False},
+              "runtime": {"output_dir": str(tmp_path / "run")}}
+    if edit:
+        edit(config)
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path, list(overrides))
+
+
+def single_config(tmp_path, root, *overrides):
+    return load_config(REPO / "configs" / "cxr.yaml", [
+        f"data.root={root}", "data.image_folder.attribute_columns=[sex]", "data.preprocess.target_shape=[16,16]",
+        "data.label_names={0: background, 1: lung}", "conditioning.attributes=[sex]",
+        f"runtime.output_dir={tmp_path / 'alone'}", *overrides])
+
+
+def test_pooled_sources_are_split_each_as_if_alone_with_prefixed_ids_and_lead_prompts(tmp_path):
+    config = pooled_config(tmp_path)
+    result = ingest(config, progress=False)
+    records = {record.case_id: record for record in result.records}
+    assert len(records) == 12 + 8 + 9
+    assert {record.source for record in records.values()} == {"xray", "mixed", "phantom"}
+    assert all(case_id.startswith(f"{record.source}.") and record.patient_id.startswith(f"{record.source}/")
+               for case_id, record in records.items())
+
+    # The x-ray source lands in the same splits as when it is ingested alone: a base pretrained on the pool has
+    # seen none of that dataset's holdout and test patients.
+    alone = {record.case_id: record.split for record in ingest(single_config(tmp_path, tmp_path / "xray"),
+                                                                progress=False).records}
+    assert {case_id.removeprefix("xray."): records[case_id].split for case_id in records
+            if case_id.startswith("xray.")} == alone
+    assert {split for split in alone.values()} == {"train", "holdout", "test"}
+    # train_only: never a holdout, test or privacy reference.
+    assert {record.split for record in records.values() if record.source == "mixed"} == {"train"}
+
+    # Modality and region come from the rows' columns, lead the attributes and the prompt.
+    mixed = records["mixed.img001"]
+    assert (mixed.modality, mixed.body_region, mixed.label) == ("ct", "head", None)
+    assert records["mixed.img000"].modality == "mri"
+    prompt = ConditioningSpec(config.conditioning.attributes, include_text=False).prompt(mixed)
+    assert prompt == f"modality: ct; body_region: head; sex: {mixed.attributes['sex']}."
+    assert records["xray.img000"].label is not None and records["xray.img000"].label_names == {0: "background",
+                                                                                                1: "lung"}
+    assert all(record.label is None for record in records.values() if record.source != "xray")
+    # Images without labels take the pool's one vocabulary; the summary names every modality.
+    assert all(record.label_names == {0: "background", 1: "lung"} for record in records.values())
+    assert result.summary["modality"] == {"xray": 12 + 9, "mri": 4, "ct": 4}
+    assert pooled_modality(result.summary["modality"]) == "ct+mri+xray"
+    assert {path.stem for path in result.cache_dir.glob("*.safetensors")} == set(records)
+
+    # A rerun reads everything from the cache.
+    assert ingest(config, progress=False).preprocessed == 0
+
+
+def test_max_cases_draws_whole_patients(tmp_path):
+    def cap(config):
+        config["data"]["sources"][0]["max_cases"] = 5
+    records = ingest(pooled_config(tmp_path, edit=cap), progress=False).records
+    xray = [record for record in records if record.source == "xray"]
+    assert len(xray) == 4  # two cases per patient: two whole patients fit under 5
+    patients = {record.patient_id for record in xray}
+    assert all(sum(r.patient_id == p for r in xray) == 2 for p in patients)
+
+
+def test_sources_with_different_label_vocabularies_are_refused_in_one_line(tmp_path, capsys):
+    def relabel(config):
+        mixed = config["data"]["sources"][1]
+        mixed.update(with_labels=True, label_names={0: "background", 1: "tumour"})
+        mixed["image_folder"]["masks_dir"] = "masks"
+    config = pooled_config(tmp_path, edit=relabel)
+    with pytest.raises(UserInputError, match=r"data.sources: the sources name their labels differently .*with_labels"):
+        ingest(config, progress=False)
+    assert not (tmp_path / "run" / "data" / "manifest.jsonl").exists()
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["data"]["sources"][1].update(name="xray"), "data.sources names must be unique; repeated: ['xray']"),
+    (lambda c: c["data"].update(root="/somewhere"), "data.root is not used with data.sources"),
+    (lambda c: c["data"].update(format="msd"), "data.sources (a list of datasets) goes with format 'sources'"),
+    (lambda c: c["data"]["sources"][0].update(format="sources"), "data.sources.0.format"),
+    (lambda c: c["data"]["sources"][0].update(modality=None), "data.modality (one of ct, mri, xray) or "
+                                                              "data.image_folder.modality_column is required"),
+])
+def test_bad_pooled_configs_name_what_is_wrong(tmp_path, edit, expected):
+    with pytest.raises(UserInputError) as caught:
+        pooled_config(tmp_path, edit=edit)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_unknown_modality_in_a_modality_column_exits_2_with_the_row(tmp_path, capsys):
+    config = pooled_config(tmp_path)
+    mixed = tmp_path / "mixed" / "manifest.csv"
+    mixed.write_text(mixed.read_text().replace(",ct,head", ",pet,head", 1))
+    path = tmp_path / "pool.yaml"
+    assert main(["ingest", str(path)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "manifest.csv:3: unknown modality 'pet' in column modality; one of ct, mri, xray" in error
+    assert "\n" not in error
+    assert config.data.sources and not (tmp_path / "run" / "data" / "manifest.jsonl").exists()
+
+
+def test_a_pooled_base_takes_fine_tunes_of_its_modalities_only():
+    base = {"modality": "mri+xray", "image_shape": (64, 64), "spacing": (4.0, 4.0), "intensity_low": 0.0,
+            "intensity_high": 1.0, "class_attribute": None, "class_names": []}
+    local = {**base, "modality": "xray"}
+    check_compatible(base, local, set())
+    with pytest.raises(UserInputError, match="the base generates mri\\+xray and the data is ct"):
+        check_compatible(base, {**local, "modality": "ct"}, set())
+
+
+def test_a_multi_modality_pool_is_not_released_and_its_roots_are_redacted(tmp_path):
+    config = pooled_config(tmp_path)
+    with pytest.raises(UserInputError, match="a multi-modality base is pretraining, not a dataset to release"):
+        dataset_info(config, [], {"modality": {"xray": 21, "mri": 4, "ct": 4}})
+    sources = redacted_config(config)["data"]["sources"]
+    assert [source["root"] for source in sources[:2]] == [REDACTED, REDACTED]
+    assert str(tmp_path) not in json.dumps(redacted_config(config))
+
+
+def test_base_presets_ingest_from_the_shared_data(shared_data, tmp_path):
+    config = load_config(REPO / "configs" / "base-2d.yaml", [f"runtime.output_dir={tmp_path / 'run'}"])
+    for source in config.data.sources:  # a few cases of each: the preset's wiring, not its size
+        source.max_cases = 12
+        source.root = source.root and str(shared_data / source.root.rsplit("/", 1)[1])
+    result = ingest(config, progress=False)
+    assert set(result.summary["modality"]) == {"ct", "mri", "xray"}
+    mednist = [record for record in result.records if record.source == "mednist"]
+    assert len(mednist) == 12 and {record.split for record in mednist} == {"train"}
+    assert {record.body_region for record in mednist} <= {"abdomen", "breast", "chest", "hand", "head"}
+    assert result.summary["intensity_train"]["mode"] == "percentile"
