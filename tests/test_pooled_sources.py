@@ -156,14 +156,18 @@ def test_a_multi_modality_pool_is_not_released_and_its_roots_are_redacted(tmp_pa
     assert str(tmp_path) not in json.dumps(redacted_config(config))
 
 
-def test_base_presets_ingest_from_the_shared_data(shared_data, tmp_path):
-    config = load_config(REPO / "configs" / "base-2d.yaml", [f"runtime.output_dir={tmp_path / 'run'}"])
+@pytest.mark.parametrize("preset, modalities, train_only", [("base-2d", {"ct", "mri", "xray"}, "mednist"),
+                                                            ("base-3d", {"ct", "mri"}, None)])
+def test_base_presets_ingest_from_the_shared_data(shared_data, tmp_path, preset, modalities, train_only):
+    config = load_config(REPO / "configs" / f"{preset}.yaml", [f"runtime.output_dir={tmp_path / 'run'}"])
     for source in config.data.sources:  # a few cases of each: the preset's wiring, not its size
-        source.max_cases = 12
+        source.max_cases = 30  # MedNIST's seeded draw of 30 holds all three modalities
+        source.phantom.n_cases = 6
         source.root = source.root and str(shared_data / source.root.rsplit("/", 1)[1])
     result = ingest(config, progress=False)
-    assert set(result.summary["modality"]) == {"ct", "mri", "xray"}
-    mednist = [record for record in result.records if record.source == "mednist"]
-    assert len(mednist) == 12 and {record.split for record in mednist} == {"train"}
-    assert {record.body_region for record in mednist} <= {"abdomen", "breast", "chest", "hand", "head"}
-    assert result.summary["intensity_train"]["mode"] == "percentile"
+    assert set(result.summary["modality"]) == modalities
+    assert result.summary["preprocessed_shape"] == config.data.preprocess.target_shape
+    assert {record.source for record in result.records} == {source.name for source in config.data.sources}
+    if train_only:
+        assert {record.split for record in result.records if record.source == train_only} == {"train"}
+    assert all(record.label is None for record in result.records)  # the presets pool images only
