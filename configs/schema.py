@@ -184,6 +184,8 @@ class PooledSource(DataSource):
         False, description="every case goes to the train split: pretraining data without patient ids (MedNIST), "
         "never a holdout, test or privacy reference")
     with_labels: bool = Field(True, description="false: images only (label maps in another vocabulary are dropped)")
+    skip_constant: bool = Field(False, description="drop images of a single value (a corpus' blank slices), counted "
+                                "in the ingest summary, instead of refusing the ingest")
 
 
 POOLED_FORMAT = "data.sources (a list of datasets) goes with format 'sources', and only with it"

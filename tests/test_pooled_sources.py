@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -89,6 +90,23 @@ def test_pooled_sources_are_split_each_as_if_alone_with_prefixed_ids_and_lead_pr
 
     # A rerun reads everything from the cache.
     assert ingest(config, progress=False).preprocessed == 0
+
+
+def test_images_of_one_value_are_refused_or_skipped_and_counted(tmp_path):
+    from radsynth.pipelines.data.io import write_png
+
+    config = pooled_config(tmp_path)
+    write_png(tmp_path / "mixed" / "images" / "img003.png", np.full((40, 36), 700, np.uint16))
+    with pytest.raises(UserInputError, match="img003.png: empty image: every voxel is 700"):
+        ingest(config, progress=False)
+    assert not (tmp_path / "run" / "data" / "manifest.jsonl").exists()
+
+    config.data.sources[1].skip_constant = True
+    result = ingest(config, progress=False)
+    assert "mixed.img003" not in {record.case_id for record in result.records}
+    assert len(result.records) == 12 + 7 + 9
+    assert result.summary["skipped_constant_images"] == {"mixed": 1}
+    assert "mixed.img003" not in (tmp_path / "run" / "data" / "manifest.jsonl").read_text()
 
 
 def test_max_cases_draws_whole_patients(tmp_path):

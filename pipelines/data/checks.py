@@ -15,6 +15,10 @@ from .io import Image
 AFFINE_TOLERANCE_MM = 1e-3
 
 
+class ConstantImage(UserInputError):
+    """An image of one value: nothing to learn (a pretraining corpus' blank slices; ``skip_constant`` drops them)."""
+
+
 def check_image(image: Image, where: str) -> None:
     array = image.array
     if array.size == 0 or 0 in array.shape:
@@ -24,7 +28,7 @@ def check_image(image: Image, where: str) -> None:
         if bad.any():
             raise UserInputError(where, f"{int(bad.sum())} NaN/Inf voxels", "all voxels must be finite")
     if array.min() == array.max():
-        raise UserInputError(where, f"empty image: every voxel is {array.flat[0]}", "an image with some contrast")
+        raise ConstantImage(where, f"empty image: every voxel is {array.flat[0]}", "an image with some contrast")
 
 
 def check_label(label: Image, image: Image, label_names: dict[int, str], where: str) -> np.ndarray:

@@ -6,6 +6,7 @@ for a run until every case has passed its checks; the manifest and summary are w
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from radsynth.configs.schema import DataConfig, RadsynthConfig
 
 from .adapters import read_source
 from .cache import PreprocessedCache, cache_key
-from .checks import check_image, check_label
+from .checks import ConstantImage, check_image, check_label
 from .io import Image, read_image, write_json
 from .manifest import CaseRecord, check_attributes, check_unique_case_ids, with_record_fields, write_manifest
 from .pooling import POOLED_WHERE, pooled_records
@@ -65,12 +66,20 @@ def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
 
     cache = PreprocessedCache(out / "cache", cache_key(data))
     todo = [record for record in records if not cache.is_current(record.case_id, record.sha256)]
+    skipped: list[CaseRecord] = []
     with cache:
         for record, case in _preprocess_all(todo, data, config.runtime.num_workers, progress):
-            cache.put(record.case_id, record.sha256, case)
+            if case is None:
+                skipped.append(record)
+            else:
+                cache.put(record.case_id, record.sha256, case)
+    dropped = {record.case_id for record in skipped}
+    records = [record for record in records if record.case_id not in dropped]
 
     manifest_path = write_manifest(records, out / "manifest.jsonl")
     summary = summarize(records, cache)
+    if skipped:
+        summary["skipped_constant_images"] = dict(Counter(record.source for record in skipped))
     summary.update(manifest=str(manifest_path), cache=str(cache.folder))
     summary_path = write_json(out / "summary.json", summary)
     return IngestResult(records, manifest_path, summary_path, cache.folder, summary, len(todo))
@@ -101,6 +110,16 @@ def preprocess_record(record: CaseRecord, data: DataConfig) -> PreprocessedCase:
     return preprocess_case(image, label, record.modality, data.preprocess)
 
 
+def _preprocess_or_skip(record: CaseRecord, data: DataConfig) -> PreprocessedCase | None:
+    """None for an image of one value from a source that skips them (``skip_constant``)."""
+    try:
+        return preprocess_record(record, data)
+    except ConstantImage:
+        if getattr(data.source_of(record.source), "skip_constant", False):
+            return None
+        raise
+
+
 def _preprocess_all(records: list[CaseRecord], data: DataConfig, workers: int, progress: bool):
     # `with` closes the bar on error too, so the error message starts on a line of its own.
     disable = True if not progress or not records else None  # None: only on a terminal
@@ -108,13 +127,13 @@ def _preprocess_all(records: list[CaseRecord], data: DataConfig, workers: int, p
         if workers > 1 and len(records) > 4 * workers:
             chunk = max(1, len(records) // (8 * workers))
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                cases = pool.map(preprocess_record, records, [data] * len(records), chunksize=chunk)
+                cases = pool.map(_preprocess_or_skip, records, [data] * len(records), chunksize=chunk)
                 for record, case in zip(records, cases):
                     bar.update()
                     yield record, case
         else:
             for record in records:
-                yield record, preprocess_record(record, data)
+                yield record, _preprocess_or_skip(record, data)
                 bar.update()
 
 

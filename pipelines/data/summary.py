@@ -113,6 +113,9 @@ def format_summary(summary: dict) -> str:
     if summary["labels_lost_in_preprocessing"]:
         lines.append("warning: labels lost at the target grid (cases): "
                      + _inline(summary["labels_lost_in_preprocessing"]) + "; consider a larger target_shape")
+    if summary.get("skipped_constant_images"):
+        lines.append("skipped images of a single value (skip_constant), per source: "
+                     + _inline(summary["skipped_constant_images"]))
     for key, counts in summary["attributes"].items():
         lines.append(f"  {key}: {_inline(counts)}")
     lines.append(f"licenses: {_inline(summary['licenses'])}")
