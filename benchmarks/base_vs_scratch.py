@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from build_scores import interval, machine, pick, run_build
+from build_scores import error_bars, interval, machine, pick, run_build, save_figure
 
 
 def arms(config: str, base: Path, out: Path, steps: int, overrides: list[str]) -> list[dict]:
@@ -70,20 +70,14 @@ def plot(results: list[dict], path: Path) -> Path:
     metrics = [("dcr_share", "self_supervised", "DCR share"), ("copy_rate", None, "copy rate"),
                ("membership_inference_auc", None, "membership AUC")]
     for i, r in enumerate(results):
-        rows = [pick(r, "privacy", metric, space) or {} for metric, space, _ in metrics]
-        values = [row.get("value", math.nan) for row in rows]
-        low = [v - row["ci_low"] if row.get("ci_low") is not None else 0 for v, row in zip(values, rows)]
-        high = [row["ci_high"] - v if row.get("ci_high") is not None else 0 for v, row in zip(values, rows)]
-        privacy.bar([j + i * width for j in range(len(metrics))], values, width, yerr=[low, high], capsize=3,
+        values, below, above = error_bars([pick(r, "privacy", metric, space) or {} for metric, space, _ in metrics])
+        privacy.bar([j + i * width for j in range(len(metrics))], values, width, yerr=[below, above], capsize=3,
                     label=r["arm"])
     privacy.axhline(0.5, color="grey", linewidth=0.8)
     privacy.set(xticks=[j + 0.4 - width / 2 for j in range(len(metrics))], xticklabels=[m[2] for m in metrics],
                 title="memorisation (lower is more private; 0.5: chance)")
     privacy.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def main() -> None:

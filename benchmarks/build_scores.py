@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import platform
 import subprocess
@@ -70,3 +71,20 @@ def interval(row: dict | None) -> str:
 def machine() -> dict:
     return {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version()}
+
+
+def error_bars(rows: list[dict]) -> tuple[list[float], list[float], list[list[float]]]:
+    """Values, and matplotlib's [below, above] error lengths from each row's interval (0 where it has none)."""
+    values = [row.get("value", math.nan) if row.get("value") is not None else math.nan for row in rows]
+    below = [v - row["ci_low"] if row.get("ci_low") is not None else 0.0 for v, row in zip(values, rows)]
+    above = [row["ci_high"] - v if row.get("ci_high") is not None else 0.0 for v, row in zip(values, rows)]
+    return values, below, above
+
+
+def save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

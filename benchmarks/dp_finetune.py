@@ -17,7 +17,7 @@ import json
 import math
 from pathlib import Path
 
-from build_scores import interval, machine, pick, run_build
+from build_scores import error_bars, interval, machine, pick, run_build, save_figure
 
 
 def build(config: str, base: Path, out: Path, epsilon: float, overrides: list[str]) -> dict:
@@ -51,18 +51,12 @@ def plot(results: list[dict], path: Path) -> Path:
     realism.legend(fontsize=7)
     for metric, name, space in (("membership_inference_auc", "membership AUC", None),
                                 ("dcr_share", "DCR share (self-supervised, the gate's)", "self_supervised")):
-        rows = [pick(r, "privacy", metric, space) or {} for r in results]
-        values = [row.get("value", math.nan) for row in rows]
-        low = [v - (row.get("ci_low") if row.get("ci_low") is not None else v) for v, row in zip(values, rows)]
-        high = [(row.get("ci_high") if row.get("ci_high") is not None else v) - v for v, row in zip(values, rows)]
-        privacy.errorbar(x, values, yerr=[low, high], marker="o", capsize=3, label=name)
+        values, below, above = error_bars([pick(r, "privacy", metric, space) or {} for r in results])
+        privacy.errorbar(x, values, yerr=[below, above], marker="o", capsize=3, label=name)
     privacy.axhline(0.5, color="grey", linewidth=0.8)
     privacy.set(xticks=x, xticklabels=labels, xlabel="epsilon (per patient)", title="empirical privacy (0.5: chance)")
     privacy.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def main() -> None:
