@@ -21,12 +21,14 @@ from pathlib import Path
 
 from build_scores import error_bars, interval, machine, pick, run_build, save_figure
 
+ARMS = ("scratch", "base")
 
-def arms(config: str, base: Path, out: Path, steps: int, overrides: list[str]) -> list[dict]:
-    scratch = run_build(config, out / "scratch", [*overrides, f"diffusion.max_steps={steps}"], "from scratch")
-    tuned = run_build(config, out / "base", [*overrides, f"finetune.from={base}", "finetune.method=full",
-                                             f"finetune.max_steps={steps}"], "from the base")
-    return [{"arm": "scratch", **scratch}, {"arm": "base", **tuned}]
+
+def run_arm(arm: str, config: str, base: Path, out: Path, steps: int, overrides: list[str]) -> dict:
+    if arm == "scratch":
+        return {"arm": arm, **run_build(config, out / arm, [*overrides, f"diffusion.max_steps={steps}"], arm)}
+    return {"arm": arm, **run_build(config, out / arm, [*overrides, f"finetune.from={base}", "finetune.method=full",
+                                                        f"finetune.max_steps={steps}"], arm)}
 
 
 def table(results: list[dict]) -> list[str]:
@@ -86,16 +88,21 @@ def main() -> None:
     parser.add_argument("--base", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, required=True, help="diffusion steps of each arm")
+    parser.add_argument("--arms", default=",".join(ARMS), help="which to (re)build; the others are read from "
+                        "DIR/base_vs_scratch.json")
     parser.add_argument("--replot", action="store_true", help="redraw from DIR/base_vs_scratch.json")
     args, overrides = parser.parse_known_args()
-    if args.replot:
-        report = json.loads((args.out / "base_vs_scratch.json").read_text())
-    else:
+    saved = args.out / "base_vs_scratch.json"
+    report = json.loads(saved.read_text()) if saved.is_file() else {"results": []}
+    if not args.replot:
+        built = {arm: run_arm(arm, args.config, args.base.resolve(), args.out, args.steps, overrides)
+                 for arm in args.arms.split(",")}
+        earlier = {r["arm"]: r for r in report["results"]}
         report = {"config": args.config, "base": str(args.base), "steps": args.steps, "overrides": overrides,
-                  "results": arms(args.config, args.base.resolve(), args.out, args.steps, overrides),
+                  "results": [built.get(arm) or earlier[arm] for arm in ARMS if arm in built or arm in earlier],
                   "machine": machine()}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "base_vs_scratch.json").write_text(json.dumps(report, indent=1))
+        saved.write_text(json.dumps(report, indent=1))
     plot(report["results"], args.out / "base_vs_scratch.png")
     print("\n".join(table(report["results"])))
     print(json.dumps(report))

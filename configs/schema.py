@@ -25,6 +25,8 @@ def pooled_modality(modalities) -> str:
 def modality_parts(modality: str) -> list[str]:
     """The modalities in a (pooled) modality name: ``["mri", "xray"]`` for ``"mri+xray"``."""
     return modality.split("+")
+
+
 SplitName = Literal["train", "holdout", "test"]
 SPLIT_NAMES: tuple[SplitName, ...] = ("train", "holdout", "test")
 

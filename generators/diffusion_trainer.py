@@ -78,12 +78,16 @@ class DiffusionTrainer:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm)
-                self.optimizer.step()
-                self.schedule.step()
-                self.optimizer.zero_grad()
+                self.apply_gradients()
         if self.ema is not None:
             self.ema.step(self.parameters)
         return {"loss": loss.item(), "lr": self.schedule.get_last_lr()[0]}
+
+    def apply_gradients(self) -> None:
+        """One optimiser and learning-rate step on the gradients now in ``.grad``, which it then clears."""
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The batch's mean denoising loss, its conditions dropped at ``condition_dropout``."""

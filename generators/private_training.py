@@ -176,9 +176,7 @@ class PrivateDiffusionTrainer(DiffusionTrainer):
             noise = torch.randn(summed.shape, generator=noise_stream, dtype=summed.dtype)
             parameter.grad = (summed + noise.to(summed.device) * plan.noise_multiplier * plan.max_grad_norm
                               ) / plan.expected_patients
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.apply_gradients()
         if self.ema is not None:
             self.ema.step(self.parameters)
         return {"loss": float(np.mean(losses)) if losses else math.nan, "patients": float(len(rows)),

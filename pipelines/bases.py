@@ -101,7 +101,13 @@ def load_base(config: RadsynthConfig, summary: dict, cases: list[CaseRecord], sp
         base = load_pipeline(folder, config, progress, pairs=False)
         attribute = base.config.class_attribute
         values = {str(case.attributes[attribute]) for case in cases if case.attributes.get(attribute) not in (None, "")}
-        check_compatible(base.config, image_space(config, summary, spacings), values)
+        local = image_space(config, summary, spacings)
+        check_compatible(base.config, local, values)
+        # The fine-tune generates the local data: its modality, spacing and physical intensity range, not the
+        # base's (another dataset's, or a pool's: "ct+mri+xray", 8-bit MedNIST's 1..255), which would map its
+        # samples back to the wrong units. check_compatible made sure the two are close enough to learn.
+        base.register_to_config(**{key: local[key] for key in ("modality", "spacing", "intensity_low",
+                                                                "intensity_high")})
         return base
     return _stable_diffusion(folder, config, summary, spacings)
 

@@ -1,6 +1,7 @@
 """Fine-tuning on a rare finding: LoRA changes only attention projections and never the base folder."""
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -74,6 +75,20 @@ def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(ba
     assert "Fine-tuned" in (result.model_dir / "README.md").read_text()
     out = generate(config, result.model_dir, 2, tmp_path / "samples", progress=False)
     assert out.model_hash == result.model_hash
+
+
+def test_a_finetune_generates_in_the_local_data_s_units_not_the_base_s(base_model, tmp_path):
+    run, base = base_model
+    config = tiny_config(tmp_path, f"finetune.from={base.model_dir}", "finetune.max_steps=1",
+                         "data.preprocess.intensity.percentiles=[10, 90]")
+    local = ingest(config, progress=False).summary["intensity_train"]
+    result = finetune(config, progress=False)
+    index = json.loads((result.model_dir / "model_index.json").read_text())
+    base_index = json.loads((base.model_dir / "model_index.json").read_text())
+    assert (index["intensity_low"], index["intensity_high"]) == (local["low"], local["high"])
+    assert (index["intensity_low"], index["intensity_high"]) != (base_index["intensity_low"],
+                                                                 base_index["intensity_high"])
+    assert index["modality"] == "xray"
 
 
 def test_a_filter_that_matches_no_case_is_a_user_error(base_model):

@@ -105,14 +105,13 @@ class FrontierScorer:
                                 chunk=self.settings.nearest_neighbour_chunk)["share"]
         flags = (self.detector.flags(synthetic, table.train, chunk=self.settings.nearest_neighbour_chunk)[0]
                  | pixel_copies(images, self.train, self.settings, self.pixel_threshold))
-        holdout_flags = self.holdout_copies
         # The release gate's own checks, on the same rows it would read.
         rows = [{"section": "privacy", "metric": "dcr_share", "feature_space": PRIVACY_SPACE, "stratum": "all",
                  "value": dcr.value, "sd": dcr.sd},
                 {"section": "privacy", "metric": "copy_rate", "feature_space": PRIVACY_SPACE, "stratum": "all",
-                 "value": float(flags.mean()), "reference_value": float(holdout_flags.mean()), "n": len(images)}]
+                 "value": float(flags.mean()), "reference_value": float(self.holdout_copies.mean()), "n": len(images)}]
         dcr_check = _dcr_share(rows, self.gate)[0]
-        copy_check = _copy_rates(rows, self.gate, {"holdout": len(holdout_flags)})[0]
+        copy_check = _copy_rates(rows, self.gate, {"holdout": len(self.holdout_copies)})[0]
         return FrontierPoint(step, realism["synthetic"]["coverage"].value, realism["real_floor"]["coverage"].value,
                              float(dcr.value), float(dcr_check.limit), float(flags.mean()), float(copy_check.limit))
 
