@@ -14,12 +14,11 @@ and .png and prints one JSON object with the machine.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from build_scores import error_bars, interval, machine, pick, run_build, save_figure
+from build_scores import error_bars, figure_arguments, interval, machine, pick, run_build, save_figure
 
 ARMS = ("scratch", "base")
 
@@ -83,10 +82,7 @@ def plot(results: list[dict], path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = figure_arguments(__doc__)
     parser.add_argument("--steps", type=int, required=True, help="diffusion steps of each arm")
     parser.add_argument("--arms", default=",".join(ARMS), help="which to (re)build; the others are read from "
                         "DIR/base_vs_scratch.json")

@@ -5,6 +5,7 @@ Imported by the benchmark scripts beside it (``python benchmarks/<script>.py`` p
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -17,6 +18,15 @@ from pathlib import Path
 
 ROWS = {("realism", "coverage"), ("adherence", "attribute_balanced_accuracy_ratio"),
         ("privacy", "membership_inference_auc"), ("privacy", "dcr_share"), ("privacy", "copy_rate")}
+
+
+def figure_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every figure script takes: a config, the base model it starts from, an output folder."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("config")
+    parser.add_argument("--base", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser
 
 
 def run_build(config: str, out: Path, overrides: list[str], what: str) -> dict:

@@ -12,12 +12,11 @@ card, and prints one JSON object with the machine. Runs one build at a time (tor
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
 
-from build_scores import error_bars, interval, machine, pick, run_build, save_figure
+from build_scores import error_bars, figure_arguments, interval, machine, pick, run_build, save_figure
 
 
 def build(config: str, base: Path, out: Path, epsilon: float, overrides: list[str]) -> dict:
@@ -60,10 +59,7 @@ def plot(results: list[dict], path: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config")
-    parser.add_argument("--base", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser = figure_arguments(__doc__)
     parser.add_argument("--epsilons", default="1,4,10,inf", help="comma-separated; inf: not private")
     parser.add_argument("--replot", action="store_true", help="redraw the figure and cards from DIR/dp_quality.json")
     args, overrides = parser.parse_known_args()
