@@ -162,6 +162,7 @@ STUDENT = ["distill.max_steps=3", "distill.teacher_steps=10", "distill.steps=2",
            "distill.checkpoint_every=3"]
 
 
+@pytest.mark.slow  # 85 s on a 2-core CPU: kept out of the CI lane
 def test_radsynth_distill_writes_a_student_folder_that_generate_uses_reproducibly(tmp_path):
     run_dir, path = trained_build(tmp_path, "diffusion.max_steps=3", *STUDENT)
     done = radsynth("distill", str(path), *STUDENT, "--json")

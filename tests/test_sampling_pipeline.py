@@ -315,6 +315,7 @@ def test_a_label_map_off_the_image_grid_is_refused_and_nothing_is_written(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 90 s on a 2-core CPU: kept out of the CI lane
 def test_loading_a_saved_model_never_patches_torch_for_other_threads(tmp_path):
     """Sampling shards on threads load the model side by side. A loader that patches ``torch.nn.Module`` for
     the process (accelerate's init_empty_weights) makes modules another thread builds meanwhile land on the
