@@ -177,6 +177,11 @@ class DataSource(Section):
             raise ValueError("label_names[0] must be 'background'")
         return self
 
+    @property
+    def mask_threshold(self) -> int | None:
+        """What this source's masks are binarised at when read (image folders' 0/255 masks), else None."""
+        return self.image_folder.mask_threshold if self.format == "image_folder" else None
+
 
 class PooledSource(DataSource):
     """One of several datasets pooled into one manifest (``data.sources``): a multi-dataset, multi-modality base."""

@@ -19,7 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from radsynth.configs.schema import DataConfig, DataSource
+from radsynth.configs.schema import DataConfig
 
 from .preprocess import IntensityMap, PreprocessedCase
 
@@ -32,15 +32,11 @@ def cache_key(data: DataConfig) -> str:
         "version": CACHE_FORMAT_VERSION,
         "preprocess": data.preprocess.model_dump(mode="json"),
         "label_names": data.label_names,
-        "mask_threshold": _mask_threshold(data),
+        "mask_threshold": data.mask_threshold,
     }
     if data.sources:  # one entry per source, so a single-source cache keeps its key
-        inputs["sources"] = {source.name: [source.label_names, _mask_threshold(source)] for source in data.sources}
+        inputs["sources"] = {source.name: [source.label_names, source.mask_threshold] for source in data.sources}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _mask_threshold(source: DataSource) -> int | None:
-    return source.image_folder.mask_threshold if source.format == "image_folder" else None
 
 
 class PreprocessedCache:

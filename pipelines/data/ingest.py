@@ -92,8 +92,7 @@ def load_case(record: CaseRecord, data: DataConfig) -> tuple[Image, Image | None
     if record.label is None:
         return image, None
     label = read_image(record.label, pixel_spacing=record.spacing)
-    source = data.source_of(record.source)
-    threshold = source.image_folder.mask_threshold if source.format == "image_folder" else None
+    threshold = data.source_of(record.source).mask_threshold
     if threshold is not None:
         below = sorted(int(v) for v in np.unique(label.array) if 0 < v < threshold)
         if below:  # 0/1/2 label maps, or several labels: the threshold would merge them or erase them
