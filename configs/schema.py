@@ -403,6 +403,13 @@ class MaisiBaseConfig(Section):
         None, description="[top, bottom]: the body regions the volumes start and end in, for a UNet with region inputs")
     modality_class: int | None = Field(
         None, ge=0, description="the class index of the data's modality, for a UNet with class embeddings (NV-Generate)")
+    controlnet_weights: str | None = Field(
+        None, description="the ControlNet's file in the bundle's models/ (default: the one with 'controlnet' in its "
+        "name; none: the ControlNet starts as a copy of the UNet's encoder, as MAISI's own training does)")
+    label_indices: dict[str, Annotated[int, Field(ge=0, le=255)]] = Field(
+        default_factory=dict, description="with conditioning.use_masks: the MAISI label index (0-255) each local "
+        "label is drawn as, {name: index}; the bundle's index of the same structure, or a free one for a new class "
+        "(0 merges it into the background). Labels named as in the bundle's label_dict.json map by name.")
 
 
 class FinetunePrivacyConfig(Section):
@@ -658,6 +665,17 @@ class RadsynthConfig(Section):
                                           and self.sampling.mask_source == "bank"):
             raise ValueError("sampling.inpaint generates lesion edits into real training images: it needs "
                              "sampling.pairs: true, sampling.lesions and mask_source: bank")
+        return self
+
+    @model_validator(mode="after")
+    def _finetune_parts(self) -> RadsynthConfig:
+        # A fine-tune with masks trains the tuned model's ControlNet and nothing else of the mask models.
+        if self.finetune.from_ and self.mask_generator.enabled:
+            raise ValueError("mask_generator.enabled: a fine-tune trains no mask generator (its pairs take their "
+                             "maps from the mask bank): set it to false")
+        if self.finetune.privacy.enabled and self.conditioning.use_masks:
+            raise ValueError("conditioning.use_masks: the ControlNet would train on the fine-tune patients outside "
+                             "DP-SGD, so no release could carry the guarantee: set it to false under finetune.privacy")
         return self
 
     @property

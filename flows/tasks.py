@@ -119,7 +119,9 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
         from radsynth.pipelines.finetuning import finetune
 
         result = finetune(config, progress=False)
-        return {"model_dir": str(result.model_dir), "model_hash": result.model_hash, "steps": result.steps}
+        # Pairs come from its ControlNet too: its weights must key the samples as the UNet's do.
+        digest = saved_model_hash(config, result.model_dir) if config.sampling.pairs else result.model_hash
+        return {"model_dir": str(result.model_dir), "model_hash": digest, "steps": result.steps}
     parts = {"autoencoder": (train_dir(config) / AUTOENCODER_DIR / "metrics.csv", config.autoencoder.max_steps),
              "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
     if config.conditioning.use_masks:

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .unet import RadsynthUNet
 
-__all__ = ["ControlLossWeights", "RadsynthControlNet", "one_hot_labels", "rare_labels"]
+__all__ = ["ControlLossWeights", "RadsynthControlNet", "control_input", "one_hot_labels", "rare_labels"]
 
 # A label whose mean share of the training maps is under this is rare: a finding or a lesion, not an organ.
 RARE_LABEL_SHARE = 0.01
@@ -40,6 +40,18 @@ def one_hot_labels(label_map: Tensor, num_labels: int) -> Tensor:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_labels):
         raise ValueError(f"label values must lie in 0..{num_labels - 1}, found {int(labels.min())}..{int(labels.max())}")
     return F.one_hot(labels, num_labels).movedim(-1, 1).float()
+
+
+def control_input(label_map: Tensor, num_labels: int, downsample_factor: int, latents: Tensor) -> Tensor:
+    """A ControlNet's label map as one-hot floats in the latents' dtype, checked against the latents' grid:
+    integer labels (B, 1, *image_shape) or one-hot (B, num_labels, *image_shape), image = latents x factor."""
+    if not label_map.is_floating_point():
+        label_map = one_hot_labels(label_map, num_labels)
+    expected = tuple(size * downsample_factor for size in latents.shape[2:])
+    if tuple(label_map.shape[2:]) != expected or label_map.shape[1] != num_labels:
+        raise ValueError(f"label map must be (B, {num_labels}, *{expected}) for latents of shape "
+                         f"{tuple(latents.shape)}, got {tuple(label_map.shape)}")
+    return label_map.to(latents.dtype)
 
 
 def rare_labels(label_maps: Tensor, num_labels: int) -> Tensor:
@@ -114,6 +126,10 @@ class RadsynthControlNet(ModelMixin, ConfigMixin):
             conditioning_embedding_num_channels=embedding_channels,
         )
 
+    @property
+    def num_labels(self) -> int:
+        return self.config.num_labels
+
     @staticmethod
     def default_embedding_channels(halvings: int, last: int) -> tuple[int, ...]:
         return tuple(min(16 * 2**level, last) for level in range(halvings)) + (last,)
@@ -154,14 +170,9 @@ class RadsynthControlNet(ModelMixin, ConfigMixin):
         spacing token when the UNet uses one), so both networks attend to the same thing.
         label_map: integer labels (B, 1, *image_shape), or an already one-hot float (B, num_labels, ...).
         """
-        if not label_map.is_floating_point():
-            label_map = one_hot_labels(label_map, self.config.num_labels)
-        expected = tuple(size * self.config.downsample_factor for size in sample.shape[2:])
-        if tuple(label_map.shape[2:]) != expected or label_map.shape[1] != self.config.num_labels:
-            raise ValueError(f"label map must be (B, {self.config.num_labels}, *{expected}) for latents of shape "
-                             f"{tuple(sample.shape)}, got {tuple(label_map.shape)}")
+        label_map = control_input(label_map, self.num_labels, self.config.downsample_factor, sample)
         timesteps = torch.as_tensor(timestep, device=sample.device)
         if timesteps.ndim == 0 or timesteps.numel() == 1:
             timesteps = timesteps.reshape(1).expand(sample.shape[0])
-        return self.net(sample, timesteps, controlnet_cond=label_map.to(sample.dtype),
+        return self.net(sample, timesteps, controlnet_cond=label_map,
                         conditioning_scale=conditioning_scale, context=context, class_labels=class_labels)

@@ -152,7 +152,7 @@ class LatentDiffusion:
             raise ValueError("label maps condition a ControlNet, and this model has none")
         maps = torch.as_tensor(label_maps)
         if not maps.is_floating_point():
-            maps = one_hot_labels(maps, _unwrapped(self.controlnet).config.num_labels)
+            maps = one_hot_labels(maps, _unwrapped(self.controlnet).num_labels)
         return maps.to(device=self.device, dtype=self.dtype)
 
     # ---------------------------------------------------------------------------------------- denoiser

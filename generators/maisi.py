@@ -11,6 +11,12 @@ Conventions kept from MAISI: the rectified-flow UNet (v2) predicts clean - noise
 radsynth's velocity is noise - clean, so its output is negated; the DDPM UNet (v1) predicts the noise as
 radsynth's epsilon objective does. A MAISI UNet has no text cross-attention: prompts do not steer a MAISI base,
 its conditioning is spacing, body region, modality and (through a ControlNet) label maps.
+
+``MaisiControlNet`` wraps ``ControlNetMaisi``. MAISI's ControlNet reads a label map as the 8 bits of each voxel's
+label index (0-255, its own vocabulary: ``label_dict.json``), not a one-hot; radsynth hands every ControlNet the
+local vocabulary one-hot, so the wrapper maps each local label onto its MAISI index (``label_indices``) and
+binarises, one matrix product: a local label keeps what the bundle's ControlNet learnt of the structure it is
+mapped onto, and a new one takes a free index.
 """
 
 from __future__ import annotations
@@ -21,22 +27,36 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from torch import Tensor
 
 from .autoencoder import LatentCodec
+from .controlnet import control_input
 
-__all__ = ["BODY_REGIONS", "INPUT_SCALE", "MaisiAutoencoder", "MaisiUNet", "body_region_vector"]
+__all__ = ["BODY_REGIONS", "INPUT_SCALE", "LABEL_BITS", "MaisiAutoencoder", "MaisiControlNet", "MaisiUNet",
+           "body_region_vector"]
 
 # MAISI's body regions, in the order of its region one-hot vectors.
 BODY_REGIONS = ("head_neck", "chest", "abdomen", "lower_body")
 INPUT_SCALE = 100.0  # MAISI feeds spacing (mm) and region one-hots to its UNet multiplied by this
+LABEL_BITS = 8  # MAISI's ControlNet reads label indices 0..255 as 8 binary channels, lowest bit first
 
 
 def body_region_vector(region: str) -> list[float]:
     if region not in BODY_REGIONS:
         raise ValueError(f"body region must be one of {BODY_REGIONS}, got {region!r}")
     return [float(name == region) for name in BODY_REGIONS]
+
+
+def _modality_labels(modality_class: int | None, batch: int, device: torch.device) -> Tensor | None:
+    """The modality class of every sample, for a network with class embeddings (None: it has none)."""
+    return None if modality_class is None else torch.full((batch,), modality_class, device=device, dtype=torch.long)
+
+
+def _per_sample(timestep: Tensor | float | int, batch: int, device: torch.device) -> Tensor:
+    timesteps = torch.as_tensor(timestep, device=device)
+    return timesteps.reshape(1).expand(batch) if timesteps.numel() == 1 else timesteps
 
 
 class MaisiUNet(ModelMixin, ConfigMixin):
@@ -81,10 +101,8 @@ class MaisiUNet(ModelMixin, ConfigMixin):
                 down_block_additional_residuals: tuple[Tensor, ...] | None = None,
                 mid_block_additional_residual: Tensor | None = None) -> Tensor:
         batch = sample.shape[0]
-        timesteps = torch.as_tensor(timestep, device=sample.device)
-        timesteps = timesteps.reshape(1).expand(batch) if timesteps.numel() == 1 else timesteps
-        modality = (None if self.config.modality_class is None else
-                    torch.full((batch,), self.config.modality_class, device=sample.device, dtype=torch.long))
+        timesteps = _per_sample(timestep, batch, sample.device)
+        modality = _modality_labels(self.config.modality_class, batch, sample.device)
         spacing_input = None
         if self.uses_spacing:
             if spacing is None:
@@ -130,3 +148,54 @@ class MaisiAutoencoder(LatentCodec, ModelMixin, ConfigMixin):
 
     def decode(self, latents: Tensor) -> Tensor:
         return self.net.decode(latents / self.scaling_factor) * 2.0 - 1.0
+
+
+class MaisiControlNet(ModelMixin, ConfigMixin):
+    """MAISI's ControlNet beside a ``MaisiUNet``, fed radsynth's one-hot label maps.
+
+    controlnet: ``ControlNetMaisi``'s arguments (the bundle's ``controlnet_def``); label_indices: the MAISI index
+    (0-255) of each local label value, in order (``label_indices[0]`` is the background's, 0); modality_class: as
+    the UNet's, for a ControlNet with class embeddings.
+    """
+
+    @register_to_config
+    def __init__(self, controlnet: dict, label_indices: Sequence[int], modality_class: int | None = None) -> None:
+        super().__init__()
+        if controlnet.get("conditioning_embedding_in_channels") != LABEL_BITS:
+            raise ValueError(f"a MAISI ControlNet reads {LABEL_BITS} label bits: conditioning_embedding_in_channels "
+                             f"must be {LABEL_BITS}, got {controlnet.get('conditioning_embedding_in_channels')}")
+        if len(label_indices) < 2 or any(not 0 <= index < 2**LABEL_BITS for index in label_indices):
+            raise ValueError(f"label_indices needs the background and one label, each in 0..{2**LABEL_BITS - 1}, "
+                             f"got {list(label_indices)}")
+        if controlnet.get("num_class_embeds") and modality_class is None:
+            raise ValueError("this MAISI ControlNet reads a modality class: give modality_class")
+        self.net = ControlNetMaisi(**controlnet)
+        indices = torch.tensor(list(label_indices))
+        # (local labels, bits): row i is the binary code of local label i's MAISI index. Not saved: derived.
+        self.register_buffer("codes", ((indices[:, None] >> torch.arange(LABEL_BITS)) & 1).float(), persistent=False)
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.config.label_indices)
+
+    @property
+    def downsample_factor(self) -> int:
+        """How far the conditioning embedding brings the image-resolution map down: the latents' factor."""
+        return 2 ** (len(self.config.controlnet.get("conditioning_embedding_num_channels", (16, 32, 96, 256))) - 1)
+
+    def binary_labels(self, one_hot: Tensor) -> Tensor:
+        """(B, num_labels, *spatial) one-hot local labels -> (B, 8, *spatial): MAISI's bits of their indices."""
+        return torch.einsum("bl...,lk->bk...", one_hot, self.codes.to(one_hot.dtype))
+
+    def forward(self, sample: Tensor, timestep: Tensor, context: Tensor, label_map: Tensor,
+                conditioning_scale: float = 1.0, class_labels: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """Residuals for the MAISI UNet, as ``RadsynthControlNet`` gives them. context and class_labels are
+        radsynth's text and class conditioning, which a MAISI network does not read: its modality is fixed."""
+        label_map = control_input(label_map, self.num_labels, self.downsample_factor, sample)
+        batch = sample.shape[0]
+        timesteps = _per_sample(timestep, batch, sample.device)
+        modality = _modality_labels(self.config.modality_class, batch, sample.device)
+        return self.net(sample, timesteps, controlnet_cond=self.binary_labels(label_map),
+                        conditioning_scale=conditioning_scale,
+                        context=context if self.config.controlnet.get("with_conditioning") else None,
+                        class_labels=modality)

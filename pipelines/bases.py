@@ -6,7 +6,9 @@ pipeline it becomes.
   JSON, ``models/`` with the autoencoder and diffusion UNet weights), built with MONAI's own MAISI classes
   (``generators.maisi``). Its JSON is read, never executed: ``@`` references are followed, ``$`` expressions
   and any class but MONAI's MAISI networks are refused. DDPM (v1) and rectified-flow (v2) UNets; spacing, body
-  region and modality class are its conditioning inputs (``finetune.maisi``). CT must use MAISI's window.
+  region and modality class are its conditioning inputs (``finetune.maisi``). CT must use MAISI's window. With
+  ``conditioning.use_masks`` its ControlNet (``controlnet_def`` and its weights) is fine-tuned on the local label
+  maps, each local label drawn as a MAISI label index (``maisi_label_indices``).
 - ``diffusers``: a Stable-Diffusion-family folder (``model_index.json`` with a ``UNet2DConditionModel``, an
   ``AutoencoderKL``, a Hugging Face text encoder, its tokenizer and a scheduler; Stable Diffusion 1.x / 2.x and
   RoentGen's layout). Its components are wrapped as radsynth parts (``generators.stable_diffusion``, the text
@@ -31,16 +33,19 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from safetensors.torch import load_file
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.configs.schema import modality_parts
+from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.data import ConditioningSpec
-from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
+from radsynth.generators.maisi import LABEL_BITS, MaisiAutoencoder, MaisiControlNet, MaisiUNet
 from radsynth.generators.objectives import NOISE_SCHEDULE_KEYS, build_inference_scheduler
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
 from radsynth.generators.text_encoder import PretrainedTextEncoder, load_text_encoder
+from radsynth.generators.unet import RadsynthUNet
 
 from .data.manifest import CaseRecord
 from .sampling.generate import load_pipeline, sampling_device
@@ -254,13 +259,17 @@ def _maisi_objective(path: Path, data: dict) -> tuple[str, int, dict | None]:
     raise UserInputError(path, f"noise_scheduler is {kind or 'missing'}", "MONAI's RFlowScheduler or DDPMScheduler")
 
 
-def _maisi_weights(folder: Path, name: str | None, part: str, matches) -> dict:
-    """A weights file of the bundle's ``models/``, read without unpickling anything but tensors and numbers."""
+def _maisi_weights(folder: Path, name: str | None, part: str, matches, optional: bool = False) -> dict | None:
+    """A weights file of the bundle's ``models/``, read without unpickling anything but tensors and numbers.
+    optional: None when no file matches (and none is named)."""
     models = folder / "models"
     candidates = sorted(path.name for path in models.iterdir() if path.suffix in (".pt", ".pth", ".safetensors"))
     chosen = [name] if name else [file for file in candidates if matches(file)]
+    if optional and not chosen:
+        return None
     if len(chosen) != 1 or chosen[0] not in candidates:
-        setting = "finetune.maisi.diffusion_weights" if part == "diffusion UNet" else "finetune.from"
+        setting = {"diffusion UNet": "finetune.maisi.diffusion_weights",
+                   "ControlNet": "finetune.maisi.controlnet_weights"}.get(part, "finetune.from")
         raise UserInputError(setting, f"cannot tell which file of {models} holds the {part} ({chosen or 'none'} "
                              f"of {candidates})", "one of those files")
     path = models / chosen[0]
@@ -325,6 +334,98 @@ def _maisi(folder: Path, config: RadsynthConfig, summary: dict, cases: list[Case
                                             timesteps, noise_schedule),
         **space, latent_clip=None, objective=objective, num_train_timesteps=timesteps, noise_schedule=noise_schedule)
     return pipeline.to(sampling_device(config))
+
+
+def base_controlnet(config: RadsynthConfig, base: RadsynthPipeline, label_names: dict[int, str]) -> torch.nn.Module:
+    """The ControlNet a fine-tune trains beside ``base`` on the local label maps (``conditioning.use_masks``).
+
+    A radsynth base gets a new one, a copy of its UNet's encoder; a MAISI base its bundle's own, reading each local
+    label as the MAISI index ``finetune.maisi.label_indices`` gives it. label_names: the local vocabulary.
+    """
+    num_labels = max(label_names) + 1
+    if isinstance(base.unet, RadsynthUNet):
+        return RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
+    if not isinstance(base.unet, MaisiUNet):
+        raise UserInputError("conditioning.use_masks", "a Stable-Diffusion-family base has no label-map ControlNet "
+                             "in radsynth", "false, or a radsynth or MAISI base")
+    folder = Path(config.finetune.from_)
+    path, data = _maisi_network_config(folder)
+    if "controlnet_def" not in data:
+        raise UserInputError(path, "no controlnet_def: this bundle has no ControlNet to draw label maps with",
+                             "a bundle with MAISI's ControlNet (controlnet_def), or conditioning.use_masks: false")
+    settings = config.finetune.maisi
+    indices = maisi_label_indices(folder, settings.label_indices, label_names)
+    try:
+        controlnet = MaisiControlNet(_network_arguments(path, data, "controlnet_def", ControlNetMaisi), indices,
+                                     settings.modality_class)
+    except ValueError as error:
+        raise UserInputError(path, f"controlnet_def: {error}", "MAISI's ControlNet definition") from error
+    if controlnet.downsample_factor != base.vae.downsample_factor:
+        raise UserInputError(path, f"controlnet_def brings label maps down {controlnet.downsample_factor}x, the "
+                             f"autoencoder {base.vae.downsample_factor}x", "a ControlNet made for this autoencoder")
+    checkpoint = _maisi_weights(folder, settings.controlnet_weights, "ControlNet",
+                                lambda file: "controlnet" in file.lower(), optional=True)
+    if checkpoint is not None:
+        _load_weights(controlnet.net, _state_dict(checkpoint, "controlnet_state_dict", "state_dict"), path,
+                      "controlnet_def")
+    else:  # as MAISI's own training starts one (copy_model_state): the UNet's encoder where shapes agree (the
+        # UNet's time embedding is wider by its spacing and region inputs), the zero convolutions as they are
+        own = controlnet.net.state_dict()
+        shared = {name: value for name, value in base.unet.net.state_dict().items()
+                  if name in own and own[name].shape == value.shape}
+        controlnet.net.load_state_dict(shared, strict=False)
+        if not any(name.startswith("down_blocks.") for name in shared):
+            raise UserInputError(path, "controlnet_def is not shaped like diffusion_unet_def's encoder, and the "
+                                 "bundle has no ControlNet weights", "a ControlNet made for this UNet")
+    return controlnet.to(base.device)
+
+
+def maisi_label_indices(folder: Path, explicit: dict[str, int], label_names: dict[int, str]) -> list[int]:
+    """The MAISI index of each local label value (position = value): ``explicit`` first, then the bundle's
+    ``configs/label_dict.json`` entry of the same name (case, spaces and underscores aside). The background is 0;
+    a label with neither, or two labels on one index, is refused with the indices still free."""
+    bundle = _bundle_labels(folder)
+    unknown = sorted(set(explicit) - set(label_names.values()))
+    if unknown:
+        raise UserInputError("finetune.maisi.label_indices", f"names {unknown}, which are not labels of the data",
+                             ", ".join(name for _, name in sorted(label_names.items())))
+    by_name = {_label_key(name): index for name, index in bundle.items()}
+    indices, unmapped = [0] * (max(label_names) + 1), []
+    for value, name in sorted(label_names.items()):
+        index = 0 if value == 0 else explicit.get(name, by_name.get(_label_key(name)))
+        if index is None:
+            unmapped.append(name)
+        else:
+            indices[value] = index
+    # Free: neither a structure of the bundle nor taken here. MAISI names its unused indices "dummyN".
+    named = {index for name, index in bundle.items() if not name.lower().startswith("dummy")}
+    free = [index for index in range(1, 2**LABEL_BITS) if index not in named and index not in indices]
+    if unmapped:
+        raise UserInputError("finetune.maisi.label_indices", f"no MAISI index for the labels {unmapped} (the "
+                             "bundle's label_dict.json has no such names)", "the bundle's index of the same "
+                             f"structure, or a free one: {', '.join(map(str, free[:12]))}, ...")
+    shared = sorted({index for index in indices if index and indices.count(index) > 1})
+    if shared:
+        names = [label_names[value] for value, index in enumerate(indices) if index in shared]
+        raise UserInputError("finetune.maisi.label_indices", f"the labels {names} share the index {shared[0]}",
+                             f"one index per label (0 merges into the background); free: "
+                             f"{', '.join(map(str, free[:12]))}, ...")
+    return indices
+
+
+def _bundle_labels(folder: Path) -> dict[str, int]:
+    """The bundle's label vocabulary ({name: index}, ``configs/label_dict.json``), or {} when it ships none."""
+    path = folder / "configs" / "label_dict.json"
+    if not path.is_file():
+        return {}
+    labels = json.loads(path.read_text())
+    if not isinstance(labels, dict) or not all(isinstance(index, int) for index in labels.values()):
+        raise UserInputError(path, "is not a {name: index} mapping", "MAISI's label_dict.json")
+    return labels
+
+
+def _label_key(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
 
 
 def _load_weights(network: torch.nn.Module, weights: dict, path: Path, key: str) -> None:

@@ -3,7 +3,9 @@
 ``radsynth train CONFIG finetune.from=runs/demo/model finetune.filter="{finding: pneumothorax}"`` reads the
 base folder (never writes it), picks the train-split cases that match the filter, encodes them with the
 base autoencoder, trains LoRA factors on the UNet's attention (or the whole UNet, ``method: full``), and
-saves a complete, self-contained pipeline folder next to the base one.
+saves a complete, self-contained pipeline folder next to the base one. With ``conditioning.use_masks`` a
+ControlNet then trains beside the saved model on the cases' label maps (``bases.base_controlnet``: a MAISI base's
+own, fine-tuned on the local vocabulary) and is saved into the folder, so pairs come from the fine-tune.
 
 With ``finetune.privacy.epsilon`` the LoRA factors train by DP-SGD over patients (``generators.private_training``)
 and the spent (epsilon, delta) is saved in the model's config, its card and every sample's sidecar. The rest of
@@ -25,17 +27,23 @@ from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.lora import add_lora, merge_lora
+from radsynth.generators.maisi import MaisiControlNet
 from radsynth.generators.private_training import PrivacyPlan, PrivateDiffusionTrainer, plan_privacy
 
-from .bases import base_format, load_base
+from .bases import base_controlnet, base_format, load_base
 from .data.manifest import CaseRecord
 from .model_card import write_model_card, write_training_compute
-from .sampling.pipeline import model_hash
+from .sampling.generate import load_pipeline
+from .sampling.pipeline import CONTROLNET_FOLDER, model_hash
 from .training import (
     cached_latents,
     class_labels,
+    controlnet_probe,
+    controlnet_validation,
     finetuned_model_dir,
+    fit_controlnet,
     ingested_dataset,
+    label_vocabulary,
     loop_settings,
     model_dir,
     save_pipeline,
@@ -83,6 +91,11 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     images = CachedImages(subset, summary["cache"], conditioning)
     base = load_base(config, summary, subset, images.spacings, progress)
     base_hash = model_hash(base)
+    controlnet = None
+    if config.conditioning.use_masks:  # built before anything trains: a base or map it cannot take is refused now
+        label_maps, label_names = images.label_maps(), label_vocabulary(subset)
+        torch.manual_seed(config.runtime.seed + 2)
+        controlnet = base_controlnet(config, base, label_names)
     run_dir = train_dir(config) / f"{finetuned_model_dir(config).name}-{_run_key(config, base_hash)}"
     latents = cached_latents(base.vae, images, run_dir / "latents.safetensors", config.autoencoder.batch_size)
     latents.class_labels = class_labels(subset, base.config.class_attribute, list(base.config.class_names))
@@ -113,11 +126,22 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         base.register_to_config(differential_privacy=privacy)
         out = save_pipeline(base, finetuned_model_dir(config))
         digest = model_hash(base)
-    write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step,
-                     base_model={"path": str(settings.from_), "hash": base_hash, "method": settings.method,
-                                 "filter": settings.filter, "format": base_format(settings.from_)},
+    runs = {"fine-tune": run_dir}
+    if controlnet is not None:
+        latents.label_maps = label_maps
+        tuned = load_pipeline(out, config, progress, pairs=False)  # beside exactly what was saved, frozen
+        probe = controlnet_probe(config, images, latents, controlnet_validation(config, records, summary["cache"]),
+                                 label_names)
+        runs["controlnet"] = run_dir / CONTROLNET_FOLDER
+        fit_controlnet(config, tuned, controlnet, latents, runs["controlnet"], out, digest, probe, progress)
+    base_model = {"path": str(settings.from_), "hash": base_hash, "method": settings.method,
+                  "filter": settings.filter, "format": base_format(settings.from_)}
+    if isinstance(controlnet, MaisiControlNet):
+        base_model["label_indices"] = {name: controlnet.config.label_indices[value]
+                                       for value, name in sorted(label_names.items()) if value}
+    write_model_card(out, config, subset, summary, {}, digest, trainer.loop.state.step, base_model=base_model,
                      differential_privacy=privacy)
-    write_training_compute(out, {"fine-tune": run_dir}, inherited=Path(settings.from_))
+    write_training_compute(out, runs, inherited=Path(settings.from_))
     (run_dir / "finetune.json").write_text(json.dumps({"base_hash": base_hash, "hash": digest, "cases": len(subset)}))
     return FinetuneResult(out, digest, base_hash, len(subset), trainer.loop.state.step)
 

@@ -47,6 +47,9 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *([f"Fine-tuned ({base_model['method']}) from the {base_model.get('format', 'radsynth')} base model "
             f"{base_model['hash'][:16]} on the cases matching "
             f"{base_model['filter']}; the base folder was not modified.", ""] if base_model else []),
+        *([("Its label-map ControlNet is the base's, fine-tuned on the local labels, each drawn as a MAISI label "
+            "index: " + ", ".join(f"{name} {index}" for name, index in base_model["label_indices"].items()) + "."),
+           ""] if base_model and base_model.get("label_indices") else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
         *(_privacy_lines(differential_privacy) if differential_privacy else []),
         "## Training", "",

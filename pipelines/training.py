@@ -184,9 +184,8 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
     parts = [AUTOENCODER_DIR, DIFFUSION_DIR]
     if config.conditioning.use_masks:
-        held_out = [record for record in records if record.split == "test"][: config.controlnet.validation_cases]
-        validation = CachedImages(held_out, cache_dir, conditioning) if held_out else None
-        _mask_models(config, train_images, validation, latents, digest, progress)
+        _mask_models(config, train_images, controlnet_validation(config, records, cache_dir), latents, digest,
+                     progress)
         parts += [CONTROLNET_FOLDER] + ([MASK_GENERATOR_FOLDER] if config.mask_generator.enabled else [])
     out = model_dir(config)
     if accelerator.is_main_process:
@@ -314,34 +313,56 @@ def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation:
     held-out cases whose maps the ControlNet's validation generates from."""
     base = RadsynthTextToImagePipeline.from_model_dir(model_dir(config))
     latents.label_maps = train_images.label_maps()
-    label_names: dict[int, str] = {}
-    for record in train_images.records:
-        label_names.update(record.label_names)
-    probe = None
-    if config.controlnet.validate_every and validation is not None:
-        everything = range(len(train_images))
-        # Built at the first validation: a rerun whose ControlNet is already trained never trains a segmenter.
-        probe = functools.cache(lambda: MaskAdherenceProbe.fit(
-            train_images.images(everything)[:, 0].numpy(), latents.label_maps[:, 0].numpy(),
-            validation.images(range(len(validation)))[:, 0].numpy(), validation.label_maps()[:, 0].numpy(),
-            validation.prompts, label_names, segmenter_steps=config.controlnet.segmenter_steps,
-            seed=config.runtime.seed, num_inference_steps=min(config.sampling.num_inference_steps, 50),
-            guidance_scale=config.sampling.guidance_scale, batch_size=config.sampling.batch_size))
-    _controlnet(config, base, latents, max(label_names) + 1, base_hash, probe, progress)
+    label_names = label_vocabulary(train_images.records)
+    torch.manual_seed(config.runtime.seed + 2)
+    controlnet = RadsynthControlNet.from_unet(base.unet, max(label_names) + 1, base.vae.downsample_factor)
+    fit_controlnet(config, base, controlnet, latents, train_dir(config) / CONTROLNET_FOLDER, model_dir(config),
+                   base_hash, controlnet_probe(config, train_images, latents, validation, label_names), progress)
     if config.mask_generator.enabled:
         _mask_generator(config, base, latents, label_names, base_hash, progress)
 
 
-def _controlnet(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedLatents, num_labels: int,
-                base_hash: str, probe: Callable[[], MaskAdherenceProbe] | None, progress: bool) -> int:
-    """Train the ControlNet on ``latents.label_maps``, logging ``probe``'s Dice at each validation; save it as the
-    model's ``mask_controlnet``. Returns its steps."""
-    folder = train_dir(config) / CONTROLNET_FOLDER
+def label_vocabulary(records: list[CaseRecord]) -> dict[int, str]:
+    """Every label value the cases' maps use, with its name."""
+    label_names: dict[int, str] = {}
+    for record in records:
+        label_names.update(record.label_names)
+    return label_names
+
+
+def controlnet_validation(config: RadsynthConfig, records: list[CaseRecord], cache_dir: Path) -> CachedImages | None:
+    """The held-out (test split) cases whose maps a ControlNet's validation draws images from, or None."""
+    held_out = [record for record in records if record.split == "test"][: config.controlnet.validation_cases]
+    conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
+    return CachedImages(held_out, cache_dir, conditioning) if held_out else None
+
+
+def controlnet_probe(config: RadsynthConfig, train_images: CachedImages, latents: CachedLatents,
+                     validation: CachedImages | None, label_names: dict[int, str]
+                     ) -> Callable[[], MaskAdherenceProbe] | None:
+    """The Dice probe of a ControlNet's validations (None when off): a segmenter trained on the training images
+    and ``latents.label_maps``, built at the first validation, so a rerun whose ControlNet is already trained
+    never trains a segmenter."""
+    if not config.controlnet.validate_every or validation is None:
+        return None
+    everything = range(len(train_images))
+    return functools.cache(lambda: MaskAdherenceProbe.fit(
+        train_images.images(everything)[:, 0].numpy(), latents.label_maps[:, 0].numpy(),
+        validation.images(range(len(validation)))[:, 0].numpy(), validation.label_maps()[:, 0].numpy(),
+        validation.prompts, label_names, segmenter_steps=config.controlnet.segmenter_steps,
+        seed=config.runtime.seed, num_inference_steps=min(config.sampling.num_inference_steps, 50),
+        guidance_scale=config.sampling.guidance_scale, batch_size=config.sampling.batch_size))
+
+
+def fit_controlnet(config: RadsynthConfig, base: RadsynthPipeline, controlnet: torch.nn.Module,
+                   latents: CachedLatents, folder: Path, out: Path, base_hash: str,
+                   probe: Callable[[], MaskAdherenceProbe] | None, progress: bool) -> int:
+    """Train ``controlnet`` beside the frozen ``base`` on ``latents.label_maps`` (checkpoints in ``folder``),
+    logging ``probe``'s Dice at each validation; save it as the ``mask_controlnet`` of the model folder ``out``.
+    Returns its steps."""
     start_over_if_changed(folder, part_fingerprint(config, "controlnet", upstream=base_hash))
-    torch.manual_seed(config.runtime.seed + 2)
-    controlnet = RadsynthControlNet.from_unet(base.unet, num_labels, base.vae.downsample_factor)
     settings = config.controlnet
-    weights = (ControlLossWeights(rare_labels(latents.label_maps, num_labels), settings.rare_label_weight,
+    weights = (ControlLossWeights(rare_labels(latents.label_maps, controlnet.num_labels), settings.rare_label_weight,
                                   base.vae.downsample_factor) if settings.rare_label_weight else None)
     diffusion = base.diffusion(controlnet, settings.conditioning_scale, weights)
     trainer = _trainer(config, diffusion, [controlnet], latents, folder,
@@ -358,7 +379,7 @@ def _controlnet(config: RadsynthConfig, base: RadsynthPipeline, latents: CachedL
     with trainer.inference_weights() as (trained,):
         if trainer.loop.accelerator.is_main_process:
             _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
-                             model_dir(config) / CONTROLNET_FOLDER)
+                             out / CONTROLNET_FOLDER)
     trainer.loop.accelerator.wait_for_everyone()
     return trainer.loop.state.step
 

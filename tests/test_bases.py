@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,10 +236,22 @@ TINY_3D = ["data.phantom.n_cases=10", "data.phantom.shape=[32,32,32]", "data.pre
            "finetune.maisi.body_region=[chest,abdomen]", "sampling.num_inference_steps=3", "sampling.batch_size=2"]
 
 
-def write_maisi_bundle(folder, scheduler: str, seed: int = 0):
+# A few entries of MAISI's label_dict.json, at MAISI's indices ("dummyN": an index MAISI leaves unused).
+MAISI_LABELS = {"liver": 1, "dummy1": 2, "spleen": 3, "pancreas": 4, "right kidney": 5, "left kidney": 14,
+                "dummy2": 16, "lung tumor": 23, "hepatic tumor": 26, "right lung upper lobe": 30}
+TINY_CONTROLNET = {
+    "_target_": "monai.apps.generation.maisi.networks.controlnet_maisi.ControlNetMaisi",
+    "spatial_dims": "@spatial_dims", "in_channels": "@latent_channels", "num_channels": [8, 16],
+    "attention_levels": [False, True], "num_head_channels": [0, 8], "num_res_blocks": 1, "norm_num_groups": 8,
+    "use_checkpointing": False, "conditioning_embedding_in_channels": 8, "conditioning_embedding_num_channels": [8, 16]}
+
+
+def write_maisi_bundle(folder, scheduler: str, seed: int = 0, controlnet: bool = False):
     """A bundle as MAISI ships one: networks defined in JSON with @references, weights as torch.save'd dicts
-    under models/ (the UNet's with its latent scale), written from MONAI's own MAISI classes."""
+    under models/ (the UNet's with its latent scale), written from MONAI's own MAISI classes; with ``controlnet``
+    its ControlNet too (definition, weights, label_dict.json)."""
     from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+    from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
     from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
     schedulers = {
@@ -280,6 +293,18 @@ def write_maisi_bundle(folder, scheduler: str, seed: int = 0):
                 parameter.normal_(0, 0.1)
     torch.save({"unet_state_dict": unet.state_dict(), "scale_factor": torch.tensor(0.8)},
                folder / "models" / f"diff_unet_3d_{scheduler}.pt")
+    if controlnet:
+        network["controlnet_def"] = TINY_CONTROLNET
+        (folder / "configs" / "config_network.json").write_text(json.dumps(network, indent=2))
+        (folder / "configs" / "label_dict.json").write_text(json.dumps(MAISI_LABELS, indent=4))
+        resolved = {key: network[value[1:]] if isinstance(value, str) and value.startswith("@") else value
+                    for key, value in TINY_CONTROLNET.items() if key != "_target_"}
+        net = ControlNetMaisi(**resolved)
+        with torch.no_grad():  # a trained ControlNet's zero convolutions are not zero any more
+            for parameter in net.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        torch.save({"epoch": 1, "controlnet_state_dict": net.state_dict()},
+                   folder / "models" / f"controlnet_3d_{scheduler}.pt")
     return folder
 
 
@@ -385,3 +410,179 @@ def test_what_a_maisi_base_cannot_take_is_refused(tmp_path):
     (bundle / "models" / "autoencoder_epoch273.pt").unlink()
     torch.save({"state_dict": {}, "note": pickle.dumps}, bundle / "models" / "autoencoder_epoch273.pt")
     assert "never unpickles" in refused()
+
+
+# ---------------------------------------------------------------- MAISI's ControlNet on the local vocabulary
+
+# The 3D phantom's labels MAISI has no name for, mapped by hand: onto free indices (2 and 16 are MAISI's
+# "dummy" slots, 200 unused), onto the bundle's own tumour classes, and the body into the background.
+PHANTOM_TO_MAISI = {"body": 0, "right_lung": 2, "left_lung": 16, "vertebrae": 200, "liver_tumour": 26,
+                    "lung_nodule": 23}
+MASKS_3D = ["conditioning.use_masks=true", "sampling.pairs=true", "controlnet.max_steps=2", "controlnet.batch_size=2",
+            "controlnet.learning_rate=0.01", "controlnet.validate_every=null",
+            f"finetune.maisi.label_indices={json.dumps(PHANTOM_TO_MAISI)}"]
+PHANTOM_LABELS = {0: "background", 1: "body", 2: "right_lung", 3: "left_lung", 4: "liver", 5: "spleen",
+                  6: "right_kidney", 7: "left_kidney", 8: "vertebrae", 9: "liver_tumour", 10: "lung_nodule"}
+
+
+def test_local_labels_take_the_bundles_index_by_name_or_the_one_given_and_unmapped_ones_are_refused(tmp_path):
+    from radsynth.pipelines.bases import maisi_label_indices
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow", controlnet=True)
+    indices = maisi_label_indices(bundle, PHANTOM_TO_MAISI, PHANTOM_LABELS)
+    # liver, spleen and the kidneys by name ("right_kidney" is "right kidney"); the rest as given.
+    assert indices == [0, 0, 2, 16, 1, 3, 5, 14, 200, 26, 23]
+    with pytest.raises(UserInputError, match=r"no MAISI index for the labels \['vertebrae'\].*free one: 6, 7, 8"):
+        maisi_label_indices(bundle, {k: v for k, v in PHANTOM_TO_MAISI.items() if k != "vertebrae"}, PHANTOM_LABELS)
+    with pytest.raises(UserInputError, match=r"the labels \['liver', 'vertebrae'\] share the index 1"):
+        maisi_label_indices(bundle, {**PHANTOM_TO_MAISI, "vertebrae": 1}, PHANTOM_LABELS)
+    with pytest.raises(UserInputError, match=r"names \['kidney'\], which are not labels of the data"):
+        maisi_label_indices(bundle, {**PHANTOM_TO_MAISI, "kidney": 5}, PHANTOM_LABELS)
+    # Several labels may be merged into the background; without a label_dict.json every label needs an index.
+    assert maisi_label_indices(bundle, {**PHANTOM_TO_MAISI, "vertebrae": 0}, PHANTOM_LABELS)[8] == 0
+    (bundle / "configs" / "label_dict.json").unlink()
+    with pytest.raises(UserInputError, match=r"\['liver', 'spleen', 'right_kidney', 'left_kidney'\].*free one: 1, 3, 4"):
+        maisi_label_indices(bundle, PHANTOM_TO_MAISI, PHANTOM_LABELS)
+
+
+def test_the_maisi_controlnet_sees_the_bits_of_each_local_labels_maisi_index():
+    """One-hot local labels in, MAISI's own encoding to ControlNetMaisi: bit k of the mapped index on channel k
+    (as MAISI's binarize_labels gives it), so the residuals are the bundle ControlNet's on the mapped map."""
+    from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+
+    from radsynth.generators.controlnet import one_hot_labels
+    from radsynth.generators.maisi import MaisiControlNet
+
+    arguments = {key: value for key, value in TINY_CONTROLNET.items() if key != "_target_"}
+    arguments |= {"spatial_dims": 3, "in_channels": 4}
+    indices = [0, 0, 2, 16, 1, 3, 5, 14, 200, 26, 23]
+    torch.manual_seed(0)
+    wrapped = MaisiControlNet(arguments, indices).eval()
+    with torch.no_grad():
+        for parameter in wrapped.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    reference = ControlNetMaisi(**arguments).eval()
+    reference.load_state_dict(wrapped.net.state_dict())
+    local = torch.randint(0, len(indices), (2, 1, 8, 8, 8))
+    maisi = torch.tensor(indices)[local[:, 0]]
+    bits = torch.stack([(maisi // 2**k) % 2 for k in range(8)], dim=1).float()
+    assert torch.equal(wrapped.binary_labels(one_hot_labels(local, len(indices))), bits)
+    x, t = torch.randn(2, 4, 4, 4, 4), torch.tensor([100.0, 900.0])
+    with torch.no_grad():
+        down, mid = wrapped(x, t, torch.zeros(2, 1, 8), local, conditioning_scale=0.5)
+        expected_down, expected_mid = reference(x, t, controlnet_cond=bits, conditioning_scale=0.5)
+    torch.testing.assert_close(mid, expected_mid)
+    for residual, expected in zip(down, expected_down, strict=True):
+        torch.testing.assert_close(residual, expected)
+    with pytest.raises(ValueError, match="label map must be"):
+        wrapped(x, t, None, torch.zeros(2, 1, 4, 4, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("shipped", [True, False])
+def test_the_fine_tunes_controlnet_starts_from_the_bundles_or_else_from_its_unet(tmp_path, shipped):
+    from radsynth.configs import load_config
+    from radsynth.pipelines.bases import base_controlnet, load_base
+    from radsynth.pipelines.training import ingested_dataset
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow", controlnet=True)
+    if not shipped:
+        (bundle / "models" / "controlnet_3d_rflow.pt").unlink()
+    config = load_config("demo-3d", [*TINY_3D, *MASKS_3D, f"runtime.output_dir={tmp_path / 'run'}",
+                                     f"finetune.from={bundle}"])
+    ingest(config, progress=False)
+    records, summary = ingested_dataset(config)
+    base = load_base(config, summary, records, torch.tensor([[1.0, 1.0, 1.0]]), progress=False)
+    controlnet = base_controlnet(config, base, PHANTOM_LABELS)
+    state = controlnet.net.state_dict()
+    if shipped:
+        bundled = torch.load(bundle / "models" / "controlnet_3d_rflow.pt", weights_only=True)["controlnet_state_dict"]
+        assert all(torch.equal(state[key], value) for key, value in bundled.items()) and set(bundled) == set(state)
+    else:
+        unet = base.unet.net.state_dict()
+        shared = [key for key in state if key.startswith(("down_blocks.", "middle_block.")) and key in unet
+                  and unet[key].shape == state[key].shape]
+        assert len(shared) > len(state) / 2 and all(torch.equal(state[key], unet[key]) for key in shared)
+        assert not any(parameter.any() for parameter in controlnet.net.controlnet_mid_block.parameters())
+
+
+def test_a_maisi_bundles_controlnet_is_fine_tuned_on_the_local_labels_and_draws_pairs(tmp_path):
+    from radsynth.configs import load_config
+    from radsynth.generators.maisi import MaisiControlNet
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow", controlnet=True)
+    config = load_config("demo-3d", [*TINY_3D, *MASKS_3D, f"runtime.output_dir={tmp_path / 'run'}",
+                                     f"finetune.from={bundle}", "sampling.scheduler=flow_match_euler"])
+    ingest(config, progress=False)
+    result = finetune(config, progress=False)
+    loaded = load_pipeline(result.model_dir, config, progress=False)
+    assert isinstance(loaded.mask_controlnet, MaisiControlNet)
+    assert list(loaded.mask_controlnet.config.label_indices) == [0, 0, 2, 16, 1, 3, 5, 14, 200, 26, 23]
+    bundled = torch.load(bundle / "models" / "controlnet_3d_rflow.pt", weights_only=True)["controlnet_state_dict"]
+    tuned = loaded.mask_controlnet.net.state_dict()
+    assert any(not torch.equal(tuned[key], value) for key, value in bundled.items())  # it trained
+    assert "each drawn as a MAISI label index: body 0, right_lung 2, left_lung 16, liver 1," in (
+        result.model_dir / "README.md").read_text()
+    compute = json.loads((result.model_dir / "compute.json").read_text())
+    assert compute["parts"]["controlnet"]["steps"] == 2
+    out = generate(config, result.model_dir, 2, tmp_path / "samples", progress=False)
+    assert len(out.written) == 2 and out.model_hash != result.model_hash  # the ControlNet is part of what drew them
+    assert len(list(out.sample_dir.glob("*_label.nii.gz"))) == 2  # each image with the map it was drawn from
+
+
+def test_what_a_maisi_controlnet_fine_tune_cannot_take_is_refused(tmp_path, sd_base):
+    from radsynth.configs import load_config
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow")  # no ControlNet in it
+    config = load_config("demo-3d", [*TINY_3D, *MASKS_3D, f"runtime.output_dir={tmp_path / 'run'}",
+                                     f"finetune.from={bundle}"])
+    ingest(config, progress=False)
+    with pytest.raises(UserInputError, match="no controlnet_def"):
+        finetune(config, progress=False)
+    assert not list((tmp_path / "run").glob("model-*"))
+    network = json.loads((bundle / "configs" / "config_network.json").read_text())
+    network["controlnet_def"] = {**TINY_CONTROLNET, "conditioning_embedding_num_channels": [8, 16, 16]}
+    (bundle / "configs" / "config_network.json").write_text(json.dumps(network))
+    (bundle / "configs" / "label_dict.json").write_text(json.dumps(MAISI_LABELS))
+    with pytest.raises(UserInputError, match="brings label maps down 4x, the autoencoder 2x"):
+        finetune(config, progress=False)
+    sd_config = tiny_config(tmp_path / "sd", f"finetune.from={sd_base}", "conditioning.use_masks=true")
+    ingest(sd_config, progress=False)
+    with pytest.raises(UserInputError, match="conditioning.use_masks: a Stable-Diffusion-family base has no"):
+        finetune(sd_config, progress=False)
+
+
+# ---------------------------------------------------------------- through the normal commands
+
+@pytest.mark.slow
+def test_external_bases_fine_tune_sample_score_and_release_through_radsynth_build(tmp_path, sd_base):
+    """`radsynth build` from a Stable-Diffusion-family folder and from a MAISI bundle (its ControlNet drawing
+    pairs): the fine-tune, the samples, the scorecard and the gate's decision, as for a model trained here."""
+    from .test_flows import TINY_BUILD, build_config, last_json, radsynth
+    from .test_scoring_evaluate import FAST
+
+    path, run_dir = build_config(tmp_path, "sd", f"finetune.from={sd_base}", "finetune.max_steps=2")
+    done = radsynth("build", str(path), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = last_json(done)
+    assert result["gate_passed"] and Path(result["model_dir"]).name.startswith("model-finetune-lora")
+    card = (Path(result["release"]["release"]) / "README.md").read_text()
+    assert result["model_hash"][:16] in card
+
+    bundle = write_maisi_bundle(tmp_path / "maisi", "rflow", controlnet=True)
+    from radsynth.configs import load_config
+
+    config = load_config("demo-3d", [*TINY_3D, *MASKS_3D, f"runtime.output_dir={tmp_path / 'maisi-run'}",
+                                     f"finetune.from={bundle}", "sampling.scheduler=flow_match_euler",
+                                     "sampling.num_samples=4", *[o for o in TINY_BUILD if o.startswith("release.gate")],
+                                     "release.formats=[nnunet]",
+                                     *FAST, "scoring.utility=false"])
+    maisi_path = tmp_path / "maisi.yaml"
+    maisi_path.write_text(json.dumps(config.model_dump(mode="json", by_alias=True)))
+    done = radsynth("build", str(maisi_path), "--json")
+    # Ten phantom patients leave one or two for the holdout: too few to measure privacy, so the gate refuses,
+    # after the fine-tune, its pairs and their scorecard.
+    assert done.returncode == 3, done.stderr[-3000:]
+    result = last_json(done)
+    assert {"train", "evaluate", "release"} <= {name.split("-")[0] for name in result["tasks"]}
+    assert any("holdout" in reason for reason in result["release"]["failed"]), result["release"]["failed"]
+    assert len(list(Path(result["sample_dir"]).glob("*_label.nii.gz"))) == 4

@@ -91,6 +91,27 @@ def test_a_finetune_generates_in_the_local_data_s_units_not_the_base_s(base_mode
     assert index["modality"] == "xray"
 
 
+def test_a_fine_tune_with_masks_trains_a_controlnet_beside_what_it_saved_and_draws_pairs_from_it(base_model,
+                                                                                                tmp_path):
+    from radsynth.generators.controlnet import RadsynthControlNet
+    from radsynth.pipelines.data.phantoms.chest_xray import LABEL_NAMES
+    from radsynth.pipelines.sampling.generate import load_pipeline
+
+    run, base = base_model
+    config = tiny_config(run, f"finetune.from={base.model_dir}", "finetune.filter={finding: effusion}",
+                         "finetune.max_steps=1", "conditioning.use_masks=true", "sampling.pairs=true",
+                         "controlnet.max_steps=2", "controlnet.validate_every=null", "controlnet.learning_rate=0.01")
+    result = finetune(config, progress=False)
+    loaded = load_pipeline(result.model_dir, config, progress=False)
+    assert isinstance(loaded.mask_controlnet, RadsynthControlNet)
+    assert loaded.mask_controlnet.num_labels == len(LABEL_NAMES)  # the phantom's whole vocabulary
+    # Trained: its zero convolutions (where a new ControlNet starts) have moved.
+    assert any(parameter.any() for parameter in loaded.mask_controlnet.net.controlnet_mid_block.parameters())
+    assert json.loads((result.model_dir / "compute.json").read_text())["parts"]["controlnet"]["steps"] == 2
+    out = generate(config, result.model_dir, 2, tmp_path / "pairs", progress=False)
+    assert len(list(out.sample_dir.glob("*_label.png"))) == 2
+
+
 def test_a_filter_that_matches_no_case_is_a_user_error(base_model):
     run, base = base_model
     config = tiny_config(run, f"finetune.from={base.model_dir}", "finetune.filter={finding: unicorn}")

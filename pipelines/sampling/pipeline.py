@@ -37,7 +37,7 @@ from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.consistency import ConsistencyScheduler  # noqa: F401
 from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.latent_diffusion import Constraint, LatentDiffusion
-from radsynth.generators.maisi import MaisiAutoencoder, MaisiUNet
+from radsynth.generators.maisi import MaisiAutoencoder, MaisiControlNet, MaisiUNet
 from radsynth.generators.mask_generator import RadsynthMaskGenerator
 from radsynth.generators.objectives import TrainingObjective, build_inference_scheduler
 from radsynth.generators.stable_diffusion import StableDiffusionAutoencoder, StableDiffusionUNet
@@ -48,8 +48,9 @@ OUTPUT_TYPES = ("np", "pt", "physical")
 # Folder = component name. Not "controlnet": diffusers takes a folder of that name for its own pipeline.
 CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER = "mask_controlnet", "mask_generator"
 DIFFUSERS_ENTRY = "pipeline"  # the module diffusers' custom-pipeline loading reads from a model folder
-_EXTRA_COMPONENTS = {CONTROLNET_FOLDER: (RadsynthControlNet, "train with conditioning.use_masks: true"),
-                     MASK_GENERATOR_FOLDER: (RadsynthMaskGenerator, "train with mask_generator.enabled: true")}
+# The classes each extra component may be (its config.json's _class_name picks one; nothing else is imported).
+_EXTRA_COMPONENTS = {CONTROLNET_FOLDER: ((RadsynthControlNet, MaisiControlNet), "train with conditioning.use_masks: true"),
+                     MASK_GENERATOR_FOLDER: ((RadsynthMaskGenerator,), "train with mask_generator.enabled: true")}
 Conditions = Sequence[Mapping[str, object]]
 
 
@@ -87,7 +88,8 @@ class RadsynthPipeline(DiffusionPipeline):
     def __init__(self, unet: RadsynthUNet | StableDiffusionUNet | MaisiUNet,
                  vae: RadsynthAutoencoder | StableDiffusionAutoencoder | MaisiAutoencoder,
                  text_encoder: RadsynthTextEncoder | PretrainedTextEncoder, scheduler: SchedulerMixin,
-                 mask_controlnet: RadsynthControlNet | None = None, mask_generator: RadsynthMaskGenerator | None = None,
+                 mask_controlnet: RadsynthControlNet | MaisiControlNet | None = None,
+                 mask_generator: RadsynthMaskGenerator | None = None,
                  modality: str = "xray", spatial_dims: int = 2, image_shape: tuple[int, ...] | list[int] = (64, 64),
                  spacing: tuple[float, ...] | list[float] = (1.0, 1.0), intensity_low: float = 0.0,
                  intensity_high: float = 1.0, latent_clip: float | None = None, class_attribute: str | None = None,
@@ -132,9 +134,13 @@ class RadsynthPipeline(DiffusionPipeline):
         for name in cls.required_components:
             if name in components:
                 continue
-            kind, how = _EXTRA_COMPONENTS[name]
+            kinds, how = _EXTRA_COMPONENTS[name]
             if not (folder / name / "config.json").is_file():
                 raise FileNotFoundError(f"{folder} has no {name}: {how}")
+            saved = json.loads((folder / name / "config.json").read_text()).get("_class_name")
+            kind = next((kind for kind in kinds if kind.__name__ == saved), None)
+            if kind is None:
+                raise ValueError(f"{folder / name} holds a {saved}, not one of {[kind.__name__ for kind in kinds]}")
             components[name] = kind.from_pretrained(folder / name, use_safetensors=True, low_cpu_mem_usage=False)
         return cls.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False, **components)
 
