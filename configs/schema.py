@@ -403,6 +403,16 @@ class MaisiBaseConfig(Section):
         None, description="[top, bottom]: the body regions the volumes start and end in, for a UNet with region inputs")
     modality_class: int | None = Field(
         None, ge=0, description="the class index of the data's modality, for a UNet with class embeddings (NV-Generate)")
+    trained_spacing_mm: list[tuple[PositiveMillimetres, PositiveMillimetres]] | None = Field(
+        default_factory=lambda: [(0.5, 3.0), (0.5, 3.0), (0.5, 5.0)],
+        description="[low, high] voxel spacing per axis the bundle was trained on; data outside it is refused. "
+        "A bundle does not state it: the default is MAISI's published range (its inference scripts refuse "
+        "anything else); null: unknown, not checked")
+    trained_fov_mm: list[tuple[PositiveMillimetres, PositiveMillimetres]] | None = Field(
+        default_factory=lambda: [(128.0, 1536.0), (128.0, 1536.0), (64.0, 3840.0)],
+        description="[low, high] field of view (grid x spacing) per axis the bundle was trained on; outside it "
+        "fine-tuned MAISI models collapse to noise, so data outside it is refused. Default: MAISI's published "
+        "grids (256-512 x 256-512 x 128-768) at its spacings; null: unknown, not checked")
     controlnet_weights: str | None = Field(
         None, description="the ControlNet's file in the bundle's models/ (default: the one with 'controlnet' in its "
         "name; none: the ControlNet starts as a copy of the UNet's encoder, as MAISI's own training does)")

@@ -38,7 +38,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from safetensors.torch import load_file
 
 from radsynth.configs import RadsynthConfig, UserInputError
-from radsynth.configs.schema import modality_parts
+from radsynth.configs.schema import MaisiBaseConfig, modality_parts
 from radsynth.generators.controlnet import RadsynthControlNet
 from radsynth.generators.data import ConditioningSpec
 from radsynth.generators.maisi import LABEL_BITS, MaisiAutoencoder, MaisiControlNet, MaisiUNet
@@ -301,6 +301,11 @@ def _maisi(folder: Path, config: RadsynthConfig, summary: dict, cases: list[Case
         raise UserInputError("data.preprocess.intensity.ct_window", f"{list(window)} HU, but MAISI maps "
                              f"{list(MAISI_CT_WINDOW)} onto its [0, 1]", f"{list(MAISI_CT_WINDOW)}")
     unet_arguments = _network_arguments(path, data, "diffusion_unet_def", DiffusionModelUNetMaisi)
+    if space["modality"] != "ct" and not unet_arguments.get("num_class_embeds"):
+        raise UserInputError("finetune.from", f"{folder}'s UNet has no modality input, so it generates CT (MAISI "
+                             f"v1 / v2), and the data is {space['modality']}", "MR weights: an NV-Generate bundle "
+                             "whose UNet takes a modality class, with finetune.maisi.modality_class")
+    _check_maisi_range(space, config.finetune.maisi)
     if unet_arguments.get("with_conditioning"):
         raise UserInputError(path, "a diffusion UNet with text cross-attention, for which radsynth has no encoder",
                              "a MAISI UNet conditioned on spacing, body region and modality")
@@ -334,6 +339,23 @@ def _maisi(folder: Path, config: RadsynthConfig, summary: dict, cases: list[Case
                                             timesteps, noise_schedule),
         **space, latent_clip=None, objective=objective, num_train_timesteps=timesteps, noise_schedule=noise_schedule)
     return pipeline.to(sampling_device(config))
+
+
+def _check_maisi_range(space: dict, settings: MaisiBaseConfig) -> None:
+    """Refuse data off the spacing and field of view a MAISI bundle was trained on (``finetune.maisi``)."""
+    spacing, shape = space["spacing"], space["image_shape"]
+    for axis, (low, high) in enumerate(settings.trained_spacing_mm or ()):
+        if not low <= spacing[axis] <= high:
+            raise UserInputError("data.preprocess.target_spacing", f"{spacing[axis]:.4g} mm on axis {axis}, outside "
+                                 f"the [{low:g}, {high:g}] mm the MAISI base was trained on "
+                                 "(finetune.maisi.trained_spacing_mm)", "resample to a spacing within it")
+    for axis, (low, high) in enumerate(settings.trained_fov_mm or ()):
+        fov = shape[axis] * spacing[axis]
+        if not low <= fov <= high:
+            raise UserInputError("data.preprocess.target_shape", f"a field of view of {fov:.4g} mm on axis {axis} "
+                                 f"({shape[axis]} x {spacing[axis]:.4g} mm), outside the [{low:g}, {high:g}] mm the "
+                                 "MAISI base was trained on (outside it, fine-tuned MAISI models collapse to noise; "
+                                 "finetune.maisi.trained_fov_mm)", "a grid and spacing whose product lies within it")
 
 
 def base_controlnet(config: RadsynthConfig, base: RadsynthPipeline, label_names: dict[int, str]) -> torch.nn.Module:
@@ -404,11 +426,11 @@ def maisi_label_indices(folder: Path, explicit: dict[str, int], label_names: dic
         raise UserInputError("finetune.maisi.label_indices", f"no MAISI index for the labels {unmapped} (the "
                              "bundle's label_dict.json has no such names)", "the bundle's index of the same "
                              f"structure, or a free one: {', '.join(map(str, free[:12]))}, ...")
-    shared = sorted({index for index in indices if index and indices.count(index) > 1})
-    if shared:
-        names = [label_names[value] for value, index in enumerate(indices) if index in shared]
-        raise UserInputError("finetune.maisi.label_indices", f"the labels {names} share the index {shared[0]}",
-                             f"one index per label (0 merges into the background); free: "
+    shared = next((index for index in indices if index and indices.count(index) > 1), None)
+    if shared is not None:
+        names = [label_names[value] for value, index in enumerate(indices) if index == shared]
+        raise UserInputError("finetune.maisi.label_indices", f"the labels {names} share the index {shared}",
+                             "one index per label (0 merges into the background); free: "
                              f"{', '.join(map(str, free[:12]))}, ...")
     return indices
 

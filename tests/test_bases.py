@@ -233,7 +233,9 @@ def test_a_fine_tune_on_another_grid_is_refused_before_training(tmp_path):
 TINY_3D = ["data.phantom.n_cases=10", "data.phantom.shape=[32,32,32]", "data.preprocess.target_shape=[32,32,32]",
            "data.split.stratify_by=null", "autoencoder.batch_size=2", "diffusion.batch_size=2",
            "finetune.max_cases=4", "finetune.max_steps=2", "finetune.learning_rate=0.01",
-           "finetune.maisi.body_region=[chest,abdomen]", "sampling.num_inference_steps=3", "sampling.batch_size=2"]
+           "finetune.maisi.body_region=[chest,abdomen]", "sampling.num_inference_steps=3", "sampling.batch_size=2",
+           # The tiny phantoms' 11 mm voxels are far off MAISI's published spacings; these bundles are not MAISI's.
+           "finetune.maisi.trained_spacing_mm=null"]
 
 
 # A few entries of MAISI's label_dict.json, at MAISI's indices ("dummyN": an index MAISI leaves unused).
@@ -387,6 +389,7 @@ def test_a_bundle_config_radsynth_would_have_to_execute_or_guess_is_refused(tmp_
 
 def test_what_a_maisi_base_cannot_take_is_refused(tmp_path):
     from radsynth.configs import load_config
+    from radsynth.configs.schema import MaisiBaseConfig
 
     bundle = write_maisi_bundle(tmp_path / "maisi", "rflow")
     run = tmp_path / "run"
@@ -399,6 +402,14 @@ def test_what_a_maisi_base_cannot_take_is_refused(tmp_path):
         return str(error.value)
 
     assert refused("data.preprocess.intensity.ct_window=[-200,400]").startswith("data.preprocess.intensity.ct_window")
+    # MAISI's published range by default: the phantoms' 350 mm / 32 voxels are too coarse for it.
+    assert refused(f"finetune.maisi.trained_spacing_mm={json.dumps(MaisiBaseConfig().trained_spacing_mm)}") == (
+        "data.preprocess.target_spacing: 10.94 mm on axis 0, outside the [0.5, 3] mm the MAISI base was trained on "
+        "(finetune.maisi.trained_spacing_mm); resample to a spacing within it")
+    assert refused("finetune.maisi.trained_fov_mm=[[400,1536],[400,1536],[64,3840]]").startswith(
+        "data.preprocess.target_shape: a field of view of 350 mm on axis 0 (32 x 10.94 mm), outside the [400, 1536]")
+    message = refused("data.phantom.kind=brain_mri", "data.preprocess.intensity.mode=percentile")
+    assert message.startswith("finetune.from") and "no modality input, so it generates CT" in message
     assert "multiple of 4" in refused("data.preprocess.target_shape=[30,30,30]")
     assert "give top_region" in refused("finetune.maisi.body_region=null")
     (bundle / "models" / "diff_unet_3d_copy.pt").write_bytes((bundle / "models" / "diff_unet_3d_rflow.pt").read_bytes())
