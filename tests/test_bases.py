@@ -492,6 +492,7 @@ def test_the_maisi_controlnet_sees_the_bits_of_each_local_labels_maisi_index():
 @pytest.mark.parametrize("shipped", [True, False])
 def test_the_fine_tunes_controlnet_starts_from_the_bundles_or_else_from_its_unet(tmp_path, shipped):
     from radsynth.configs import load_config
+    from radsynth.generators.data import CachedImages, ConditioningSpec
     from radsynth.pipelines.bases import base_controlnet, load_base
     from radsynth.pipelines.training import ingested_dataset
 
@@ -502,7 +503,8 @@ def test_the_fine_tunes_controlnet_starts_from_the_bundles_or_else_from_its_unet
                                      f"finetune.from={bundle}"])
     ingest(config, progress=False)
     records, summary = ingested_dataset(config)
-    base = load_base(config, summary, records, torch.tensor([[1.0, 1.0, 1.0]]), progress=False)
+    images = CachedImages(records, summary["cache"], ConditioningSpec(config.conditioning.attributes))
+    base = load_base(config, summary, records, images.spacings, progress=False)
     controlnet = base_controlnet(config, base, PHANTOM_LABELS)
     state = controlnet.net.state_dict()
     if shipped:
