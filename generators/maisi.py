@@ -21,6 +21,7 @@ mapped onto, and a new one takes a free index.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -41,6 +42,8 @@ __all__ = ["BODY_REGIONS", "INPUT_SCALE", "LABEL_BITS", "MaisiAutoencoder", "Mai
 BODY_REGIONS = ("head_neck", "chest", "abdomen", "lower_body")
 INPUT_SCALE = 100.0  # MAISI feeds spacing (mm) and region one-hots to its UNet multiplied by this
 LABEL_BITS = 8  # MAISI's ControlNet reads label indices 0..255 as 8 binary channels, lowest bit first
+# What ControlNetMaisi builds when a bundle's controlnet_def leaves its label embedding's widths out.
+_EMBEDDING_CHANNELS_DEFAULT = inspect.signature(ControlNetMaisi).parameters["conditioning_embedding_num_channels"].default
 
 
 def body_region_vector(region: str) -> list[float]:
@@ -181,7 +184,9 @@ class MaisiControlNet(ModelMixin, ConfigMixin):
     @property
     def downsample_factor(self) -> int:
         """How far the conditioning embedding brings the image-resolution map down: the latents' factor."""
-        return 2 ** (len(self.config.controlnet.get("conditioning_embedding_num_channels", (16, 32, 96, 256))) - 1)
+        channels = self.config.controlnet.get("conditioning_embedding_num_channels",
+                                              _EMBEDDING_CHANNELS_DEFAULT)
+        return 2 ** (len(channels) - 1)
 
     def binary_labels(self, one_hot: Tensor) -> Tensor:
         """(B, num_labels, *spatial) one-hot local labels -> (B, 8, *spatial): MAISI's bits of their indices."""
