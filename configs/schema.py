@@ -617,9 +617,24 @@ class LaunchConfig(Section):
     main_process_port: int | None = Field(None, ge=1, le=65535)
     config_file: str | None = Field(None, description="an accelerate config YAML (`accelerate config`); flags above win")
 
+    @model_validator(mode="after")
+    def _machines(self) -> LaunchConfig:
+        if self.num_processes % self.num_machines:
+            raise ValueError(f"num_processes ({self.num_processes}) must be a multiple of num_machines "
+                             f"({self.num_machines}): every machine runs as many processes")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"machine_rank must be below num_machines ({self.num_machines}), got {self.machine_rank}")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("num_machines > 1 needs main_process_ip: the address of machine 0, which the others join")
+        return self
+
     @property
     def distributed(self) -> bool:
         return self.num_processes > 1 or self.num_machines > 1 or self.config_file is not None
+
+    @property
+    def processes_per_machine(self) -> int:
+        return self.num_processes // self.num_machines
 
 
 class RuntimeConfig(Section):

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug: one line here, the traceback in a log file
         return _bug(error, config)
     exit_code = result.pop("exit_code", 0)
-    if args.json:
+    if args.json and result.pop("answers", True):
         print(json.dumps(result, default=str))
     return exit_code
 
@@ -156,36 +156,61 @@ def _ingest(config: RadsynthConfig, args: argparse.Namespace) -> dict:
 
 
 def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
-    from accelerate import PartialState
-
-    from radsynth.generators.trainer import check_device
+    from radsynth.flows.launch import launched_here
+    from radsynth.generators.trainer import check_device, process_group
     from radsynth.pipelines.data.ingest import ingest
     from radsynth.pipelines.training import train
 
     config.check_trainable()  # before ingest writes anything
     check_device(config.runtime.device)
-    # Under `accelerate launch` every rank runs this: the main one ingests, the others then find the cache.
-    with PartialState().main_process_first():
-        ingest(config, progress=not args.json)  # a no-op when the cache is current
+    if config.runtime.launch.distributed and not launched_here():
+        ingest(config, progress=not args.json)  # once, before the ranks start (they find the cache)
+        return _launch(config, args)
+    processes = process_group(config.runtime.device)
+    # Under a launch every rank runs this: the main one ingests (a no-op when the cache is current), the others
+    # then find the cache.
+    with processes.main_process_first():
+        ingest(config, progress=not args.json and processes.is_main_process)
     if config.finetune.from_:
         return _finetune(config, args)
     result = train(config, progress=not args.json)
-    print(f"model {result.model_dir} (hash {result.model_hash[:12]}), {result.diffusion_steps} diffusion steps"
-          + (f", resumed from step {result.resumed_from}" if result.resumed_from else ""))
-    print("autoencoder on holdout: " + ", ".join(f"{k} {v:.4g}" for k, v in result.autoencoder_holdout.items()))
+    # Every rank holds the same model; the main one answers (a launcher reads one JSON line).
+    if processes.is_main_process:
+        print(f"model {result.model_dir} (hash {result.model_hash[:12]}), {result.diffusion_steps} diffusion steps"
+              + (f", resumed from step {result.resumed_from}" if result.resumed_from else "")
+              + (f", {processes.num_processes} processes" if processes.num_processes > 1 else ""))
+        print("autoencoder on holdout: " + ", ".join(f"{k} {v:.4g}" for k, v in result.autoencoder_holdout.items()))
     return {"command": "train", "model_dir": str(result.model_dir), "model_hash": result.model_hash,
             "diffusion_steps": result.diffusion_steps, "resumed_from": result.resumed_from,
-            "scaling_factor": result.scaling_factor, "autoencoder_holdout": result.autoencoder_holdout}
+            "scaling_factor": result.scaling_factor, "autoencoder_holdout": result.autoencoder_holdout,
+            "processes": processes.num_processes, "answers": processes.is_main_process}
+
+
+def _launch(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    import logging
+
+    from radsynth.flows.launch import launch_training
+
+    logging.basicConfig(level=logging.INFO, format="radsynth: %(message)s")
+    result = launch_training(config)
+    if not args.json and "model_dir" in result:
+        print(f"model {result['model_dir']} (hash {result['model_hash'][:12]}), trained by {result['processes']} "
+              "processes")
+    return result
 
 
 def _finetune(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.generators.trainer import process_group
     from radsynth.pipelines.finetuning import finetune
 
+    processes = process_group(config.runtime.device)
     result = finetune(config, progress=not args.json)
-    print(f"fine-tuned model {result.model_dir} (hash {result.model_hash[:12]}) from base {result.base_model_hash[:12]}"
-          f" on {result.cases} cases, {result.steps} steps")
+    if processes.is_main_process:
+        print(f"fine-tuned model {result.model_dir} (hash {result.model_hash[:12]}) from base "
+              f"{result.base_model_hash[:12]} on {result.cases} cases, {result.steps} steps")
     return {"command": "train", "finetune": True, "model_dir": str(result.model_dir), "model_hash": result.model_hash,
-            "base_model_hash": result.base_model_hash, "cases": result.cases, "steps": result.steps}
+            "base_model_hash": result.base_model_hash, "cases": result.cases, "steps": result.steps,
+            "processes": processes.num_processes, "answers": processes.is_main_process}
 
 
 def _distill(config: RadsynthConfig, args: argparse.Namespace) -> dict:

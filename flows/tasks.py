@@ -13,17 +13,14 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from prefect import task
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from radsynth.configs import RadsynthConfig, UserInputError, config_to_yaml
+from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.pipelines.data.ingest import data_dir, ingest
-from radsynth.pipelines.data.io import write_text
 from radsynth.pipelines.distillation import distill
 from radsynth.pipelines.release import ReleaseRefused, release
 from radsynth.pipelines.release.stage import headline_rows, release_root
@@ -39,11 +36,11 @@ from radsynth.pipelines.training import (
     train,
     train_dir,
     trained_model_dir,
-    training_precision,
 )
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
 from .caching import file_sha256, stage_key
+from .launch import launch_training
 from .progress import TrainingProgress
 from .results import RESULT_SERIALIZER, RESULT_STORAGE
 from .runners import shard_device
@@ -137,34 +134,6 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
                 result.diffusion_steps, f", resumed from step {result.resumed_from}" if result.resumed_from else "")
     return {"model_dir": str(result.model_dir), "model_hash": digest, "steps": result.diffusion_steps,
             "resumed_from": result.resumed_from, "autoencoder_holdout": result.autoencoder_holdout}
-
-
-def launch_command(config: RadsynthConfig, config_path: Path) -> list[str]:
-    """``accelerate launch`` of ``radsynth train``: the config's settings, the file's where none are set."""
-    launch = config.runtime.launch
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if launch.config_file:
-        command += ["--config_file", launch.config_file]
-    given = launch.model_fields_set if launch.config_file else set(type(launch).model_fields)
-    for field in ("num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port"):
-        if field in given and getattr(launch, field) is not None:
-            command += [f"--{field}", str(getattr(launch, field))]
-    if launch.num_processes > 1 and not launch.config_file:
-        command.append("--multi_gpu")  # several processes = several GPUs (accelerate runs one on a CPU)
-    command += ["--mixed_precision", training_precision(config)]
-    return [*command, "-m", "radsynth.flows.cli", "train", str(config_path), "--json"]
-
-
-def launch_training(config: RadsynthConfig) -> dict:
-    config_path = write_text(config.output_dir / "launch-config.yaml", config_to_yaml(config))
-    command = launch_command(config, config_path)
-    get_run_logger().info("training with: %s", " ".join(command))
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"accelerate launch exited with code {done.returncode} (its stderr is above)")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"model_dir": result["model_dir"], "model_hash": result["model_hash"], "steps": result.get("diffusion_steps"),
-            "launched": command}
 
 
 # ----------------------------------------------------------------------------------------------- distill

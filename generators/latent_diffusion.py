@@ -126,7 +126,7 @@ class LatentDiffusion:
         if keep is not None:
             prompts = [prompt if kept else NULL_PROMPT for prompt, kept in zip(prompts, keep.tolist())]
         device, dtype = self.device, self.dtype
-        context = self.text_encoder.encode(prompts).to(device=device, dtype=dtype)
+        context = self._text(prompts).to(device=device, dtype=dtype)
         if class_labels is None:
             class_labels = self.class_labels(conditions if conditions is not None else [parse_prompt(p) for p in prompts])
         if class_labels is not None:
@@ -137,9 +137,13 @@ class LatentDiffusion:
     def unconditional(self, condition: Conditioning) -> Conditioning:
         """The null half of classifier-free guidance: null prompt and class; spacing and label map kept (the map
         is the control, not the condition being guided)."""
-        null = self.text_encoder.encode([NULL_PROMPT]).to(device=self.device, dtype=self.dtype)
+        null = self._text([NULL_PROMPT]).to(device=self.device, dtype=self.dtype)
         classes = None if condition.class_labels is None else torch.zeros_like(condition.class_labels)
         return replace(condition, context=null.expand(len(condition), *null.shape[1:]), class_labels=classes)
+
+    def _text(self, prompts: Sequence[str]) -> Tensor:
+        # Through the module itself, not its ``encode``: a distributed wrapper syncs gradients of forward calls only.
+        return self.text_encoder(*_unwrapped(self.text_encoder).tokenize(prompts))
 
     def _spacing(self, spacing, batch: int) -> Tensor | None:
         if not self.uses_spacing:

@@ -177,9 +177,13 @@ class RadsynthTextEncoder(ModelMixin, ConfigMixin):
         hidden = self.layers(hidden, src_key_padding_mask=~attention_mask.bool())
         return self.final_norm(hidden)
 
-    def encode(self, prompts: str | Sequence[str]) -> Tensor:
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids and attention mask on this encoder's device: ``forward``'s inputs."""
         input_ids, attention_mask = self._tokenizer.encode(prompts)
-        return self(input_ids.to(self.device), attention_mask.to(self.device))
+        return input_ids.to(self.device), attention_mask.to(self.device)
+
+    def encode(self, prompts: str | Sequence[str]) -> Tensor:
+        return self(*self.tokenize(prompts))
 
 
 class PretrainedTextEncoder(ModelMixin, ConfigMixin):
@@ -243,14 +247,18 @@ class PretrainedTextEncoder(ModelMixin, ConfigMixin):
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    def encode(self, prompts: str | Sequence[str]) -> Tensor:
+    def tokenize(self, prompts: str | Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Token ids and attention mask on this encoder's device: ``forward``'s inputs."""
         if isinstance(prompts, str):
             prompts = [prompts]
         tokens = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_length,
             return_tensors="pt",
         )
-        return self(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+        return tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+
+    def encode(self, prompts: str | Sequence[str]) -> Tensor:
+        return self(*self.tokenize(prompts))
 
 
 def _load_local_hf_encoder(path: Path, weights: bool = True,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -106,7 +106,8 @@ def save_state(obj, folder: Path, name: str) -> None:
 
 
 def load_state(obj, folder: Path, name: str, device: torch.device | str = "cpu") -> None:
-    tensors = load_file(str(folder / f"{name}.safetensors"), device=str(device))
+    device = torch.device(device)  # safetensors takes "cpu" but not a group's "cpu:0"
+    tensors = load_file(str(folder / f"{name}.safetensors"), device="cpu" if device.type == "cpu" else str(device))
     values = json.loads((folder / f"{name}.json").read_text())
     state = {key: tensor for key, tensor in tensors.items() if key.rsplit(".", 1)[0] not in values}
     for key, value in values.items():
@@ -128,13 +129,26 @@ def check_device(device: str) -> None:
         raise UserInputError("runtime.device", problem, "auto (a GPU when there is one, else the CPU) or cpu")
 
 
+def trains_on_cpu(device: str) -> bool:
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def process_group(device: str) -> PartialState:
+    """This process's place among the launched training processes (rank, count, main or not).
+
+    accelerate keeps the first one made for the whole process, and only one made for the CPU joins a group of CPU
+    processes (gloo, under torchrun): the first call must say where training runs.
+    """
+    return PartialState(cpu=trains_on_cpu(device))
+
+
 def make_accelerator(settings: LoopSettings) -> Accelerator:
     # accelerate keeps one process-wide state: a second training in the same process (a notebook, the build
     # flow) with another precision must clear it. The distributed (partial) state is kept.
     check_device(settings.device)
+    process_group(settings.device)
     AcceleratorState._reset_state()
-    on_cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
-    return Accelerator(mixed_precision=settings.mixed_precision, cpu=on_cpu,
+    return Accelerator(mixed_precision=settings.mixed_precision, cpu=trains_on_cpu(settings.device),
                        gradient_accumulation_steps=settings.gradient_accumulation_steps)
 
 
@@ -176,6 +190,7 @@ class TrainingLoop:
             last = step == settings.max_steps or self.out_of_time(meter)
             if step % settings.log_every == 0 or last:
                 elapsed = time.perf_counter() - started
+                logs = self._across_processes(logs)
                 self._log(step, {**logs, "steps_per_s": steps_done / max(elapsed, 1e-9)})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items()}, refresh=False)
             if validate and settings.validate_every and (step % settings.validate_every == 0 or last):
@@ -259,6 +274,13 @@ class TrainingLoop:
         return self.state.step
 
     # ------------------------------------------------------------------------------------ metrics
+    def _across_processes(self, logs: dict[str, float]) -> dict[str, float]:
+        """A step's logged values averaged over the processes: each saw its own shard of the batch."""
+        if self.accelerator.num_processes == 1 or not logs:
+            return logs
+        values = torch.tensor([float(v) for v in logs.values()], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(logs, self.accelerator.reduce(values, reduction="mean").tolist()))
+
     def _log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.accelerator.is_main_process:
             return

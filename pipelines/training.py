@@ -421,7 +421,14 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
 @torch.no_grad()
 def cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path,
                    batch_size: int) -> CachedLatents:
-    """Posterior mean and std of every training image, encoded once (reused while the autoencoder is the same)."""
+    """Posterior mean and std of every training image, encoded once (reused while the autoencoder is the same).
+    Under a launch the main process encodes and writes them; the others, holding the same autoencoder, read them."""
+    with PartialState().main_process_first():
+        return _cached_latents(autoencoder, images, path, batch_size)
+
+
+def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path: Path,
+                    batch_size: int) -> CachedLatents:
     stamp = path.with_suffix(".json")
     identity = {"scaling_factor": autoencoder.scaling_factor, "cases": [r.case_id for r in images.records]}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity:

@@ -21,7 +21,6 @@ from PIL import Image as PILImage
 
 from radsynth.configs import UserInputError
 from radsynth.flows.cli import USER_ERROR_EXIT
-from radsynth.flows.tasks import launch_command
 
 from .test_scoring_evaluate import RELEASABLE
 from .test_training_stage import tiny_config
@@ -241,28 +240,6 @@ def test_cli_build_with_bad_input_exits_2_with_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- accelerate launch
-
-
-def test_launch_command_passes_the_configs_accelerate_settings(tmp_path):
-    config = tiny_config(tmp_path, "runtime.launch.num_processes=4", "runtime.launch.num_machines=2",
-                         "runtime.launch.main_process_ip=10.0.0.1", "runtime.launch.main_process_port=29500",
-                         "runtime.precision=bf16")
-    assert config.runtime.launch.distributed
-    command = launch_command(config, tmp_path / "c.yaml")
-
-    def flag(name):
-        return command[command.index(name) + 1]
-
-    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert flag("--num_processes") == "4" and flag("--num_machines") == "2" and flag("--machine_rank") == "0"
-    assert flag("--main_process_ip") == "10.0.0.1" and flag("--main_process_port") == "29500"
-    assert "--multi_gpu" in command and flag("--mixed_precision") == "bf16"
-    assert command[-5:] == ["-m", "radsynth.flows.cli", "train", str(tmp_path / "c.yaml"), "--json"]
-
-    # With an accelerate config file, only the settings given in radsynth's config override the file's.
-    file_only = tiny_config(tmp_path, "runtime.launch.config_file=acc.yaml")
-    command = launch_command(file_only, tmp_path / "c.yaml")
-    assert "--config_file" in command and "--num_processes" not in command and "--multi_gpu" not in command
 
 
 @pytest.mark.slow
