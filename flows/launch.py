@@ -69,15 +69,15 @@ def other_machines(config: RadsynthConfig, config_path: Path) -> list[str]:
             for rank in range(1, config.runtime.launch.num_machines)]
 
 
-def launch_training(config: RadsynthConfig) -> dict:
+def launch_training(config: RadsynthConfig, log: logging.Logger | logging.LoggerAdapter = logger) -> dict:
     """Run ``radsynth train`` on this machine's ranks and return the main rank's answer (on machine 0)."""
     launch = config.runtime.launch
     config_path = write_text(config.output_dir / "launch-config.yaml", config_to_yaml(config))
     command = launch_command(config, config_path)
-    logger.info("training with: %s", " ".join(command))
+    log.info("training with: %s", " ".join(command))
     if launch.machine_rank == 0:
         for line in other_machines(config, config_path):
-            logger.warning("start the other machines' ranks with: %s", line)
+            log.warning("start the other machines' ranks with: %s", line)
     env = {**os.environ, LAUNCHED: "1"}
     if trains_on_cpu(config.runtime.device) and "OMP_NUM_THREADS" not in env:
         # The machine's cores shared among its ranks (torchrun would give each one thread).

@@ -19,7 +19,7 @@ from radsynth.pipelines.training import sampling_model_dir, trained_model_dir
 from .artifacts import artifact_key
 from .caching import folder_sha256
 from .results import save_result_storage
-from .runners import make_task_runner
+from .runners import make_task_runner, reporting_here
 from .tasks import (
     data_sha256,
     distill_outputs_exist,
@@ -88,7 +88,8 @@ def generate_flow(config: ConfigInput, overrides: list[str] | None = None, model
     model_hash = model_hash or saved_model_hash(config, model_dir)
     sample_dir = str(build_sample_dir(config))
     shards = sample_shards.with_options(task_runner=make_task_runner(config))
-    tasks, processes = shards(config, model_dir, model_hash, data_sha256(config), sample_dir)
+    with reporting_here(config):
+        tasks, processes = shards(config, model_dir, model_hash, data_sha256(config), sample_dir)
     return {"tasks": tasks, "sample_dir": sample_dir, "model_dir": model_dir, "model_hash": model_hash,
             "task_runner": config.runtime.task_runner, "processes": processes}
 

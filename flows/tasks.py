@@ -43,7 +43,7 @@ from .caching import file_sha256, stage_key
 from .launch import launch_training
 from .progress import TrainingProgress
 from .results import RESULT_SERIALIZER, RESULT_STORAGE
-from .runners import shard_device
+from .runners import check_shared_folders, shard_device
 
 
 def _transient(task, task_run, state) -> bool:
@@ -108,7 +108,7 @@ def _train_key(context, parameters) -> str:
 def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
     logger = get_run_logger()
     if config.runtime.launch.distributed:
-        launched = launch_training(config)
+        launched = launch_training(config, logger)
         if config.sampling.pairs:
             launched["model_hash"] = saved_model_hash(config, launched["model_dir"])
         return launched
@@ -183,6 +183,7 @@ def _shard_key(context, parameters) -> str:
 @task(name="generate-shard", task_run_name="generate-shard-{shard}", cache_key_fn=_shard_key, **CACHED)
 def generate_shard_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_sha256: str, shard: int,
                         indices: list[int], sample_dir: str) -> dict:
+    check_shared_folders(model_dir, sample_dir)
     device = shard_device(config, shard)
     shard_config = config.model_copy(update={"runtime": config.runtime.model_copy(update={"device": device})})
     result = generate(shard_config, model_dir, config.sampling.num_samples, sample_dir, progress=False, indices=indices)

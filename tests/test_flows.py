@@ -145,28 +145,95 @@ def trained(tmp_path_factory, prefect_server):
     return path, run_dir, train_flow(str(path))
 
 
-@pytest.mark.slow
-def test_dask_local_cluster_samples_the_same_images_as_threads(trained, tmp_path):
-    from radsynth.flows.stages import generate_flow
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """An existing Dask cluster on loopback: a scheduler and two single-thread worker processes, started without
+    any Prefect settings (the shards must bring the run's API address with them)."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cli = [sys.executable, "-m"]
+    processes = [subprocess.Popen([*cli, "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                                   address.rsplit(":", 1)[1], "--no-dashboard"], env=clean_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    processes += [subprocess.Popen([*cli, "distributed.cli.dask_worker", address, "--nthreads", "1", "--name",
+                                    f"w{i}", "--no-dashboard"], env=clean_env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) for i in range(2)]
+    from distributed import Client
+
+    with Client(address, timeout=120) as client:
+        client.wait_for_workers(2, timeout=120)
+    yield address
+    for process in processes[::-1]:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def sample_on(runner: str, trained, out: Path, *extra: str) -> tuple[dict, list[str]]:
+    """The model's 12 samples in three shards on ``runner``, drawn by the generate flow in a process of its own on
+    its ephemeral API (as a build runs); every shard must report its run there (not to a server of its own)."""
     path, run_dir, result = trained
-    model = {"model_dir": result["model_dir"], "model_hash": result["model_hash"]}
-    by_runner, processes = {}, {}
-    for runner in ("threads", "dask"):
-        out = tmp_path / runner
-        overrides = [f"runtime.task_runner={runner}", "runtime.workers=2", f"scoring.sample_dir={out}"]
-        generated = generate_flow(str(path), overrides, **model)
-        assert set(generated["tasks"]) == {"generate-shard-0", "generate-shard-1", "generate-shard-2"}
-        assert set(generated["tasks"].values()) == {"Completed"} and generated["task_runner"] == runner
-        by_runner[runner] = {p.name: np.asarray(PILImage.open(p)).astype(np.int64) for p in sorted(out.glob("*.png"))}
-        processes[runner] = generated["processes"]
-    assert processes["threads"] == [f"{socket.gethostname()}:{os.getpid()}"]
-    assert len(processes["dask"]) == 2 and processes["threads"][0] not in processes["dask"], "two worker processes"
-    assert by_runner["dask"].keys() == by_runner["threads"].keys() and len(by_runner["dask"]) == 12
-    # A sample depends on its index and seed, not on where it ran. Dask workers run torch on one thread,
-    # which reorders float sums: allow a few 16-bit levels, far below any visible change.
-    for name, pixels in by_runner["dask"].items():
-        assert np.abs(pixels - by_runner["threads"][name]).max() <= 64, name
+    overrides = [f"runtime.task_runner={runner}", "runtime.workers=2", f"scoring.sample_dir={out}", *extra]
+    home = out.parent / f"{out.name}-run"
+    script = ("import json, sys; from radsynth.flows.settings import configure_prefect; configure_prefect(sys.argv[1]); "
+              "from radsynth.flows.stages import generate_flow; print(json.dumps(generate_flow(sys.argv[2], "
+              "sys.argv[5:], model_dir=sys.argv[3], model_hash=sys.argv[4])))")
+    done = subprocess.run([sys.executable, "-c", script, str(home), str(path), result["model_dir"],
+                           result["model_hash"], *overrides], env=clean_env(), capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("Starting temporary server") == 1, done.stderr[-3000:]
+    generated = last_json(done)
+    assert generated["tasks"] == {f"generate-shard-{i}": "Completed" for i in range(3)}
+    with prefect_db(home) as db:
+        reported = db.execute("select count(*) from task_run where name like 'generate-shard-%' "
+                              "and state_type = 'COMPLETED'").fetchone()[0]
+    assert reported == 3
+    images = {p.name: np.asarray(PILImage.open(p)).astype(np.int64) for p in sorted(out.glob("*.png"))}
+    return images, generated["processes"]
+
+
+@pytest.fixture(scope="module")
+def threads_images(trained, tmp_path_factory):
+    images, processes = sample_on("threads", trained, tmp_path_factory.mktemp("threads") / "samples")
+    assert len(processes) == 1 and len(images) == 12
+    return images, processes[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["dask local cluster", "dask existing cluster", "ray local"])
+def test_shards_on_other_processes_report_here_and_draw_the_same_images_as_threads(where, trained, threads_images,
+                                                                                    tmp_path, request):
+    runner = where.split()[0]
+    extra = [f"runtime.cluster_address={request.getfixturevalue('dask_cluster')}"] if "existing" in where else []
+    images, processes = sample_on(runner, trained, tmp_path / "samples", *extra)
+    expected, flow_process = threads_images
+    assert processes and flow_process not in processes, "worker processes sampled"
+    assert images.keys() == expected.keys()
+    # A sample depends on its index and seed, not on where it ran. Workers run torch on one thread, which
+    # reorders float sums: allow a few 16-bit levels, far below any visible change.
+    for name, pixels in images.items():
+        assert np.abs(pixels - expected[name]).max() <= 64, name
+
+
+def test_a_worker_that_does_not_share_the_runs_filesystem_is_refused_in_one_line(tmp_path):
+    from radsynth.flows.runners import check_shared_folders
+
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(UserInputError, match=r"runtime.cluster_address: on the worker at .*, the model at .* is not "
+                                             r"there.*same paths"):
+        check_shared_folders(tmp_path / "elsewhere", tmp_path / "samples")
+    (model / "model_index.json").write_text("{}")
+    (tmp_path / "readonly").write_text("a file where the sample folder should be")
+    with pytest.raises(UserInputError, match="readonly cannot be written"):
+        check_shared_folders(model, tmp_path / "readonly")
+    check_shared_folders(model, tmp_path / "samples")
+    assert list((tmp_path / "samples").iterdir()) == []  # the probe leaves nothing behind
 
 
 @pytest.mark.slow
@@ -273,12 +340,6 @@ def test_serve_without_a_server_explains_and_exits_2(tmp_path):
     done = radsynth("serve", str(path), "--cron", "0 2 * * 0")
     assert done.returncode == USER_ERROR_EXIT
     assert "PREFECT_API_URL" in done.stderr and "prefect server start" in done.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.slow
