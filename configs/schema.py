@@ -533,6 +533,8 @@ class ScoringConfig(Section):
     synthetic_memory_mb: float = Field(
         1024, ge=0, description="synthetic images and maps beyond this size are decoded into a temporary file "
         "($TMPDIR) and read from it batch by batch, so scoring a large set does not hold it in memory; 0: always")
+    batch_size: int = Field(256, ge=1, description="samples per batch of the per-sample work (embeddings, pixel "
+                            "nearest neighbours); in a build each batch is a task on runtime.task_runner")
     bootstrap_samples: int = Field(200, ge=10)
     nearest_neighbour_chunk: int = Field(1024, ge=1)
     copy_detection_recall: float = Field(0.95, gt=0, lt=1)

@@ -13,9 +13,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
@@ -28,6 +32,7 @@ from radsynth.pipelines.sampling.generate import generate, load_pipeline, sample
 from radsynth.pipelines.sampling.pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER
 from radsynth.pipelines.sampling.pipeline import model_hash as pipeline_hash
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
+from radsynth.pipelines.scoring.fan_out import BatchMap
 from radsynth.pipelines.training import (
     AUTOENCODER_DIR,
     BOOKKEEPING_FIELDS,
@@ -43,7 +48,7 @@ from .caching import file_sha256, stage_key
 from .launch import launch_training
 from .progress import TrainingProgress
 from .results import RESULT_SERIALIZER, RESULT_STORAGE
-from .runners import check_shared_folders, shard_device
+from .runners import check_shared_folders, make_task_runner, reporting_here, shard_device
 
 
 def _transient(task, task_run, state) -> bool:
@@ -208,11 +213,29 @@ def _evaluate_key(context, parameters) -> str:
                      parameters["samples_sha256"])
 
 
+@task(name="score-batch", cache_policy=NO_CACHE, persist_result=False, **RETRIES)
+def score_batch_task(work: Callable, batch: Any) -> Any:
+    """One batch of the synthetic side's per-sample work (``scoring.fan_out``)."""
+    return work(batch)
+
+
+@contextmanager
+def batches_on_task_runner(config: RadsynthConfig) -> Iterator[BatchMap]:
+    """A map that runs each batch as a task on the build's task runner, as sampling shards run."""
+    with reporting_here(config), make_task_runner(config) as runner:
+        def map_batches(work: Callable, batches: Sequence[Any]) -> list:
+            futures = [runner.submit(score_batch_task, {"work": work, "batch": batch}) for batch in batches]
+            return [future.result() for future in futures]
+
+        yield map_batches
+
+
 @task(name="evaluate", cache_key_fn=_evaluate_key, **CACHED)
 def evaluate_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_sha256: str,
                   samples_sha256: str) -> dict:
     logger = get_run_logger()
-    result = evaluate(config, model_dir=model_dir, log=logger.info)
+    with batches_on_task_runner(config) as map_batches:
+        result = evaluate(config, model_dir=model_dir, log=logger.info, map_batches=map_batches)
     scorecard = json.loads(Path(result.paths["json"]).read_text())
     scorecard_table(_slug(config), scorecard)
     for name, verdict in scorecard["verdicts"].items():

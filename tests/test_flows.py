@@ -220,6 +220,44 @@ def test_shards_on_other_processes_report_here_and_draw_the_same_images_as_threa
         assert np.abs(pixels - expected[name]).max() <= 64, name
 
 
+def completed_task_runs(prefix: str) -> int:
+    """Task runs named ``prefix``* that this test session's Prefect API recorded as completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState
+    from prefect.client.schemas.filters import TaskRunFilterStateType as StateType
+
+    with get_client(sync_client=True) as client:
+        return len(client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_=prefix), state=TaskRunFilterState(type=StateType(any_=["COMPLETED"]))),
+            limit=200))
+
+
+@pytest.mark.slow
+def test_evaluate_runs_its_per_sample_batches_on_dask_and_scores_as_in_process(trained, tmp_path):
+    from radsynth.configs import load_config
+    from radsynth.flows.stages import evaluate_flow, generate_flow
+    from radsynth.pipelines.scoring.evaluate import evaluate
+
+    path, run_dir, result = trained
+    model = {"model_dir": result["model_dir"], "model_hash": result["model_hash"]}
+    samples = [f"scoring.sample_dir={tmp_path / 'samples'}", "scoring.batch_size=4"]
+    generate_flow(str(path), samples, **model)
+    in_process = evaluate(load_config(path, samples), model_dir=result["model_dir"], out_dir=tmp_path / "in-process",
+                          log=lambda _: None)
+    before = completed_task_runs("score-batch")
+    fanned = evaluate_flow(str(path), [*samples, "runtime.task_runner=dask", "runtime.workers=2"], **model)
+    # 12 samples in batches of 4: three per feature space and three of pixel nearest neighbours, each a task.
+    spaces = len(in_process.scorecard.settings["feature_spaces"])
+    assert completed_task_runs("score-batch") - before == 3 * (spaces + 1)
+    rows = {name: json.loads(Path(paths).read_text())["rows"] for name, paths in
+            (("in process", in_process.paths["json"]), ("dask", fanned["json"]))}
+    assert len(rows["dask"]) == len(rows["in process"])
+    for ours, theirs in zip(rows["dask"], rows["in process"]):
+        assert ours["metric"] == theirs["metric"] and ours["feature_space"] == theirs["feature_space"]
+        expected = theirs["value"] if theirs["value"] is None else pytest.approx(theirs["value"], rel=1e-3, abs=1e-5)
+        assert ours["value"] == expected, ours["metric"]
+
+
 def test_a_worker_that_does_not_share_the_runs_filesystem_is_refused_in_one_line(tmp_path):
     from radsynth.flows.runners import check_shared_folders
 

@@ -20,7 +20,9 @@ from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.configs.schema import GateConfig, ScoringConfig
 
 from ..data.io import remove_temporaries
+from . import fan_out
 from .bootstrap import Estimate
+from .fan_out import BatchMap, in_process
 from .image_sets import ImageSet
 from .privacy_decision import privacy_checks, privacy_verdict
 from .real_side import RealSideCache
@@ -62,12 +64,13 @@ class ScoreResult:
 
 
 def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, seed: int = 0,
-          log=print, gate: GateConfig | None = None, cache_dir: str | Path | None = None) -> ScoreResult:
+          log=print, gate: GateConfig | None = None, cache_dir: str | Path | None = None,
+          map_batches: BatchMap = in_process) -> ScoreResult:
     """The scorecard of ``inputs``; its privacy verdict is the release gate's privacy decision under ``gate``
     (``release.gate``; its defaults for an audit without a config).
 
-    cache_dir: where real-side work is kept between runs (``real_side``); None computes it in this run only. The
-    scorecard is the same either way.
+    cache_dir: where real-side work is kept between runs (``real_side``); None computes it in this run only.
+    map_batches: where the synthetic side's per-sample work runs (``fan_out``). The scorecard is the same either way.
     """
     _check_compatible(inputs)
     cache = _real_side_cache(inputs, settings, seed, cache_dir)
@@ -94,10 +97,10 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
         seconds[name] = round(time.perf_counter() - started, 2)
         return result
 
-    features = timed("features", lambda tick: _features(inputs, settings, seed, cache, tick))
+    features = timed("features", lambda tick: _features(inputs, settings, seed, cache, map_batches, tick))
     timed("realism", lambda tick: _realism(card, inputs, features, settings, seed, cache, tick))
     timed("adherence", lambda tick: _adherence(card, inputs, settings, seed, cache, tick))
-    timed("privacy", lambda tick: _privacy(card, inputs, features, settings, seed, cache, tick))
+    timed("privacy", lambda tick: _privacy(card, inputs, features, settings, seed, cache, map_batches, tick))
     if settings.utility:
         timed("utility", lambda tick: _utility(card, inputs, settings, seed, cache, tick))
     log(f"scoring: real-side work {cache.hits} entries reused, {cache.misses} computed"
@@ -149,7 +152,7 @@ class FeatureTable:
 
 
 def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: RealSideCache,
-              tick) -> list[FeatureTable]:
+              map_batches: BatchMap, tick) -> list[FeatureTable]:
     real = {"train": inputs.train, "holdout": inputs.holdout, "test": inputs.test}
     with_masks = all(s.masks is not None for s in [inputs.synthetic, *real.values()] if s is not None)
     tables = []
@@ -161,7 +164,8 @@ def _features(inputs: ScoringInputs, settings: ScoringConfig, seed: int, cache: 
 
         features = cache.arrays(f"features_{name}", lambda: {k: extract(s) for k, s in real.items() if s is not None},
                                 masks=with_masks)
-        table = FeatureTable(name, extractor, extract(inputs.synthetic), features["train"], features["holdout"],
+        synthetic = fan_out.embed(extractor, inputs.synthetic, with_masks, map_batches, settings.batch_size)
+        table = FeatureTable(name, extractor, synthetic, features["train"], features["holdout"],
                              features.get("test"), uses_masks=with_masks)
         tables.append(table if name == "self_supervised" else _standardise(table))
         tick()
@@ -454,12 +458,12 @@ def _real_classifier(inputs: ScoringInputs, attribute: str, settings: ScoringCon
 
 
 def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable], settings: ScoringConfig,
-             seed: int, cache: RealSideCache, tick) -> None:
+             seed: int, cache: RealSideCache, map_batches: BatchMap, tick) -> None:
     from . import privacy
 
     synthetic, train, holdout = inputs.synthetic, inputs.train, inputs.holdout
     pixel_holdout, pixel_threshold = pixel_copy_reference(train, holdout, settings, cache)
-    pixel = privacy.pixel_nearest_neighbours(synthetic.images, train.images, **_pixel_settings(settings))
+    pixel = fan_out.pixel_matches(synthetic, train.images, _pixel_settings(settings), map_batches, settings.batch_size)
     tick()
     pixel_copy = pixel.flags(pixel_threshold)
     card.add("privacy", "pixel_copy_rate", float(pixel_copy.mean()), feature_space="pixels",
@@ -678,7 +682,7 @@ def build_eval_dir(config: RadsynthConfig) -> Path:
 
 
 def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample_dir: str | Path | None = None,
-             out_dir: str | Path | None = None, log=print) -> ScoreResult:
+             out_dir: str | Path | None = None, log=print, map_batches: BatchMap = in_process) -> ScoreResult:
     """Score a build's samples (``scoring.sample_dir`` or <output_dir>/samples) against its real splits."""
     from ..sampling.generate import load_pipeline, sampler_settings
     from ..training import sampling_model_dir
@@ -698,7 +702,7 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
                                              if key in ("num_inference_steps", "guidance_scale")}
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler)
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
-                 gate=config.release.gate, cache_dir=build_scoring_cache_dir(config))
+                 gate=config.release.gate, cache_dir=build_scoring_cache_dir(config), map_batches=map_batches)
 
 
 def _check_compatible(inputs: ScoringInputs) -> None:

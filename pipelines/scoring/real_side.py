@@ -30,7 +30,7 @@ from ..data.io import _atomic, write_json
 from .image_sets import ImageSet
 
 # Settings that choose the synthetic set, not what is computed on the real one.
-_SYNTHETIC_ONLY_SETTINGS = ("sample_dir", "max_samples", "synthetic_memory_mb")
+_SYNTHETIC_ONLY_SETTINGS = ("sample_dir", "max_samples", "synthetic_memory_mb", "batch_size")
 _CODE = Path(__file__).parent
 
 
