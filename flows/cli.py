@@ -17,8 +17,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radsynth.configs import RadsynthConfig, UserInputError, apply_overrides, config_to_yaml, load_config
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 USER_ERROR_EXIT = 2
 BUG_EXIT = 1
@@ -172,7 +176,7 @@ def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     with processes.main_process_first():
         ingest(config, progress=not args.json and processes.is_main_process)
     if config.finetune.from_:
-        return _finetune(config, args)
+        return _finetune(config, args, processes)
     result = train(config, progress=not args.json)
     # Every rank holds the same model; the main one answers (a launcher reads one JSON line).
     if processes.is_main_process:
@@ -199,11 +203,9 @@ def _launch(config: RadsynthConfig, args: argparse.Namespace) -> dict:
     return result
 
 
-def _finetune(config: RadsynthConfig, args: argparse.Namespace) -> dict:
-    from radsynth.generators.trainer import process_group
+def _finetune(config: RadsynthConfig, args: argparse.Namespace, processes: PartialState) -> dict:
     from radsynth.pipelines.finetuning import finetune
 
-    processes = process_group(config.runtime.device)
     result = finetune(config, progress=not args.json)
     if processes.is_main_process:
         print(f"fine-tuned model {result.model_dir} (hash {result.model_hash[:12]}) from base "

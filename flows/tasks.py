@@ -114,9 +114,11 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
     logger = get_run_logger()
     if config.runtime.launch.distributed:
         launched = launch_training(config, logger)
-        if config.sampling.pairs:
-            launched["model_hash"] = saved_model_hash(config, launched["model_dir"])
-        return launched
+        # The main rank's answer, in the shape of an in-process training's (a fine-tune answers "steps").
+        digest = saved_model_hash(config, launched["model_dir"]) if config.sampling.pairs else launched["model_hash"]
+        return {"model_dir": launched["model_dir"], "model_hash": digest,
+                "steps": launched.get("diffusion_steps", launched.get("steps")), "processes": launched["processes"],
+                "launched": launched["launched"]}
     if config.finetune.from_:
         from radsynth.pipelines.finetuning import finetune
 
