@@ -375,6 +375,9 @@ class ConditioningConfig(Section):
     text_layers: int = Field(2, ge=1)
     text_heads: int = Field(4, ge=1)
     include_text: bool = Field(True, description="append the case's report/caption after the attributes")
+    text_dropout: float = Field(0.5, ge=0, le=1, description="with include_text and attributes: the share of "
+                                "training prompts that show the attributes alone, as sampling prompts do (a real "
+                                "report is never one); 0 trains on whole prompts only")
     min_word_cases: int = Field(5, ge=1, description="the trained text encoder's vocabulary keeps only words found "
                                 "in at least this many training cases: one patient's name or record number never "
                                 "gets into the saved model")

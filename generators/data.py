@@ -59,6 +59,13 @@ class ConditioningSpec:
     def prompt(self, record: CaseRecord) -> str:
         return render_prompt(record.text if self.include_text else "", record.attributes, list(self.attribute_keys))
 
+    def attribute_prompt(self, record: CaseRecord) -> str | None:
+        """The case's prompt without its text: what sampling asks for (a real report is never a sampling prompt).
+        None where that is the prompt itself (no text, or no attribute to show)."""
+        if not (self.include_text and self.attribute_keys):
+            return None
+        return render_prompt("", record.attributes, list(self.attribute_keys))
+
 
 class CachedImages:
     """Preprocessed images (and labels) of a set of cases, read from the cache on demand."""
@@ -69,6 +76,8 @@ class CachedImages:
         self.records = list(records)
         self.cache_dir = Path(cache_dir)
         self.prompts = [conditioning.prompt(record) for record in self.records]
+        shorter = [conditioning.attribute_prompt(record) for record in self.records]
+        self.attribute_prompts = None if shorter.count(None) == len(shorter) else shorter
         self.spacings = torch.tensor([_grid_spacing(self._path(r)) for r in self.records], dtype=torch.float32)
 
     def __len__(self) -> int:
@@ -109,10 +118,22 @@ class CachedLatents:
     """
 
     def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, prompts: Sequence[str], spacing: torch.Tensor,
-                 class_labels: torch.Tensor | None = None):
+                 class_labels: torch.Tensor | None = None, attribute_prompts: Sequence[str] | None = None):
         self.mu, self.sigma, self.prompts, self.spacing = mu, sigma, list(prompts), spacing
+        # The prompts without the cases' text (``ConditioningSpec.attribute_prompt``), or None: see the trainer's
+        # text dropout.
+        self.attribute_prompts = None if attribute_prompts is None else list(attribute_prompts)
         self.class_labels = class_labels  # (N,) class indices, 0 = none; set by the trainer's caller
         self.label_maps: torch.Tensor | None = None  # (N, 1, *image_shape) integer labels, for a ControlNet
+
+    @classmethod
+    def of(cls, images: CachedImages, mu: torch.Tensor, sigma: torch.Tensor) -> CachedLatents:
+        """Latents of ``images`` (row for row), with their prompts and spacings."""
+        return cls(mu, sigma, images.prompts, images.spacings, attribute_prompts=images.attribute_prompts)
+
+    def with_values(self, mu: torch.Tensor, sigma: torch.Tensor) -> CachedLatents:
+        """Other values of the same cases, with their prompts, spacings and classes (what a mask generator learns)."""
+        return CachedLatents(mu, sigma, self.prompts, self.spacing, self.class_labels, self.attribute_prompts)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -123,6 +144,8 @@ class CachedLatents:
         noise = torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
         batch = {"latents": mu + sigma * noise, "prompts": [self.prompts[i] for i in indices],
                  "spacing": self.spacing[index]}
+        if self.attribute_prompts is not None:
+            batch["attribute_prompts"] = [self.attribute_prompts[i] for i in indices]
         if self.class_labels is not None:
             batch["class_labels"] = self.class_labels[index]
         if self.label_maps is not None:
@@ -130,18 +153,17 @@ class CachedLatents:
         return batch
 
     def save(self, path: str | Path) -> Path:
+        """The encoded values only: prompts follow the conditioning settings, which may change while the
+        autoencoder (and so its latents) stays."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.tmp")
-        prompts = "\n".join(p.replace("\n", " ") for p in self.prompts)
-        save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous(), "spacing": self.spacing.contiguous()},
-                  str(temporary), metadata={"prompts": prompts})
+        save_file({"mu": self.mu.contiguous(), "sigma": self.sigma.contiguous()}, str(temporary))
         temporary.replace(path)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> CachedLatents:
+    def load(cls, path: str | Path, images: CachedImages) -> CachedLatents:
+        """The values ``save`` wrote for ``images``, with the images' own (current) prompts."""
         tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as handle:
-            prompts = (handle.metadata() or {}).get("prompts", "").split("\n")
-        return cls(tensors["mu"], tensors["sigma"], prompts, tensors["spacing"])
+        return cls.of(images, tensors["mu"], tensors["sigma"])

@@ -29,16 +29,19 @@ class DiffusionTrainer:
     ``controlnet`` whose parameters with ``requires_grad`` train (the rest stay as they are). EMA covers what
     trains. Batches carrying ``label_maps`` condition the ControlNet; text and classes are dropped at
     ``condition_dropout`` while the label map always stays, so guidance over text keeps working with a mask.
+    Batches carrying ``attribute_prompts`` show a case's attributes alone instead of its whole prompt at
+    ``text_dropout``: sampling asks in attributes alone, so the model must learn them without a report beside.
     """
 
     def __init__(self, diffusion: LatentDiffusion, trained: Sequence[torch.nn.Module], latents: CachedLatents,
                  run_dir: str | Path, settings: LoopSettings, *, learning_rate: float, lr_schedule: str,
                  warmup_steps: int, batch_size: int, condition_dropout: float, max_grad_norm: float,
-                 ema_decay: float | None, seed: int):
+                 ema_decay: float | None, seed: int, text_dropout: float = 0.0):
         self.loop = TrainingLoop(run_dir, settings)
         accelerator = self.loop.accelerator
         self.diffusion, self.latents, self.batch_size = diffusion, latents, batch_size
         self.condition_dropout, self.max_grad_norm, self.seed = condition_dropout, max_grad_norm, seed
+        self.text_dropout = text_dropout
         self.parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=1e-2)
         schedule = get_scheduler("cosine" if lr_schedule == "cosine" else "constant_with_warmup", optimizer,
@@ -90,11 +93,17 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The batch's mean denoising loss, its conditions dropped at ``condition_dropout``."""
+        """The batch's mean denoising loss, its conditions dropped at ``condition_dropout`` and its prompts' text at
+        ``text_dropout``."""
         device = self.loop.accelerator.device
         clean = batch["latents"].to(device)
         keep = torch.rand(len(clean), generator=generator) >= self.condition_dropout
-        condition = self.diffusion.condition(batch["prompts"], class_labels=batch.get("class_labels"),
+        prompts = batch["prompts"]
+        if self.text_dropout and "attribute_prompts" in batch:  # no draw otherwise: earlier runs' streams stay
+            shorten = torch.rand(len(clean), generator=generator) < self.text_dropout
+            prompts = [short if cut else full for full, short, cut in
+                       zip(prompts, batch["attribute_prompts"], shorten.tolist())]
+        condition = self.diffusion.condition(prompts, class_labels=batch.get("class_labels"),
                                              spacing=batch["spacing"], label_maps=batch.get("label_maps"), keep=keep)
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
         timesteps = self.diffusion.objective.sample_timesteps(len(clean), device=device, generator=generator)

@@ -110,7 +110,8 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     # The base's own objective, read from its folder: a fine-tune continues what the base learnt to predict.
     arguments = dict(learning_rate=settings.learning_rate, lr_schedule="constant", warmup_steps=0,
                      batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
-                     max_grad_norm=config.diffusion.max_grad_norm, ema_decay=None, seed=config.runtime.seed)
+                     text_dropout=config.conditioning.text_dropout, max_grad_norm=config.diffusion.max_grad_norm,
+                     ema_decay=None, seed=config.runtime.seed)
     loop = loop_settings(config, progress, settings)
     if plan is None:
         trainer = DiffusionTrainer(base.diffusion(), [unet], latents, run_dir, loop, **arguments)

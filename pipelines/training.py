@@ -272,8 +272,8 @@ def _trainer(config: RadsynthConfig, core: LatentDiffusion, trained: list[torch.
     return DiffusionTrainer(core, trained, data, folder, loop, learning_rate=learning_rate,
                             lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
                             batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
-                            max_grad_norm=diffusion.max_grad_norm, ema_decay=diffusion.ema_decay,
-                            seed=config.runtime.seed)
+                            text_dropout=config.conditioning.text_dropout, max_grad_norm=diffusion.max_grad_norm,
+                            ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
 
 
 def _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress):
@@ -404,7 +404,7 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
         use_spacing=unet_config.use_spacing, orientation=asdict(MaskBank.from_ingest(config).grid_orientation))
     shares = torch.cat([generator.encode(latents.label_maps[start:start + 64])
                         for start in range(0, len(latents), 64)])
-    maps = CachedLatents(shares, torch.zeros_like(shares), latents.prompts, latents.spacing, latents.class_labels)
+    maps = latents.with_values(shares, torch.zeros_like(shares))
     weights = LabelLossWeights.from_shares(shares, settings.label_balance, settings.rare_label_weight)
     trainer = _trainer(config, mask_generator_diffusion(base, generator, weights), [generator], maps, folder,
                        loop_settings(config, progress, settings),
@@ -432,7 +432,7 @@ def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path
     stamp = path.with_suffix(".json")
     identity = {"scaling_factor": autoencoder.scaling_factor, "cases": [r.case_id for r in images.records]}
     if path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == identity:
-        return CachedLatents.load(path)
+        return CachedLatents.load(path, images)
     autoencoder.eval()
     mus, sigmas = [], []
     for start in range(0, len(images), batch_size):
@@ -440,7 +440,7 @@ def _cached_latents(autoencoder: RadsynthAutoencoder, images: CachedImages, path
         z_mu, z_sigma = autoencoder.posterior(x)
         mus.append(z_mu.cpu())
         sigmas.append(z_sigma.cpu())
-    latents = CachedLatents(torch.cat(mus), torch.cat(sigmas), images.prompts, images.spacings)
+    latents = CachedLatents.of(images, torch.cat(mus), torch.cat(sigmas))
     latents.save(path)
     write_json(stamp, identity)
     return latents

@@ -1,0 +1,84 @@
+"""Training prompts and sampling prompts agree: the model learns attribute-only prompts (what sampling asks)
+beside whole ones (attributes + the case's text), and a cached latents file never carries stale prompts."""
+
+import re
+
+import pytest
+
+from radsynth.generators.data import ConditioningSpec
+from radsynth.generators.latent_diffusion import LatentDiffusion
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.data.manifest import CaseRecord
+from radsynth.pipelines.sampling.generate import sampling_conditions
+from radsynth.pipelines.training import train
+
+from .test_training_stage import tiny_config
+
+HEADER = re.compile(r"^finding: [a-z]+(; view: (AP|PA))?\.")
+
+
+def _record(text: str) -> CaseRecord:
+    return CaseRecord(case_id="c1", patient_id="p1", modality="xray", body_region="chest", image="c1.png",
+                      spacing=(1.0, 1.0), shape=(8, 8), text=text, attributes={"finding": "effusion", "view": "AP"},
+                      source="test", sha256="0" * 64)
+
+
+def test_the_attribute_prompt_is_the_whole_prompt_without_the_text_and_none_where_they_are_the_same():
+    record = _record("Small left pleural effusion.")
+    spec = ConditioningSpec(["finding", "view"], include_text=True)
+    assert spec.prompt(record) == "finding: effusion; view: AP. Small left pleural effusion."
+    assert spec.attribute_prompt(record) == "finding: effusion; view: AP."
+    assert ConditioningSpec(["finding"], include_text=False).attribute_prompt(record) is None
+    assert ConditioningSpec([], include_text=True).attribute_prompt(record) is None
+
+
+@pytest.fixture
+def conditioned_prompts(monkeypatch):
+    """Every prompt list the training loss conditions on (the real method still runs); the loss is the caller that
+    passes ``keep`` (classifier-free dropout), validation samples do not."""
+    seen: list[list[str]] = []
+    condition = LatentDiffusion.condition
+
+    def recording(self, prompts, *args, **kwargs):
+        if kwargs.get("keep") is not None:
+            seen.append(list(prompts))
+        return condition(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(LatentDiffusion, "condition", recording)
+    return seen
+
+
+def test_training_shows_attribute_only_prompts_at_text_dropout_and_never_stale_cached_ones(tmp_path, conditioned_prompts):
+    steps = ["diffusion.max_steps=6", "diffusion.validate_every=100", "diffusion.batch_size=4"]
+    config = tiny_config(tmp_path, *steps, "conditioning.attributes=[finding]", "conditioning.text_dropout=1.0")
+    ingest(config, progress=False)
+    train(config, progress=False)
+    trained = [prompt for batch in conditioned_prompts for prompt in batch]
+    assert len(trained) == 24  # six steps of four
+    # All attribute-only, as sampling asks (sampling prompts are in the same words)
+    assert all(re.fullmatch(r"finding: [a-z]+\.", prompt) for prompt in trained), trained[:4]
+    assert {choice.prompt for choice in sampling_conditions(config)} <= {
+        f"finding: {value}." for value in ("none", "nodule", "consolidation", "effusion", "cardiomegaly",
+                                           "pneumothorax")}
+
+    latents_file = tmp_path / "train" / "latents.safetensors"
+    encoded_at = latents_file.stat().st_mtime_ns
+    conditioned_prompts.clear()
+    # Another prompt (one more attribute, a mix of whole and attribute-only prompts) over the same autoencoder:
+    # the cached latents are reused and the prompts are the new ones
+    mixed = tiny_config(tmp_path, *steps, "conditioning.attributes=[finding,view]", "conditioning.text_dropout=0.5")
+    train(mixed, progress=False)
+    assert latents_file.stat().st_mtime_ns == encoded_at
+    trained = [prompt for batch in conditioned_prompts for prompt in batch]
+    assert len(trained) == 24 and all(HEADER.match(prompt) and "; view: " in prompt for prompt in trained)
+    whole = [prompt for prompt in trained if "radiograph" in prompt]
+    assert 0 < len(whole) < len(trained)  # both kinds, drawn per sample
+
+
+def test_without_text_dropout_every_training_prompt_is_whole(tmp_path, conditioned_prompts):
+    config = tiny_config(tmp_path, "diffusion.max_steps=3", "diffusion.validate_every=100",
+                         "conditioning.text_dropout=0")
+    ingest(config, progress=False)
+    train(config, progress=False)
+    trained = [prompt for batch in conditioned_prompts for prompt in batch]
+    assert trained and all("radiograph" in prompt for prompt in trained)
