@@ -284,6 +284,9 @@ class DiffusionConfig(Section):
     norm_num_groups: int = Field(32, ge=1)
     objective: Literal["epsilon", "v_prediction", "rectified_flow"] = "v_prediction"
     num_train_timesteps: int = Field(1000, ge=1)
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023, "
+                                        "5 in the paper): the nearly clean steps stop dominating training; null: "
+                                        "unweighted")
     learning_rate: float = Field(1e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

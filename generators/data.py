@@ -104,6 +104,17 @@ class CachedImages:
                 "spacing": self.spacings[list(indices)]}
 
 
+def training_prompts(batch: dict, text_dropout: float, generator: torch.Generator) -> list[str]:
+    """A batch's prompts as training shows them: each case's attribute prompt instead of its whole one (attributes
+    + text) with probability ``text_dropout``, since sampling asks in attributes alone. Without attribute prompts
+    in the batch, or at 0, nothing is drawn from ``generator``, so runs without text keep their random streams."""
+    prompts = batch["prompts"]
+    if not text_dropout or "attribute_prompts" not in batch:
+        return prompts
+    shorten = torch.rand(len(prompts), generator=generator) < text_dropout
+    return [short if cut else whole for whole, short, cut in zip(prompts, batch["attribute_prompts"], shorten.tolist())]
+
+
 def _grid_spacing(path: Path) -> list[float]:
     """The case's voxel spacing, reading only its affine (not the image) from the cache file."""
     with safe_open(str(path), framework="numpy") as handle:

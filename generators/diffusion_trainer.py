@@ -15,7 +15,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
-from .data import CachedLatents, batch_indices, step_generator
+from .data import CachedLatents, batch_indices, step_generator, training_prompts
 from .latent_diffusion import LatentDiffusion
 from .trainer import LoopSettings, TrainingLoop
 
@@ -98,11 +98,7 @@ class DiffusionTrainer:
         device = self.loop.accelerator.device
         clean = batch["latents"].to(device)
         keep = torch.rand(len(clean), generator=generator) >= self.condition_dropout
-        prompts = batch["prompts"]
-        if self.text_dropout and "attribute_prompts" in batch:  # no draw otherwise: earlier runs' streams stay
-            shorten = torch.rand(len(clean), generator=generator) < self.text_dropout
-            prompts = [short if cut else full for full, short, cut in
-                       zip(prompts, batch["attribute_prompts"], shorten.tolist())]
+        prompts = training_prompts(batch, self.text_dropout, generator)
         condition = self.diffusion.condition(prompts, class_labels=batch.get("class_labels"),
                                              spacing=batch["spacing"], label_maps=batch.get("label_maps"), keep=keep)
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)

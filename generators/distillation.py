@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
 from .consistency import ConsistencyScheduler
-from .data import CachedLatents, batch_indices, step_generator
+from .data import CachedLatents, batch_indices, step_generator, training_prompts
 from .latent_diffusion import LatentDiffusion
 from .trainer import LoopSettings, TrainingLoop
 
@@ -38,17 +38,18 @@ class ConsistencyDistiller:
     teacher: the trained model (its denoiser is frozen); scheduler: the student's sampler, whose teacher grid
     and boundary functions the loss uses; guidance_scale: the teacher guidance the student learns.
     target_decay: EMA rate of the target network (LCM's 0.95); the target is what is saved.
+    text_dropout: the share of prompts shown as their attributes alone (``training_prompts``), as the teacher learnt.
     """
 
     def __init__(self, teacher: LatentDiffusion, student: torch.nn.Module, latents: CachedLatents,
                  scheduler: ConsistencyScheduler, run_dir: str | Path, settings: LoopSettings, *,
                  guidance_scale: float, learning_rate: float, batch_size: int, target_decay: float,
-                 max_grad_norm: float, warmup_steps: int, seed: int):
+                 max_grad_norm: float, warmup_steps: int, seed: int, text_dropout: float = 0.0):
         self.loop = TrainingLoop(run_dir, settings)
         accelerator = self.loop.accelerator
         self.teacher, self.latents, self.scheduler = teacher, latents, scheduler
         self.guidance_scale, self.batch_size, self.target_decay = guidance_scale, batch_size, target_decay
-        self.max_grad_norm, self.seed = max_grad_norm, seed
+        self.max_grad_norm, self.seed, self.text_dropout = max_grad_norm, seed, text_dropout
         for module in (teacher.denoiser, teacher.text_encoder):
             module.requires_grad_(False).eval().to(accelerator.device)
         self.target = copy.deepcopy(student).requires_grad_(False).to(accelerator.device)
@@ -78,7 +79,8 @@ class ConsistencyDistiller:
                              accelerator.num_processes)
         batch = self.latents.batch(rows, generator)
         clean = batch["latents"].to(accelerator.device)
-        condition = self.teacher.condition(batch["prompts"], class_labels=batch.get("class_labels"),
+        condition = self.teacher.condition(training_prompts(batch, self.text_dropout, generator),
+                                           class_labels=batch.get("class_labels"),
                                            spacing=batch["spacing"])
         index = torch.randint(0, len(self.grid) - 1, (len(clean),), generator=generator).to(accelerator.device)
         t, s = self.grid[index], self.grid[index + 1]

@@ -180,7 +180,9 @@ class LatentDiffusion:
         squared = (prediction.float() - target.float()) ** 2
         if self.loss_weights is not None:
             squared = squared * self.loss_weights(clean, condition).to(squared.device)
-        return squared.reshape(len(clean), -1).mean(dim=1)
+        per_sample = squared.reshape(len(clean), -1).mean(dim=1)
+        timestep_weights = self.objective.loss_weights(timesteps)
+        return per_sample if timestep_weights is None else per_sample * timestep_weights.to(per_sample.device)
 
     def guided_prediction(self, latents: Tensor, timestep: Tensor, condition: Conditioning, guidance_scale: float,
                           unconditional: Conditioning | None = None) -> Tensor:

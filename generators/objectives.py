@@ -65,8 +65,10 @@ class TrainingObjective:
     """
 
     def __init__(self, name: str, num_train_timesteps: int = 1000, flow_timestep_sampling: str = "logit_normal",
-                 noise_schedule: Mapping[str, object] | None = None):
+                 noise_schedule: Mapping[str, object] | None = None, min_snr_gamma: float | None = None):
         _check_objective(name)
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         if flow_timestep_sampling not in FLOW_TIMESTEP_SAMPLING:
             raise ValueError(
                 f"flow_timestep_sampling must be one of {FLOW_TIMESTEP_SAMPLING}, got {flow_timestep_sampling!r}"
@@ -74,6 +76,7 @@ class TrainingObjective:
         self.name = name
         self.num_train_timesteps = int(num_train_timesteps)
         self.flow_timestep_sampling = flow_timestep_sampling
+        self.min_snr_gamma = min_snr_gamma
         # The forward (noising) process for the discrete objectives; rectified flow needs none.
         self.noise_scheduler = None if self.is_flow else DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps, prediction_type=name, clip_sample=False,
@@ -102,6 +105,24 @@ class TrainingObjective:
             # velocity is hardest to predict; sigmoid keeps t strictly inside (0, 1).
             timesteps = torch.sigmoid(torch.randn(batch_size, generator=generator, device=draw_device))
         return timesteps.to(device) if device is not None else timesteps
+
+    def loss_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights of the regression loss at training ``timesteps`` (B,), or None (unweighted).
+
+        Min-SNR-gamma (Hang et al., ICCV 2023): the loss counted as an error in the clean latents weighted by
+        min(SNR, gamma), so the nearly clean steps (SNR far above gamma, fine detail) no longer dominate the
+        gradient over the noisy ones, where layout and the prompt's content are decided. Each objective's error
+        is turned into a clean-latent error by how far the implied clean latents move per unit of output:
+        noise_level / signal for epsilon, noise_level for v and for the flow velocity (clean = x_t - t v). This
+        gives diffusers' min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v.
+        """
+        if self.min_snr_gamma is None:
+            return None
+        model_timesteps = self.model_timesteps(timesteps)
+        signal, noise_level = self.levels(model_timesteps, torch.empty(len(model_timesteps), dtype=torch.float64))
+        clean_per_output = noise_level / signal if self.name == "epsilon" else noise_level
+        snr = (signal / noise_level) ** 2
+        return (snr.clamp(max=self.min_snr_gamma) * clean_per_output**2).float()
 
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Training timesteps -> what the denoiser is given: t * num_train_timesteps for rectified flow (the unit of

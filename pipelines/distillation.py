@@ -79,7 +79,8 @@ def distill(config: RadsynthConfig, teacher_dir: str | Path | None = None, progr
         teacher.diffusion(), copy.deepcopy(teacher.unet), latents, scheduler, run_dir,
         _loop(config, progress), guidance_scale=guidance, learning_rate=settings.learning_rate,
         batch_size=settings.batch_size, target_decay=settings.target_decay,
-        max_grad_norm=config.diffusion.max_grad_norm, warmup_steps=settings.warmup_steps, seed=config.runtime.seed)
+        max_grad_norm=config.diffusion.max_grad_norm, warmup_steps=settings.warmup_steps, seed=config.runtime.seed,
+        text_dropout=config.conditioning.text_dropout)
     distiller.fit()
     with distiller.inference_weights() as student_unet:
         # Distilled on the real training latents, outside any DP mechanism: a private teacher's guarantee does not

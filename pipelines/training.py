@@ -139,7 +139,8 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None)
     diffusion = config.diffusion
     core = LatentDiffusion(unet, autoencoder, text_encoder,
-                           TrainingObjective(diffusion.objective, diffusion.num_train_timesteps),
+                           TrainingObjective(diffusion.objective, diffusion.num_train_timesteps,
+                                             min_snr_gamma=diffusion.min_snr_gamma),
                            class_attribute=config.conditioning.class_attribute, class_names=class_names)
     # The default text encoder learns with the UNet; a pretrained one stays frozen.
     trained = [unet, text_encoder] if any(p.requires_grad for p in text_encoder.parameters()) else [unet]

@@ -202,3 +202,37 @@ def test_a_base_s_own_noise_schedule_reaches_training_sampling_and_the_consisten
     default = build_inference_scheduler("epsilon", scheduler).alphas_cumprod
     torch.testing.assert_close(default, DDPMScheduler(**NOISE_SCHEDULE).alphas_cumprod)
     assert not torch.allclose(default, reference)
+
+
+def test_min_snr_weights_are_diffusers_closed_forms_and_none_when_off():
+    timesteps = torch.tensor([0, 10, 200, 500, 999])
+    alpha_bar = TrainingObjective("epsilon").noise_scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    capped = snr.clamp(max=5.0)
+    epsilon = TrainingObjective("epsilon", min_snr_gamma=5.0).loss_weights(timesteps)
+    v = TrainingObjective("v_prediction", min_snr_gamma=5.0).loss_weights(timesteps)
+    torch.testing.assert_close(epsilon.double(), capped / snr, rtol=1e-5, atol=0)
+    torch.testing.assert_close(v.double(), capped / (snr + 1), rtol=1e-5, atol=0)
+    assert epsilon[-1] == pytest.approx(1.0) and epsilon[0] < 0.01  # noisy steps kept, clean ones scaled down
+    assert TrainingObjective("v_prediction").loss_weights(timesteps) is None
+
+    t = torch.tensor([0.01, 0.3, 0.5, 0.9])
+    flow = TrainingObjective("rectified_flow", min_snr_gamma=5.0).loss_weights(t).double()
+    # velocity error = clean-latent error / t, so the clean-latent weight min(SNR, gamma) times t^2
+    torch.testing.assert_close(flow, (((1 - t) / t) ** 2).double().clamp(max=5.0) * t.double() ** 2, rtol=1e-5, atol=0)
+
+
+
+def test_min_snr_scales_each_sample_s_training_loss_by_its_weight():
+    from .test_distillation import tiny_teacher
+
+    model, latents = tiny_teacher("v_prediction")
+    batch = latents.batch(range(4), torch.Generator().manual_seed(0))
+    condition = model.condition(batch["prompts"], spacing=batch["spacing"])
+    noise, timesteps = torch.randn(batch["latents"].shape), torch.tensor([3, 250, 600, 990])
+    with torch.no_grad():
+        plain = model.losses(batch["latents"], condition, noise, timesteps)
+        model.objective = TrainingObjective("v_prediction", min_snr_gamma=2.0)
+        weighted = model.losses(batch["latents"], condition, noise, timesteps)
+    torch.testing.assert_close(weighted, plain * model.objective.loss_weights(timesteps))
+    assert weighted[0] < 0.05 * plain[0]  # the nearly clean sample barely counts

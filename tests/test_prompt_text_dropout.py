@@ -4,8 +4,9 @@ beside whole ones (attributes + the case's text), and a cached latents file neve
 import re
 
 import pytest
+import torch
 
-from radsynth.generators.data import ConditioningSpec
+from radsynth.generators.data import ConditioningSpec, training_prompts
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.data.manifest import CaseRecord
@@ -30,6 +31,18 @@ def test_the_attribute_prompt_is_the_whole_prompt_without_the_text_and_none_wher
     assert spec.attribute_prompt(record) == "finding: effusion; view: AP."
     assert ConditioningSpec(["finding"], include_text=False).attribute_prompt(record) is None
     assert ConditioningSpec([], include_text=True).attribute_prompt(record) is None
+
+
+def test_training_prompts_shorten_at_the_dropout_rate_and_draw_nothing_without_attribute_prompts():
+    whole = [f"finding: none. Case {i} text." for i in range(400)]
+    batch = {"prompts": whole, "attribute_prompts": ["finding: none."] * 400}
+    assert training_prompts(batch, 1.0, torch.Generator().manual_seed(0)) == batch["attribute_prompts"]
+    assert training_prompts(batch, 0.0, torch.Generator().manual_seed(0)) == whole
+    shortened = sum(p == "finding: none." for p in training_prompts(batch, 0.25, torch.Generator().manual_seed(0)))
+    assert 70 <= shortened <= 130  # 100 expected; binomial sd 8.7
+    generator = torch.Generator().manual_seed(0)
+    assert training_prompts({"prompts": whole}, 0.5, generator) == whole
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
 
 
 @pytest.fixture
