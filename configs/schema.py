@@ -287,6 +287,9 @@ class DiffusionConfig(Section):
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR-gamma loss weighting (Hang et al. 2023, "
                                         "5 in the paper): the nearly clean steps stop dominating training; null: "
                                         "unweighted")
+    balance_by: str | None = Field(None, description="draw training cases so that every value of this attribute "
+                                   "fills the same share of the batches (rare findings as often as 'none'); "
+                                   "null: every case equally often")
     learning_rate: float = Field(1e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

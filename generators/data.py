@@ -7,6 +7,7 @@ the cache (3D datasets do not fit in memory); latents, 4^D times smaller, are ke
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +24,19 @@ from radsynth.pipelines.data.manifest import CaseRecord
 from .prompts import render_prompt
 
 
-def batch_indices(n_items: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1) -> np.ndarray:
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int, rank: int = 0, world: int = 1,
+                  weights: np.ndarray | None = None) -> np.ndarray:
     """Indices of the batch for ``step``: epochs are seeded permutations, each process takes its own slice.
 
     ``step`` counts from 0. The last partial batch of an epoch wraps into the next epoch's permutation, so
-    every batch is full and the schedule never depends on where a run was interrupted.
+    every batch is full and the schedule never depends on where a run was interrupted. With ``weights`` (one
+    per item) each step's global batch is drawn with replacement in proportion to them instead, from a stream
+    seeded by the step alone (so resumes stay exact).
     """
     global_batch = batch_size * world
+    if weights is not None:
+        chosen = np.random.default_rng([seed, step, 11]).choice(n_items, global_batch, p=weights / weights.sum())
+        return chosen[rank * batch_size : (rank + 1) * batch_size]
     start = step * global_batch
     epoch_first, epoch_last = start // n_items, (start + global_batch - 1) // n_items
     order = np.concatenate([_epoch_permutation(n_items, seed, epoch) for epoch in range(epoch_first, epoch_last + 1)])
@@ -104,6 +111,14 @@ class CachedImages:
                 "spacing": self.spacings[list(indices)]}
 
 
+def balance_weights(records: Sequence[CaseRecord], attribute: str) -> np.ndarray:
+    """One weight per case, 1 / (cases sharing its value of ``attribute``): drawn by these, every value (a rare
+    finding as much as 'none') fills the same share of the batches. Cases without the attribute form one group."""
+    values = [str(record.attributes.get(attribute)) for record in records]
+    counts = Counter(values)
+    return np.array([1.0 / counts[value] for value in values])
+
+
 def training_prompts(batch: dict, text_dropout: float, generator: torch.Generator) -> list[str]:
     """A batch's prompts as training shows them: each case's attribute prompt instead of its whole one (attributes
     + text) with probability ``text_dropout``, since sampling asks in attributes alone. Without attribute prompts
@@ -136,6 +151,7 @@ class CachedLatents:
         self.attribute_prompts = None if attribute_prompts is None else list(attribute_prompts)
         self.class_labels = class_labels  # (N,) class indices, 0 = none; set by the trainer's caller
         self.label_maps: torch.Tensor | None = None  # (N, 1, *image_shape) integer labels, for a ControlNet
+        self.row_weights: np.ndarray | None = None  # (N,) how often each case is drawn (``balance_weights``)
 
     @classmethod
     def of(cls, images: CachedImages, mu: torch.Tensor, sigma: torch.Tensor) -> CachedLatents:

@@ -74,7 +74,7 @@ class DiffusionTrainer:
             index = step * accumulation + micro
             generator = step_generator(self.seed, index, accelerator.process_index)
             rows = batch_indices(len(self.latents), self.batch_size, index, self.seed,
-                                 accelerator.process_index, accelerator.num_processes)
+                                 accelerator.process_index, accelerator.num_processes, self.latents.row_weights)
             batch = self.latents.batch(rows, generator)
             with accelerator.accumulate(*self.trained):
                 loss = self.loss(batch, generator)

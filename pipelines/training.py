@@ -36,7 +36,7 @@ from radsynth.generators.autoencoder_trainer import (
 )
 from radsynth.generators.compute import resolve_precision
 from radsynth.generators.controlnet import ControlLossWeights, RadsynthControlNet, rare_labels
-from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec
+from radsynth.generators.data import CachedImages, CachedLatents, ConditioningSpec, balance_weights
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.generators.losses import AutoencoderLoss
@@ -123,6 +123,8 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
                               config.autoencoder.batch_size)
     class_names = class_vocabulary(train_images.records, config.conditioning.class_attribute)
     latents.class_labels = class_labels(train_images.records, config.conditioning.class_attribute, class_names)
+    if config.diffusion.balance_by:
+        latents.row_weights = balance_weights(train_images.records, config.diffusion.balance_by)
 
     torch.manual_seed(config.runtime.seed + 1)  # initial weights do not depend on whether the autoencoder was loaded
     text_encoder = load_text_encoder(

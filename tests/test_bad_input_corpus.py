@@ -254,6 +254,8 @@ CASES = [
          ("conditioning.attributes", "no case has the attribute 'view'", "one of:")),
     Case("class attribute naming nothing", with_overrides("conditioning.class_attribute=diagnosis"),
          ("conditioning.class_attribute", "no case has the attribute 'diagnosis'")),
+    Case("balancing attribute naming nothing", with_overrides("diffusion.balance_by=findings"),
+         ("diffusion.balance_by", "no case has the attribute 'findings'", "one of: age, finding, sex")),
     Case("pixel spacing zero and negative", with_overrides("data.image_folder.pixel_spacing_mm=[0,-1]"),
          ("data.image_folder.pixel_spacing_mm.0", "greater than 0")),
     Case("negative target spacing", with_overrides("data.preprocess.target_spacing=[-1,1]"),

@@ -56,7 +56,8 @@ def ingest(config: RadsynthConfig, progress: bool = True) -> IngestResult:
     conditioning = config.conditioning
     named = {"data.split.stratify_by": [data.split.stratify_by] if data.split.stratify_by else [],
              "conditioning.attributes": list(conditioning.attributes),
-             "conditioning.class_attribute": [conditioning.class_attribute] if conditioning.class_attribute else []}
+             "conditioning.class_attribute": [conditioning.class_attribute] if conditioning.class_attribute else [],
+             "diffusion.balance_by": [config.diffusion.balance_by] if config.diffusion.balance_by else []}
     records = with_record_fields(records, [key for keys in named.values() for key in keys])
     check_named_attributes(records, named)
     if data.label_names is not None:

@@ -1,12 +1,13 @@
-"""Training prompts and sampling prompts agree: the model learns attribute-only prompts (what sampling asks)
-beside whole ones (attributes + the case's text), and a cached latents file never carries stale prompts."""
+"""What training shows the model: prompts as sampling asks them (attribute-only beside whole ones), never stale
+cached prompts, and cases drawn in balance over an attribute when asked."""
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
-from radsynth.generators.data import ConditioningSpec, training_prompts
+from radsynth.generators.data import ConditioningSpec, balance_weights, batch_indices, training_prompts
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.data.manifest import CaseRecord
@@ -95,3 +96,20 @@ def test_without_text_dropout_every_training_prompt_is_whole(tmp_path, condition
     train(config, progress=False)
     trained = [prompt for batch in conditioned_prompts for prompt in batch]
     assert trained and all("radiograph" in prompt for prompt in trained)
+
+
+def test_balance_weights_give_every_value_the_same_share_and_weighted_batches_follow_them():
+    values = ["none"] * 90 + ["effusion"] * 8 + ["pneumothorax"] * 2
+    records = [_record("").model_copy(update={"case_id": f"c{i}", "attributes": {"finding": value}})
+               for i, value in enumerate(values)]
+    weights = balance_weights(records, "finding")
+    shares = {value: weights[[v == value for v in values]].sum() / weights.sum() for value in set(values)}
+    assert shares == pytest.approx({"none": 1 / 3, "effusion": 1 / 3, "pneumothorax": 1 / 3})
+
+    drawn = np.concatenate([batch_indices(100, 8, step, seed=0, weights=weights) for step in range(600)])
+    rare = np.isin(drawn, [98, 99]).mean()
+    assert 0.29 < rare < 0.38  # a third of 4,800 draws (sd 0.007); uniform batches would give 0.02
+    # Same step, same batch (exact resume); two ranks split one global batch
+    np.testing.assert_array_equal(batch_indices(100, 8, 5, 0, weights=weights), batch_indices(100, 8, 5, 0, weights=weights))
+    both = batch_indices(100, 8, 5, 0, 0, 2, weights), batch_indices(100, 8, 5, 0, 1, 2, weights)
+    np.testing.assert_array_equal(np.concatenate(both), batch_indices(100, 16, 5, 0, weights=weights))
