@@ -289,7 +289,7 @@ class DiffusionConfig(Section):
                                         "unweighted")
     balance_by: str | None = Field(None, description="draw training cases so that every value of this attribute "
                                    "fills the same share of the batches (rare findings as often as 'none'); "
-                                   "null: every case equally often")
+                                   "the ControlNet and mask generator train on the same draws; null: every case equally often")
     learning_rate: float = Field(1e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

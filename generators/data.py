@@ -159,8 +159,11 @@ class CachedLatents:
         return cls(mu, sigma, images.prompts, images.spacings, attribute_prompts=images.attribute_prompts)
 
     def with_values(self, mu: torch.Tensor, sigma: torch.Tensor) -> CachedLatents:
-        """Other values of the same cases, with their prompts, spacings and classes (what a mask generator learns)."""
-        return CachedLatents(mu, sigma, self.prompts, self.spacing, self.class_labels, self.attribute_prompts)
+        """Other values of the same cases, with their prompts, spacings, classes and draw weights (what a mask
+        generator learns)."""
+        other = CachedLatents(mu, sigma, self.prompts, self.spacing, self.class_labels, self.attribute_prompts)
+        other.row_weights = self.row_weights
+        return other
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from radsynth.generators.data import ConditioningSpec, balance_weights, batch_indices, training_prompts
+from radsynth.generators.data import CachedLatents, ConditioningSpec, balance_weights, batch_indices, training_prompts
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.data.manifest import CaseRecord
@@ -113,3 +113,12 @@ def test_balance_weights_give_every_value_the_same_share_and_weighted_batches_fo
     np.testing.assert_array_equal(batch_indices(100, 8, 5, 0, weights=weights), batch_indices(100, 8, 5, 0, weights=weights))
     both = batch_indices(100, 8, 5, 0, 0, 2, weights), batch_indices(100, 8, 5, 0, 1, 2, weights)
     np.testing.assert_array_equal(np.concatenate(both), batch_indices(100, 16, 5, 0, weights=weights))
+
+
+def test_a_mask_generator_s_values_keep_the_cases_draw_weights_and_prompts():
+    latents = CachedLatents(torch.zeros(3, 1, 2, 2), torch.zeros(3, 1, 2, 2), ["a. x", "b. y", "c. z"], torch.ones(3, 2),
+                            attribute_prompts=["a.", "b.", "c."])
+    latents.row_weights = np.array([1.0, 0.5, 0.5])
+    shares = latents.with_values(torch.ones(3, 2, 4, 4), torch.zeros(3, 2, 4, 4))
+    assert shares.row_weights is latents.row_weights and shares.attribute_prompts == ["a.", "b.", "c."]
+    assert shares.batch([2], torch.Generator().manual_seed(0))["attribute_prompts"] == ["c."]
