@@ -215,6 +215,31 @@ class LatentDiffusion:
             latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
         return latents if constrain is None else constrain(latents, None)
 
+    @torch.no_grad()
+    def travel(self, latents: Tensor, condition: Conditioning, timesteps: Sequence[float | Tensor], *,
+               guidance_scale: float = 1.0, land_clean: bool = False) -> Tensor:
+        """Deterministic steps along the model's probability-flow path (DDIM's, Euler's for rectified flow), from
+        ``latents`` at ``timesteps[0]`` through each later timestep (model units). Rising timesteps invert (clean
+        -> noise: the encoding of dual diffusion implicit bridges), falling ones denoise.
+
+        Each step splits the latents into the clean latents and noise the denoiser implies, and recombines them at
+        the next noise level; written on ``TrainingObjective``'s one noise path, so it serves every objective.
+        land_clean: return the clean latents implied at the last timestep (the final jump of a sampler to t=0).
+        """
+        unconditional = self.unconditional(condition) if guidance_scale > 1.0 else None
+        points = [torch.as_tensor(t) for t in timesteps]
+        for here, there in zip(points[:-1], points[1:]):
+            clean, noise = self._implied(latents, here, condition, guidance_scale, unconditional)
+            latents = self.objective.noised(clean, noise, there).to(self.dtype)
+        if land_clean:
+            latents = self._implied(latents, points[-1], condition, guidance_scale, unconditional)[0].to(self.dtype)
+        return latents
+
+    def _implied(self, latents: Tensor, timestep: Tensor, condition: Conditioning, guidance_scale: float,
+                 unconditional: Conditioning | None) -> tuple[Tensor, Tensor]:
+        prediction = self.guided_prediction(latents, timestep, condition, guidance_scale, unconditional)
+        return self.objective.clean_and_noise(latents, prediction, timestep)
+
     # ------------------------------------------------------------------------------------------- codec
 
     @torch.no_grad()

@@ -131,6 +131,19 @@ class TrainingObjective:
             return torch.as_tensor(timesteps) * self.num_train_timesteps
         return torch.as_tensor(timesteps).long()
 
+    def path_timesteps(self, strength: float, num_steps: int) -> torch.Tensor:
+        """Model timesteps from the clean end up to ``strength`` of the schedule (0 < strength <= 1) in
+        ``num_steps`` equal steps: the rising path a deterministic inversion walks (``LatentDiffusion.travel``);
+        reversed, the path back. Integer indices for the discrete schedules, t * num_train_timesteps for the flow."""
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+        if self.is_flow:
+            return torch.linspace(0.0, strength, num_steps + 1) * self.num_train_timesteps
+        top = strength * (self.num_train_timesteps - 1)
+        return torch.unique(torch.linspace(0.0, top, num_steps + 1, dtype=torch.float64).round().long())
+
     def noisy_and_target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
