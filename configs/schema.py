@@ -76,7 +76,7 @@ class DicomSource(Section):
 
 
 Voxels = Annotated[int, Field(ge=24)]
-PhantomKind = Literal["chest_xray", "ct_torso", "brain_mri"]
+PhantomKind = Literal["chest_xray", "ct_torso", "mri_torso", "brain_mri"]
 
 
 class PhantomSource(Section):
@@ -86,7 +86,7 @@ class PhantomSource(Section):
     n_cases: int = Field(200, ge=3)
     size: int = Field(128, ge=32, description="2D image side in pixels (chest_xray)")
     # Below ~24 voxels per axis small structures (the spine at 22 mm voxels) drop out of the phantoms.
-    shape: tuple[Voxels, Voxels, Voxels] = Field((64, 64, 64), description="3D shape in voxels (ct_torso, brain_mri)")
+    shape: tuple[Voxels, Voxels, Voxels] = Field((64, 64, 64), description="3D shape in voxels (ct_torso, mri_torso, brain_mri)")
     seed: int = 0
 
 

@@ -25,12 +25,13 @@ from radsynth.pipelines.data.phantoms import (
 )
 from radsynth.pipelines.data.phantoms.cohort import GENERATOR_VERSION
 
-SMALL_GRIDS = {"chest_xray": (64, 64), "ct_torso": (32, 32, 32), "brain_mri": (32, 32, 32)}
+SMALL_GRIDS = {"chest_xray": (64, 64), "ct_torso": (32, 32, 32), "mri_torso": (32, 32, 32), "brain_mri": (32, 32, 32)}
 # The specified frequencies, written out so that a changed table in the code is caught too.
 FREQUENCIES = {
     "chest_xray": {"none": 0.50, "nodule": 0.15, "consolidation": 0.14, "effusion": 0.10, "cardiomegaly": 0.08,
                    "pneumothorax": 0.03},
     "ct_torso": {"none": 0.60, "liver_tumour": 0.28, "lung_nodule": 0.12},
+    "mri_torso": {"none": 0.60, "liver_tumour": 0.28, "lung_nodule": 0.12},
     "brain_mri": {"none": 0.70, "tumour": 0.30},
 }
 # The word a caption must use for each finding, so that text conditioning can learn it.
@@ -179,6 +180,24 @@ def test_liver_is_on_the_patients_right_in_ras_order():
     assert liver_i < spleen_i  # i increases towards the patient's left
 
 
+def test_torso_mri_is_the_ct_cases_anatomy_voxel_for_voxel_under_mr_contrast():
+    for ct, mri in zip(cohort("ct_torso", 4, seed=5), cohort("mri_torso", 4, seed=5)):
+        np.testing.assert_array_equal(mri.label, ct.label)  # a paired set: one label map for both renderings
+        assert (mri.patient_id, mri.attributes, mri.spacing) == (ct.patient_id, ct.attributes, ct.spacing)
+        assert mri.case_id == ct.case_id.replace("_ct_", "_mr_")
+        assert "MRI" in mri.text and "CT" not in mri.text
+        signal, label = mri.image, mri.label
+        mean = {value: signal[label == value].mean() for value in (0, 2, 4, 5, 6, 8)}
+        assert signal.min() >= 0.0 and 0 < mean[0] < 0.1 * mean[4]  # Rician: a small positive floor in air
+        assert mean[2] < mean[4] < mean[5] < mean[6]  # lung < liver < spleen < kidney on T2-SPIR
+        fat = (label == 1) & (ct.image < -60)
+        assert signal[fat].mean() < 0.5 * mean[4]  # fat suppressed
+    tumour_case = case_with_finding("mri_torso", "liver_tumour")
+    liver = tumour_case.image[tumour_case.label == 4]
+    assert tumour_case.image[tumour_case.label == 9].mean() > liver.mean() * 1.5  # bright on T2, dark on CT
+    assert liver.std() > 0.05 * liver.mean()  # texture, bias field and noise: not a flat fill
+
+
 def test_brain_mri_intensities_are_non_negative_with_dark_csf():
     case = case_with_finding("brain_mri", "tumour")
     image, label = case.image, case.label
@@ -234,7 +253,7 @@ def test_adapter_writes_readable_16_bit_pngs_with_phantom_records(tmp_path):
     np.testing.assert_allclose(stored, first.image, atol=1 / 65535)
 
 
-@pytest.mark.parametrize("kind", ["ct_torso", "brain_mri"])
+@pytest.mark.parametrize("kind", ["ct_torso", "mri_torso", "brain_mri"])
 def test_adapter_writes_nifti_whose_affine_matches_the_record(tmp_path, kind):
     records = read_phantom(data_config(kind, 3), tmp_path)
     for record in records:

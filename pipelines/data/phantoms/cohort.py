@@ -9,13 +9,15 @@ from types import ModuleType
 import numpy as np
 
 from ..manifest import AttributeValue
-from . import brain_mri, chest_xray, ct_torso
+from . import brain_mri, chest_xray, ct_torso, mri_torso
 from .shapes import choose, grid_spacing
 
 # Bump whenever drawing changes, so folders of phantoms written by an older generator are never reused.
 GENERATOR_VERSION = 1
 
-KINDS: dict[str, ModuleType] = {"chest_xray": chest_xray, "ct_torso": ct_torso, "brain_mri": brain_mri}
+# mri_torso is ct_torso's anatomy as T2-SPIR MRI: the same seed gives the same patients, a CT <-> MRI paired set.
+KINDS: dict[str, ModuleType] = {"chest_xray": chest_xray, "ct_torso": ct_torso, "mri_torso": mri_torso,
+                                "brain_mri": brain_mri}
 
 # Images per patient: most have one, some have follow-ups (about 1.4 on average).
 IMAGES_PER_PATIENT_FREQUENCIES = {1: 0.7, 2: 0.2, 3: 0.1}

@@ -129,6 +129,17 @@ def render(
     anatomy: TorsoAnatomy, study: VolumeStudy, shape: tuple[int, ...], rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | str]]:
     """HU volume (float32), label map (uint8) and the attributes measured on what was drawn."""
+    hu, label, measured = draw_tissues(anatomy, study, shape, rng)
+    hu = gaussian_blur(hu, 0.4)  # partial-volume softening of edges
+    hu += rng.normal(0.0, study.noise, hu.shape).astype(np.float32)
+    return hu.astype(np.float32), label, measured
+
+
+def draw_tissues(
+    anatomy: TorsoAnatomy, study: VolumeStudy, shape: tuple[int, ...], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, dict[str, float | int | str]]:
+    """The anatomy before any scanner: noise-free HU of each tissue, the label map and the measured attributes.
+    CT renders it as it is; the MRI rendering of the same case (``mri_torso``) maps its tissues to MR contrast."""
     shape = tuple(int(n) for n in shape)
     hu, label = np.full(shape, AIR, np.float32), np.zeros(shape, np.uint8)
     volume = _Volume(shape, grid_spacing(FIELD_OF_VIEW_MM, shape), hu, label, study.shift)
@@ -138,9 +149,7 @@ def render(
     lungs = _draw_thorax(anatomy, volume, texture, inner_body)
     _draw_spine(anatomy, volume, texture)
     measured = _draw_finding(rng, volume, study, lungs)
-    hu = gaussian_blur(volume.hu, 0.4)  # partial-volume softening of edges
-    hu += rng.normal(0.0, study.noise, shape).astype(np.float32)
-    return hu.astype(np.float32), volume.label, measured
+    return volume.hu, volume.label, measured
 
 
 def _draw_body(anatomy: TorsoAnatomy, volume: _Volume, texture: np.ndarray) -> np.ndarray:
