@@ -509,6 +509,40 @@ class DistillConfig(Section):
         return self
 
 
+class CycleGANConfig(Section):
+    """The unpaired baseline of ``translation.method: cycle_gan`` (``generators.cycle_gan``), trained by
+    ``radsynth translate`` on the training split's images of the two modalities when its folder is missing."""
+
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=2)
+    num_res_units: int = Field(2, ge=0)
+    batch_size: int = Field(4, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int = Field(2000, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="also stop after this much training time")
+    cycle_weight: float = Field(10.0, ge=0)
+    identity_weight: float = Field(0.0, ge=0, description="0: none (across modalities it would keep intensities)")
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class TranslationConfig(Section):
+    """``radsynth translate``: images of one modality as another, each keeping its source's labels.
+
+    diffusion: the trained multi-modality model (``modality`` e.g. ct+mri) inverts the source under its own
+    modality's prompt and redraws it under the target's (``pipelines.sampling.translation``), steered by the
+    source's label map through the model's ControlNet when both exist; cycle_gan: the unpaired baseline.
+    """
+
+    method: Literal["diffusion", "cycle_gan"] = "diffusion"
+    strength: float = Field(0.6, gt=0, le=1, description="how far up the noise schedule the source is walked: 1 "
+                            "keeps least of it")
+    num_inference_steps: int = Field(50, ge=1, description="steps of the whole schedule; each walk takes strength "
+                                     "of them")
+    guidance_scale: float = Field(1.5, ge=0, description="classifier-free guidance on the walk down")
+    use_labels: bool = Field(True, description="steer by the source's label map through the ControlNet (diffusion)")
+    batch_size: int = Field(8, ge=1)
+    cycle_gan: CycleGANConfig = Field(default_factory=CycleGANConfig)
+
+
 class SamplingConfig(Section):
     scheduler: Literal["ddpm", "ddim", "dpm_solver", "flow_match_euler"] = "ddim"
     num_inference_steps: int = Field(50, ge=1)
@@ -682,6 +716,7 @@ class RadsynthConfig(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    translation: TranslationConfig = Field(default_factory=TranslationConfig)
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     release: ReleaseConfig = Field(default_factory=ReleaseConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)

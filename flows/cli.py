@@ -110,6 +110,18 @@ def _parser() -> argparse.ArgumentParser:
     release = _command(commands, "release", _release, "filter, gate and publish the scored samples as a versioned dataset")
     release.add_argument("--samples", default=None, help="sample folder (default: scoring.sample_dir or <output_dir>/samples)")
     release.add_argument("--eval", default=None, help="scorecard folder (default: <output_dir>/eval)")
+    translate = _command(commands, "translate", _translate, "translate a folder of one modality into another: image + "
+                         "label pairs carrying the source's labels (derived from real)")
+    translate.add_argument("--from", dest="source_modality", required=True, metavar="MODALITY",
+                           help="the source folder's modality: ct, mri or xray")
+    translate.add_argument("--to", dest="target_modality", required=True, metavar="MODALITY",
+                           help="the modality to translate into")
+    translate.add_argument("--source", required=True, help="an MSD / nnU-Net raw folder (imagesTr/, labelsTr/, "
+                           "dataset.json) of the source modality")
+    translate.add_argument("--model", default=None, help="the multi-modality model (default: what `radsynth train` "
+                           "wrote; translation.method: diffusion)")
+    translate.add_argument("--out", default=None, help="sample folder (default: <output_dir>/translation/"
+                           "<from>-to-<to>-<method>)")
     _command(commands, "build", _build, "train, generate, evaluate and release in one Prefect flow (cached, resumable)")
     serve = _command(commands, "serve", _serve, "register a scheduled build on a Prefect server and run its runs")
     serve.add_argument("--cron", required=True, help='a cron schedule, e.g. "0 2 * * 0" (Sundays 02:00)')
@@ -248,6 +260,17 @@ def _generate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
           f"latent std {result.latent_std if result.latent_std is None else round(result.latent_std, 3)}")
     return {"command": "generate", "sample_dir": str(result.sample_dir), "written": len(result.written),
             "skipped": result.skipped, "model_hash": result.model_hash, "latent_std": result.latent_std}
+
+
+def _translate(config: RadsynthConfig, args: argparse.Namespace) -> dict:
+    from radsynth.pipelines.translation import translate
+
+    result = translate(config, args.source, args.source_modality, args.target_modality, model_dir=args.model,
+                       sample_dir=args.out, progress=not args.json)
+    print(f"{len(result.written)} of {result.source_cases} {args.source_modality} cases translated to "
+          f"{args.target_modality} ({result.method}) into {result.sample_dir}; derived from real: internal releases only")
+    return {"command": "translate", "sample_dir": str(result.sample_dir), "written": len(result.written),
+            "source_cases": result.source_cases, "method": result.method, "model_hash": result.model_hash}
 
 
 def _evaluate(config: RadsynthConfig, args: argparse.Namespace) -> dict:

@@ -1,4 +1,4 @@
-"""The stage flows: train, generate, evaluate, release. ``build`` (build.py) runs them in order as subflows.
+"""The stage flows: train, generate, evaluate, release (and translate). ``build`` (build.py) runs them in order as subflows.
 
 Each flow takes the config as a ``RadsynthConfig`` or as a YAML path / preset name plus ``key=value``
 overrides (what a deployment stores), and returns a JSON-ready dict with the state of every task it ran:
@@ -15,6 +15,7 @@ from prefect.logging import get_run_logger
 from radsynth.configs import RadsynthConfig, apply_overrides, load_config
 from radsynth.pipelines.scoring.evaluate import build_sample_dir
 from radsynth.pipelines.training import sampling_model_dir, trained_model_dir
+from radsynth.pipelines.translation import cycle_gan_dir
 
 from .artifacts import artifact_key
 from .caching import folder_sha256
@@ -33,6 +34,8 @@ from .tasks import (
     shard_outputs_exist,
     train_outputs_exist,
     train_task,
+    translate_outputs_exist,
+    translate_task,
 )
 
 ConfigInput = RadsynthConfig | str
@@ -134,3 +137,18 @@ def release_flow(config: ConfigInput, overrides: list[str] | None = None, model_
     tasks: dict[str, str] = {}
     released = _run(release_task, tasks, "release", config, str(model_dir or sampling_model_dir(config)))
     return {"tasks": tasks, **released}
+
+
+@flow(name="translate", log_prints=True)
+def translate_flow(config: ConfigInput, source_dir: str, source: str, target: str, overrides: list[str] | None = None,
+                   model_dir: str | None = None, sample_dir: str | None = None) -> dict:
+    """A folder of ``source`` images (and labels) as ``target`` images, each with its source's label map; cached on
+    the folder's bytes, the model's and the translation settings."""
+    config = resolve_config(config, overrides)
+    model = model_dir or (trained_model_dir(config) if config.translation.method == "diffusion"
+                          else cycle_gan_dir(config, source, target))
+    tasks: dict[str, str] = {}
+    translated = _run(translate_task, tasks, "translate", config, str(source_dir), source, target, data_sha256(config),
+                      folder_sha256(source_dir), model_dir, folder_sha256(model), sample_dir,
+                      outputs_exist=translate_outputs_exist(config, source, target, sample_dir))
+    return {"tasks": tasks, **translated}

@@ -42,6 +42,7 @@ from radsynth.pipelines.training import (
     train_dir,
     trained_model_dir,
 )
+from radsynth.pipelines.translation import translate, translation_sample_dir
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
 from .caching import file_sha256, stage_key
@@ -248,6 +249,34 @@ def evaluate_task(config: RadsynthConfig, model_dir: str, model_hash: str, data_
                 if row["stratum"] == "all"]
     return {**{name: str(path) for name, path in result.paths.items()}, "verdicts": scorecard["verdicts"],
             "headline": headline, "seconds": result.seconds}
+
+
+# --------------------------------------------------------------------------------------------- translate
+
+TRANSLATE_SECTIONS = ("translation", "conditioning.attributes", "controlnet.conditioning_scale", "data.preprocess",
+                      "runtime.seed", "runtime.output_dir")
+
+
+def translate_outputs_exist(config: RadsynthConfig, source: str, target: str, sample_dir: str | None) -> bool:
+    folder = Path(sample_dir or translation_sample_dir(config, source, target))
+    return folder.is_dir() and any(folder.glob("*.json"))
+
+
+def _translate_key(context, parameters) -> str:
+    config = parameters["config"]
+    return stage_key("translate", config, TRANSLATE_SECTIONS, parameters["data_sha256"], parameters["source_sha256"],
+                     parameters["model_sha256"], parameters["source"], parameters["target"],
+                     parameters["sample_dir"] or "")
+
+
+@task(name="translate", cache_key_fn=_translate_key, **CACHED)
+def translate_task(config: RadsynthConfig, source_dir: str, source: str, target: str, data_sha256: str,
+                   source_sha256: str, model_dir: str | None, model_sha256: str, sample_dir: str | None) -> dict:
+    result = translate(config, source_dir, source, target, model_dir=model_dir, sample_dir=sample_dir, progress=False)
+    get_run_logger().info("%d of %d %s cases translated to %s (%s) into %s", len(result.written), result.source_cases,
+                          source, target, result.method, result.sample_dir)
+    return {"sample_dir": str(result.sample_dir), "written": len(result.written), "source_cases": result.source_cases,
+            "method": result.method, "model_hash": result.model_hash}
 
 
 # ----------------------------------------------------------------------------------------------- release

@@ -208,14 +208,22 @@ def ingested_dataset(config: RadsynthConfig) -> tuple[list[CaseRecord], dict]:
 
 def part_fingerprint(config: RadsynthConfig, section: str, upstream: str, also: tuple[str, ...] = (),
                      ignore: tuple[str, ...] = ()) -> str:
-    """What a training part learns from. Only settings that differ from their defaults count, so a new release
-    that adds a setting (at its default) keeps everyone's training instead of starting it over."""
-    settings = {name: _differing_from_defaults(getattr(config, name)) for name in (section, *also)}
+    """What a training part learns from: its config ``section`` (a dotted name for a nested one), the ``also``
+    sections, ``upstream`` (what it was trained on). Only settings that differ from their defaults count, so a new
+    release that adds a setting (at its default) keeps everyone's training instead of starting it over."""
+    settings = {name: _differing_from_defaults(_section(config, name)) for name in (section, *also)}
     settings = {name: {k: v for k, v in values.items() if k not in ignore} for name, values in settings.items()}
     settings[section] = {k: v for k, v in settings[section].items() if k not in BOOKKEEPING_FIELDS}
     # The precision it trained in, not the setting: "auto" means fp32 on one machine and bf16 on another.
     key = {"upstream": upstream, "seed": config.runtime.seed, "precision": training_precision(config), **settings}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _section(config: RadsynthConfig, name: str):
+    """A config section by its dotted name ("diffusion", "translation.cycle_gan")."""
+    for part in name.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def training_precision(config: RadsynthConfig) -> str:
@@ -303,7 +311,7 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
     holdout = holdout_reconstruction(autoencoder, holdout_images, settings.batch_size,
                                      intensity["low"], intensity["high"])
     if trainer.loop.accelerator.is_main_process:
-        _save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
+        save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
         write_json(final / "holdout_metrics.json", holdout)
     trainer.loop.accelerator.wait_for_everyone()
     return autoencoder, holdout
@@ -381,7 +389,7 @@ def fit_controlnet(config: RadsynthConfig, base: RadsynthPipeline, controlnet: t
     trainer.fit(validate if probe else None)
     with trainer.inference_weights() as (trained,):
         if trainer.loop.accelerator.is_main_process:
-            _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
+            save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
                              out / CONTROLNET_FOLDER)
     trainer.loop.accelerator.wait_for_everyone()
     return trainer.loop.state.step
@@ -415,7 +423,7 @@ def _mask_generator(config: RadsynthConfig, base: RadsynthPipeline, latents: Cac
     trainer.fit()
     with trainer.inference_weights() as (trained,):
         if trainer.loop.accelerator.is_main_process:
-            _save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
+            save_atomically(lambda partial: trained.save_pretrained(partial, safe_serialization=True),
                              model_dir(config) / MASK_GENERATOR_FOLDER)
     trainer.loop.accelerator.wait_for_everyone()
     return trainer.loop.state.step
@@ -520,10 +528,10 @@ def _validation_grid(pipeline, prompts: list[str], config: RadsynthConfig, path:
 
 
 def save_pipeline(pipeline: RadsynthTextToImagePipeline, folder: Path) -> Path:
-    return _save_atomically(lambda partial: pipeline.save_pretrained(partial, safe_serialization=True), folder)
+    return save_atomically(lambda partial: pipeline.save_pretrained(partial, safe_serialization=True), folder)
 
 
-def _save_atomically(save, folder: Path) -> Path:
+def save_atomically(save, folder: Path) -> Path:
     partial = folder.with_name(f".{folder.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     save(partial)

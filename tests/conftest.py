@@ -113,3 +113,12 @@ def tiny_bert(tmp_path):
     BertModel(config).save_pretrained(folder)
     BertTokenizer(vocab=str(folder / "vocab.txt")).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the session's in-process flows (its cold start takes 18-31 s here)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

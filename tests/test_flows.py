@@ -129,14 +129,6 @@ def test_a_build_killed_during_generate_resumes_and_a_config_change_redoes_only_
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, prefect_server):
     from radsynth.flows.stages import train_flow
 

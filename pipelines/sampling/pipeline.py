@@ -124,14 +124,16 @@ class RadsynthPipeline(DiffusionPipeline):
             differential_privacy=None if differential_privacy is None else dict(differential_privacy))
 
     @classmethod
-    def from_model_dir(cls, folder: str | Path, **components) -> RadsynthPipeline:
-        """A trained model folder with the components this task needs (``required_components``) beside the base.
+    def from_model_dir(cls, folder: str | Path, optional: Sequence[str] = (), **components) -> RadsynthPipeline:
+        """A trained model folder with the components this task needs (``required_components``) beside the base,
+        and those of ``optional`` that the folder has.
 
         Loaded plainly: low_cpu_mem_usage builds modules under accelerate's init_empty_weights, which patches
         torch.nn.Module for the whole process, so shards loading side by side on threads land on the meta device.
         """
         folder = Path(folder)
-        for name in cls.required_components:
+        present = [name for name in optional if (folder / name / "config.json").is_file()]
+        for name in (*cls.required_components, *present):
             if name in components:
                 continue
             kinds, how = _EXTRA_COMPONENTS[name]
@@ -268,8 +270,13 @@ def model_hash(pipeline: DiffusionPipeline) -> str:
     from_pretrained, and changes with any weight. The scheduler and the pipeline's own config are sampling
     choices, recorded separately in each sample's sidecar, and are not part of it.
     """
+    return modules_hash(pipeline.components)
+
+
+def modules_hash(components: Mapping[str, object]) -> str:
+    """``model_hash`` of named modules (anything else among them is skipped): a model outside a pipeline too."""
     digest = hashlib.sha256()
-    for name, component in sorted(pipeline.components.items()):
+    for name, component in sorted(components.items()):
         if not isinstance(component, torch.nn.Module):
             continue
         config = dict(getattr(component, "config", {}))

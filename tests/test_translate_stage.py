@@ -1,0 +1,133 @@
+"""``radsynth translate``: a folder of CT phantoms through a tiny CT+MRI model (diffusion bridge with its ControlNet,
+and the CycleGAN baseline), written as derived-from-real pairs that carry the source's labels; bad inputs exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from radsynth.configs import load_config
+from radsynth.flows.cli import main
+from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.data.io import read_image, scaling_affine, write_nifti
+from radsynth.pipelines.data.phantoms import generate_cohort
+from radsynth.pipelines.sampling.sidecar import read_sidecar
+from radsynth.pipelines.training import train
+
+SHAPE = [24, 24, 24]
+TINY = {"autoencoder": {"channels": [8, 16, 16], "norm_num_groups": 8, "max_steps": 4, "batch_size": 2},
+        "diffusion": {"channels": [8, 16], "attention_levels": [False, True], "norm_num_groups": 8,
+                      "num_head_channels": 8, "max_steps": 4, "batch_size": 2, "warmup_steps": 2, "validate_every": 100},
+        "controlnet": {"max_steps": 2, "batch_size": 2, "validate_every": None},
+        "conditioning": {"embed_dim": 16},
+        "translation": {"num_inference_steps": 4, "batch_size": 2,
+                        "cycle_gan": {"channels": [8, 16], "max_steps": 3, "batch_size": 2}}}
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    return {key: _merged(base.get(key, {}), value) if isinstance(value, dict) else value
+            for key, value in {**base, **extra}.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny CT+MRI model trained on 8 + 8 unpaired phantoms, its config file, and an MSD folder of 3 CT cases."""
+    folder = tmp_path_factory.mktemp("translate")
+    preset = yaml.safe_load(_preset_path().read_text())
+    for source in preset["data"]["sources"]:
+        source["phantom"].update(n_cases=8, shape=SHAPE)
+    preset["data"]["preprocess"]["target_shape"] = SHAPE
+    preset = _merged(preset, {**TINY, "runtime": {"output_dir": str(folder / "run"), "device": "cpu"}})
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    config = load_config(str(path))
+    ingest(config, progress=False)
+    train(config, progress=False)
+    return path, config, write_phantom_msd(folder / "ct_source", "ct_torso", "CT")
+
+
+def _preset_path():
+    from radsynth.configs import preset_path
+    return preset_path("translate-abdomen")
+
+
+def write_phantom_msd(root, kind: str, channel: str, n_cases: int = 3, seed: int = 7):
+    names = None
+    for case in generate_cohort(kind, n_cases, seed, shape=SHAPE):
+        affine = scaling_affine(case.spacing)
+        write_nifti(root / "imagesTr" / f"{case.case_id}.nii.gz", case.image.astype(np.float32), affine)
+        write_nifti(root / "labelsTr" / f"{case.case_id}.nii.gz", case.label.astype(np.uint8), affine)
+        names = case.label_names
+    (root / "dataset.json").write_text(json.dumps({"name": f"phantom-{kind}", "modality": {"0": channel},
+                                                  "labels": {str(k): v for k, v in names.items()}}))
+    return root
+
+
+@pytest.mark.parametrize("method", ["diffusion", "cycle_gan"])
+def test_translated_cases_are_pairs_carrying_the_source_labels_marked_derived_from_real(trained, tmp_path, method):
+    path, _, source = trained
+    out = tmp_path / method
+    code = main(["translate", str(path), f"translation.method={method}", "--from", "ct", "--to", "mri",
+                 "--source", str(source), "--out", str(out), "--json"])
+    assert code == 0
+    sidecars = sorted(out.glob("*.json"))
+    assert len(sidecars) == 3
+    for sidecar_path in sidecars:
+        sidecar = read_sidecar(sidecar_path)
+        extra = sidecar.model_extra
+        assert sidecar.derived_from_real and extra["source_case"].startswith("phantom_ct_")
+        assert extra["translation"]["method"] == method and extra["translation"]["from"] == "ct"
+        assert sidecar.conditions["modality"] == "mri" and extra["modality"] == "mri"
+        source_label = read_image(source / "labelsTr" / f"{extra['source_case']}.nii.gz").array
+        carried = read_image(out / sidecar.label_file).array
+        image = read_image(out / sidecar.file).array
+        assert carried.shape == image.shape == tuple(SHAPE)
+        np.testing.assert_array_equal(carried, source_label)  # the phantom vocabulary is the model's: carried as is
+        assert np.isfinite(image).all() and image.std() > 0
+
+
+def test_the_flow_runs_the_stage_and_a_second_run_comes_from_its_cache(trained, tmp_path, prefect_server):
+    from radsynth.flows.stages import translate_flow
+
+    path, config, source = trained
+    first = translate_flow(config, str(source), "ct", "mri", sample_dir=str(tmp_path / "flow"))
+    again = translate_flow(config, str(source), "ct", "mri", sample_dir=str(tmp_path / "flow"))
+    assert first["tasks"] == {"translate": "Completed"} and again["tasks"] == {"translate": "Cached"}
+    assert first["written"] == 3 and (tmp_path / "flow" / "tr_phantom_ct_00001.json").is_file()
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--from", "pet", "--to", "mri"], "--from: unknown modality 'pet'"),
+    (["--from", "ct", "--to", "ct"], "--to: the same modality as --from"),
+    (["--from", "mri", "--to", "ct"], "holds ct images"),           # the folder is CT, not the --from MRI
+    (["--from", "ct", "--to", "xray"], "trained on ct+mri only, not on xray"),  # no model for the target
+])
+def test_bad_translate_requests_are_one_line_and_exit_2(trained, tmp_path, capsys, arguments, message):
+    path, _, source = trained
+    out = tmp_path / "out"
+    code = main(["translate", str(path), *arguments, "--source", str(source), "--out", str(out)])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and message in error and len(error.splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_a_source_folder_of_another_dimension_or_without_dataset_json_is_refused(trained, tmp_path, capsys):
+    path, _, _ = trained
+    flat = tmp_path / "flat"
+    write_nifti(flat / "imagesTr" / "case.nii.gz", np.zeros((24, 24), np.float32), np.eye(4))
+    (flat / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background"}}))
+    assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(flat)]) == 2
+    assert "a 2D image" in capsys.readouterr().err
+    assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(tmp_path)]) == 2
+    assert "no dataset.json" in capsys.readouterr().err
+
+
+def test_the_console_script_answers_translate_help():
+    done = subprocess.run([sys.executable, "-m", "radsynth.flows.cli", "translate", "--help"], capture_output=True,
+                          text=True, check=True)
+    assert "--source" in done.stdout and "--from" in done.stdout
