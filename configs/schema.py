@@ -572,6 +572,11 @@ class ScoringConfig(Section):
         default_factory=lambda: ["random_cnn", "radiomics", "self_supervised"]
     )
     sample_dir: str | None = Field(None, description="samples to score; default <output_dir>/samples")
+    modality: Modality | None = Field(None, description="score against this modality's real cases only (a pooled "
+                                      "model's samples of one modality, translated ones); null: every real case")
+    paired_truth: str | None = Field(
+        None, description="translated samples only: an MSD folder of scoring.modality holding each source case under "
+        "its own case id (a paired rendering, as the torso phantoms give): pixel truth (SSIM, PSNR)")
     max_samples: int | None = Field(None, ge=2, description="score at most this many samples (the first ones)")
     synthetic_memory_mb: float = Field(
         1024, ge=0, description="synthetic images and maps beyond this size are decoded into a temporary file "
@@ -597,6 +602,12 @@ class ScoringConfig(Section):
     utility_fractions: list[float] = Field(default_factory=lambda: [0.1, 0.25, 1.0])
     utility_seeds: int = Field(3, ge=1)
     utility_steps: int = Field(300, ge=1)
+
+    @model_validator(mode="after")
+    def _truth_has_a_modality(self) -> ScoringConfig:
+        if self.paired_truth is not None and self.modality is None:
+            raise ValueError("scoring.paired_truth needs scoring.modality (the modality the truth is in)")
+        return self
 
     @field_validator("utility_fractions")
     @classmethod

@@ -100,7 +100,7 @@ def to_physical(values: Tensor, intensity_low: float, intensity_high: float) -> 
     return (values + 1.0) / 2.0 * (intensity_high - intensity_low) + intensity_low
 
 
-def _ssim_window(spatial_shape: tuple[int, ...]) -> int:
+def ssim_window(spatial_shape: tuple[int, ...]) -> int:
     """Largest odd window that fits the image: 11 (the SSIM paper's) in 2D, 7 in 3D (11^3 kernels are slow)."""
     preferred = 11 if len(spatial_shape) == 2 else 7
     window = min(preferred, min(spatial_shape))
@@ -132,7 +132,7 @@ def reconstruction_metrics(
     psnr = (20 * math.log10(data_range) - 10 * torch.log10(mse_per_image.clamp_min(min_mse))).mean().item()
 
     spatial_shape = tuple(x.shape[2:])
-    window = _ssim_window(spatial_shape)
+    window = ssim_window(spatial_shape)
     if window < 3:
         raise ValueError(f"images of spatial shape {spatial_shape} are too small for SSIM (need >= 3 per side)")
     ssim_metric = SSIMMetric(spatial_dims=len(spatial_shape), data_range=data_range, win_size=window)

@@ -57,11 +57,13 @@ def _preset_path():
 
 
 def write_phantom_msd(root, kind: str, channel: str, n_cases: int = 3, seed: int = 7):
+    """An MSD folder of phantoms; the MRI rendering of the CT cohort (same seed) under the CT cases' ids, as the
+    paired truth of translating them."""
     names = None
     for case in generate_cohort(kind, n_cases, seed, shape=SHAPE):
-        affine = scaling_affine(case.spacing)
-        write_nifti(root / "imagesTr" / f"{case.case_id}.nii.gz", case.image.astype(np.float32), affine)
-        write_nifti(root / "labelsTr" / f"{case.case_id}.nii.gz", case.label.astype(np.uint8), affine)
+        affine, case_id = scaling_affine(case.spacing), case.case_id.replace("_mr_", "_ct_")
+        write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", case.image.astype(np.float32), affine)
+        write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", case.label.astype(np.uint8), affine)
         names = case.label_names
     (root / "dataset.json").write_text(json.dumps({"name": f"phantom-{kind}", "modality": {"0": channel},
                                                   "labels": {str(k): v for k, v in names.items()}}))
@@ -89,6 +91,34 @@ def test_translated_cases_are_pairs_carrying_the_source_labels_marked_derived_fr
         assert carried.shape == image.shape == tuple(SHAPE)
         np.testing.assert_array_equal(carried, source_label)  # the phantom vocabulary is the model's: carried as is
         assert np.isfinite(image).all() and image.std() > 0
+
+
+TINY_SCORING = ["scoring.feature_spaces=[random_cnn,radiomics]", "scoring.segmenter_steps=2", "scoring.classifier_steps=2",
+                "scoring.utility=false", "scoring.membership_samples=4", "scoring.membership_timesteps=1",
+                "scoring.bootstrap_samples=10", "scoring.min_stratum_size=2"]
+
+
+def test_translations_are_scored_against_the_target_modality_and_their_paired_truth(trained, tmp_path):
+    path, config, source = trained
+    out, truth = tmp_path / "mri", write_phantom_msd(tmp_path / "truth", "mri_torso", "MRI")
+    assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(source), "--out", str(out),
+                 "--json"]) == 0
+    scoring = [*TINY_SCORING, "scoring.modality=mri", f"scoring.paired_truth={truth}"]
+    assert main(["evaluate", str(path), *scoring, "--samples", str(out), "--out", str(tmp_path / "eval"), "--json"]) == 0
+    card = json.loads((tmp_path / "eval" / "scorecard.json").read_text())
+    mri_train = sum(1 for line in (config.output_dir / "data" / "manifest.jsonl").read_text().splitlines()
+                    if '"split":"train"' in line.replace(" ", "") and '"modality":"mri"' in line.replace(" ", ""))
+    assert card["sizes"]["train"] == mri_train and card["sizes"]["synthetic"] == 3  # real side: MRI cases only
+    rows = {(row["section"], row["metric"]): row for row in card["rows"]}
+    for metric in ("pixel_truth_ssim", "pixel_truth_psnr"):
+        row = rows[("translation", metric)]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["n"] == 3
+    assert ("adherence", "mask_dice_ratio") in rows  # label preservation: carried labels against the real segmenter
+
+    partial = tmp_path / "partial"
+    write_phantom_msd(partial, "mri_torso", "MRI", n_cases=2)
+    assert main(["evaluate", str(path), *TINY_SCORING, "scoring.modality=mri", f"scoring.paired_truth={partial}",
+                 "--samples", str(out), "--out", str(tmp_path / "eval2")]) == 2
 
 
 def test_the_flow_runs_the_stage_and_a_second_run_comes_from_its_cache(trained, tmp_path, prefect_server):

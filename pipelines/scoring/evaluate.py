@@ -42,6 +42,9 @@ class ScoringInputs:
     # How the samples were drawn ({num_inference_steps, guidance_scale}): the near copies the generator itself makes
     # for the copy detector's calibration are drawn so too. None: the pipeline's own defaults.
     sampler: dict | None = None
+    # Translated samples with a paired rendering of each source case in the target modality (``scoring.paired_truth``):
+    # the truth images, row for row with ``synthetic``, in the same [-1, 1] space.
+    truth: np.ndarray | None = None
 
     @property
     def unseen(self) -> ImageSet:
@@ -103,6 +106,8 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
     timed("privacy", lambda tick: _privacy(card, inputs, features, settings, seed, cache, map_batches, tick))
     if settings.utility:
         timed("utility", lambda tick: _utility(card, inputs, settings, seed, cache, tick))
+    if inputs.truth is not None:
+        timed("translation", lambda tick: _translation(card, inputs, settings, seed, tick))
     log(f"scoring: real-side work {cache.hits} entries reused, {cache.misses} computed"
         + (f" (kept in {cache.folder})" if cache.folder is not None else ""))
     remove_temporaries(out_dir)  # a scoring run killed mid-write left them; this run rewrites every file
@@ -423,6 +428,18 @@ def _adherence(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, 
         tick()
 
 
+def _translation(card: Scorecard, inputs: ScoringInputs, settings: ScoringConfig, seed: int, tick) -> None:
+    from .translation import pixel_truth
+
+    truth = pixel_truth(inputs.synthetic.images, inputs.truth, inputs.synthetic.groups, settings.bootstrap_samples, seed)
+    for metric, better in (("ssim", "higher"), ("psnr", "higher")):
+        card.add("translation", f"pixel_truth_{metric}", truth[metric], feature_space="paired rendering",
+                 n=len(inputs.truth), better=better, note="against the same case in the target modality")
+    for record, ssim, psnr in zip(card.per_sample, truth["ssim_per_image"], truth["psnr_per_image"]):
+        record.update({"truth_ssim": float(ssim), "truth_psnr": float(psnr)})
+    tick()
+
+
 def _scorable_attributes(inputs: ScoringInputs) -> list[str]:
     """Attributes with two or more values in the training data that the synthetic samples were prompted with."""
     return [a for a in inputs.attributes
@@ -700,9 +717,32 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
         config.conditioning.attributes)
     sampler = None if pipeline is None else {key: value for key, value in sampler_settings(config, pipeline).items()
                                              if key in ("num_inference_steps", "guidance_scale")}
-    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler)
+    truth = _paired_truth(config, samples, synthetic, train) if config.scoring.paired_truth else None
+    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler, truth)
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
                  gate=config.release.gate, cache_dir=build_scoring_cache_dir(config), map_batches=map_batches)
+
+
+def _paired_truth(config: RadsynthConfig, samples: Path, synthetic: ImageSet, train: ImageSet) -> np.ndarray:
+    """The paired rendering of each translated sample's source case (``scoring.paired_truth``), preprocessed as the
+    model's data was, row for row with ``synthetic``."""
+    from ..sampling.sidecar import read_sidecar
+    from ..translation import source_cases
+
+    folder = Path(config.scoring.paired_truth)
+    truth = {case.record.case_id: case.image[0] for case in
+             source_cases(config, folder, config.scoring.modality, [])}
+    rows = []
+    for sample_id in synthetic.ids:
+        source = read_sidecar(samples / f"{sample_id}.json").model_extra.get("source_case")
+        if source is None:
+            raise UserInputError(samples / f"{sample_id}.json", "not a translated sample (no source_case)",
+                                 "scoring.paired_truth scores the samples `radsynth translate` writes")
+        if source not in truth:
+            raise UserInputError(folder, f"no case '{source}' (the source of sample {sample_id})",
+                                 "the paired rendering of every translated source case, under its case id")
+        rows.append(truth[source])
+    return np.stack(rows).astype(np.float32)
 
 
 def _check_compatible(inputs: ScoringInputs) -> None:

@@ -54,12 +54,16 @@ def build_summary(config: RadsynthConfig) -> dict:
 
 
 def cached_split(config: RadsynthConfig, split: str, limit: int | None = None) -> ImageSet:
-    """The real cases of one split, from the preprocessed cache, as the model saw them."""
+    """The real cases of one split (of ``scoring.modality`` alone when set), from the preprocessed cache, as the
+    model saw them."""
     summary = build_summary(config)
-    records = [r for r in read_manifest(data_dir(config) / "manifest.jsonl") if r.split == split][:limit]
+    modality = config.scoring.modality
+    records = [r for r in read_manifest(data_dir(config) / "manifest.jsonl")
+               if r.split == split and modality in (None, r.modality)][:limit]
     if not records:
-        raise UserInputError(data_dir(config) / "manifest.jsonl", f"the {split} split is empty",
-                             "a dataset with train, holdout and test cases")
+        which = f"the {split} split" + (f" has no {modality} cases" if modality else " is empty")
+        raise UserInputError(data_dir(config) / "manifest.jsonl", which,
+                             "a dataset with train, holdout and test cases" + (" of scoring.modality" if modality else ""))
     cache_dir = Path(summary["cache"])
     arrays = [load_file(str(cache_dir / f"{r.case_id}.safetensors")) for r in records]
     images = np.stack([a["image"][0] for a in arrays]).astype(np.float32)
