@@ -38,6 +38,7 @@ from radsynth.generators.prompts import prompt_attributes, render_prompt
 from .data.adapters.msd import read_msd
 from .data.ingest import preprocess_record
 from .data.manifest import CaseRecord, file_sha256, with_record_fields
+from .data.pooling import label_key
 from .data.preprocess import IntensityMap
 from .sampling.compute_log import log_batch
 from .sampling.generate import sampling_device
@@ -147,7 +148,7 @@ def source_cases(config: RadsynthConfig, source_dir: str | Path, modality: str,
     if found != {modality}:
         raise UserInputError(source_dir / "dataset.json", f"the folder holds {', '.join(sorted(found))} images",
                              f"images of --from {modality}")
-    vocabulary = {_label_key(name): value for value, name in label_vocabulary(list(training_records)).items()}
+    vocabulary = {label_key(name): value for value, name in label_vocabulary(list(training_records)).items()}
     records = with_record_fields(records, config.conditioning.attributes)
     return [_source_case(record, data, vocabulary) for record in records]
 
@@ -163,16 +164,11 @@ def _source_case(record: CaseRecord, data: DataConfig, vocabulary: dict[str, int
     for value, name in record.label_names.items():
         if value == 0:
             continue
-        if _label_key(name) in vocabulary:
-            carried[case.label == value] = vocabulary[_label_key(name)]
+        if label_key(name) in vocabulary:
+            carried[case.label == value] = vocabulary[label_key(name)]
         elif (case.label == value).any():
             dropped.append(name)
     return SourceCase(record, case.image, carried, dropped)
-
-
-def _label_key(name: str) -> str:
-    """Label names compared across datasets: 'Right Kidney', 'right-kidney' and 'right_kidney' are one."""
-    return re.sub(r"[\s\-]+", "_", name.strip().lower())
 
 
 def _body_region(records: Sequence[CaseRecord], modality: str) -> str | None:

@@ -130,6 +130,47 @@ def test_sources_with_different_label_vocabularies_are_refused_in_one_line(tmp_p
     assert not (tmp_path / "run" / "data" / "manifest.jsonl").exists()
 
 
+def _shared_vocabulary(config):
+    """The X-ray folder's 'lung' masks pooled with the chest phantoms' maps under one vocabulary named by the pool."""
+    phantom = config["data"]["sources"][2]
+    phantom["with_labels"] = True
+    config["data"]["sources"][0]["label_names"] = {0: "background", 1: "Right Lung"}  # its masks are one lung here
+    config["data"]["label_names"] = {0: "background", 1: "heart", 2: "right-lung"}
+
+
+def test_sources_with_other_vocabularies_are_mapped_by_name_onto_the_pools(tmp_path):
+    from safetensors.numpy import load_file
+
+    from radsynth.pipelines.data.phantoms import generate_cohort
+
+    config = pooled_config(tmp_path, edit=_shared_vocabulary)
+    result = ingest(config, progress=False)
+    by_source = {}
+    for record in result.records:
+        by_source.setdefault(record.source, []).append(record)
+        assert record.label_names == {0: "background", 1: "heart", 2: "right-lung"}
+    assert by_source["xray"][0].label_values == {0: 0, 1: 2}
+    phantom = by_source["phantom"][0]
+    assert phantom.label_values == {0: 0, 1: 2, 2: 0, 3: 1, 4: 0, 5: 0, 6: 0, 7: 0}  # left lung, findings: background
+    cached = {r.case_id: load_file(str(result.cache_dir / f"{r.case_id}.safetensors"))["label"]
+              for r in by_source["xray"] + by_source["phantom"]}
+    assert set(np.unique(cached[by_source["xray"][0].case_id]).tolist()) == {0, 2}
+    drawn = next(case for case in generate_cohort("chest_xray", 9, 0, size=32)
+                 if f"phantom.{case.case_id}" == phantom.case_id)
+    heart_share = (drawn.label == 3).mean()
+    assert (cached[phantom.case_id] == 1).mean() == pytest.approx(heart_share, abs=0.03)  # the heart, resized to 16
+    assert set(np.unique(cached[phantom.case_id]).tolist()) <= {0, 1, 2}
+
+
+def test_a_pool_vocabulary_name_no_source_uses_is_refused(tmp_path):
+    def unnamed(config):
+        _shared_vocabulary(config)
+        config["data"]["label_names"][3] = "spleen"
+    config = pooled_config(tmp_path, edit=unnamed)
+    with pytest.raises(UserInputError, match=r"data.label_names: no labelled source names \['spleen'\]"):
+        ingest(config, progress=False)
+
+
 @pytest.mark.parametrize("edit, expected", [
     (lambda c: c["data"]["sources"][1].update(name="xray"), "data.sources names must be unique; repeated: ['xray']"),
     (lambda c: c["data"].update(root="/somewhere"), "data.root is not used with data.sources"),
@@ -189,3 +230,12 @@ def test_base_presets_ingest_from_the_shared_data(shared_data, tmp_path, preset,
     if train_only:
         assert {record.split for record in result.records if record.source == train_only} == {"train"}
     assert all(record.label is None for record in result.records)  # the presets pool images only
+
+
+def test_a_label_value_outside_the_source_vocabulary_is_refused_before_mapping():
+    from radsynth.pipelines.data.checks import pooled_label_values
+
+    mapped = pooled_label_values(np.array([[0, 1], [3, 1]]), {0: 0, 1: 2, 3: 0}, "case.nii.gz")
+    np.testing.assert_array_equal(mapped, [[0, 2], [0, 2]])
+    with pytest.raises(UserInputError, match=r"case.nii.gz: label values \[5\] are not in the source's label map"):
+        pooled_label_values(np.array([0, 1, 5]), {0: 0, 1: 2}, "case.nii.gz")

@@ -59,3 +59,19 @@ def check_label(label: Image, image: Image, label_names: dict[int, str], where: 
 
 def label_dtype(label_names: dict[int, str]) -> np.dtype:
     return np.dtype(np.uint8) if max(label_names) < 256 else np.dtype(np.int16)
+
+
+def pooled_label_values(values: np.ndarray, mapping: dict[int, int], where: str) -> np.ndarray:
+    """A source's label map in the pool's vocabulary (``CaseRecord.label_values``): each value looked up, a value the
+    source's own vocabulary lacks refused as ``check_label`` would."""
+    present = np.unique(values)
+    if np.issubdtype(present.dtype, np.floating) and not np.array_equal(present, np.round(present)):
+        raise UserInputError(where, "label map has non-integer values", "integer labels 0..N")
+    unknown = sorted(set(present.astype(np.int64).tolist()) - set(mapping))
+    if unknown:
+        raise UserInputError(where, f"label values {unknown} are not in the source's label map",
+                             f"allowed: {sorted(mapping)}")
+    table = np.zeros(max(mapping) + 1, dtype=np.int64)
+    for source_value, pooled_value in mapping.items():
+        table[source_value] = pooled_value
+    return table[values.astype(np.int64)]

@@ -19,7 +19,7 @@ from radsynth.configs.schema import DataConfig, RadsynthConfig
 
 from .adapters import read_source
 from .cache import PreprocessedCache, cache_key
-from .checks import ConstantImage, check_image, check_label
+from .checks import ConstantImage, check_image, check_label, pooled_label_values
 from .io import Image, read_image, write_json
 from .manifest import CaseRecord, check_attributes, check_unique_case_ids, with_record_fields, write_manifest
 from .pooling import POOLED_WHERE, pooled_records
@@ -101,6 +101,8 @@ def load_case(record: CaseRecord, data: DataConfig) -> tuple[Image, Image | None
                                  f"data.image_folder.mask_threshold {threshold}: they would become background",
                                  "0/255 binary masks with the threshold, or mask_threshold: null to keep label values")
         label.array = (label.array >= threshold).astype(np.uint8)
+    if record.label_values is not None:
+        label.array = pooled_label_values(label.array, record.label_values, record.label)
     label.array = check_label(label, image, record.label_names, record.label)
     return image, label
 

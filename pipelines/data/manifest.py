@@ -35,6 +35,9 @@ class CaseRecord(BaseModel):
     image: str
     label: str | None = None
     label_names: dict[int, str] = Field(default_factory=lambda: {0: "background"})
+    label_values: dict[int, int] | None = Field(
+        None, description="a pooled source's label value -> its value in the pool's vocabulary (data.label_names), "
+        "0 for a label the pool does not name; None: the values as read")
     spacing: tuple[float, ...]
     shape: tuple[int, ...]
     text: str = ""

@@ -9,6 +9,7 @@ reference. Case and patient ids are prefixed with the source's name: two dataset
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,7 +38,7 @@ def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
         records += [record.model_copy(update={"case_id": f"{source.name}.{record.case_id}",
                                               "patient_id": f"{source.name}/{record.patient_id}",
                                               "source": source.name}) for record in own]
-    return _one_vocabulary(records)
+    return _one_vocabulary(records) if data.label_names is None else _shared_vocabulary(records, data.label_names)
 
 
 def _drawn(records: list[CaseRecord], max_cases: int | None, seed: int) -> list[CaseRecord]:
@@ -72,3 +73,28 @@ def _one_vocabulary(records: list[CaseRecord]) -> list[CaseRecord]:
     names = next(iter(vocabularies.values()), {0: "background"})
     return [record if record.label is not None else record.model_copy(update={"label_names": names})
             for record in records]
+
+
+def label_key(name: str) -> str:
+    """Label names compared across datasets: 'Right Kidney', 'right-kidney' and 'right_kidney' are one."""
+    return re.sub(r"[\s\-]+", "_", name.strip().lower())
+
+
+def _shared_vocabulary(records: list[CaseRecord], shared: dict[int, str]) -> list[CaseRecord]:
+    """Every labelled source's labels mapped by name onto the pool's vocabulary (``data.label_names``); a label it
+    does not name becomes background (a 117-class segmentation pooled for its liver, kidneys and spleen)."""
+    by_key = {label_key(name): value for value, name in shared.items()}
+    named = set()
+    pooled = []
+    for record in records:
+        update: dict = {"label_names": dict(shared)}
+        if record.label is not None:
+            values = {value: by_key.get(label_key(name), 0) for value, name in record.label_names.items()}
+            named |= {label_key(record.label_names[value]) for value, target in values.items() if target}
+            update["label_values"] = values
+        pooled.append(record.model_copy(update=update))
+    unnamed = sorted(name for name, value in by_key.items() if value and name not in named)
+    if unnamed:
+        raise UserInputError("data.label_names", f"no labelled source names {unnamed}",
+                             "names the sources' own label maps use (matched ignoring case, spaces and hyphens)")
+    return pooled
