@@ -155,7 +155,7 @@ def source_cases(config: RadsynthConfig, source_dir: str | Path, modality: str,
 
 def _source_case(record: CaseRecord, data: DataConfig, vocabulary: dict[str, int]) -> SourceCase:
     dims = data.spatial_dims
-    if len(record.shape) != dims and not (len(record.shape) == 3 and dims == 2 and 1 in record.shape):
+    if len(record.shape) != dims:
         raise UserInputError(record.image, f"a {len(record.shape)}D image", f"{dims}D images, as the model was trained on")
     case = preprocess_record(record, data)
     if case.label is None:

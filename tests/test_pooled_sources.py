@@ -239,3 +239,19 @@ def test_a_label_value_outside_the_source_vocabulary_is_refused_before_mapping()
     np.testing.assert_array_equal(mapped, [[0, 2], [0, 2]])
     with pytest.raises(UserInputError, match=r"case.nii.gz: label values \[5\] are not in the source's label map"):
         pooled_label_values(np.array([0, 1, 5]), {0: 0, 1: 2}, "case.nii.gz")
+
+
+def test_the_chaos_translation_preset_pools_real_mri_and_ct_phantoms_under_one_vocabulary(shared_data, tmp_path):
+    from safetensors.numpy import load_file
+
+    config = load_config(REPO / "configs" / "translate-chaos.yaml", [f"runtime.output_dir={tmp_path / 'run'}"])
+    chaos, phantom = config.data.sources
+    chaos.root, phantom.phantom.n_cases = str(shared_data / "chaos-t2-abdomen-mri"), 4
+    result = ingest(config, progress=False)
+    assert result.summary["modality"] == {"mri": 20, "ct": 4}
+    for record in result.records:
+        labels = load_file(str(result.cache_dir / f"{record.case_id}.safetensors"))["label"]
+        # Every organ of the vocabulary is drawn in every case, under the same value in both modalities.
+        assert set(np.unique(labels).tolist()) == {0, 1, 2, 3, 4}, record.case_id
+        liver, spleen = (labels == 1).mean(), (labels == 4).mean()
+        assert liver > spleen, record.case_id  # value 1 is the liver (the larger organ) in both sources
