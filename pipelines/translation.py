@@ -68,6 +68,7 @@ class SourceCase:
     record: CaseRecord
     image: np.ndarray
     label: np.ndarray | None
+    affine: np.ndarray  # voxel -> world of the grid it was preprocessed onto: the translation's and its label's
     dropped_labels: list[str]
 
 
@@ -113,7 +114,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
         batch_written = []
         for case, image in zip(batch, images):
             sample = f"tr_{_safe(case.record.case_id)}"
-            write_sample(sample_dir, sample, translator.to_physical(image[0]), translator.affine(case), translator.fmt,
+            write_sample(sample_dir, sample, translator.to_physical(image[0]), case.affine, translator.fmt,
                          _sidecar(config, translator, case, source, target), label=_label_or_none(case),
                          png_range=translator.intensity_range)
             batch_written.append(sample)
@@ -159,7 +160,7 @@ def _source_case(record: CaseRecord, data: DataConfig, vocabulary: dict[str, int
         raise UserInputError(record.image, f"a {len(record.shape)}D image", f"{dims}D images, as the model was trained on")
     case = preprocess_record(record, data)
     if case.label is None:
-        return SourceCase(record, case.image, None, [])
+        return SourceCase(record, case.image, None, case.affine, [])
     carried, dropped = np.zeros_like(case.label), []
     for value, name in record.label_names.items():
         if value == 0:
@@ -168,7 +169,7 @@ def _source_case(record: CaseRecord, data: DataConfig, vocabulary: dict[str, int
             carried[case.label == value] = vocabulary[label_key(name)]
         elif (case.label == value).any():
             dropped.append(name)
-    return SourceCase(record, case.image, carried, dropped)
+    return SourceCase(record, case.image, carried, case.affine, dropped)
 
 
 def _body_region(records: Sequence[CaseRecord], modality: str) -> str | None:
@@ -200,14 +201,13 @@ def _sidecar(config: RadsynthConfig, translator, case: SourceCase, source: str, 
 # ------------------------------------------------------------------------------------------------ methods
 
 class _Translator:
-    """What writing a translated case needs of a method: its grid, units, hash and sampler record."""
+    """What writing a translated case needs of a method: its units, format, hash and sampler record."""
 
     device: torch.device
     model_hash: str
     sampler: dict
     intensity_range: tuple[float, float]
     spatial_dims: int
-    spacing: tuple[float, ...]
 
     @property
     def fmt(self) -> str:
@@ -216,13 +216,6 @@ class _Translator:
     def to_physical(self, image: np.ndarray) -> np.ndarray:
         low, high = self.intensity_range
         return IntensityMap("percentile", low, high).inverse(image)
-
-    def affine(self, case: SourceCase) -> np.ndarray:
-        shape = np.asarray(case.image.shape[1:], dtype=np.float64)
-        spacing = np.asarray(self.spacing, dtype=np.float64)
-        affine = np.diag([*spacing, 1.0])
-        affine[:-1, -1] = -0.5 * (shape - 1) * spacing
-        return affine
 
 
 class _DiffusionTranslator(_Translator):
@@ -249,7 +242,7 @@ class _DiffusionTranslator(_Translator):
         self.device, self.model_hash = self.pipeline.device, model_hash(self.pipeline)
         pipeline_config = self.pipeline.config
         self.intensity_range = (pipeline_config.intensity_low, pipeline_config.intensity_high)
-        self.spatial_dims, self.spacing = pipeline_config.spatial_dims, tuple(pipeline_config.spacing)
+        self.spatial_dims = pipeline_config.spatial_dims
         self.sampler = {"scheduler": "probability_flow_inversion", "num_inference_steps": settings.num_inference_steps,
                         "guidance_scale": settings.guidance_scale, "objective": pipeline_config.objective}
 
@@ -280,8 +273,6 @@ class _CycleGANTranslator(_Translator):
         intensity = summary["intensity_train"]
         self.intensity_range = (-1.0, 1.0) if intensity["mode"] == "none" else (intensity["low"], intensity["high"])
         self.spatial_dims = config.data.spatial_dims
-        train = split_cases(records, "train")
-        self.spacing = tuple(float(s) for s in np.median([r.spacing for r in train], axis=0))
         self.sampler = {"scheduler": "cycle_gan", "num_inference_steps": 1, "guidance_scale": 0.0}
 
     @torch.no_grad()

@@ -36,11 +36,11 @@ def _merged(base: dict, extra: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny CT+MRI model trained on 8 + 8 unpaired phantoms, its config file, and an MSD folder of 3 CT cases."""
+    """A tiny CT+MRI model trained on 14 + 14 unpaired phantoms, its config file, and an MSD folder of 3 CT cases."""
     folder = tmp_path_factory.mktemp("translate")
     preset = yaml.safe_load(_preset_path().read_text())
     for source in preset["data"]["sources"]:
-        source["phantom"].update(n_cases=8, shape=SHAPE)
+        source["phantom"].update(n_cases=14, shape=SHAPE)  # enough patients for a test split of each
     preset["data"]["preprocess"]["target_shape"] = SHAPE
     preset = _merged(preset, {**TINY, "runtime": {"output_dir": str(folder / "run"), "device": "cpu"}})
     path = folder / "config.yaml"
