@@ -26,29 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from build_scores import interval, machine
 
 from radsynth.configs import load_config
-from radsynth.pipelines.data.io import scaling_affine, write_nifti
-from radsynth.pipelines.data.phantoms import generate_cohort
+from radsynth.pipelines.data.adapters.phantom import write_msd_folder
 
-KINDS = {"ct": ("ct_torso", "CT", "_ct_"), "mri": ("mri_torso", "MRI", "_mr_")}
+KINDS = {"ct": "ct_torso", "mri": "mri_torso"}
 LABELS = ("liver", "spleen", "right_kidney", "left_kidney")
-
-
-def write_cohort(root: Path, modality: str, shape, n_cases: int, seed: int, ids_of: str) -> Path:
-    """The cohort in ``modality``, its cases named as ``ids_of``'s (the same seed gives the same anatomy)."""
-    kind, channel, prefix = KINDS[modality]
-    names = None
-    for case in generate_cohort(kind, n_cases, seed, shape=shape):
-        case_id, affine = case.case_id.replace(prefix, KINDS[ids_of][2]), scaling_affine(case.spacing)
-        write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", case.image.astype(np.float32), affine)
-        write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", case.label.astype(np.uint8), affine)
-        names = case.label_names
-    (root / "dataset.json").write_text(json.dumps({"name": f"phantom-{kind}-paired", "modality": {"0": channel},
-                                                  "labels": {str(k): v for k, v in names.items()}}))
-    return root
 
 
 def radsynth(*arguments: str) -> float:
@@ -107,7 +91,8 @@ def main() -> None:
     shape = load_config(args.config, args.overrides).data.preprocess.target_shape
     for modality in KINDS:
         for ids_of in KINDS:
-            write_cohort(args.out / f"{modality}-as-{ids_of}", modality, shape, args.cases, args.seed, ids_of)
+            write_msd_folder(args.out / f"{modality}-as-{ids_of}", KINDS[modality], args.cases, args.seed, shape,
+                             ids_of=KINDS[ids_of])
     results = [run_arm(args.config, args.out, source, target, method, args.overrides)
                for source, target in (("ct", "mri"), ("mri", "ct")) for method in args.methods]
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,

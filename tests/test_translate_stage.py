@@ -13,9 +13,9 @@ import yaml
 
 from radsynth.configs import load_config
 from radsynth.flows.cli import main
+from radsynth.pipelines.data.adapters.phantom import write_msd_folder
 from radsynth.pipelines.data.ingest import ingest
-from radsynth.pipelines.data.io import read_image, scaling_affine, write_nifti
-from radsynth.pipelines.data.phantoms import generate_cohort
+from radsynth.pipelines.data.io import read_image, write_nifti
 from radsynth.pipelines.sampling.sidecar import read_sidecar
 from radsynth.pipelines.training import train
 
@@ -48,7 +48,7 @@ def trained(tmp_path_factory):
     config = load_config(str(path))
     ingest(config, progress=False)
     train(config, progress=False)
-    return path, config, write_phantom_msd(folder / "ct_source", "ct_torso", "CT")
+    return path, config, write_phantom_msd(folder / "ct_source", "ct_torso")
 
 
 def _preset_path():
@@ -56,18 +56,9 @@ def _preset_path():
     return preset_path("translate-abdomen")
 
 
-def write_phantom_msd(root, kind: str, channel: str, n_cases: int = 3, seed: int = 7):
-    """An MSD folder of phantoms; the MRI rendering of the CT cohort (same seed) under the CT cases' ids, as the
-    paired truth of translating them."""
-    names = None
-    for case in generate_cohort(kind, n_cases, seed, shape=SHAPE):
-        affine, case_id = scaling_affine(case.spacing), case.case_id.replace("_mr_", "_ct_")
-        write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", case.image.astype(np.float32), affine)
-        write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", case.label.astype(np.uint8), affine)
-        names = case.label_names
-    (root / "dataset.json").write_text(json.dumps({"name": f"phantom-{kind}", "modality": {"0": channel},
-                                                  "labels": {str(k): v for k, v in names.items()}}))
-    return root
+def write_phantom_msd(root, kind: str, n_cases: int = 3, seed: int = 7):
+    """An MSD folder of phantoms under the CT cases' ids: for mri_torso, the paired truth of translating them."""
+    return write_msd_folder(root, kind, n_cases, seed, SHAPE, ids_of="ct_torso")
 
 
 @pytest.mark.parametrize("method", ["diffusion", "cycle_gan"])
@@ -100,7 +91,7 @@ TINY_SCORING = ["scoring.feature_spaces=[random_cnn,radiomics]", "scoring.segmen
 
 def test_translations_are_scored_against_the_target_modality_and_their_paired_truth(trained, tmp_path):
     path, config, source = trained
-    out, truth = tmp_path / "mri", write_phantom_msd(tmp_path / "truth", "mri_torso", "MRI")
+    out, truth = tmp_path / "mri", write_phantom_msd(tmp_path / "truth", "mri_torso")
     assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(source), "--out", str(out),
                  "--json"]) == 0
     scoring = [*TINY_SCORING, "scoring.modality=mri", f"scoring.paired_truth={truth}"]
@@ -116,7 +107,7 @@ def test_translations_are_scored_against_the_target_modality_and_their_paired_tr
     assert ("adherence", "mask_dice_ratio") in rows  # label preservation: carried labels against the real segmenter
 
     partial = tmp_path / "partial"
-    write_phantom_msd(partial, "mri_torso", "MRI", n_cases=2)
+    write_phantom_msd(partial, "mri_torso", n_cases=2)
     assert main(["evaluate", str(path), *TINY_SCORING, "scoring.modality=mri", f"scoring.paired_truth={partial}",
                  "--samples", str(out), "--out", str(tmp_path / "eval2")]) == 2
 

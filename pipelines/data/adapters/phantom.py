@@ -8,6 +8,7 @@ Phantoms are synthetic (``origin="phantom"``): no patient data, public domain.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,22 @@ def _write_nifti_pair(case: PhantomCase, folder: Path, kind: str) -> tuple[Path,
     write_nifti(image_path, image, affine, NIFTI_DESCRIPTION)
     write_nifti(label_path, case.label.astype(np.uint8), affine, NIFTI_DESCRIPTION)
     return image_path, label_path
+
+
+def write_msd_folder(root: str | Path, kind: str, n_cases: int, seed: int, shape, ids_of: str | None = None) -> Path:
+    """A phantom cohort as an MSD raw folder (imagesTr/, labelsTr/, dataset.json naming modality and labels), what
+    ``radsynth translate --source`` reads. ids_of: name the cases as that kind's cohort of the same seed names them
+    (``ct_torso`` and ``mri_torso`` draw the same anatomy, so each is the other's paired truth under one case id)."""
+    root, module = Path(root), kind_module(kind)
+    prefix = f"_{module.CASE_PREFIX}_"
+    renamed = f"_{kind_module(ids_of).CASE_PREFIX}_" if ids_of else prefix
+    for slot in plan_cohort(kind, n_cases, seed):
+        case = generate_case(kind, slot, seed, grid_shape(kind, shape[0], shape))
+        case_id, affine = case.case_id.replace(prefix, renamed), scaling_affine(case.spacing)
+        write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", case.image.astype(np.float32), affine, NIFTI_DESCRIPTION)
+        write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", case.label.astype(np.uint8), affine, NIFTI_DESCRIPTION)
+    channel = {"ct": "CT", "mri": "MRI", "xray": "XRAY"}[module.MODALITY]
+    meta = {"name": f"phantom-{kind}", "modality": {"0": channel}, "licence": PHANTOM_LICENSE,
+            "labels": {str(value): name for value, name in module.LABEL_NAMES.items()}}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return root
