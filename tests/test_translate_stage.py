@@ -89,6 +89,7 @@ TINY_SCORING = ["scoring.feature_spaces=[random_cnn,radiomics]", "scoring.segmen
                 "scoring.bootstrap_samples=10", "scoring.min_stratum_size=2"]
 
 
+@pytest.mark.slow
 def test_translations_are_scored_against_the_target_modality_and_their_paired_truth(trained, tmp_path):
     path, config, source = trained
     out, truth = tmp_path / "mri", write_phantom_msd(tmp_path / "truth", "mri_torso")
@@ -112,6 +113,7 @@ def test_translations_are_scored_against_the_target_modality_and_their_paired_tr
                  "--samples", str(out), "--out", str(tmp_path / "eval2")]) == 2
 
 
+@pytest.mark.slow  # a Prefect server start
 def test_the_flow_runs_the_stage_and_a_second_run_comes_from_its_cache(trained, tmp_path, prefect_server):
     from radsynth.flows.stages import translate_flow
 
