@@ -227,7 +227,7 @@ class LatentDiffusion:
         land_clean: return the clean latents implied at the last timestep (the final jump of a sampler to t=0).
         """
         unconditional = self.unconditional(condition) if guidance_scale > 1.0 else None
-        points = [torch.as_tensor(t) for t in timesteps]
+        points = [torch.as_tensor(t, device=self.device) for t in timesteps]  # the denoiser's device, as a scheduler's
         for here, there in zip(points[:-1], points[1:]):
             clean, noise = self._implied(latents, here, condition, guidance_scale, unconditional)
             latents = self.objective.noised(clean, noise, there).to(self.dtype)

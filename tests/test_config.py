@@ -7,7 +7,8 @@ from radsynth.flows.cli import main
 
 from .conftest import REPO
 
-PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen", "base-2d", "base-3d"]
+PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen", "base-2d", "base-3d", "translate-abdomen",
+           "translate-chaos"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -15,7 +16,7 @@ def test_every_preset_validates_and_round_trips_through_yaml(name, tmp_path):
     config = load_config(REPO / "configs" / f"{name}.yaml")
     assert set(RadsynthConfig.model_fields) == {
         "data", "autoencoder", "diffusion", "conditioning", "controlnet", "mask_generator", "finetune", "distill", "sampling",
-        "scoring", "release", "runtime"}
+        "translation", "scoring", "release", "runtime"}
     dumped = tmp_path / "resolved.yaml"
     dumped.write_text(config_to_yaml(config))
     assert load_config(dumped) == config
