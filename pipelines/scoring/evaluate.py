@@ -717,13 +717,13 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
         config.conditioning.attributes)
     sampler = None if pipeline is None else {key: value for key, value in sampler_settings(config, pipeline).items()
                                              if key in ("num_inference_steps", "guidance_scale")}
-    truth = _paired_truth(config, samples, synthetic, train) if config.scoring.paired_truth else None
+    truth = _paired_truth(config, samples, synthetic) if config.scoring.paired_truth else None
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler, truth)
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
                  gate=config.release.gate, cache_dir=build_scoring_cache_dir(config), map_batches=map_batches)
 
 
-def _paired_truth(config: RadsynthConfig, samples: Path, synthetic: ImageSet, train: ImageSet) -> np.ndarray:
+def _paired_truth(config: RadsynthConfig, samples: Path, synthetic: ImageSet) -> np.ndarray:
     """The paired rendering of each translated sample's source case (``scoring.paired_truth``), preprocessed as the
     model's data was, row for row with ``synthetic``."""
     from ..sampling.sidecar import read_sidecar
