@@ -56,7 +56,8 @@ from .training import (
     trained_model_dir,
 )
 
-__all__ = ["SourceCase", "TranslationResult", "cycle_gan_dir", "source_cases", "translate", "translation_sample_dir"]
+__all__ = ["SourceCase", "TranslationResult", "cycle_gan_dir", "source_cases", "target_attributes", "translate",
+           "translation_sample_dir"]
 
 CYCLE_GAN_DIR = "cycle_gan"
 
@@ -102,6 +103,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
     check_modalities(source, target)
     records, summary = ingested_dataset(config)
     cases = source_cases(config, source_dir, source, records)
+    target_region = _body_region(records, target)
     translator = (_DiffusionTranslator(config, model_dir, source, target, progress)
                   if config.translation.method == "diffusion"
                   else _CycleGANTranslator(config, records, summary, source, target, progress))
@@ -110,12 +112,13 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
     batch_size = config.translation.batch_size
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
     for batch in tqdm(batches, desc="translate", unit="batch", disable=None if progress else True):
-        images = translator(batch)
+        targets = [target_attributes(case.record, target, target_region) for case in batch]
+        images = translator(batch, targets)
         batch_written = []
-        for case, image in zip(batch, images):
+        for case, attributes, image in zip(batch, targets, images):
             sample = f"tr_{_safe(case.record.case_id)}"
             write_sample(sample_dir, sample, translator.to_physical(image[0]), case.affine, translator.fmt,
-                         _sidecar(config, translator, case, source, target), label=_label_or_none(case),
+                         _sidecar(config, translator, case, attributes, source, target), label=_label_or_none(case),
                          png_range=translator.intensity_range)
             batch_written.append(sample)
         log_batch(sample_dir, batch_written, *meter.take(), meter.device)
@@ -178,6 +181,15 @@ def _body_region(records: Sequence[CaseRecord], modality: str) -> str | None:
     return regions.pop() if len(regions) == 1 else None
 
 
+def target_attributes(record: CaseRecord, target: str, target_region: str | None) -> dict:
+    """The source case's conditions as the target modality: that modality, and the region the model learnt it at
+    (a pool may name one region differently per modality, e.g. CT "thorax_abdomen", MRI "abdomen")."""
+    attributes = {**record.attributes, "modality": target}
+    if target_region is not None and "body_region" in attributes:
+        attributes["body_region"] = target_region
+    return attributes
+
+
 def _label_or_none(case: SourceCase) -> np.ndarray | None:
     return None if case.label is None else case.label[0]
 
@@ -186,11 +198,9 @@ def _safe(case_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", case_id)
 
 
-def _sidecar(config: RadsynthConfig, translator, case: SourceCase, source: str, target: str) -> dict:
-    attributes = {**case.record.attributes, "modality": target}
+def _sidecar(config: RadsynthConfig, translator, case: SourceCase, attributes: dict, source: str, target: str) -> dict:
     keys = list(config.conditioning.attributes)
-    prompt = render_prompt("", attributes, keys)
-    return {"prompt": prompt, "conditions": prompt_attributes(attributes, keys), "seed": 0,
+    return {"prompt": render_prompt("", attributes, keys), "conditions": prompt_attributes(attributes, keys), "seed": 0,
             **translator.sampler, "model_hash": translator.model_hash, "modality": target,
             "derived_from_real": True, "source_case": case.record.case_id,
             "translation": {"method": config.translation.method, "from": source, "to": target,
@@ -246,17 +256,17 @@ class _DiffusionTranslator(_Translator):
         self.sampler = {"scheduler": "probability_flow_inversion", "num_inference_steps": settings.num_inference_steps,
                         "guidance_scale": settings.guidance_scale, "objective": pipeline_config.objective}
 
-    def __call__(self, cases: list[SourceCase]) -> np.ndarray:
+    def __call__(self, cases: list[SourceCase], targets: list[dict]) -> np.ndarray:
         keys = list(self.config.conditioning.attributes)
-        conditions = {modality: [{**case.record.attributes, "modality": modality} for case in cases]
-                      for modality in (self.source, self.target)}
-        prompts = {modality: [render_prompt("", values, keys) for values in conditions[modality]]
-                   for modality in conditions}
+        # The source side as preprocessed: its record already names the region the model learnt the source at.
+        sources = [{**case.record.attributes, "modality": self.source} for case in cases]
         labelled = self.use_labels and all(case.label is not None for case in cases)
         settings = self.config.translation
-        return self.pipeline(np.stack([case.image for case in cases]), prompts[self.source], prompts[self.target],
+        return self.pipeline(np.stack([case.image for case in cases]),
+                             [render_prompt("", values, keys) for values in sources],
+                             [render_prompt("", values, keys) for values in targets],
                              label_maps=np.stack([case.label for case in cases]) if labelled else None,
-                             source_conditions=conditions[self.source], target_conditions=conditions[self.target],
+                             source_conditions=sources, target_conditions=targets,
                              strength=settings.strength, num_inference_steps=settings.num_inference_steps,
                              guidance_scale=settings.guidance_scale, conditioning_scale=self.config.controlnet.conditioning_scale
                              ).images
@@ -276,7 +286,7 @@ class _CycleGANTranslator(_Translator):
         self.sampler = {"scheduler": "cycle_gan", "num_inference_steps": 1, "guidance_scale": 0.0}
 
     @torch.no_grad()
-    def __call__(self, cases: list[SourceCase]) -> np.ndarray:
+    def __call__(self, cases: list[SourceCase], targets: list[dict]) -> np.ndarray:  # one mapping: no conditions
         images = torch.as_tensor(np.stack([case.image for case in cases]), device=self.device)
         return self.model(images, self.source, self.target).cpu().numpy()
 
