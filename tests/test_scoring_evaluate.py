@@ -12,7 +12,7 @@ import pytest
 from radsynth.configs import load_config, load_scoring_config
 from radsynth.flows.cli import main
 from radsynth.pipelines.data.ingest import ingest
-from radsynth.pipelines.scoring.evaluate import ScoringInputs, score
+from radsynth.pipelines.scoring.evaluate import ScoringInputs, SourceModality, score
 from radsynth.pipelines.scoring.image_sets import image_array
 from radsynth.pipelines.scoring.loading import cached_split
 
@@ -41,9 +41,9 @@ def phantom_sets(tmp_path_factory):
     return train, holdout.subset(range(half, len(holdout))), test, unseen
 
 
-def _score(tmp_path, synthetic, train, holdout, test, *overrides):
+def _score(tmp_path, synthetic, train, holdout, test, *overrides, sources=()):
     settings = load_scoring_config([*FAST, "scoring.utility=false", *overrides])
-    inputs = ScoringInputs(synthetic, train, holdout, test, attributes=["finding"])
+    inputs = ScoringInputs(synthetic, train, holdout, test, attributes=["finding"], sources=list(sources))
     return score(inputs, settings, tmp_path, log=lambda _: None)
 
 
@@ -92,6 +92,30 @@ def test_planted_copies_of_training_images_are_flagged_and_fail_the_privacy_gate
     # Realism of an unseen real set is at its real-vs-real floor: the FD interval overlaps the floor's.
     fd = clean.find("realism", "frechet_distance", "radiomics")
     assert fd["ci_low"] <= fd["reference_ci_high"] and fd["reference_ci_low"] <= fd["ci_high"]
+
+
+@pytest.mark.slow
+def test_translations_of_source_modality_training_images_are_flagged_against_that_modality(tmp_path, phantom_sets):
+    train, holdout, test, unseen = phantom_sets
+    # The test split poses as the source modality's real cases: translations scored against one modality would
+    # otherwise never meet the patients they were translated from.
+    half = len(test) // 2
+    source = SourceModality("ct", test.subset(range(half)), test.subset(range(half, len(test))))
+    planted = unseen.subset(range(len(unseen)))
+    copies = np.arange(0, len(planted), 4)  # 25% left as the source's training images they came from
+    planted.images[copies] = source.train.images[copies % len(source.train)]
+    card = _score(tmp_path, planted, train, holdout, None, "scoring.self_supervised_steps=100",
+                  sources=[source]).scorecard
+
+    assert [card.per_sample[i]["source_ct_pixel_nn_id"] for i in copies] == [source.train.ids[i % len(source.train)]
+                                                                             for i in copies]
+    flagged = np.array([row["source_ct_pixel_copy"] for row in card.per_sample])
+    assert flagged[copies].all() and all(card.per_sample[i]["flagged"] for i in copies)
+    assert card.find("privacy", "copy_rate", "pixels", "source modality=ct")["value"] >= 0.25
+    assert card.find("privacy", "dcr_share", "self_supervised", "source modality=ct") is not None
+    reasons = " ".join(card.verdicts["privacy"]["reasons"])
+    assert "copy_rate [source modality=ct]" in reasons
+    assert "copy_rate [all]" not in reasons  # not copies of the scored modality's training images
 
 
 @pytest.mark.slow

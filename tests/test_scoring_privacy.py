@@ -432,6 +432,18 @@ def test_privacy_decision_rules():
     assert not decide(estimate(0.5, 0.02), 0.0, 0.0, membership_tpr=5 / 64)["passed"]
 
 
+def test_a_translations_copy_rate_against_its_source_modality_is_gated_on_that_modalitys_holdout():
+    card = scorecard_of(estimate(0.5, 0.02), 0.0, 0.0, n_synthetic=100, n_holdout=100)
+    source = {**card["rows"][1], "stratum": "source modality=ct", "value": 0.08, "reference_value": 0.06}
+    card["rows"].append(source)
+    # 8% against a source holdout's 6% chance rate (40 cases): within noise. Against the target's 0% it would not be.
+    card["sizes"]["holdout [source modality=ct]"] = 40
+    assert privacy_verdict(privacy_checks(card, GateConfig()))["passed"]
+    source["value"] = 0.25
+    verdict = privacy_verdict(privacy_checks(card, GateConfig()))
+    assert [reason.split(":")[0] for reason in verdict["reasons"]] == ["copy_rate [source modality=ct]"]
+
+
 @pytest.mark.parametrize(("change", "check_name"), [
     ({"feature_spaces": ["random_cnn"]}, "privacy_feature_space"),
     ({"copy_detection_recall": 0.01}, "copy_detection_recall"),

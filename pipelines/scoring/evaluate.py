@@ -24,11 +24,24 @@ from . import fan_out
 from .bootstrap import Estimate
 from .fan_out import BatchMap, in_process
 from .image_sets import ImageSet
-from .privacy_decision import privacy_checks, privacy_verdict
+from .privacy_decision import holdout_size_key, privacy_checks, privacy_verdict
 from .real_side import RealSideCache
 from .scorecard import Scorecard
 
 CALIBRATION_SOURCES = 256
+
+
+@dataclass
+class SourceModality:
+    """The train and holdout splits of a modality translated samples came from."""
+
+    modality: str
+    train: ImageSet
+    holdout: ImageSet
+
+    @property
+    def stratum(self) -> str:
+        return f"source modality={self.modality}"
 
 
 @dataclass
@@ -45,6 +58,9 @@ class ScoringInputs:
     # Translated samples with a paired rendering of each source case in the target modality (``scoring.paired_truth``):
     # the truth images, row for row with ``synthetic``, in the same [-1, 1] space.
     truth: np.ndarray | None = None
+    # Translated samples: the real cases of each modality they were translated from, which privacy is read against
+    # too (scoring one modality leaves the source modality's patients out of train and holdout).
+    sources: list[SourceModality] = field(default_factory=list)
 
     @property
     def unseen(self) -> ImageSet:
@@ -112,7 +128,7 @@ def score(inputs: ScoringInputs, settings: ScoringConfig, out_dir: str | Path, s
         + (f" (kept in {cache.folder})" if cache.folder is not None else ""))
     remove_temporaries(out_dir)  # a scoring run killed mid-write left them; this run rewrites every file
     for row in card.per_sample:
-        row["flagged"] = bool(row.get("pixel_copy") or row.get("embedding_copy"))
+        row["flagged"] = any(value is True for key, value in row.items() if key.endswith(("pixel_copy", "embedding_copy")))
     card.verdicts["privacy"] = privacy_verdict(privacy_checks(card.to_dict(), gate or GateConfig()))
     card.settings["seconds"] = seconds
     paths = card.write(out_dir)
@@ -533,9 +549,43 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
                       dcr_holdout=float(primary_dcr["dcr_holdout"][i]),
                       authentic=bool(authenticity["per_sample"][i]))
     _privacy_strata(card, inputs, flags | pixel_copy, primary_dcr)
+    for source in inputs.sources:
+        _source_privacy(card, inputs, source, table, settings, seed, cache, map_batches)
     tick()
     _membership(card, inputs, settings, seed, cache)
     tick()
+
+
+def _source_privacy(card: Scorecard, inputs: ScoringInputs, source: SourceModality, table: FeatureTable,
+                    settings: ScoringConfig, seed: int, cache: RealSideCache, map_batches: BatchMap) -> None:
+    """A translation must not be a source-modality training patient either (a CT case carried into MRI is still
+    that patient): pixel copies of the source's training images (correlation is blind to the change of contrast
+    when the anatomy is kept) and the DCR share against the source's train and holdout, both gated."""
+    from . import privacy
+    from .real_side import set_fingerprint
+
+    synthetic, fingerprint = inputs.synthetic, [set_fingerprint(source.train), set_fingerprint(source.holdout)]
+    pixel_holdout, threshold = pixel_copy_reference(source.train, source.holdout, settings, cache, source=fingerprint)
+    pixel = fan_out.pixel_matches(synthetic, source.train.images, _pixel_settings(settings), map_batches,
+                                  settings.batch_size)
+    copies = pixel.flags(threshold)
+    card.add("privacy", "copy_rate", float(copies.mean()), feature_space="pixels", stratum=source.stratum,
+             reference=float(pixel_holdout.flags(threshold).mean()), reference_name="source holdout",
+             n=len(synthetic), better="near reference",
+             note=f"against the {source.modality} training images; correlation threshold {threshold:.4f}")
+    real = cache.arrays(f"features_source_{table.name}", lambda: {
+        split: table.embed(image_set.images, image_set.masks)
+        for split, image_set in (("train", source.train), ("holdout", source.holdout))}, source=fingerprint)
+    dcr = privacy.dcr_share(table.synthetic, real["train"], real["holdout"], synthetic.groups, source.train.groups,
+                            source.holdout.groups, n_boot=settings.bootstrap_samples, seed=seed,
+                            chunk=settings.nearest_neighbour_chunk)
+    card.add("privacy", "dcr_share", dcr["share"], feature_space=table.name, stratum=source.stratum, reference=0.5,
+             reference_name="private generator", n=len(synthetic), better="near 0.5",
+             note=f"against the {source.modality} train and holdout; train subsampled to the holdout's size")
+    card.sizes[holdout_size_key(source.stratum)] = len(source.holdout)
+    for i, record in enumerate(card.per_sample):
+        record.update({f"source_{source.modality}_pixel_nn_id": source.train.ids[pixel.train_index[i]],
+                       f"source_{source.modality}_pixel_copy": bool(copies[i])})
 
 
 def _pixel_settings(settings: ScoringConfig) -> dict:
@@ -543,13 +593,15 @@ def _pixel_settings(settings: ScoringConfig) -> dict:
             "chunk": settings.nearest_neighbour_chunk}
 
 
-def pixel_copy_reference(train: ImageSet, holdout: ImageSet, settings: ScoringConfig, cache: RealSideCache):
+def pixel_copy_reference(train: ImageSet, holdout: ImageSet, settings: ScoringConfig, cache: RealSideCache,
+                         **parts):
     """The holdout's pixel matches against train (cached) and the correlation threshold they calibrate: at most 1%
-    of unseen real images are flagged by chance. Returns (holdout matches, threshold)."""
+    of unseen real images are flagged by chance. Returns (holdout matches, threshold). parts: what tells the cache
+    entry apart when train and holdout are not the cache's own real sets."""
     from . import privacy
 
     stored = cache.arrays("pixel_matches_holdout", lambda: asdict(
-        privacy.pixel_nearest_neighbours(holdout.images, train.images, **_pixel_settings(settings))))
+        privacy.pixel_nearest_neighbours(holdout.images, train.images, **_pixel_settings(settings))), **parts)
     matches = privacy.PixelMatches(**{**stored, "comparison_shape": tuple(stored["comparison_shape"].tolist())})
     return matches, privacy.threshold_at_false_positive_rate(matches.correlation, 0.01)
 
@@ -711,16 +763,46 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     samples = Path(sample_dir or build_sample_dir(config))
     synthetic = sample_set(samples, train, max_samples=config.scoring.max_samples,
                            memory_mb=config.scoring.synthetic_memory_mb)
+    translations = _translations(samples, synthetic)
     model = Path(model_dir or sampling_model_dir(config))
-    pipeline = load_pipeline(model, config, progress=False) if (model / "model_index.json").is_file() else None
+    # The white-box probes (membership inference, round-trip copies) ask the generator that made the samples: never
+    # the diffusion model about samples another method (the CycleGAN baseline) made.
+    made_by_model = all(t.get("method", "diffusion") == "diffusion" for t in translations)
+    pipeline = (load_pipeline(model, config, progress=False)
+                if made_by_model and (model / "model_index.json").is_file() else None)
+    if not made_by_model:
+        log("scoring: the samples are translations by "
+            f"{', '.join(sorted({t['method'] for t in translations} - {'diffusion'}))}: no white-box probes")
     attributes = config.scoring.attributes if config.scoring.attributes is not None else list(
         config.conditioning.attributes)
     sampler = None if pipeline is None else {key: value for key, value in sampler_settings(config, pipeline).items()
                                              if key in ("num_inference_steps", "guidance_scale")}
     truth = _paired_truth(config, samples, synthetic) if config.scoring.paired_truth else None
-    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler, truth)
+    inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler, truth,
+                           _source_modalities(config, translations))
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
                  gate=config.release.gate, cache_dir=build_scoring_cache_dir(config), map_batches=map_batches)
+
+
+def _translations(samples: Path, synthetic: ImageSet) -> list[dict]:
+    """The ``translation`` entry of every translated sample's sidecar (none for samples `radsynth translate` did not
+    write)."""
+    from ..sampling.sidecar import read_sidecar
+
+    entries = (read_sidecar(samples / f"{sample_id}.json").model_extra.get("translation") for sample_id in synthetic.ids)
+    return [entry for entry in entries if entry]
+
+
+def _source_modalities(config: RadsynthConfig, translations: list[dict]) -> list[SourceModality]:
+    """The real cases of each modality the samples were translated from, when scoring reads one other modality
+    only (``scoring.modality``); without it, train and holdout already hold every modality."""
+    from .loading import cached_split, split_records
+
+    target = config.scoring.modality
+    modalities = sorted({entry["from"] for entry in translations} - {None, target}) if target else []
+    return [SourceModality(modality, *(cached_split(config, split, modality=modality) for split in ("train", "holdout")))
+            for modality in modalities
+            if all(split_records(config, split, modality) for split in ("train", "holdout"))]
 
 
 def _paired_truth(config: RadsynthConfig, samples: Path, synthetic: ImageSet) -> np.ndarray:
@@ -762,4 +844,4 @@ def _concatenate(a: ImageSet, b: ImageSet, name: str) -> ImageSet:
                     a.intensity, a.is_synthetic, masks, a.conditions + b.conditions, a.prompts + b.prompts, name)
 
 
-__all__ = ["Estimate", "ScoreResult", "ScoringInputs", "evaluate", "score"]
+__all__ = ["Estimate", "ScoreResult", "ScoringInputs", "SourceModality", "evaluate", "score"]

@@ -53,13 +53,18 @@ def build_summary(config: RadsynthConfig) -> dict:
     return json.loads(path.read_text())
 
 
-def cached_split(config: RadsynthConfig, split: str, limit: int | None = None) -> ImageSet:
-    """The real cases of one split (of ``scoring.modality`` alone when set), from the preprocessed cache, as the
-    model saw them."""
+def split_records(config: RadsynthConfig, split: str, modality: str | None = None) -> list[CaseRecord]:
+    """The manifest's cases of one split, of ``modality`` alone when given."""
+    return [r for r in read_manifest(data_dir(config) / "manifest.jsonl")
+            if r.split == split and modality in (None, r.modality)]
+
+
+def cached_split(config: RadsynthConfig, split: str, limit: int | None = None, modality: str | None = None) -> ImageSet:
+    """The real cases of one split (of ``modality``, else of ``scoring.modality`` alone when set), from the
+    preprocessed cache, as the model saw them."""
     summary = build_summary(config)
-    modality = config.scoring.modality
-    records = [r for r in read_manifest(data_dir(config) / "manifest.jsonl")
-               if r.split == split and modality in (None, r.modality)][:limit]
+    modality = modality or config.scoring.modality
+    records = split_records(config, split, modality)[:limit]
     if not records:
         which = f"the {split} split" + (f" has no {modality} cases" if modality else " is empty")
         raise UserInputError(data_dir(config) / "manifest.jsonl", which,

@@ -130,18 +130,27 @@ def _dcr_share(rows: list[dict], gate: GateConfig) -> list[GateCheck]:
     return checks or [measured_check(f"dcr_share ({PRIVACY_SPACE})", None, None, "<=", True, "DCR share")]
 
 
+def holdout_size_key(stratum: str) -> str:
+    """The scorecard's size of the holdout a copy rate of ``stratum`` is read against: the holdout, or for a
+    translation's source modality (stratum "source modality=ct") that modality's holdout."""
+    return "holdout" if stratum == "all" else f"holdout [{stratum}]"
+
+
 def _copy_rates(rows: list[dict], gate: GateConfig, sizes: Mapping) -> list[GateCheck]:
-    overall = next(rows_of(rows, "privacy", "copy_rate"), None)
+    # One copy rate per reference (the training images; a translation's source modality's too), each against its
+    # own holdout's chance rate; the conditioned attributes' strata against the training images' holdout.
+    references = list(rows_of(rows, "privacy", "copy_rate"))
+    overall = next((row for row in references if row["stratum"] == "all"), None)
     if overall is None:
         return [measured_check("copy_rate", None, None, "<=", True, "copy rate")]
-    holdout_rate, n_holdout = value_of(overall, "reference_value") or 0.0, sizes.get("holdout")
-    checks = []
     strata = [row for row in rows_of(rows, "privacy", "copy_rate (pixel or embedding)")
               if (row.get("n") or 0) >= MIN_GATED_STRATUM]
-    for row in [overall, *strata]:
+    checks = []
+    for row, reference in [*((row, row) for row in references), *((row, overall) for row in strata)]:
         value = value_of(row)
-        limit = None if value is None else copy_rate_limit(value, holdout_rate, gate.copy_rate_margin, 2.0,
-                                                          row.get("n"), n_holdout)
+        limit = None if value is None else copy_rate_limit(
+            value, value_of(reference, "reference_value") or 0.0, gate.copy_rate_margin, 2.0, row.get("n"),
+            sizes.get(holdout_size_key(reference["stratum"])))
         checks.append(measured_check("copy_rate", row, limit, "<=", True, "share of samples flagged as copies"))
     return checks
 
