@@ -16,6 +16,7 @@ from radsynth.flows.cli import main
 from radsynth.pipelines.data.adapters.phantom import write_msd_folder
 from radsynth.pipelines.data.ingest import ingest
 from radsynth.pipelines.data.io import read_image, write_nifti
+from radsynth.pipelines.data.phantoms import kind_module
 from radsynth.pipelines.sampling.sidecar import read_sidecar
 from radsynth.pipelines.training import train
 
@@ -84,6 +85,20 @@ def test_translated_cases_are_pairs_carrying_the_source_labels_marked_derived_fr
         assert np.isfinite(image).all() and image.std() > 0
 
 
+def test_the_target_prompt_names_the_region_the_model_learnt_the_target_modality_at():
+    from radsynth.pipelines.data.manifest import CaseRecord
+    from radsynth.pipelines.translation import target_attributes
+
+    record = CaseRecord(case_id="c1", patient_id="p1", modality="ct", body_region="thorax_abdomen", image="c1.nii.gz",
+                        spacing=(1.0, 1.0, 1.0), shape=(8, 8, 8), source="s", sha256="0" * 64,
+                        attributes={"modality": "ct", "body_region": "thorax_abdomen", "finding": "none"})
+    assert target_attributes(record, "mri", "abdomen") == {"modality": "mri", "body_region": "abdomen",
+                                                           "finding": "none"}
+    assert target_attributes(record, "mri", None)["body_region"] == "thorax_abdomen"  # no single region learnt
+    without = record.model_copy(update={"attributes": {"modality": "ct"}})  # region not conditioned on: not added
+    assert target_attributes(without, "mri", "abdomen") == {"modality": "mri"}
+
+
 TINY_SCORING = ["scoring.feature_spaces=[random_cnn,radiomics]", "scoring.segmenter_steps=2", "scoring.classifier_steps=2",
                 "scoring.utility=false", "scoring.membership_samples=4", "scoring.membership_timesteps=1",
                 "scoring.bootstrap_samples=10", "scoring.min_stratum_size=2"]
@@ -106,11 +121,31 @@ def test_translations_are_scored_against_the_target_modality_and_their_paired_tr
         row = rows[("translation", metric)]
         assert row["ci_low"] <= row["value"] <= row["ci_high"] and row["n"] == 3
     assert ("adherence", "mask_dice_ratio") in rows  # label preservation: carried labels against the real segmenter
+    # Privacy is read against the CT training patients the translations could have come from, too.
+    strata = {(row["metric"], row["stratum"]) for row in card["rows"] if row["section"] == "privacy"}
+    assert {("copy_rate", "source modality=ct"), ("dcr_share", "source modality=ct")} <= strata
+    assert card["sizes"]["holdout [source modality=ct]"] > 0
+    assert any(row["metric"] == "membership_inference_auc" for row in card["rows"])  # the model made them: probed
 
     partial = tmp_path / "partial"
     write_phantom_msd(partial, "mri_torso", n_cases=2)
     assert main(["evaluate", str(path), *TINY_SCORING, "scoring.modality=mri", f"scoring.paired_truth={partial}",
                  "--samples", str(out), "--out", str(tmp_path / "eval2")]) == 2
+
+
+@pytest.mark.slow
+def test_the_cycle_gans_translations_are_not_probed_with_the_diffusion_models_white_box_attacks(trained, tmp_path):
+    path, _, source = trained
+    out = tmp_path / "cycle_gan"
+    assert main(["translate", str(path), "translation.method=cycle_gan", "--from", "ct", "--to", "mri", "--source",
+                 str(source), "--out", str(out), "--json"]) == 0
+    # No --model: the build's diffusion model is there, but it did not make these samples.
+    assert main(["evaluate", str(path), *TINY_SCORING, "scoring.modality=mri", "--samples", str(out), "--out",
+                 str(tmp_path / "eval"), "--json"]) == 0
+    card = json.loads((tmp_path / "eval" / "scorecard.json").read_text())
+    assert not any(row["metric"].startswith("membership_inference") for row in card["rows"])
+    assert any(note.startswith("membership inference: not run") for note in card["notes"])
+    assert any(row["stratum"] == "source modality=ct" for row in card["rows"])
 
 
 @pytest.mark.slow  # a Prefect server start
@@ -148,6 +183,46 @@ def test_a_source_folder_of_another_dimension_or_without_dataset_json_is_refused
     assert "a 2D image" in capsys.readouterr().err
     assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(tmp_path)]) == 2
     assert "no dataset.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def trained_2d(tmp_path_factory):
+    """A tiny 2D CT+MRI model trained on the abdominal slices of 14 + 14 unpaired torso phantoms (2D NIfTI, as
+    nnU-Net's 2D datasets and radsynth's own 2D CT / MRI releases store them)."""
+    folder = tmp_path_factory.mktemp("translate2d")
+    sources = [{"name": modality, "format": "msd", "body_region": "abdomen",
+                "root": str(write_msd_folder(folder / modality, kind, 14, seed, SHAPE, axial_slice=True))}
+               for modality, kind, seed in (("ct", "ct_torso", 0), ("mri", "mri_torso", 1))]
+    preset = yaml.safe_load(_preset_path().read_text())
+    preset["data"].update(sources=sources, label_names=kind_module("ct_torso").LABEL_NAMES)
+    preset["data"]["preprocess"]["target_shape"] = SHAPE[:2]
+    preset["conditioning"]["attributes"] = ["modality"]  # an MSD folder records no finding
+    preset = _merged(preset, {**TINY, "runtime": {"output_dir": str(folder / "run"), "device": "cpu"}})
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(preset))
+    config = load_config(str(path))
+    ingest(config, progress=False)
+    train(config, progress=False)
+    return path, write_msd_folder(folder / "ct_source", "ct_torso", 3, 7, SHAPE, axial_slice=True)
+
+
+@pytest.mark.parametrize("method", ["diffusion", "cycle_gan"])
+def test_a_2d_model_translates_a_folder_of_slices_into_image_and_label_pairs(trained_2d, tmp_path, method):
+    path, source = trained_2d
+    out = tmp_path / method
+    assert main(["translate", str(path), f"translation.method={method}", "--from", "ct", "--to", "mri", "--source",
+                 str(source), "--out", str(out), "--json"]) == 0
+    sidecars = [read_sidecar(p) for p in sorted(out.glob("*.json"))]
+    assert len(sidecars) == 3
+    for sidecar in sidecars:
+        image, label = read_image(out / sidecar.file).array, read_image(out / sidecar.label_file).array
+        assert sidecar.file.endswith(".png") and image.shape == label.shape == tuple(SHAPE[:2])
+        truth = read_image(source / "labelsTr" / f"{sidecar.model_extra['source_case']}.nii.gz").array
+        np.testing.assert_array_equal(label, truth)
+        assert sidecar.derived_from_real and sidecar.conditions["modality"] == "mri"
+    # A 3D folder is not what a 2D model translates.
+    volumes = write_msd_folder(tmp_path / "volumes", "ct_torso", 1, 7, SHAPE)
+    assert main(["translate", str(path), "--from", "ct", "--to", "mri", "--source", str(volumes)]) == 2
 
 
 def test_the_console_script_answers_translate_help():

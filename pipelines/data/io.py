@@ -83,10 +83,13 @@ def _read_nifti(path: Path) -> Image:
     # A trailing singleton axis (x, y, z, 1) is common in exported volumes; a real 4th axis is not a volume.
     while array.ndim > 3 and array.shape[-1] == 1:
         array = array[..., 0]
+    if array.ndim == 2:  # a slice (nnU-Net's 2D datasets, radsynth's own 2D CT / MRI releases): its in-plane geometry
+        affine = np.eye(3)
+        affine[:2, :2], affine[:2, 2] = image.affine[:2, :2], image.affine[:2, 3]
+        return Image(array, affine)
     if array.ndim != 3:
-        raise UserInputError(
-            path, f"expected a 3D volume, got {array.ndim}D with shape {tuple(array.shape)}", "one channel, 3 axes"
-        )
+        raise UserInputError(path, f"expected a 2D slice or a 3D volume, got {array.ndim}D with shape "
+                             f"{tuple(array.shape)}", "one channel, 2 or 3 axes")
     return Image(array, image.affine.astype(np.float64))
 
 
