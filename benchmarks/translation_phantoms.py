@@ -1,20 +1,24 @@
-"""CT <-> MRI translation on the torso phantoms: the diffusion bridge against the CycleGAN baseline, with pixel truth.
+"""CT <-> MRI translation: the diffusion bridge against the CycleGAN baseline, on phantoms with pixel truth or on real MRI.
 
-    python benchmarks/translation_phantoms.py CONFIG --out DIR [--cases N] [--seed S] [key=value ...]
+    python benchmarks/translation_phantoms.py CONFIG --out DIR [--cases N] [--seed S] [--mri-source phantom|real]
+                                              [key=value ...]
 
-CONFIG is a model trained on both modalities (configs/translate-abdomen.yaml after `radsynth train`). A paired test
-cohort that no model saw (phantom seed S, N cases) is written twice as MSD folders, as ct_torso (CT) and as
-mri_torso (its T2-SPIR rendering, voxel for voxel the same anatomy), each under the other's case ids as well, so
-either can be the source and the other its truth. For each direction (ct->mri, mri->ct) and method (diffusion,
-cycle_gan) it runs, one at a time:
+CONFIG is a model trained on both modalities (configs/translate-abdomen.yaml or translate-chaos.yaml after
+`radsynth train`). A paired test cohort that no model saw (phantom seed S, N cases) is written twice as MSD folders,
+as ct_torso (CT) and as mri_torso (its T2-SPIR rendering, voxel for voxel the same anatomy), each under the other's
+case ids as well, so either can be the source and the other its truth. With ``--mri-source real`` the MRI source is
+the build's own test split of real MRI (translate-chaos: CHAOS cases no model trained on), and no direction has
+pixel truth (the phantom rendering is not the MRI the model learnt). For each direction (ct->mri, mri->ct) and
+method (diffusion, cycle_gan) it runs, one at a time:
 
     radsynth translate CONFIG translation.method=M --from A --to B --source DIR/A --out DIR/A-to-B-M
-    radsynth evaluate CONFIG scoring.modality=B scoring.paired_truth=DIR/B-as-A --samples ... --out ...
+    radsynth evaluate CONFIG scoring.modality=B [scoring.paired_truth=DIR/B-as-A] --samples ... --out ...
 
 and reads from each scorecard: label preservation (segmenter Dice on the translations against their carried labels,
 over its Dice on real target images: per label), realism against the real target modality (coverage and FD in each
-feature space, with their real floors) and the pixel truth (SSIM, PSNR). Writes DIR/translation_phantoms.json and
-prints a markdown table and the machine.
+feature space, with their real floors), the pixel truth (SSIM, PSNR) and the privacy verdict (against the target's
+and the source modality's training patients). Writes DIR/translation_phantoms.json and prints a markdown table and
+the machine.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from build_scores import interval, machine
 from radsynth.configs import load_config
 from radsynth.pipelines.data.adapters.phantom import write_msd_folder
 from radsynth.pipelines.data.phantoms import kind_module
-from radsynth.pipelines.translation import cycle_gan_dir
+from radsynth.pipelines.scoring.loading import split_records
 
 KINDS = {"ct": "ct_torso", "mri": "mri_torso"}
 LABELS = ("liver", "spleen", "right_kidney", "left_kidney")
@@ -45,20 +49,37 @@ def radsynth(*arguments: str) -> float:
     return time.perf_counter() - started
 
 
-def run_arm(config: str, out: Path, source: str, target: str, method: str, overrides: list[str]) -> dict:
+def run_arm(config: str, out: Path, folders: dict[str, Path], source: str, target: str, method: str,
+            overrides: list[str], paired: bool) -> dict:
     samples, scored = out / f"{source}-to-{target}-{method}", out / f"eval-{source}-to-{target}-{method}"
     translate_s = radsynth("translate", config, *overrides, f"translation.method={method}", "--from", source,
-                           "--to", target, "--source", str(out / f"{source}-as-{source}"), "--out", str(samples))
-    # The white-box privacy probes (membership inference, round-trip copies) ask the model that made the samples:
-    # the diffusion model, never for the CycleGAN's (its folder holds no diffusion pipeline, so they are skipped).
-    generator = [] if method == "diffusion" else ["--model", str(cycle_gan_dir(load_config(config, overrides),
-                                                                               source, target))]
-    evaluate_s = radsynth("evaluate", config, *overrides, f"scoring.modality={target}",
-                          f"scoring.paired_truth={out / f'{target}-as-{source}'}", "--samples", str(samples),
-                          "--out", str(scored), *generator)
+                           "--to", target, "--source", str(folders[source]), "--out", str(samples))
+    truth = [f"scoring.paired_truth={out / f'{target}-as-{source}'}"] if paired else []
+    evaluate_s = radsynth("evaluate", config, *overrides, f"scoring.modality={target}", *truth, "--samples",
+                          str(samples), "--out", str(scored))
     card = json.loads((scored / "scorecard.json").read_text())
-    return {"direction": f"{source}->{target}", "method": method, "translate_seconds": round(translate_s, 1),
-            "evaluate_seconds": round(evaluate_s, 1), "sizes": card["sizes"], "rows": card["rows"]}
+    return {"direction": f"{source}->{target}", "method": method, "source": str(folders[source]),
+            "translate_seconds": round(translate_s, 1), "evaluate_seconds": round(evaluate_s, 1),
+            "sizes": card["sizes"], "privacy": card["verdicts"]["privacy"], "rows": card["rows"]}
+
+
+def write_real_split(root: Path, config, split: str, modality: str) -> Path:
+    """The build's real cases of one split and modality as an MSD folder (links to the files the manifest names)."""
+    records = split_records(config, split, modality)
+    if not records:
+        raise SystemExit(f"{config.output_dir}: no {modality} cases in the {split} split")
+    for record in records:
+        for folder, path in (("imagesTr", record.image), ("labelsTr", record.label)):
+            if path is not None:
+                link = root / folder / Path(path).name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.unlink(missing_ok=True)
+                link.symlink_to(Path(path).resolve())
+    channel = {"ct": "CT", "mri": "MRI", "xray": "XRAY"}[modality]
+    meta = {"name": f"{config.data.name}-{split}-{modality}", "modality": {"0": channel},
+            "labels": {str(value): name for value, name in records[0].label_names.items()}}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return root
 
 
 def row(result: dict, section: str, metric: str, space: str = "-", stratum: str = "all") -> dict | None:
@@ -69,7 +90,7 @@ def row(result: dict, section: str, metric: str, space: str = "-", stratum: str 
 def table(results: list[dict]) -> list[str]:
     spaces = sorted({r["feature_space"] for res in results for r in res["rows"] if r["metric"] == "coverage"})
     header = (["direction", "method", *[f"Dice ratio {label}" for label in LABELS], "SSIM", "PSNR dB"]
-              + [f"coverage {space}" for space in spaces] + ["translate s"])
+              + [f"coverage {space}" for space in spaces] + ["privacy", "translate s"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for res in results:
         cells = [res["direction"], res["method"]]
@@ -84,6 +105,8 @@ def table(results: list[dict]) -> list[str]:
         for space in spaces:
             coverage = row(res, "realism", "coverage", space)
             cells.append(f"{interval(coverage)} (floor {coverage['reference_value']:.2f})" if coverage else "n/a")
+        cells.append("passed" if res["privacy"]["passed"] else "refused: " + "; ".join(
+            reason.split(":")[0] for reason in res["privacy"]["reasons"]))
         cells.append(f"{res['translate_seconds']:.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -96,17 +119,25 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--seed", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=["diffusion", "cycle_gan"])
+    parser.add_argument("--mri-source", choices=["phantom", "real"], default="phantom",
+                        help="the MRI -> CT source: mri_torso phantoms (with pixel truth) or the build's real MRI "
+                             "test split (none)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
-    shape = load_config(args.config, args.overrides).data.preprocess.target_shape
+    config = load_config(args.config, args.overrides)
+    shape = config.data.preprocess.target_shape
     for modality in KINDS:
         for ids_of in KINDS:
             write_msd_folder(args.out / f"{modality}-as-{ids_of}", KINDS[modality], args.cases, args.seed, shape,
                              ids_of=KINDS[ids_of])
-    results = [run_arm(args.config, args.out, source, target, method, args.overrides)
+    folders = {modality: args.out / f"{modality}-as-{modality}" for modality in KINDS}
+    paired = args.mri_source == "phantom"
+    if not paired:
+        folders["mri"] = write_real_split(args.out / "mri-real-test", config, "test", "mri")
+    results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired)
                for source, target in (("ct", "mri"), ("mri", "ct")) for method in args.methods]
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
-               "machine": machine(), "results": results}
+               "mri_source": args.mri_source, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(table(results)))
     print(json.dumps({"machine": summary["machine"], "cases": args.cases}))
