@@ -117,11 +117,12 @@ def test_a_finding_label_is_drawn_exactly_when_that_finding_is_sampled(kind, fin
 
 
 def _assert_on_the_stated_side(kind, case, label_value):
-    """Patient's right is the image's left on a radiograph (column axis) and low i in RAS volumes (axis 0)."""
+    """Patient's right is the image's left on a radiograph (column axis) and high i in RAS volumes (axis 0)."""
     axis = 1 if kind == "chest_xray" else 0
     centroid = np.argwhere(case.label == label_value)[:, axis].mean()
     middle = (case.label.shape[axis] - 1) / 2
-    assert (centroid < middle) == (case.attributes["side"] == "right"), case.text
+    on_low_side = centroid < middle
+    assert on_low_side == ((case.attributes["side"] == "right") == (kind == "chest_xray")), case.text
 
 
 def test_exported_frequency_tables_are_the_specified_ones():
@@ -177,10 +178,11 @@ def test_liver_is_on_the_patients_right_in_ras_order():
     case = cohort("ct_torso", 1, seed=0)[0]
     liver_i = np.argwhere(case.label == 4)[:, 0].mean()
     spleen_i = np.argwhere(case.label == 5)[:, 0].mean()
-    assert liver_i < spleen_i  # i increases towards the patient's left
+    assert liver_i > spleen_i  # i increases towards the patient's right (RAS+), as in real scans reoriented to RAS
 
 
 def test_torso_mri_is_the_ct_cases_anatomy_voxel_for_voxel_under_mr_contrast():
+    spleen_and_kidney = []
     for ct, mri in zip(cohort("ct_torso", 4, seed=5), cohort("mri_torso", 4, seed=5)):
         np.testing.assert_array_equal(mri.label, ct.label)  # a paired set: one label map for both renderings
         assert (mri.patient_id, mri.attributes, mri.spacing) == (ct.patient_id, ct.attributes, ct.spacing)
@@ -189,9 +191,13 @@ def test_torso_mri_is_the_ct_cases_anatomy_voxel_for_voxel_under_mr_contrast():
         signal, label = mri.image, mri.label
         mean = {value: signal[label == value].mean() for value in (0, 2, 4, 5, 6, 8)}
         assert signal.min() >= 0.0 and 0 < mean[0] < 0.1 * mean[4]  # Rician: a small positive floor in air
-        assert mean[2] < mean[4] < mean[5] < mean[6]  # lung < liver < spleen < kidney on T2-SPIR
+        assert mean[2] < mean[4] < min(mean[5], mean[6])  # lung < liver < spleen, kidney on T2-SPIR
+        spleen_and_kidney.append((mean[5], mean[6]))
         fat = (label == 1) & (ct.image < -60)
         assert signal[fat].mean() < 0.5 * mean[4]  # fat suppressed
+    # Spleen and kidney differ by 13% on T2, less than a case's coil bias field may: ordered over the cohort.
+    spleen, kidney = np.mean(spleen_and_kidney, axis=0)
+    assert spleen < kidney
     tumour_case = case_with_finding("mri_torso", "liver_tumour")
     liver = tumour_case.image[tumour_case.label == 4]
     assert tumour_case.image[tumour_case.label == 9].mean() > liver.mean() * 1.5  # bright on T2, dark on CT

@@ -255,3 +255,7 @@ def test_the_chaos_translation_preset_pools_real_mri_and_ct_phantoms_under_one_v
         assert set(np.unique(labels).tolist()) == {0, 1, 2, 3, 4}, record.case_id
         liver, spleen = (labels == 1).mean(), (labels == 4).mean()
         assert liver > spleen, record.case_id  # value 1 is the liver (the larger organ) in both sources
+        # Both in RAS, the patient's right (the liver) at high i: a mirrored source would teach a pooled model
+        # two anatomies (the CT phantoms once were).
+        sides = [np.argwhere(labels[0] == value)[:, 0].mean() for value in (1, 4)]
+        assert sides[0] > sides[1], record.case_id

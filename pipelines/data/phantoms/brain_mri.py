@@ -5,7 +5,8 @@ noise, lateral ventricles that widen with age, and optionally a tumour with an e
 core and surrounding oedema. Magnitude (Rician) noise and a smooth bias field imitate MRI's look. Intensities
 have no physical unit, as with real T1-weighted images. Meant for pipeline tests, not for judging realism.
 
-Array index ``(i, j, k)`` runs to the patient's Left, Anterior and Superior (RAS+).
+Array index ``(i, j, k)`` runs to the patient's Right, Anterior and Superior (RAS+, as NIfTI's world space): a
+tumour in the right hemisphere lies at high ``i``.
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _draw_tumour(
     x, _, z = normalised_grid(shape)
     radius_mm = study.lesion_diameter_mm / 2
     brain = label == 1
-    hemisphere = brain & ((x < study.shift[0]) if study.side == "right" else (x > study.shift[0]))
+    hemisphere = brain & ((x > study.shift[0]) if study.side == "right" else (x < study.shift[0]))
     hemisphere &= z - study.shift[2] > -0.3  # supratentorial, where the lobe names apply
     center = pick_voxel(rng, interior_voxels(hemisphere, spacing, radius_mm))
     radii_mm = np.maximum(radius_mm * rng.uniform(0.85, 1.15, size=3), 0.5 * np.asarray(spacing))

@@ -5,8 +5,10 @@ roughly unenhanced-CT densities: aerated lungs in the upper half, liver on the r
 kidneys and a segmented spine posteriorly. Lesions are irregular blobs inside their organ. It is meant for
 exercising a pipeline with exact labels, not for judging realism.
 
-Array index ``(i, j, k)`` runs to the patient's Left, Anterior and Superior (RAS+), so with an affine of
-``diag(spacing)`` the volume is in canonical RAS orientation and the patient's right is at low ``i``.
+Array index ``(i, j, k)`` runs to the patient's Right, Anterior and Superior (RAS+, as NIfTI's world space), so with
+an affine of ``diag(spacing)`` the volume is in canonical RAS orientation and the liver is at high ``i``, as in real
+CT and MRI reoriented to RAS (CHAOS, TotalSegmentator's example). Organs are drawn in display order (the patient's
+right at low ``i``, as a radiologist sees it) and mirrored into RAS once, at the end of ``draw_tissues``.
 """
 
 from __future__ import annotations
@@ -149,7 +151,9 @@ def draw_tissues(
     lungs = _draw_thorax(anatomy, volume, texture, inner_body)
     _draw_spine(anatomy, volume, texture)
     measured = _draw_finding(rng, volume, study, lungs)
-    return volume.hu, volume.label, measured
+    # Display order -> RAS: before this, every volume put the liver on the patient's left in world space, a mirror
+    # image of real data that pooling with real scans (translate-chaos) exposed.
+    return np.ascontiguousarray(volume.hu[::-1]), np.ascontiguousarray(volume.label[::-1]), measured
 
 
 def _draw_body(anatomy: TorsoAnatomy, volume: _Volume, texture: np.ndarray) -> np.ndarray:
