@@ -32,7 +32,7 @@ from radsynth.pipelines.masks import (
 GRIDS = {"chest_xray": (256, 256), "ct_torso": (48, 48, 48), "brain_mri": (48, 48, 48)}
 # How the phantoms lay out the patient, written out here so that a changed default in the code is caught:
 # (left-right axis, cranio-caudal axis, patient right at low index, superior at low index).
-PHANTOM_AXES = {"chest_xray": (1, 0, True, True), "ct_torso": (0, 2, True, False), "brain_mri": (0, 2, True, False)}
+PHANTOM_AXES = {"chest_xray": (1, 0, True, True), "ct_torso": (0, 2, False, False), "brain_mri": (0, 2, False, False)}
 
 
 def phantom_case(kind: str, finding: str, side: str | None = None, seed: int = 0):
@@ -494,13 +494,13 @@ def test_default_orientations_match_the_phantoms(cases):
     # Radiographic display: patient right on the image's left, apex (superior) above the heart.
     assert centroid(chest.label == 1)[1] < centroid(chest.label == 2)[1]
     assert centroid(np.isin(chest.label, [1, 2]))[0] < centroid(chest.label == 3)[0]
-    # CT: right lung and liver at low i, spleen at high i, lungs above (higher k than) the liver.
-    assert centroid(ct.label == 2)[0] < centroid(ct.label == 3)[0]
-    assert centroid(ct.label == 4)[0] < centroid(ct.label == 5)[0]
+    # CT (RAS): right lung and liver at high i, spleen at low i, lungs above (higher k than) the liver.
+    assert centroid(ct.label == 2)[0] > centroid(ct.label == 3)[0]
+    assert centroid(ct.label == 4)[0] > centroid(ct.label == 5)[0]
     assert centroid(np.isin(ct.label, [2, 3]))[2] > centroid(ct.label == 4)[2]
-    # MRI: a tumour sampled on the right lies at low i.
+    # MRI (RAS): a tumour sampled on the right lies at high i.
     assert brain.attributes["side"] == "right"
-    assert centroid(brain.label == 3)[0] < centroid(np.isin(brain.label, [1, 3]))[0]
+    assert centroid(brain.label == 3)[0] > centroid(np.isin(brain.label, [1, 3]))[0]
 
 
 @pytest.mark.parametrize(
@@ -523,10 +523,11 @@ def test_orientation_from_affine_rejects_a_raster_affine():
 
 
 def test_an_affine_derived_orientation_finds_the_same_side_on_a_flipped_array(cases):
-    """The phantom flipped to canonical RAS (right at high i): the affine tells the edit where left now is."""
+    """The (RAS) phantom flipped to LAS (right at low i, as many scanners store it): the affine tells the edit where
+    left now is."""
     case = cases["brain"]
     flipped = np.flip(case.label, axis=0).copy()
-    orientation = orientation_from_affine(np.diag([*case.spacing, 1.0]))
+    orientation = orientation_from_affine(np.diag([-case.spacing[0], *case.spacing[1:], 1.0]))
     request = parse_lesion_request("left upper tumour 30 mm", case.label_names)
     edited, _ = apply_lesion_edit(flipped, case.spacing, request, case.label_names, np.random.default_rng(0),
                                   orientation)

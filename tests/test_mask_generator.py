@@ -8,7 +8,7 @@ import torch
 
 from radsynth.generators.latent_diffusion import LatentDiffusion
 from radsynth.generators.mask_generator import MAX_LABEL_WEIGHT, LabelLossWeights, RadsynthMaskGenerator
-from radsynth.pipelines.masks import PHANTOM_VOLUME_ORIENTATION, default_orientation
+from radsynth.pipelines.masks import RAS_VOLUME_ORIENTATION, default_orientation
 from radsynth.pipelines.sampling.pipeline import MASK_GENERATOR_FOLDER
 from radsynth.pipelines.sampling.text_to_pair import RadsynthTextToPairPipeline
 from radsynth.pipelines.scoring.segmenter import per_label_dice
@@ -165,10 +165,10 @@ def test_lesion_requests_edit_generated_maps_before_the_image_is_drawn():
 def test_orientation_comes_from_the_generator_or_the_phantom_layout():
     assert pair_pipeline(2).orientation == default_orientation(2)
     base = mask_pipeline(3)
-    generator = tiny_generator(3, orientation={"lr_axis": 0, "cc_axis": 2, "right_is_low_index": True,
+    generator = tiny_generator(3, orientation={"lr_axis": 0, "cc_axis": 2, "right_is_low_index": False,
                                                "superior_is_low_index": False})
     assert RadsynthTextToPairPipeline.from_pipe(base, mask_generator=generator).orientation == \
-        PHANTOM_VOLUME_ORIENTATION
+        RAS_VOLUME_ORIENTATION
 
 
 def test_a_model_folder_with_both_mask_models_loads_as_a_pair_pipeline(tmp_path):

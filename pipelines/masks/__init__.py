@@ -2,8 +2,8 @@
 (augmented training label maps)."""
 
 from .lesion_edits import (
-    PHANTOM_VOLUME_ORIENTATION,
     RADIOGRAPH_ORIENTATION,
+    RAS_VOLUME_ORIENTATION,
     LabelVocabulary,
     LesionEditRecord,
     LesionRequest,
@@ -19,8 +19,8 @@ __all__ = [
     "BankAugmentation",
     "BankEntry",
     "BankMask",
-    "PHANTOM_VOLUME_ORIENTATION",
     "RADIOGRAPH_ORIENTATION",
+    "RAS_VOLUME_ORIENTATION",
     "LabelVocabulary",
     "LesionEditRecord",
     "LesionRequest",

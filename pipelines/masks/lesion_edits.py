@@ -11,12 +11,12 @@ lesion never leaves its organ and never overwrites another label.
 
 Orientation: "right"/"left" are the patient's sides and "upper"/"middle"/"lower" the thirds of the organ's
 cranio-caudal extent, so an edit needs to know which array axis runs which way (``Orientation``). The
-defaults follow what the built-in phantoms draw (their code, not their docstrings):
+defaults follow what the built-in phantoms draw:
 
 - chest_xray (2D, frontal film in radiographic display): axis 0 (rows) runs superior -> inferior, axis 1
   (columns) runs from the patient's right (image left) to the patient's left.
-- ct_torso and brain_mri (3D): axis 0 runs from the patient's right (low index) to the left, axis 1 from
-  posterior to anterior, axis 2 from inferior to superior (superior at high index).
+- ct_torso, mri_torso and brain_mri (3D, RAS as their affine says): axis 0 runs from the patient's left (low
+  index) to the right, axis 1 from posterior to anterior, axis 2 from inferior to superior (superior at high index).
 
 For real NIfTI data, ``orientation_from_affine`` reads the same facts from the voxel-to-world (RAS) affine.
 
@@ -108,14 +108,14 @@ class Orientation:
 
 
 RADIOGRAPH_ORIENTATION = Orientation(lr_axis=1, cc_axis=0, right_is_low_index=True, superior_is_low_index=True)
-PHANTOM_VOLUME_ORIENTATION = Orientation(lr_axis=0, cc_axis=2, right_is_low_index=True, superior_is_low_index=False)
+RAS_VOLUME_ORIENTATION = Orientation(lr_axis=0, cc_axis=2, right_is_low_index=False, superior_is_low_index=False)
 
 
 def default_orientation(ndim: int) -> Orientation:
     """The built-in phantoms' layout: a frontal film in radiographic display (2D), or ct_torso/brain_mri (3D)."""
     if ndim not in (2, 3):
         raise ValueError(f"lesion edits work on 2D or 3D label maps, got {ndim}D")
-    return RADIOGRAPH_ORIENTATION if ndim == 2 else PHANTOM_VOLUME_ORIENTATION
+    return RADIOGRAPH_ORIENTATION if ndim == 2 else RAS_VOLUME_ORIENTATION
 
 
 def orientation_from_affine(affine: np.ndarray) -> Orientation:

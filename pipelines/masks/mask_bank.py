@@ -311,9 +311,6 @@ def _cached_entry(record: CaseRecord, cache_dir: Path, orientation: Orientation 
 def _cached_orientation(record: CaseRecord, affine: np.ndarray) -> Orientation:
     if len(record.shape) == 2:
         return RADIOGRAPH_ORIENTATION  # a 2D raster's affine holds no patient directions
-    if record.origin == "phantom":
-        # The phantoms' NIfTI affine says RAS (right at high i), yet they draw the patient's right at low i.
-        return default_orientation(3)
     return orientation_from_affine(affine)
 
 

@@ -763,7 +763,8 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
     samples = Path(sample_dir or build_sample_dir(config))
     synthetic = sample_set(samples, train, max_samples=config.scoring.max_samples,
                            memory_mb=config.scoring.synthetic_memory_mb)
-    translations = _translations(samples, synthetic)
+    extras = _sidecar_extras(samples, synthetic)
+    translations = [extra["translation"] for extra in extras.values() if extra.get("translation")]
     model = Path(model_dir or sampling_model_dir(config))
     # The white-box probes (membership inference, round-trip copies) ask the generator that made the samples: never
     # the diffusion model about samples another method (the CycleGAN baseline) made.
@@ -777,20 +778,19 @@ def evaluate(config: RadsynthConfig, model_dir: str | Path | None = None, sample
         config.conditioning.attributes)
     sampler = None if pipeline is None else {key: value for key, value in sampler_settings(config, pipeline).items()
                                              if key in ("num_inference_steps", "guidance_scale")}
-    truth = _paired_truth(config, samples, synthetic) if config.scoring.paired_truth else None
+    truth = _paired_truth(config, samples, extras) if config.scoring.paired_truth else None
     inputs = ScoringInputs(synthetic, train, holdout, test, pipeline, attributes, sampler, truth,
                            _source_modalities(config, translations))
     return score(inputs, config.scoring, out_dir or build_eval_dir(config), seed=config.runtime.seed, log=log,
                  gate=config.release.gate, cache_dir=build_scoring_cache_dir(config), map_batches=map_batches)
 
 
-def _translations(samples: Path, synthetic: ImageSet) -> list[dict]:
-    """The ``translation`` entry of every translated sample's sidecar (none for samples `radsynth translate` did not
-    write)."""
+def _sidecar_extras(samples: Path, synthetic: ImageSet) -> dict[str, dict]:
+    """Each sample's sidecar entries beyond the common ones (a translation's ``source_case`` and ``translation``),
+    by sample id in ``synthetic``'s order."""
     from ..sampling.sidecar import read_sidecar
 
-    entries = (read_sidecar(samples / f"{sample_id}.json").model_extra.get("translation") for sample_id in synthetic.ids)
-    return [entry for entry in entries if entry]
+    return {sample_id: read_sidecar(samples / f"{sample_id}.json").model_extra or {} for sample_id in synthetic.ids}
 
 
 def _source_modalities(config: RadsynthConfig, translations: list[dict]) -> list[SourceModality]:
@@ -805,18 +805,17 @@ def _source_modalities(config: RadsynthConfig, translations: list[dict]) -> list
             if all(split_records(config, split, modality) for split in ("train", "holdout"))]
 
 
-def _paired_truth(config: RadsynthConfig, samples: Path, synthetic: ImageSet) -> np.ndarray:
+def _paired_truth(config: RadsynthConfig, samples: Path, extras: dict[str, dict]) -> np.ndarray:
     """The paired rendering of each translated sample's source case (``scoring.paired_truth``), preprocessed as the
-    model's data was, row for row with ``synthetic``."""
-    from ..sampling.sidecar import read_sidecar
+    model's data was, row for row with the samples (``extras``' order)."""
     from ..translation import source_cases
 
     folder = Path(config.scoring.paired_truth)
     truth = {case.record.case_id: case.image[0] for case in
              source_cases(config, folder, config.scoring.modality, [])}
     rows = []
-    for sample_id in synthetic.ids:
-        source = read_sidecar(samples / f"{sample_id}.json").model_extra.get("source_case")
+    for sample_id, extra in extras.items():
+        source = extra.get("source_case")
         if source is None:
             raise UserInputError(samples / f"{sample_id}.json", "not a translated sample (no source_case)",
                                  "scoring.paired_truth scores the samples `radsynth translate` writes")
