@@ -43,13 +43,19 @@ def trained(tmp_path_factory):
     for source in preset["data"]["sources"]:
         source["phantom"].update(n_cases=14, shape=SHAPE)  # enough patients for a test split of each
     preset["data"]["preprocess"]["target_shape"] = SHAPE
+    path, config = _train_tiny(preset, folder)
+    return path, config, write_phantom_msd(folder / "ct_source", "ct_torso")
+
+
+def _train_tiny(preset: dict, folder) -> tuple:
+    """``preset`` at TINY's sizes written to ``folder``/config.yaml, ingested and trained: (its path, its config)."""
     preset = _merged(preset, {**TINY, "runtime": {"output_dir": str(folder / "run"), "device": "cpu"}})
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(preset))
     config = load_config(str(path))
     ingest(config, progress=False)
     train(config, progress=False)
-    return path, config, write_phantom_msd(folder / "ct_source", "ct_torso")
+    return path, config
 
 
 def _preset_path():
@@ -197,12 +203,7 @@ def trained_2d(tmp_path_factory):
     preset["data"].update(sources=sources, label_names=kind_module("ct_torso").LABEL_NAMES)
     preset["data"]["preprocess"]["target_shape"] = SHAPE[:2]
     preset["conditioning"]["attributes"] = ["modality"]  # an MSD folder records no finding
-    preset = _merged(preset, {**TINY, "runtime": {"output_dir": str(folder / "run"), "device": "cpu"}})
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(preset))
-    config = load_config(str(path))
-    ingest(config, progress=False)
-    train(config, progress=False)
+    path, _ = _train_tiny(preset, folder)
     return path, write_msd_folder(folder / "ct_source", "ct_torso", 3, 7, SHAPE, axial_slice=True)
 
 
