@@ -42,6 +42,14 @@ LABELS = ("liver", "spleen", "right_kidney", "left_kidney")
 PHANTOM_VALUES = {name: value for value, name in kind_module("ct_torso").LABEL_NAMES.items()}
 
 
+def label_values(config) -> dict[str, int]:
+    """Each label's value in the model's vocabulary: the pool's (data.label_names) when it names one, else the
+    phantoms' (translate-abdomen pools phantoms alone)."""
+    if config.data.label_names:
+        return {name: value for value, name in config.data.label_names.items()}
+    return PHANTOM_VALUES
+
+
 def radsynth(*arguments: str) -> float:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "radsynth.flows.cli", *arguments, "--json"], check=True,
@@ -87,7 +95,7 @@ def row(result: dict, section: str, metric: str, space: str = "-", stratum: str 
                  == (section, metric, space, stratum)), None)
 
 
-def table(results: list[dict]) -> list[str]:
+def table(results: list[dict], values: dict[str, int]) -> list[str]:
     spaces = sorted({r["feature_space"] for res in results for r in res["rows"] if r["metric"] == "coverage"})
     header = (["direction", "method", *[f"Dice ratio {label}" for label in LABELS], "SSIM", "PSNR dB"]
               + [f"coverage {space}" for space in spaces] + ["privacy", "translate s"])
@@ -98,7 +106,7 @@ def table(results: list[dict]) -> list[str]:
             # The scorecard names a label when the real data's vocabulary does, else gives its value.
             dice = (row(res, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
                     or row(res, "adherence", "mask_dice_ratio", "segmenter (real train)",
-                           f"label {PHANTOM_VALUES[label]}"))
+                           f"label {values[label]}"))
             cells.append(f"{interval(dice)} (real {dice['reference_value']:.2f})" if dice else "n/a")
         cells += [interval(row(res, "translation", "pixel_truth_ssim", "paired rendering")),
                   interval(row(res, "translation", "pixel_truth_psnr", "paired rendering"))]
@@ -139,7 +147,7 @@ def main() -> None:
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
                "mri_source": args.mri_source, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
-    print("\n".join(table(results)))
+    print("\n".join(table(results, label_values(config))))
     print(json.dumps({"machine": summary["machine"], "cases": args.cases}))
 
 
