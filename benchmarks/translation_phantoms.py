@@ -33,7 +33,7 @@ from pathlib import Path
 from build_scores import interval, machine
 
 from radsynth.configs import load_config
-from radsynth.pipelines.data.adapters.phantom import write_msd_folder
+from radsynth.pipelines.data.adapters.phantom import MSD_CHANNEL_NAMES, write_msd_folder
 from radsynth.pipelines.data.phantoms import kind_module
 from radsynth.pipelines.scoring.loading import split_records
 
@@ -83,8 +83,7 @@ def write_real_split(root: Path, config, split: str, modality: str) -> Path:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 link.unlink(missing_ok=True)
                 link.symlink_to(Path(path).resolve())
-    channel = {"ct": "CT", "mri": "MRI", "xray": "XRAY"}[modality]
-    meta = {"name": f"{config.data.name}-{split}-{modality}", "modality": {"0": channel},
+    meta = {"name": f"{config.data.name}-{split}-{modality}", "modality": {"0": MSD_CHANNEL_NAMES[modality]},
             "labels": {str(value): name for value, name in records[0].label_names.items()}}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root

@@ -112,6 +112,7 @@ def _write_nifti_pair(case: PhantomCase, folder: Path, kind: str) -> tuple[Path,
 
 
 ABDOMINAL_ORGANS = ("liver", "spleen", "right_kidney", "left_kidney")
+MSD_CHANNEL_NAMES = {"ct": "CT", "mri": "MRI", "xray": "XRAY"}  # dataset.json's modality entry, as MSD spells it
 
 
 def write_msd_folder(root: str | Path, kind: str, n_cases: int, seed: int, shape, ids_of: str | None = None,
@@ -119,22 +120,22 @@ def write_msd_folder(root: str | Path, kind: str, n_cases: int, seed: int, shape
     """A phantom cohort as an MSD raw folder (imagesTr/, labelsTr/, dataset.json naming modality and labels), what
     ``radsynth translate --source`` reads. ids_of: name the cases as that kind's cohort of the same seed names them
     (``ct_torso`` and ``mri_torso`` draw the same anatomy, so each is the other's paired truth under one case id).
-    axial_slice: write each volume's middle axial slice as a 2D image (2D data for 2D models)."""
+    axial_slice: write each volume's axial slice where the abdominal organs show most, as a 2D image (2D data for 2D
+    models)."""
     root, module = Path(root), kind_module(kind)
     prefix = f"_{module.CASE_PREFIX}_"
     renamed = f"_{kind_module(ids_of).CASE_PREFIX}_" if ids_of else prefix
     abdominal = [value for value, name in module.LABEL_NAMES.items() if name in ABDOMINAL_ORGANS]
     for slot in plan_cohort(kind, n_cases, seed):
         case = generate_case(kind, slot, seed, grid_shape(kind, shape[0], shape))
-        image, label, spacing = case.image, case.label, case.spacing
-        if axial_slice:  # where the abdominal organs show most, not the volume's middle
+        image, label = case.image, case.label
+        if axial_slice:  # the 2D NIfTI keeps the volume's affine: its in-plane part is the slice's geometry
             depth = int(np.argmax(np.isin(label, abdominal).sum(axis=(0, 1))))
-            image, label, spacing = image[..., depth], label[..., depth], (*spacing[:2], spacing[2])
-        case_id, affine = case.case_id.replace(prefix, renamed), scaling_affine(spacing)
+            image, label = image[..., depth], label[..., depth]
+        case_id, affine = case.case_id.replace(prefix, renamed), scaling_affine(case.spacing)
         write_nifti(root / "imagesTr" / f"{case_id}.nii.gz", image.astype(np.float32), affine, NIFTI_DESCRIPTION)
         write_nifti(root / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.uint8), affine, NIFTI_DESCRIPTION)
-    channel = {"ct": "CT", "mri": "MRI", "xray": "XRAY"}[module.MODALITY]
-    meta = {"name": f"phantom-{kind}", "modality": {"0": channel}, "licence": PHANTOM_LICENSE,
+    meta = {"name": f"phantom-{kind}", "modality": {"0": MSD_CHANNEL_NAMES[module.MODALITY]}, "licence": PHANTOM_LICENSE,
             "labels": {str(value): name for value, name in module.LABEL_NAMES.items()}}
     (root / "dataset.json").write_text(json.dumps(meta, indent=1))
     return root
