@@ -29,6 +29,7 @@ from radsynth.pipelines.scoring.privacy import (
     authenticity_report,
     copy_detection_threshold,
     dcr_share,
+    matched_references,
     nearest_similarity,
     pixel_nearest_neighbours,
     threshold_at_false_positive_rate,
@@ -287,6 +288,35 @@ def test_a_larger_training_set_is_subsampled_to_the_holdout_size():
     assert abs(share.value - 0.5) < 3 * share.sd
     assert share.ci_low < 0.5 < share.ci_high
     assert (result["dcr_train"] <= result["dcr_train_matched"]).all()
+
+
+def test_references_are_matched_in_patients_not_only_rows():
+    """A holdout of revisits (40 patients, 5 near-identical cases each) is less diverse than as many training rows
+    of 200 patients: matching rows alone lets unseen samples land nearer to train. Patients are matched first."""
+    rng = np.random.default_rng(11)
+    holdout_patients = rng.normal(size=(40, 4))
+    holdout = np.repeat(holdout_patients, 5, axis=0) + 0.05 * rng.normal(size=(200, 4))
+    train, synthetic = rng.normal(size=(200, 4)), rng.normal(size=(400, 4))
+    groups = ids("s", 400), ids("t", 200), [f"h{i // 5}" for i in range(200)]
+    result = dcr_share(synthetic, train, holdout, *groups, n_boot=200)
+    assert result["n_reference"] == 40
+    share = result["share"]
+    assert share.ci_low < 0.5 < share.ci_high and abs(share.value - 0.5) < 0.1
+    # What rows-only matching gave: the whole revisit holdout against 200 training rows.
+    d_train, _ = chunked_nearest_neighbours(synthetic, train)
+    d_holdout, _ = chunked_nearest_neighbours(synthetic, holdout)
+    assert np.mean(np.asarray(d_train[:, 0]) < np.asarray(d_holdout[:, 0])) > share.ci_high
+
+
+def test_matched_references_keep_every_chosen_patient_and_equal_sizes():
+    train_groups = [f"t{i // 10}" for i in range(200)]  # 20 patients, 10 slices each
+    holdout_groups = [f"h{i // 4}" for i in range(20)] + [f"h{5 + i}" for i in range(6)]  # 11 patients, 26 rows
+    train_pick, holdout_pick = matched_references(train_groups, holdout_groups, np.random.default_rng(0))
+    assert len(train_pick) == len(holdout_pick) == 26
+    assert len({train_groups[i] for i in train_pick}) == len({holdout_groups[i] for i in holdout_pick}) == 11
+    assert (np.diff(train_pick) > 0).all() and (np.diff(holdout_pick) > 0).all()
+    one_each, _ = matched_references(ids("t", 50), ids("h", 10), np.random.default_rng(0))
+    assert len(one_each) == 10
 
 
 def test_bootstrap_with_few_neighbour_candidates_equals_the_exhaustive_one():

@@ -295,6 +295,34 @@ class _ResampledNearest:
         return distances
 
 
+def matched_references(train_groups: Sequence[str], holdout_groups: Sequence[str],
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted row indices of train and of holdout with as many patients and as many rows in each (seeded).
+
+    Matching rows alone is not enough where patients have several cases (revisits, slices of one volume): 9
+    holdout cases of 5 patients against 9 training cases of 9 patients leave the training reference more
+    diverse, so unseen samples land nearer to it and a private generator looks like it memorises. Each set keeps
+    the same number of patients (the smaller set's), then the larger row count is cut to the smaller one keeping
+    at least one row of every chosen patient. With one row per patient this is plain size matching.
+    """
+    chosen = []
+    for groups in (train_groups, holdout_groups):
+        by_patient: dict[str, list[int]] = {}
+        for row, group in enumerate(groups):
+            by_patient.setdefault(group, []).append(row)
+        chosen.append(list(by_patient.values()))
+    n_patients = min(len(patients) for patients in chosen)
+    chosen = [[patients[i] for i in rng.choice(len(patients), n_patients, replace=False)] for patients in chosen]
+    n_rows = min(sum(map(len, patients)) for patients in chosen)
+    picks = []
+    for patients in chosen:
+        one_each = np.array([rows[rng.integers(len(rows))] for rows in patients])
+        rest = np.setdiff1d(np.concatenate([np.asarray(rows) for rows in patients]), one_each)
+        fill = rng.choice(rest, n_rows - n_patients, replace=False)
+        picks.append(np.sort(np.concatenate([one_each, fill]).astype(np.int64)))
+    return picks[0], picks[1]
+
+
 def _closer_to_train(d_train: np.ndarray, d_holdout: np.ndarray) -> np.ndarray:
     """1 where closer to train, 0 where closer to holdout, 1/2 on ties (an exact tie favours neither)."""
     return (d_train < d_holdout) + 0.5 * (d_train == d_holdout)
@@ -316,9 +344,9 @@ def dcr_share(
 
     synthetic, train, holdout: (N, ...) feature vectors (or images; rows are flattened), Euclidean distance.
     Groups: the bootstrap unit of each row (patient id for real images, own id for synthetic ones).
-    The larger reference is subsampled (seeded) to the smaller one's size: with more points, a set has smaller
-    nearest-neighbour distances by chance, which would push the share away from 0.5 for a private generator.
-    A private generator scores 0.5; a memorising one more.
+    The references are matched (``matched_references``) in patients and rows: with more points, or points from
+    more patients, a set has smaller nearest-neighbour distances by chance, which would push the share away from
+    0.5 for a private generator. A private generator scores 0.5; a memorising one more.
 
     Returns {"share": Estimate, "dcr_train": per-sample NN distance to the *whole* training set (for per-sample
     flags and ``min_dcr``, so no copy is missed by the subsampling), "dcr_train_matched": to the size-matched
@@ -334,10 +362,8 @@ def dcr_share(
                                ("holdout", holdout_rows, holdout_groups)):
         if len(rows) != len(groups):
             raise ValueError(f"dcr_share: {len(rows)} {name} rows but {len(groups)} {name} groups")
-    rng = np.random.default_rng(seed)
-    n_reference = min(len(train_rows), len(holdout_rows))
-    train_pick = np.sort(rng.choice(len(train_rows), n_reference, replace=False))
-    holdout_pick = np.sort(rng.choice(len(holdout_rows), n_reference, replace=False))
+    train_pick, holdout_pick = matched_references(train_groups, holdout_groups, np.random.default_rng(seed))
+    n_reference = len(train_pick)
 
     dcr_train, nn_train_index = chunked_nearest_neighbours(synthetic_rows, train_rows, k=1, chunk=chunk)
     to_train = _ResampledNearest(synthetic_rows, train_rows[train_pick], n_candidates, chunk)
