@@ -43,6 +43,7 @@ from .data.preprocess import IntensityMap
 from .sampling.compute_log import log_batch
 from .sampling.generate import sampling_device
 from .sampling.pipeline import CONTROLNET_FOLDER, model_hash, modules_hash
+from .sampling.sidecar import read_sidecar
 from .sampling.translation import RadsynthTranslationPipeline
 from .sampling.writers import write_sample
 from .training import (
@@ -108,6 +109,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
                   if config.translation.method == "diffusion"
                   else _CycleGANTranslator(config, records, summary, source, target, progress))
     sample_dir = Path(sample_dir or translation_sample_dir(config, source, target))
+    _remove_other_translations(sample_dir, {_sample_id(case) for case in cases})
     written, meter = [], ComputeMeter(translator.device)
     batch_size = config.translation.batch_size
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
@@ -116,7 +118,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
         images = translator(batch, targets)
         batch_written = []
         for case, attributes, image in zip(batch, targets, images):
-            sample = f"tr_{_safe(case.record.case_id)}"
+            sample = _sample_id(case)
             write_sample(sample_dir, sample, translator.to_physical(image[0]), case.affine, translator.fmt,
                          _sidecar(config, translator, case, attributes, source, target), label=_label_or_none(case),
                          png_range=translator.intensity_range)
@@ -194,8 +196,21 @@ def _label_or_none(case: SourceCase) -> np.ndarray | None:
     return None if case.label is None else case.label[0]
 
 
-def _safe(case_id: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", case_id)
+def _sample_id(case: SourceCase) -> str:
+    return "tr_" + re.sub(r"[^A-Za-z0-9._-]+", "_", case.record.case_id)
+
+
+def _remove_other_translations(sample_dir: Path, keep: set[str]) -> None:
+    """Delete the translations of cases this run does not translate: evaluate scores every sample of the folder,
+    and a rerun on a source folder that lost cases must not leave their old translations to be scored."""
+    for sidecar_path in sorted(sample_dir.glob("tr_*.json")):
+        if sidecar_path.stem in keep:
+            continue
+        sidecar = read_sidecar(sidecar_path)  # its files are confined to its own sample's names
+        sidecar_path.unlink()  # first: an image left without its sidecar is never read as a sample
+        for name in (sidecar.file, sidecar.label_file):
+            if name is not None:
+                (sample_dir / name).unlink(missing_ok=True)
 
 
 def _sidecar(config: RadsynthConfig, translator, case: SourceCase, attributes: dict, source: str, target: str) -> dict:

@@ -91,6 +91,18 @@ def test_translated_cases_are_pairs_carrying_the_source_labels_marked_derived_fr
         assert np.isfinite(image).all() and image.std() > 0
 
 
+def test_a_rerun_on_a_source_folder_that_lost_cases_leaves_only_its_own_translations(trained, tmp_path):
+    path, _, source = trained
+    out = tmp_path / "out"
+    arguments = ["translate", str(path), "translation.method=cycle_gan", "--from", "ct", "--to", "mri", "--out", str(out)]
+    assert main([*arguments, "--source", str(source)]) == 0
+    fewer = write_phantom_msd(tmp_path / "fewer", "ct_torso", n_cases=2)
+    assert main([*arguments, "--source", str(fewer)]) == 0
+    kept = {read_sidecar(sidecar).model_extra["source_case"] for sidecar in out.glob("*.json")}
+    assert kept == {path.name.removesuffix(".nii.gz") for path in (fewer / "imagesTr").iterdir()} and len(kept) == 2
+    assert len([path for path in out.iterdir() if not path.name.startswith(".")]) == 2 * 3  # sidecar, image, label
+
+
 def test_the_target_prompt_names_the_region_the_model_learnt_the_target_modality_at():
     from radsynth.pipelines.data.manifest import CaseRecord
     from radsynth.pipelines.translation import target_attributes
