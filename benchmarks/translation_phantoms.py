@@ -1,14 +1,16 @@
 """CT <-> MRI translation: the diffusion bridge against the CycleGAN baseline, on phantoms with pixel truth or on real MRI.
 
     python benchmarks/translation_phantoms.py CONFIG --out DIR [--cases N] [--seed S] [--mri-source phantom|real]
-                                              [key=value ...]
+                                              [--ct-source phantom|real] [key=value ...]
 
 CONFIG is a model trained on both modalities (configs/translate-abdomen.yaml or translate-chaos.yaml after
 `radsynth train`). A paired test cohort that no model saw (phantom seed S, N cases) is written twice as MSD folders,
 as ct_torso (CT) and as mri_torso (its T2-SPIR rendering, voxel for voxel the same anatomy), each under the other's
 case ids as well, so either can be the source and the other its truth. With ``--mri-source real`` the MRI source is
 the build's own test split of real MRI (translate-chaos: CHAOS cases no model trained on), and no direction has
-pixel truth (the phantom rendering is not the MRI the model learnt). For each direction (ct->mri, mri->ct) and
+pixel truth (the phantom rendering is not the MRI the model learnt). With ``--ct-source real`` the CT source is
+the shared real torso CT (``ct-torso-example``: one patient, TotalSegmentator's reference labels), so CT -> MRI is
+measured on a patient's anatomy rather than the phantoms' ellipsoids. For each direction (ct->mri, mri->ct) and
 method (diffusion, cycle_gan) it runs, one at a time:
 
     radsynth translate CONFIG translation.method=M --from A --to B --source DIR/A --out DIR/A-to-B-M
@@ -89,6 +91,25 @@ def write_real_split(root: Path, config, split: str, modality: str) -> Path:
     return root
 
 
+# TotalSegmentator's 117-class reference: the values of the organs the pool names (its own names differ in order).
+CT_EXAMPLE_LABELS = {0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 5: "liver"}
+
+
+def write_ct_example(root: Path, shared_data: Path) -> Path:
+    """The shared real torso CT (one patient no model trained on) as an MSD folder naming its abdominal organs; its
+    other 113 classes have no name here and are not carried."""
+    example = shared_data / "ct-torso-example"
+    for folder in ("imagesTr", "labelsTr"):
+        link = root / folder / "totalseg_example.nii.gz"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to((example / folder / link.name).resolve(strict=True))
+    meta = {"name": "ct-torso-example", "modality": {"0": MSD_CHANNEL_NAMES["ct"]},
+            "labels": {str(value): name for value, name in CT_EXAMPLE_LABELS.items()}}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
+    return root
+
+
 def row(result: dict, section: str, metric: str, space: str = "-", stratum: str = "all") -> dict | None:
     return next((r for r in result["rows"] if (r["section"], r["metric"], r["feature_space"], r["stratum"])
                  == (section, metric, space, stratum)), None)
@@ -129,6 +150,10 @@ def main() -> None:
     parser.add_argument("--mri-source", choices=["phantom", "real"], default="phantom",
                         help="the MRI -> CT source: mri_torso phantoms (with pixel truth) or the build's real MRI "
                              "test split (none)")
+    parser.add_argument("--ct-source", choices=["phantom", "real"], default="phantom",
+                        help="the CT -> MRI source: ct_torso phantoms or the shared real torso CT (one patient, "
+                             "TotalSegmentator's reference labels; none)")
+    parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     config = load_config(args.config, args.overrides)
@@ -138,13 +163,15 @@ def main() -> None:
             write_msd_folder(args.out / f"{modality}-as-{ids_of}", KINDS[modality], args.cases, args.seed, shape,
                              ids_of=KINDS[ids_of])
     folders = {modality: args.out / f"{modality}-as-{modality}" for modality in KINDS}
-    paired = args.mri_source == "phantom"
-    if not paired:
+    paired = args.mri_source == args.ct_source == "phantom"  # pixel truth is the other phantom rendering
+    if args.mri_source == "real":
         folders["mri"] = write_real_split(args.out / "mri-real-test", config, "test", "mri")
+    if args.ct_source == "real":
+        folders["ct"] = write_ct_example(args.out / "ct-real-example", args.shared_data)
     results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired)
                for source, target in (("ct", "mri"), ("mri", "ct")) for method in args.methods]
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
-               "mri_source": args.mri_source, "machine": machine(), "results": results}
+               "mri_source": args.mri_source, "ct_source": args.ct_source, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(table(results, label_values(config))))
     print(json.dumps({"machine": summary["machine"], "cases": args.cases}))
