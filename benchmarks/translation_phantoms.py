@@ -1,7 +1,8 @@
 """CT <-> MRI translation: the diffusion bridge against the CycleGAN baseline, on phantoms with pixel truth or on real MRI.
 
     python benchmarks/translation_phantoms.py CONFIG --out DIR [--cases N] [--seed S] [--mri-source phantom|real]
-                                              [--ct-source phantom|real] [key=value ...]
+                                              [--ct-source phantom|real] [--directions ct:mri mri:ct]
+                                              [key=value ...]
 
 CONFIG is a model trained on both modalities (configs/translate-abdomen.yaml or translate-chaos.yaml after
 `radsynth train`). A paired test cohort that no model saw (phantom seed S, N cases) is written twice as MSD folders,
@@ -154,6 +155,7 @@ def main() -> None:
                         help="the CT -> MRI source: ct_torso phantoms or the shared real torso CT (one patient, "
                              "TotalSegmentator's reference labels; none)")
     parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--directions", nargs="+", choices=["ct:mri", "mri:ct"], default=["ct:mri", "mri:ct"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
     config = load_config(args.config, args.overrides)
@@ -169,7 +171,8 @@ def main() -> None:
     if args.ct_source == "real":
         folders["ct"] = write_ct_example(args.out / "ct-real-example", args.shared_data)
     results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired)
-               for source, target in (("ct", "mri"), ("mri", "ct")) for method in args.methods]
+               for source, target in (direction.split(":") for direction in args.directions)
+               for method in args.methods]
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
                "mri_source": args.mri_source, "ct_source": args.ct_source, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
