@@ -9,9 +9,10 @@ CONFIG is a model trained on both modalities (configs/translate-abdomen.yaml or 
 as ct_torso (CT) and as mri_torso (its T2-SPIR rendering, voxel for voxel the same anatomy), each under the other's
 case ids as well, so either can be the source and the other its truth. With ``--mri-source real`` the MRI source is
 the build's own test split of real MRI (translate-chaos: CHAOS cases no model trained on), and no direction has
-pixel truth (the phantom rendering is not the MRI the model learnt). With ``--ct-source real`` the CT source is
-the shared real torso CT (``ct-torso-example``: one patient, TotalSegmentator's reference labels), so CT -> MRI is
-measured on a patient's anatomy rather than the phantoms' ellipsoids. For each direction (ct->mri, mri->ct) and
+pixel truth (the phantom rendering is not the MRI the model learnt). With ``--ct-source real`` the shared real torso CT
+(``ct-torso-example``: one patient, TotalSegmentator's reference labels) joins the CT phantoms as a source case, so
+CT -> MRI is also measured on a patient's anatomy rather than the phantoms' ellipsoids: its own Dice ratios are read
+from its per-sample row (one case cannot be scored alone). For each direction (ct->mri, mri->ct) and
 method (diffusion, cycle_gan) it runs, one at a time:
 
     radsynth translate CONFIG translation.method=M --from A --to B --source DIR/A --out DIR/A-to-B-M
@@ -27,16 +28,19 @@ the machine.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from build_scores import interval, machine
 
 from radsynth.configs import load_config
 from radsynth.pipelines.data.adapters.phantom import MSD_CHANNEL_NAMES, write_msd_folder
+from radsynth.pipelines.data.io import read_image, write_nifti
 from radsynth.pipelines.data.phantoms import kind_module
 from radsynth.pipelines.scoring.loading import split_records
 
@@ -69,7 +73,7 @@ def run_arm(config: str, out: Path, folders: dict[str, Path], source: str, targe
     evaluate_s = radsynth("evaluate", config, *overrides, f"scoring.modality={target}", *truth, "--samples",
                           str(samples), "--out", str(scored))
     card = json.loads((scored / "scorecard.json").read_text())
-    return {"direction": f"{source}->{target}", "method": method, "source": str(folders[source]),
+    return {"direction": f"{source}->{target}", "method": method, "source": str(folders[source]), "scored": str(scored),
             "translate_seconds": round(translate_s, 1), "evaluate_seconds": round(evaluate_s, 1),
             "sizes": card["sizes"], "privacy": card["verdicts"]["privacy"], "rows": card["rows"]}
 
@@ -92,23 +96,41 @@ def write_real_split(root: Path, config, split: str, modality: str) -> Path:
     return root
 
 
-# TotalSegmentator's 117-class reference: the values of the organs the pool names (its own names differ in order).
-CT_EXAMPLE_LABELS = {0: "background", 1: "spleen", 2: "right_kidney", 3: "left_kidney", 5: "liver"}
+# TotalSegmentator's 117-class reference: the values of the organs the benchmark reads.
+CT_EXAMPLE_LABELS = {1: "spleen", 2: "right_kidney", 3: "left_kidney", 5: "liver"}
+CT_EXAMPLE = "totalseg_example"
 
 
-def write_ct_example(root: Path, shared_data: Path) -> Path:
-    """The shared real torso CT (one patient no model trained on) as an MSD folder naming its abdominal organs; its
-    other 113 classes have no name here and are not carried."""
+def add_ct_example(root: Path, shared_data: Path) -> None:
+    """Adds the shared real torso CT (one patient no model trained on) to the CT phantoms' MSD folder ``root``, its
+    organs renumbered into the folder's vocabulary (its other 113 classes become background). One case cannot be
+    scored alone (evaluate needs two), so it is scored among the phantoms and read from its own per-sample row."""
     example = shared_data / "ct-torso-example"
-    for folder in ("imagesTr", "labelsTr"):
-        link = root / folder / "totalseg_example.nii.gz"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to((example / folder / link.name).resolve(strict=True))
-    meta = {"name": "ct-torso-example", "modality": {"0": MSD_CHANNEL_NAMES["ct"]},
-            "labels": {str(value): name for value, name in CT_EXAMPLE_LABELS.items()}}
-    (root / "dataset.json").write_text(json.dumps(meta, indent=1))
-    return root
+    values = {name: int(value) for value, name in json.loads((root / "dataset.json").read_text())["labels"].items()}
+    label = read_image(example / "labelsTr" / f"{CT_EXAMPLE}.nii.gz")
+    renumbered = np.zeros(label.array.shape, np.uint8)
+    for value, name in CT_EXAMPLE_LABELS.items():
+        renumbered[np.asarray(label.array) == value] = values[name]
+    write_nifti(root / "labelsTr" / f"{CT_EXAMPLE}.nii.gz", renumbered, label.affine)
+    link = root / "imagesTr" / f"{CT_EXAMPLE}.nii.gz"
+    link.unlink(missing_ok=True)
+    link.symlink_to((example / "imagesTr" / link.name).resolve(strict=True))
+
+
+def example_row(result: dict, values: dict[str, int]) -> dict | None:
+    """The real CT case's own Dice per label over the real target ceiling (per_sample.csv of its arm)."""
+    with open(Path(result["scored"]) / "per_sample.csv") as handle:
+        sample = next((r for r in csv.DictReader(handle) if r["sample_id"] == f"tr_{CT_EXAMPLE}"), None)
+    if sample is None:
+        return None
+    ratios = {}
+    for label in LABELS:
+        column = next((f"mask_dice_{key}" for key in (label, values[label]) if f"mask_dice_{key}" in sample), None)
+        ceiling = (row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
+                   or row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {values[label]}"))
+        dice = float(sample[column]) if column and sample[column] not in ("", "nan") else None
+        ratios[label] = None if dice is None or ceiling is None else round(dice / ceiling["reference_value"], 3)
+    return ratios
 
 
 def row(result: dict, section: str, metric: str, space: str = "-", stratum: str = "all") -> dict | None:
@@ -152,8 +174,8 @@ def main() -> None:
                         help="the MRI -> CT source: mri_torso phantoms (with pixel truth) or the build's real MRI "
                              "test split (none)")
     parser.add_argument("--ct-source", choices=["phantom", "real"], default="phantom",
-                        help="the CT -> MRI source: ct_torso phantoms or the shared real torso CT (one patient, "
-                             "TotalSegmentator's reference labels; none)")
+                        help="the CT -> MRI source: ct_torso phantoms, or those and the shared real torso CT (one "
+                             "patient, TotalSegmentator's reference labels), without pixel truth")
     parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--directions", nargs="+", choices=["ct:mri", "mri:ct"], default=["ct:mri", "mri:ct"])
     parser.add_argument("overrides", nargs="*")
@@ -169,14 +191,23 @@ def main() -> None:
     if args.mri_source == "real":
         folders["mri"] = write_real_split(args.out / "mri-real-test", config, "test", "mri")
     if args.ct_source == "real":
-        folders["ct"] = write_ct_example(args.out / "ct-real-example", args.shared_data)
+        add_ct_example(folders["ct"], args.shared_data)
     results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired)
                for source, target in (direction.split(":") for direction in args.directions)
                for method in args.methods]
+    values = label_values(config)
+    if args.ct_source == "real":
+        for result in results:
+            if result["direction"].startswith("ct->"):
+                result["real_ct_case"] = example_row(result, values)
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
                "mri_source": args.mri_source, "ct_source": args.ct_source, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
-    print("\n".join(table(results, label_values(config))))
+    print("\n".join(table(results, values)))
+    for result in results:
+        if "real_ct_case" in result:
+            print(f"{result['direction']} {result['method']}, the real CT case ({CT_EXAMPLE}): Dice ratio "
+                  + ", ".join(f"{label} {ratio}" for label, ratio in (result["real_ct_case"] or {}).items()))
     print(json.dumps({"machine": summary["machine"], "cases": args.cases}))
 
 
