@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,7 @@ from radsynth.pipelines.data.phantoms import kind_module
 from radsynth.pipelines.scoring.loading import split_records
 
 KINDS = {"ct": "ct_torso", "mri": "mri_torso"}
+SHARED_DATA = Path(os.environ.get("RADSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 LABELS = ("liver", "spleen", "right_kidney", "left_kidney")
 PHANTOM_VALUES = {name: value for value, name in kind_module("ct_torso").LABEL_NAMES.items()}
 
@@ -129,7 +131,8 @@ def example_row(result: dict, values: dict[str, int]) -> dict | None:
         ceiling = (row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
                    or row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {values[label]}"))
         dice = float(sample[column]) if column and sample[column] not in ("", "nan") else None
-        ratios[label] = None if dice is None or ceiling is None else round(dice / ceiling["reference_value"], 3)
+        real = ceiling and ceiling["reference_value"]
+        ratios[label] = round(dice / real, 3) if dice is not None and real else None
     return ratios
 
 
@@ -176,7 +179,7 @@ def main() -> None:
     parser.add_argument("--ct-source", choices=["phantom", "real"], default="phantom",
                         help="the CT -> MRI source: ct_torso phantoms, or those and the shared real torso CT (one "
                              "patient, TotalSegmentator's reference labels), without pixel truth")
-    parser.add_argument("--shared-data", type=Path, default=Path("../shared/data"))
+    parser.add_argument("--shared-data", type=Path, default=SHARED_DATA)
     parser.add_argument("--directions", nargs="+", choices=["ct:mri", "mri:ct"], default=["ct:mri", "mri:ct"])
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args()
@@ -187,12 +190,18 @@ def main() -> None:
             write_msd_folder(args.out / f"{modality}-as-{ids_of}", KINDS[modality], args.cases, args.seed, shape,
                              ids_of=KINDS[ids_of])
     folders = {modality: args.out / f"{modality}-as-{modality}" for modality in KINDS}
-    paired = args.mri_source == args.ct_source == "phantom"  # pixel truth is the other phantom rendering
     if args.mri_source == "real":
         folders["mri"] = write_real_split(args.out / "mri-real-test", config, "test", "mri")
+    for path in (folders["ct"] / "imagesTr" / f"{CT_EXAMPLE}.nii.gz", folders["ct"] / "labelsTr" / f"{CT_EXAMPLE}.nii.gz"):
+        path.unlink(missing_ok=True)  # an earlier --ct-source real run into the same --out
     if args.ct_source == "real":
         add_ct_example(folders["ct"], args.shared_data)
-    results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired)
+
+    def paired(source: str) -> bool:
+        """Pixel truth is the other phantom rendering: for phantom sources, in a model that learnt phantom MRI."""
+        return args.mri_source == "phantom" and (source == "mri" or args.ct_source == "phantom")
+
+    results = [run_arm(args.config, args.out, folders, source, target, method, args.overrides, paired(source))
                for source, target in (direction.split(":") for direction in args.directions)
                for method in args.methods]
     values = label_values(config)
@@ -201,13 +210,16 @@ def main() -> None:
             if result["direction"].startswith("ct->"):
                 result["real_ct_case"] = example_row(result, values)
     summary = {"config": args.config, "overrides": args.overrides, "cases": args.cases, "seed": args.seed,
-               "mri_source": args.mri_source, "ct_source": args.ct_source, "machine": machine(), "results": results}
+               "mri_source": args.mri_source, "ct_source": args.ct_source,
+               "shared_data": str(args.shared_data), "directions": args.directions, "machine": machine(), "results": results}
     (args.out / "translation_phantoms.json").write_text(json.dumps(summary, indent=2))
     print("\n".join(table(results, values)))
     for result in results:
         if "real_ct_case" in result:
-            print(f"{result['direction']} {result['method']}, the real CT case ({CT_EXAMPLE}): Dice ratio "
-                  + ", ".join(f"{label} {ratio}" for label, ratio in (result["real_ct_case"] or {}).items()))
+            ratios = result["real_ct_case"] or {}
+            print(f"{result['direction']} {result['method']}: the CT rows hold {args.cases} phantoms and the real CT "
+                  f"case ({CT_EXAMPLE}); its own Dice ratios: "
+                  + (", ".join(f"{label} {ratio}" for label, ratio in ratios.items()) or "not scored"))
     print(json.dumps({"machine": summary["machine"], "cases": args.cases}))
 
 

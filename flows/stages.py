@@ -150,5 +150,5 @@ def translate_flow(config: ConfigInput, source_dir: str, source: str, target: st
     tasks: dict[str, str] = {}
     translated = _run(translate_task, tasks, "translate", config, str(source_dir), source, target, data_sha256(config),
                       folder_sha256(source_dir), model_dir, folder_sha256(model), sample_dir,
-                      outputs_exist=translate_outputs_exist(config, source, target, sample_dir))
+                      outputs_exist=translate_outputs_exist(config, source, target, source_dir, sample_dir))
     return {"tasks": tasks, **translated}

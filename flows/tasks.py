@@ -42,7 +42,7 @@ from radsynth.pipelines.training import (
     train_dir,
     trained_model_dir,
 )
-from radsynth.pipelines.translation import translate, translation_sample_dir
+from radsynth.pipelines.translation import expected_translations, translate, translation_sample_dir
 
 from .artifacts import artifact_key, gate_markdown, report_link, scorecard_table
 from .caching import file_sha256, stage_key
@@ -257,9 +257,12 @@ TRANSLATE_SECTIONS = ("translation", "conditioning.attributes", "controlnet.cond
                       "runtime.seed", "runtime.output_dir")
 
 
-def translate_outputs_exist(config: RadsynthConfig, source: str, target: str, sample_dir: str | None) -> bool:
+def translate_outputs_exist(config: RadsynthConfig, source: str, target: str, source_dir: str | Path,
+                            sample_dir: str | None) -> bool:
+    """The folder holds this source folder's translations and no others (another run may have replaced them)."""
     folder = Path(sample_dir or translation_sample_dir(config, source, target))
-    return folder.is_dir() and any(folder.glob("*.json"))
+    expected = expected_translations(source_dir)
+    return bool(expected) and {path.stem for path in folder.glob("tr_*.json")} == expected
 
 
 def _translate_key(context, parameters) -> str:

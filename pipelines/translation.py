@@ -35,7 +35,7 @@ from radsynth.generators.cycle_gan import CycleGANTrainer, RadsynthCycleGAN
 from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.prompts import prompt_attributes, render_prompt
 
-from .data.adapters.msd import read_msd
+from .data.adapters.msd import image_cases, read_msd
 from .data.ingest import preprocess_record
 from .data.manifest import CaseRecord, file_sha256, with_record_fields
 from .data.pooling import label_key
@@ -43,7 +43,7 @@ from .data.preprocess import IntensityMap
 from .sampling.compute_log import log_batch
 from .sampling.generate import sampling_device
 from .sampling.pipeline import CONTROLNET_FOLDER, model_hash, modules_hash
-from .sampling.sidecar import read_sidecar
+from .sampling.sidecar import sample_files
 from .sampling.translation import RadsynthTranslationPipeline
 from .sampling.writers import write_sample
 from .training import (
@@ -57,8 +57,8 @@ from .training import (
     trained_model_dir,
 )
 
-__all__ = ["SourceCase", "TranslationResult", "cycle_gan_dir", "source_cases", "target_attributes", "translate",
-           "translation_sample_dir"]
+__all__ = ["SourceCase", "TranslationResult", "cycle_gan_dir", "expected_translations", "source_cases",
+           "target_attributes", "translate", "translation_id", "translation_sample_dir"]
 
 CYCLE_GAN_DIR = "cycle_gan"
 
@@ -109,7 +109,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
                   if config.translation.method == "diffusion"
                   else _CycleGANTranslator(config, records, summary, source, target, progress))
     sample_dir = Path(sample_dir or translation_sample_dir(config, source, target))
-    _remove_other_translations(sample_dir, {_sample_id(case) for case in cases})
+    _remove_other_translations(sample_dir, {translation_id(case.record.case_id) for case in cases})
     written, meter = [], ComputeMeter(translator.device)
     batch_size = config.translation.batch_size
     batches = [cases[i:i + batch_size] for i in range(0, len(cases), batch_size)]
@@ -118,7 +118,7 @@ def translate(config: RadsynthConfig, source_dir: str | Path, source: str, targe
         images = translator(batch, targets)
         batch_written = []
         for case, attributes, image in zip(batch, targets, images):
-            sample = _sample_id(case)
+            sample = translation_id(case.record.case_id)
             write_sample(sample_dir, sample, translator.to_physical(image[0]), case.affine, translator.fmt,
                          _sidecar(config, translator, case, attributes, source, target), label=_label_or_none(case),
                          png_range=translator.intensity_range)
@@ -196,21 +196,27 @@ def _label_or_none(case: SourceCase) -> np.ndarray | None:
     return None if case.label is None else case.label[0]
 
 
-def _sample_id(case: SourceCase) -> str:
-    return "tr_" + re.sub(r"[^A-Za-z0-9._-]+", "_", case.record.case_id)
+def translation_id(case_id: str) -> str:
+    """The sample id a source case's translation is written under."""
+    return "tr_" + re.sub(r"[^A-Za-z0-9._-]+", "_", case_id)
+
+
+def expected_translations(source_dir: str | Path) -> set[str]:
+    """The sample ids translating ``source_dir`` writes (empty when it is no MSD folder: translate says why)."""
+    images = Path(source_dir) / "imagesTr"
+    return {translation_id(case_id) for case_id, _ in image_cases(images)} if images.is_dir() else set()
 
 
 def _remove_other_translations(sample_dir: Path, keep: set[str]) -> None:
-    """Delete the translations of cases this run does not translate: evaluate scores every sample of the folder,
+    """Delete the translations of cases this run does not translate: evaluate scores every image of the folder,
     and a rerun on a source folder that lost cases must not leave their old translations to be scored."""
     for sidecar_path in sorted(sample_dir.glob("tr_*.json")):
         if sidecar_path.stem in keep:
             continue
-        sidecar = read_sidecar(sidecar_path)  # its files are confined to its own sample's names
-        sidecar_path.unlink()  # first: an image left without its sidecar is never read as a sample
-        for name in (sidecar.file, sidecar.label_file):
-            if name is not None:
-                (sample_dir / name).unlink(missing_ok=True)
+        images, labels = sample_files(sidecar_path.stem)  # the only names the sample's files may have
+        for name in (*images, *labels):
+            (sample_dir / name).unlink(missing_ok=True)
+        sidecar_path.unlink()  # last: a run killed before it finds the sample again and finishes
 
 
 def _sidecar(config: RadsynthConfig, translator, case: SourceCase, attributes: dict, source: str, target: str) -> dict:

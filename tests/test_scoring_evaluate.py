@@ -87,7 +87,7 @@ def test_planted_copies_of_training_images_are_flagged_and_fail_the_privacy_gate
     assert {r.split(" [")[0] for r in clean.verdicts["privacy"]["reasons"]} == unmeasured, clean.verdicts["privacy"]
     reasons = " ".join(card.verdicts["privacy"]["reasons"])
     assert "an exact copy" in reasons and "copy_rate [all]" in reasons
-    # The DCR share alone is as sensitive as the holdout is large (train is cut to the holdout's size), so the
+    # The DCR share alone is as sensitive as the holdout is large (the references are matched to its size), so the
     # copies are caught by the copy checks and the zero minimum distance; the share may move either way here.
     # Realism of an unseen real set is at its real-vs-real floor: the FD interval overlaps the floor's.
     fd = clean.find("realism", "frechet_distance", "radiomics")

@@ -175,6 +175,12 @@ def test_the_flow_runs_the_stage_and_a_second_run_comes_from_its_cache(trained, 
     again = translate_flow(config, str(source), "ct", "mri", sample_dir=str(tmp_path / "flow"))
     assert first["tasks"] == {"translate": "Completed"} and again["tasks"] == {"translate": "Cached"}
     assert first["written"] == 3 and (tmp_path / "flow" / "tr_phantom_ct_00001.json").is_file()
+    # Another source folder into the same folder replaces its translations; the first folder's cached result
+    # then points at samples that are gone, so asking for it again translates again.
+    fewer = write_phantom_msd(tmp_path / "fewer", "ct_torso", n_cases=2)
+    translate_flow(config, str(fewer), "ct", "mri", sample_dir=str(tmp_path / "flow"))
+    third = translate_flow(config, str(source), "ct", "mri", sample_dir=str(tmp_path / "flow"))
+    assert third["tasks"] == {"translate": "Completed"} and len(list((tmp_path / "flow").glob("*.json"))) == 3
 
 
 @pytest.mark.parametrize(("arguments", "message"), [

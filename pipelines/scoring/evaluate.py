@@ -531,7 +531,7 @@ def _privacy(card: Scorecard, inputs: ScoringInputs, features: list[FeatureTable
                                         chunk=settings.nearest_neighbour_chunk)
         card.add("privacy", "dcr_share", dcr[t.name]["share"], feature_space=t.name, reference=0.5,
                  reference_name="private generator", n=len(synthetic), better="near 0.5",
-                 note="P(closer to train than to holdout); train subsampled to the holdout's size")
+                 note="P(closer to train than to holdout); the two matched in patients, then rows")
     authenticity = privacy.authenticity_report(table.synthetic, table.train, table.holdout)
     card.add("privacy", "authentic_share", authenticity["synthetic"], feature_space=table.name,
              reference=authenticity["holdout_baseline"], reference_name="holdout", n=len(synthetic),
@@ -581,7 +581,7 @@ def _source_privacy(card: Scorecard, inputs: ScoringInputs, source: SourceModali
                             chunk=settings.nearest_neighbour_chunk)
     card.add("privacy", "dcr_share", dcr["share"], feature_space=table.name, stratum=source.stratum, reference=0.5,
              reference_name="private generator", n=len(synthetic), better="near 0.5",
-             note=f"against the {source.modality} train and holdout; train subsampled to the holdout's size")
+             note=f"against the {source.modality} train and holdout, matched in patients, then rows")
     card.sizes[holdout_size_key(source.stratum)] = len(source.holdout)
     for i, record in enumerate(card.per_sample):
         record.update({f"source_{source.modality}_pixel_nn_id": source.train.ids[pixel.train_index[i]],

@@ -6,8 +6,8 @@ Four views, all against the training set and read next to an unseen real set (th
 - pixel nearest neighbour: per synthetic sample, the most correlated training image, tolerating flips and small
   shifts (what a person would call a copy);
 - copy detection in an embedding space, with a threshold calibrated on known near copies of training images;
-- DCR share: how often a synthetic sample is closer to the training set than to an equally large holdout set,
-  with a joint bootstrap CI (0.5 for a generator that has not memorised);
+- DCR share: how often a synthetic sample is closer to the training set than to the holdout, both matched in
+  patients and rows, with a joint bootstrap CI (0.5 for a generator that has not memorised);
 - authenticity (Alaa et al. 2022): a sample closer to its nearest training point than that point's own nearest
   training neighbour is probably a copy; compared with the rate for holdout images.
 
@@ -36,6 +36,7 @@ __all__ = [
     "authenticity_report",
     "copy_detection_threshold",
     "dcr_share",
+    "matched_references",
     "nearest_similarity",
     "pixel_nearest_neighbours",
     "threshold_at_false_positive_rate",
@@ -306,7 +307,9 @@ def matched_references(train_groups: Sequence[str], holdout_groups: Sequence[str
     at least one row of every chosen patient. With one row per patient this is plain size matching.
     """
     chosen = []
-    for groups in (train_groups, holdout_groups):
+    for name, groups in (("train", train_groups), ("holdout", holdout_groups)):
+        if not len(groups):
+            raise ValueError(f"dcr_share: the {name} reference is empty")
         by_patient: dict[str, list[int]] = {}
         for row, group in enumerate(groups):
             by_patient.setdefault(group, []).append(row)

@@ -35,7 +35,7 @@ def read_msd(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     region = data.body_region or "unknown"
 
     records = []
-    for case_id, image_path in _cases(images_dir):
+    for case_id, image_path in image_cases(images_dir):
         label_path = _label_for(labels_dir, case_id)
         shape, spacing = nifti_geometry(image_path)
         records.append(
@@ -58,7 +58,7 @@ def read_msd(data: DataSource, work_dir: Path) -> list[CaseRecord]:
     return records
 
 
-def _cases(images_dir: Path) -> list[tuple[str, Path]]:
+def image_cases(images_dir: Path) -> list[tuple[str, Path]]:
     """(case id, image path) pairs; nnU-Net's _0000 suffix is dropped, extra channels are refused."""
     cases = {}
     for path in sorted(images_dir.iterdir()):
