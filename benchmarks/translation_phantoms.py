@@ -44,6 +44,7 @@ from radsynth.pipelines.data.adapters.phantom import MSD_CHANNEL_NAMES, write_ms
 from radsynth.pipelines.data.io import read_image, write_nifti
 from radsynth.pipelines.data.phantoms import kind_module
 from radsynth.pipelines.scoring.loading import split_records
+from radsynth.pipelines.translation import translation_id
 
 KINDS = {"ct": "ct_torso", "mri": "mri_torso"}
 SHARED_DATA = Path(os.environ.get("RADSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -122,14 +123,13 @@ def add_ct_example(root: Path, shared_data: Path) -> None:
 def example_row(result: dict, values: dict[str, int]) -> dict | None:
     """The real CT case's own Dice per label over the real target ceiling (per_sample.csv of its arm)."""
     with open(Path(result["scored"]) / "per_sample.csv") as handle:
-        sample = next((r for r in csv.DictReader(handle) if r["sample_id"] == f"tr_{CT_EXAMPLE}"), None)
+        sample = next((r for r in csv.DictReader(handle) if r["sample_id"] == translation_id(CT_EXAMPLE)), None)
     if sample is None:
         return None
     ratios = {}
     for label in LABELS:
         column = next((f"mask_dice_{key}" for key in (label, values[label]) if f"mask_dice_{key}" in sample), None)
-        ceiling = (row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
-                   or row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {values[label]}"))
+        ceiling = dice_ratio_row(result, label, values)
         dice = float(sample[column]) if column and sample[column] not in ("", "nan") else None
         real = ceiling and ceiling["reference_value"]
         ratios[label] = round(dice / real, 3) if dice is not None and real else None
@@ -141,6 +141,13 @@ def row(result: dict, section: str, metric: str, space: str = "-", stratum: str 
                  == (section, metric, space, stratum)), None)
 
 
+def dice_ratio_row(result: dict, label: str, values: dict[str, int]) -> dict | None:
+    """The label's mask-Dice ratio row: the scorecard names a label when the real data's vocabulary does, else
+    gives its value."""
+    return (row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
+            or row(result, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {values[label]}"))
+
+
 def table(results: list[dict], values: dict[str, int]) -> list[str]:
     spaces = sorted({r["feature_space"] for res in results for r in res["rows"] if r["metric"] == "coverage"})
     header = (["direction", "method", *[f"Dice ratio {label}" for label in LABELS], "SSIM", "PSNR dB"]
@@ -149,10 +156,7 @@ def table(results: list[dict], values: dict[str, int]) -> list[str]:
     for res in results:
         cells = [res["direction"], res["method"]]
         for label in LABELS:
-            # The scorecard names a label when the real data's vocabulary does, else gives its value.
-            dice = (row(res, "adherence", "mask_dice_ratio", "segmenter (real train)", f"label {label}")
-                    or row(res, "adherence", "mask_dice_ratio", "segmenter (real train)",
-                           f"label {values[label]}"))
+            dice = dice_ratio_row(res, label, values)
             cells.append(f"{interval(dice)} (real {dice['reference_value']:.2f})" if dice else "n/a")
         cells += [interval(row(res, "translation", "pixel_truth_ssim", "paired rendering")),
                   interval(row(res, "translation", "pixel_truth_psnr", "paired rendering"))]
