@@ -276,6 +276,17 @@ class AutoencoderConfig(Section):
         return self
 
 
+class AugmentConfig(Section):
+    """Non-leaking augmentation of the diffusion model's training latents (EDM's; ``generators.augmentation``):
+    each transform is drawn with ``probability`` and the model is told which (zero at sampling)."""
+
+    probability: float = Field(0.0, ge=0, le=1, description="chance of each transform (a flip per axis, a quarter "
+                               "turn, a shift) per training case; 0: off")
+    flip: bool = True
+    rotate: bool = Field(True, description="quarter turns in the plane of the last two axes, when they are square")
+    max_shift: float = Field(0.125, ge=0, lt=0.5, description="largest shift, a fraction of each axis")
+
+
 class DiffusionConfig(Section):
     channels: list[int] = Field(default_factory=lambda: [64, 128, 128])
     attention_levels: list[bool] = Field(default_factory=lambda: [False, True, True])
@@ -290,6 +301,9 @@ class DiffusionConfig(Section):
     balance_by: str | None = Field(None, description="draw training cases so that every value of this attribute "
                                    "fills the same share of the batches (rare findings as often as 'none'); "
                                    "the ControlNet and mask generator train on the same draws; null: every case equally often")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig, description="non-leaking augmentation of the "
+                                   "training latents, for small datasets; the ControlNet and mask generator train "
+                                   "without it")
     learning_rate: float = Field(1e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)

@@ -15,6 +15,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
+from .augmentation import LatentAugment
 from .data import CachedLatents, batch_indices, step_generator, training_prompts
 from .latent_diffusion import LatentDiffusion
 from .trainer import LoopSettings, TrainingLoop
@@ -31,17 +32,23 @@ class DiffusionTrainer:
     ``condition_dropout`` while the label map always stays, so guidance over text keeps working with a mask.
     Batches carrying ``attribute_prompts`` show a case's attributes alone instead of its whole prompt at
     ``text_dropout``: sampling asks in attributes alone, so the model must learn them without a report beside.
+    With ``augment`` each case's latents are transformed and the denoiser told how (its augmentation label);
+    a batch with label maps is never augmented (the map would have to move with it).
     """
 
     def __init__(self, diffusion: LatentDiffusion, trained: Sequence[torch.nn.Module], latents: CachedLatents,
                  run_dir: str | Path, settings: LoopSettings, *, learning_rate: float, lr_schedule: str,
                  warmup_steps: int, batch_size: int, condition_dropout: float, max_grad_norm: float,
-                 ema_decay: float | None, seed: int, text_dropout: float = 0.0):
+                 ema_decay: float | None, seed: int, text_dropout: float = 0.0,
+                 augment: LatentAugment | None = None):
         self.loop = TrainingLoop(run_dir, settings)
         accelerator = self.loop.accelerator
         self.diffusion, self.latents, self.batch_size = diffusion, latents, batch_size
         self.condition_dropout, self.max_grad_norm, self.seed = condition_dropout, max_grad_norm, seed
         self.text_dropout = text_dropout
+        if augment is not None and latents.label_maps is not None:
+            raise ValueError("latents with label maps cannot be augmented: the maps would not move with them")
+        self.augment = augment
         self.parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.parameters, lr=learning_rate, weight_decay=1e-2)
         schedule = get_scheduler("cosine" if lr_schedule == "cosine" else "constant_with_warmup", optimizer,
@@ -94,13 +101,17 @@ class DiffusionTrainer:
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The batch's mean denoising loss, its conditions dropped at ``condition_dropout`` and its prompts' text at
-        ``text_dropout``."""
+        ``text_dropout``, its latents augmented when the trainer augments."""
         device = self.loop.accelerator.device
-        clean = batch["latents"].to(device)
+        clean, augment = batch["latents"], None
+        if self.augment is not None:  # draws nothing otherwise: runs without augmentation keep their streams
+            clean, augment = self.augment(clean, generator)
+        clean = clean.to(device)
         keep = torch.rand(len(clean), generator=generator) >= self.condition_dropout
         prompts = training_prompts(batch, self.text_dropout, generator)
         condition = self.diffusion.condition(prompts, class_labels=batch.get("class_labels"),
-                                             spacing=batch["spacing"], label_maps=batch.get("label_maps"), keep=keep)
+                                             spacing=batch["spacing"], label_maps=batch.get("label_maps"), keep=keep,
+                                             augment=augment)
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
         timesteps = self.diffusion.objective.sample_timesteps(len(clean), device=device, generator=generator)
         return self.diffusion.losses(clean, condition, noise, timesteps).mean()

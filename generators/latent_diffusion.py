@@ -5,7 +5,8 @@ generator), its codec (the autoencoder, or the mask generator's label-share map)
 objective the denoiser was trained with and optionally a ControlNet beside it, and it is the only code that
 calls the denoiser:
 
-- ``condition``: a ``Conditioning`` (text states, class labels, spacing, one-hot label maps) built once per
+- ``condition``: a ``Conditioning`` (text states, class labels, spacing, augmentation labels, one-hot label maps)
+  built once per
   batch from prompts and attribute values (data, never prompt text parsed back) - the same for training and
   sampling;
 - ``predict``: the denoiser's output, with the ControlNet's residuals added inside it;
@@ -42,13 +43,15 @@ class Conditioning:
     """What a batch is denoised under, one row per sample.
 
     context: text states (B, T, D); class_labels: (B,) indices, 0 = none; spacing: (B, spatial_dims) mm, for a
-    denoiser that reads it; control: one-hot label maps (B, L, *image_shape), for the ControlNet.
+    denoiser that reads it; control: one-hot label maps (B, L, *image_shape), for the ControlNet; augment: the
+    augmentation labels of transformed training latents (``augmentation.LatentAugment``; None: no transform).
     """
 
     context: Tensor
     class_labels: Tensor | None = None
     spacing: Tensor | None = None
     control: Tensor | None = None
+    augment: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.context)
@@ -58,7 +61,8 @@ class Conditioning:
         def both(a: Tensor | None, b: Tensor | None) -> Tensor | None:
             return None if a is None else torch.cat([a, b])
         return Conditioning(torch.cat([self.context, other.context]), both(self.class_labels, other.class_labels),
-                            both(self.spacing, other.spacing), both(self.control, other.control))
+                            both(self.spacing, other.spacing), both(self.control, other.control),
+                            both(self.augment, other.augment))
 
 
 class LatentDiffusion:
@@ -111,7 +115,8 @@ class LatentDiffusion:
 
     def condition(self, prompts: Sequence[str], *, conditions: Sequence[Mapping[str, object]] | None = None,
                   class_labels: Tensor | None = None, spacing: Tensor | Sequence[float] | None = None,
-                  label_maps: Tensor | None = None, keep: Tensor | None = None) -> Conditioning:
+                  label_maps: Tensor | None = None, keep: Tensor | None = None,
+                  augment: Tensor | None = None) -> Conditioning:
         """The conditioning of a batch, built once.
 
         conditions: each sample's attribute values (the class label's source); without them, the attribute
@@ -120,7 +125,9 @@ class LatentDiffusion:
         spacing: (B, spatial_dims) or (spatial_dims,) mm; default the model's own.
         label_maps: integer maps (B, 1, *image_shape) or one-hot floats, for the ControlNet.
         keep: (B,) booleans, False where a condition is dropped (training's classifier-free dropout): the text
-            becomes the null prompt and the class the null class; spacing and label map are always kept.
+            becomes the null prompt and the class the null class; spacing, label map and augmentation are always
+            kept.
+        augment: (B, label_dims) augmentation labels of transformed training latents (training only).
         """
         prompts = list(prompts)
         if keep is not None:
@@ -132,11 +139,12 @@ class LatentDiffusion:
         if class_labels is not None:
             class_labels = (class_labels * keep if keep is not None else class_labels).to(device)
         return Conditioning(context, class_labels, self._spacing(spacing, len(prompts)),
-                            None if label_maps is None else self._control(label_maps))
+                            None if label_maps is None else self._control(label_maps),
+                            None if augment is None else augment.to(device=device, dtype=dtype))
 
     def unconditional(self, condition: Conditioning) -> Conditioning:
-        """The null half of classifier-free guidance: null prompt and class; spacing and label map kept (the map
-        is the control, not the condition being guided)."""
+        """The null half of classifier-free guidance: null prompt and class; spacing, label map and augmentation
+        kept (the map is the control, not the condition being guided)."""
         null = self._text([NULL_PROMPT]).to(device=self.device, dtype=self.dtype)
         classes = None if condition.class_labels is None else torch.zeros_like(condition.class_labels)
         return replace(condition, context=null.expand(len(condition), *null.shape[1:]), class_labels=classes)
@@ -163,14 +171,15 @@ class LatentDiffusion:
 
     def predict(self, noisy: Tensor, timesteps: Tensor, condition: Conditioning) -> Tensor:
         """The denoiser's output for ``noisy`` at ``timesteps`` (model units), the ControlNet's residuals inside."""
-        residuals = {}
+        # Only a denoiser trained with augmentation reads its labels (the others' signatures lack them).
+        extra = {} if condition.augment is None else {"augment": condition.augment}
         if condition.control is not None:
-            context = _unwrapped(self.denoiser).conditioning_context(condition.context, condition.spacing)
+            context = _unwrapped(self.denoiser).conditioning_context(condition.context, condition.spacing, **extra)
             down, mid = self.controlnet(noisy, timesteps, context, condition.control, self.conditioning_scale,
                                         condition.class_labels)
-            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            extra |= {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return self.denoiser(noisy, timesteps, encoder_hidden_states=condition.context,
-                             class_labels=condition.class_labels, spacing=condition.spacing, **residuals)
+                             class_labels=condition.class_labels, spacing=condition.spacing, **extra)
 
     def losses(self, clean: Tensor, condition: Conditioning, noise: Tensor, timesteps: Tensor) -> Tensor:
         """The training loss of each sample, (B,): the MSE between the denoiser's output and the objective's

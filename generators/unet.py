@@ -1,9 +1,10 @@
 """The diffusion backbone: MONAI's DiffusionModelUNet (2D or 3D) with cross-attention to text tokens.
 
-Wrapped as a diffusers ModelMixin/ConfigMixin so that it saves and loads as a pipeline component. Two optional
-conditionings sit on top of the text: class labels (added to the timestep embedding, MONAI's mechanism) and
-the voxel spacing, which becomes one extra context token so a 3D model trained on mixed resolutions knows the
-physical size of a voxel.
+Wrapped as a diffusers ModelMixin/ConfigMixin so that it saves and loads as a pipeline component. Optional
+conditionings sit on top of the text: class labels (added to the timestep embedding, MONAI's mechanism), the
+voxel spacing, which becomes one extra context token so a 3D model trained on mixed resolutions knows the
+physical size of a voxel, and the augmentation label of a training case (``augmentation.LatentAugment``), one
+more token, zero (no transform) whenever none is given.
 """
 
 from __future__ import annotations
@@ -16,22 +17,30 @@ from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.nets import DiffusionModelUNet
 from torch import Tensor, nn
 
-__all__ = ["RadsynthUNet", "SpacingEmbedding"]
+__all__ = ["RadsynthUNet", "SpacingEmbedding", "TokenEmbedding"]
 
 
-class SpacingEmbedding(nn.Module):
-    """Voxel spacing (B, spatial_dims) in mm -> one context token (B, 1, dim).
+class TokenEmbedding(nn.Module):
+    """A vector (B, features) -> one context token (B, 1, dim).
 
-    The log makes 0.5 mm and 2 mm symmetric around 1 mm. The final LayerNorm puts the token on the scale of
-    text-encoder outputs (which end in a LayerNorm too), so neither dominates the attention logits.
+    The final LayerNorm puts the token on the scale of text-encoder outputs (which end in a LayerNorm too), so
+    neither dominates the attention logits.
     """
 
-    def __init__(self, spatial_dims: int, dim: int) -> None:
+    def __init__(self, features: int, dim: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(spatial_dims, dim), nn.SiLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+        self.mlp = nn.Sequential(nn.Linear(features, dim), nn.SiLU(), nn.Linear(dim, dim), nn.LayerNorm(dim))
+
+    def forward(self, values: Tensor) -> Tensor:
+        return self.mlp(values.to(self.mlp[0].weight.dtype)).unsqueeze(1)
+
+
+class SpacingEmbedding(TokenEmbedding):
+    """Voxel spacing (B, spatial_dims) in mm -> one context token; the log makes 0.5 mm and 2 mm symmetric
+    around 1 mm."""
 
     def forward(self, spacing: Tensor) -> Tensor:
-        return self.mlp(torch.log(spacing)).unsqueeze(1)
+        return super().forward(torch.log(spacing))
 
 
 class RadsynthUNet(ModelMixin, ConfigMixin):
@@ -51,6 +60,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         norm_num_groups: int = 32,
         num_class_embeds: int | None = None,
         use_spacing: bool = False,
+        augment_dims: int = 0,
     ) -> None:
         super().__init__()
         self.net = DiffusionModelUNet(
@@ -67,16 +77,32 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
             num_class_embeds=num_class_embeds,
         )
         self.spacing_embedding = SpacingEmbedding(spatial_dims, cross_attention_dim) if use_spacing else None
+        self.augment_embedding = TokenEmbedding(augment_dims, cross_attention_dim) if augment_dims else None
 
     def conditioning_context(
-        self, encoder_hidden_states: Tensor, spacing: Tensor | Sequence[float] | None = None
+        self, encoder_hidden_states: Tensor, spacing: Tensor | Sequence[float] | None = None,
+        augment: Tensor | None = None,
     ) -> Tensor:
-        """The cross-attention context: the text tokens, plus the spacing token when the model uses spacing.
+        """The cross-attention context: the text tokens, plus the spacing token when the model uses spacing and
+        the augmentation token when it was trained with augmentation (``augment`` (B, augment_dims); None: zero,
+        no transform, what sampling asks for).
 
         Public so that a ControlNet beside this UNet can attend to exactly the same context.
         """
-        if self.spacing_embedding is None:
-            return encoder_hidden_states
+        tokens = [encoder_hidden_states]
+        if self.spacing_embedding is not None:
+            tokens.append(self._spacing_token(encoder_hidden_states, spacing))
+        if self.augment_embedding is not None:
+            batch = encoder_hidden_states.shape[0]
+            if augment is None:
+                augment = encoder_hidden_states.new_zeros(batch, self.config.augment_dims)
+            if augment.shape != (batch, self.config.augment_dims):
+                raise ValueError(f"augment must have shape ({batch}, {self.config.augment_dims}), "
+                                 f"got {tuple(augment.shape)}")
+            tokens.append(self.augment_embedding(augment).to(encoder_hidden_states.dtype))
+        return torch.cat(tokens, dim=1) if len(tokens) > 1 else encoder_hidden_states
+
+    def _spacing_token(self, encoder_hidden_states: Tensor, spacing: Tensor | Sequence[float] | None) -> Tensor:
         if spacing is None:
             raise ValueError("this UNet was built with use_spacing=True: pass spacing (B, spatial_dims) in mm")
         batch = encoder_hidden_states.shape[0]
@@ -88,8 +114,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
                 f"spacing must be positive with shape ({batch}, {self.config.spatial_dims}) or "
                 f"({self.config.spatial_dims},), got {tuple(spacing.shape)}"
             )
-        token = self.spacing_embedding(spacing.to(self.spacing_embedding.mlp[0].weight.dtype))
-        return torch.cat([encoder_hidden_states, token.to(encoder_hidden_states.dtype)], dim=1)
+        return self.spacing_embedding(spacing).to(encoder_hidden_states.dtype)
 
     def forward(
         self,
@@ -98,6 +123,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         encoder_hidden_states: Tensor,
         class_labels: Tensor | None = None,
         spacing: Tensor | Sequence[float] | None = None,
+        augment: Tensor | None = None,
         down_block_additional_residuals: tuple[Tensor, ...] | None = None,
         mid_block_additional_residual: Tensor | None = None,
     ) -> Tensor:
@@ -105,6 +131,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
 
         timestep: a scalar or a (B,) tensor; floats are kept as they are (rectified flow passes t * 1000).
         spacing: (B, spatial_dims) or (spatial_dims,) in mm; read only when the model was built with use_spacing.
+        augment: (B, augment_dims) augmentation labels; read only when built with augment_dims (None: zero).
         The two residual arguments are the ControlNet hooks of MONAI's UNet, passed through unchanged.
         """
         batch = sample.shape[0]
@@ -114,7 +141,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
             timesteps = timesteps.reshape(1).expand(batch)
         if timesteps.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timesteps.shape)}")
-        context = self.conditioning_context(encoder_hidden_states, spacing)
+        context = self.conditioning_context(encoder_hidden_states, spacing, augment)
         return self.net(
             sample,
             timesteps,

@@ -56,6 +56,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *(_frontier_lines(frontier) if frontier else []),
         f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
+        *(_augment_lines(config.diffusion.augment) if config.diffusion.augment.probability else []),
         *(["- autoencoder reconstruction on the holdout split (physical units): "
            + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []), "",
         "```yaml",
@@ -69,6 +70,14 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
     path = folder / "README.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _augment_lines(augment) -> list[str]:
+    kinds = [kind for kind, on in (("axis flips", augment.flip), ("quarter turns", augment.rotate),
+                                   (f"shifts up to {augment.max_shift:g} of each axis", augment.max_shift)) if on]
+    return [f"- non-leaking augmentation of the training latents (EDM's): {', '.join(kinds)}, each with probability "
+            f"{augment.probability:g}, the transform given to the model as a condition; samples are drawn at no "
+            "transform"]
 
 
 def _saved_objective(folder: Path) -> str:

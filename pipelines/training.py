@@ -28,6 +28,7 @@ from accelerate import PartialState
 
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.configs.schema import pooled_modality
+from radsynth.generators.augmentation import LatentAugment
 from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.autoencoder_trainer import (
     AutoencoderTrainer,
@@ -150,7 +151,7 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     every = math.gcd(diffusion.validate_every, diffusion.frontier_every or diffusion.validate_every)
     trainer = _trainer(config, core, trained, latents, train_dir(config) / DIFFUSION_DIR,
                        loop_settings(config, progress, validate_every=every),
-                       diffusion.learning_rate, diffusion.batch_size)
+                       diffusion.learning_rate, diffusion.batch_size, augment=latent_augment(config))
 
     def pipeline_now() -> RadsynthTextToImagePipeline:
         unwrap = trainer.loop.accelerator.unwrap_model
@@ -277,14 +278,24 @@ def loop_settings(config: RadsynthConfig, progress: bool, part=None, *,
 
 
 def _trainer(config: RadsynthConfig, core: LatentDiffusion, trained: list[torch.nn.Module], data: CachedLatents,
-             folder: Path, loop: LoopSettings, learning_rate: float, batch_size: int) -> DiffusionTrainer:
+             folder: Path, loop: LoopSettings, learning_rate: float, batch_size: int,
+             augment: LatentAugment | None = None) -> DiffusionTrainer:
     """A trainer of ``trained`` (parts of ``core``) with the diffusion section's schedule, clipping, EMA and dropout."""
     diffusion = config.diffusion
     return DiffusionTrainer(core, trained, data, folder, loop, learning_rate=learning_rate,
                             lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
                             batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
                             text_dropout=config.conditioning.text_dropout, max_grad_norm=diffusion.max_grad_norm,
-                            ema_decay=diffusion.ema_decay, seed=config.runtime.seed)
+                            ema_decay=diffusion.ema_decay, seed=config.runtime.seed, augment=augment)
+
+
+def latent_augment(config: RadsynthConfig) -> LatentAugment | None:
+    """The diffusion model's augmentation of its training latents (``diffusion.augment``), or None when off."""
+    settings = config.diffusion.augment
+    if not settings.probability:
+        return None
+    return LatentAugment(settings.probability, flip=settings.flip, rotate=settings.rotate,
+                         max_shift=settings.max_shift)
 
 
 def _autoencoder(config, train_images, records, cache_dir, conditioning, intensity, progress):
@@ -480,7 +491,8 @@ def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim:
         channels=tuple(settings.channels), attention_levels=tuple(settings.attention_levels),
         num_res_blocks=settings.num_res_blocks, num_head_channels=settings.num_head_channels,
         cross_attention_dim=context_dim, norm_num_groups=settings.norm_num_groups, num_class_embeds=num_class_embeds,
-        use_spacing=config.data.spatial_dims == 3)
+        use_spacing=config.data.spatial_dims == 3,
+        augment_dims=LatentAugment.label_dims(config.data.spatial_dims) if latent_augment(config) else 0)
 
 
 def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedLatents,

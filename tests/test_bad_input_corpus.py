@@ -302,6 +302,10 @@ CASES = [
          ("runtime.launch", "needs main_process_ip", "the address of machine 0")),
     Case("distill steps beyond its grid", with_overrides("distill.steps=60"),
          ("distill.steps (60) must not exceed distill.teacher_steps (50)",)),
+    Case("an augmentation chance over one", with_overrides("diffusion.augment.probability=1.5"),
+         ("diffusion.augment.probability", "less than or equal to 1")),
+    Case("an augmentation shift of half the grid", with_overrides("diffusion.augment.max_shift=0.5"),
+         ("diffusion.augment.max_shift", "less than 0.5")),
     Case("a privacy limit loosened", with_overrides("release.gate.membership_tpr_max=0.5"),
          ("release.gate.membership_tpr_max", "less than or equal to 0.02")),
     # ---------------------------------------------------------------- generate, evaluate, score, release, distill
