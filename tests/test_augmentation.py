@@ -23,7 +23,7 @@ from .test_generator_models import TINY_UNET, as_if_trained
 from .test_training_stage import tiny_config
 
 
-def undo_free_replay(original: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+def replayed(original: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """The transform a label describes, applied to ``original`` (C, *spatial) independently of the code under
     test's order of draws: flips, then the quarter turn, then the reflected shift."""
     spatial = original.shape[1:]
@@ -55,7 +55,7 @@ def test_every_transform_is_what_its_label_says_and_zero_means_untouched(shape):
     augmented, labels = LatentAugment(0.5, max_shift=0.25)(latents, torch.Generator().manual_seed(0))
     assert labels.shape == (64, LatentAugment.label_dims(len(shape) - 1))
     for original, case, label in zip(latents, augmented, labels):
-        assert torch.equal(case, undo_free_replay(original, label))
+        assert torch.equal(case, replayed(original, label))
     untouched = (labels == 0).all(dim=1)
     assert torch.equal(augmented[untouched], latents[untouched])
     assert 0 < int(untouched.sum()) < 64  # at 0.5 per transform: 1/16 of cases (2D), 1/32 (3D) expected
