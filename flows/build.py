@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from prefect import flow
 
+from radsynth.pipelines.release.formats import check_formats_for_build
+
 from .stages import (
     ConfigInput,
     distill_flow,
@@ -26,6 +28,8 @@ from .stages import (
 @flow(name="build", log_prints=True)
 def build_flow(config: ConfigInput, overrides: list[str] | None = None) -> dict:
     config = resolve_config(config, overrides)
+    # A release format the samples cannot fill is refused now, not after training and scoring.
+    check_formats_for_build(config.release.formats, config.data.spatial_dims, config.sampling.pairs)
     trained = train_flow(config)
     stages = {"train": trained}
     model = {"model_dir": trained["model_dir"], "model_hash": trained["model_hash"]}

@@ -129,6 +129,13 @@ def with_overrides(*overrides, source=image_folder):
     return prepare
 
 
+def build_with(*overrides):
+    """``radsynth build`` of the image folder: refused before it ingests or trains anything."""
+    def prepare(tmp_path, build):
+        return ["build", *image_folder(tmp_path, *overrides)[1][1:]]
+    return prepare
+
+
 def output_dir_is_a_file(tmp_path, build):
     (tmp_path / "run").write_text("not a folder")
     return image_folder(tmp_path)[1]
@@ -302,6 +309,8 @@ CASES = [
          ("runtime.launch", "needs main_process_ip", "the address of machine 0")),
     Case("distill steps beyond its grid", with_overrides("distill.steps=60"),
          ("distill.steps (60) must not exceed distill.teacher_steps (50)",)),
+    Case("a build whose images alone cannot fill nnU-Net", build_with("release.formats=[monai,nnunet]"),
+         ("release.formats", "nnunet needs a label map for every sample", "sampling.pairs: false", "monai, imagefolder")),
     Case("an augmentation chance over one", with_overrides("diffusion.augment.probability=1.5"),
          ("diffusion.augment.probability", "less than or equal to 1")),
     Case("an augmentation shift of half the grid", with_overrides("diffusion.augment.max_shift=0.5"),

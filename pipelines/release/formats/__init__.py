@@ -21,7 +21,7 @@ from .msd import write_msd
 from .nnunet import write_nnunet
 from .png16 import write_png16
 
-__all__ = ["FORMAT_WRITERS", "check_format_supports"]
+__all__ = ["FORMAT_WRITERS", "check_format_supports", "check_formats_for_build"]
 
 FormatWriter = Callable[..., list[Path]]
 FORMAT_WRITERS: dict[str, FormatWriter] = {
@@ -42,13 +42,30 @@ def check_format_supports(format_name: str, samples: Sequence[ReleaseSample], in
         raise UserInputError(WHERE, f"unknown format '{format_name}'", f"allowed: {', '.join(FORMAT_WRITERS)}")
     if format_name in ("nnunet", "msd"):
         _check_segmentation(format_name, samples, info)
-    elif format_name == "png16" and info.spatial_dims != 2:
-        raise UserInputError(WHERE, f"png16 holds 2D images, the dataset is {info.spatial_dims}D",
-                             "nnunet, msd, monai or dicom for 3D")
+    elif format_name == "png16":
+        _check_2d(info.spatial_dims)
     elif format_name == "imagefolder":
         _check_classes(samples, info)
     elif format_name == "dicom":
         _check_dicom(info)
+
+
+def check_formats_for_build(formats: Sequence[str], spatial_dims: int, pairs: bool) -> None:
+    """What ``check_format_supports`` would refuse at release time, checked before a build trains anything: a
+    build that samples images alone has no label maps for nnunet or msd, and png16 holds 2D images."""
+    for format_name in formats:
+        if format_name in ("nnunet", "msd") and not pairs:
+            raise UserInputError(WHERE, f"{format_name} needs a label map for every sample, and this build samples "
+                                 "images alone (sampling.pairs: false)",
+                                 "sampling.pairs: true with conditioning.use_masks, or monai, imagefolder or png16")
+        if format_name == "png16":
+            _check_2d(spatial_dims)
+
+
+def _check_2d(spatial_dims: int) -> None:
+    if spatial_dims != 2:
+        raise UserInputError(WHERE, f"png16 holds 2D images, the dataset is {spatial_dims}D",
+                             "nnunet, msd, monai or dicom for 3D")
 
 
 def _check_segmentation(format_name: str, samples: Sequence[ReleaseSample], info: DatasetInfo) -> None:
