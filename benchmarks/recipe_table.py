@@ -21,9 +21,12 @@ PRIVACY = ("dcr_share", "copy_rate", "membership_inference_auc", "membership_inf
 
 
 def gate_report(run: Path) -> dict | None:
-    """The release gate's report: the refused one, or the newest published version's."""
-    reports = sorted(run.glob("release/*/refused/gate_report.json")) + sorted(run.glob("release/*/v*/gate_report.json"))
-    return json.loads(reports[-1].read_text()) if reports else None
+    """The release gate's report: a published version's (in its provenance), else the refusal's."""
+    published = sorted(run.glob("release/*/v*/provenance.json"))
+    if published:
+        return json.loads(published[-1].read_text())["gate"]
+    refused = sorted(run.glob("release/*/refused/gate_report.json"))
+    return json.loads(refused[-1].read_text()) if refused else None
 
 
 def scorecard_rows(run: Path) -> list[dict]:
