@@ -6,9 +6,8 @@ objective the denoiser was trained with and optionally a ControlNet beside it, a
 calls the denoiser:
 
 - ``condition``: a ``Conditioning`` (text states, class labels, spacing, augmentation labels, one-hot label maps)
-  built once per
-  batch from prompts and attribute values (data, never prompt text parsed back) - the same for training and
-  sampling;
+  built once per batch from prompts and attribute values (data, never prompt text parsed back) - the same for
+  training and sampling;
 - ``predict``: the denoiser's output, with the ControlNet's residuals added inside it;
 - ``losses``: the training loss of each sample (trainers average it; the membership probe reads it per image);
 - ``sample``: a diffusers scheduler's loop with classifier-free guidance, the clean-latent clip and an
