@@ -56,7 +56,9 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *(_frontier_lines(frontier) if frontier else []),
         f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
         f"autoencoder steps: {config.autoencoder.max_steps}",
-        *(_augment_lines(config.diffusion.augment) if config.diffusion.augment.probability else []),
+        # Only a model trained here augments (a fine-tune or a student trains without it)
+        *(_augment_lines(config.diffusion.augment)
+          if config.diffusion.augment.probability and not (base_model or distilled) else []),
         *(["- autoencoder reconstruction on the holdout split (physical units): "
            + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []), "",
         "```yaml",

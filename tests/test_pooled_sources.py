@@ -48,8 +48,10 @@ def pooled_config(tmp_path, *overrides, edit=None):
 
 
 def single_config(tmp_path, root, *overrides):
+    """The x-ray folder alone, split as the pool splits it (the default fractions; the cxr preset has its own)."""
     return load_config(REPO / "configs" / "cxr.yaml", [
         f"data.root={root}", "data.image_folder.attribute_columns=[sex]", "data.preprocess.target_shape=[16,16]",
+        "data.split.train=0.7", "data.split.holdout=0.15", "data.split.test=0.15",
         "data.label_names={0: background, 1: lung}", "conditioning.attributes=[sex]",
         f"runtime.output_dir={tmp_path / 'alone'}", *overrides])
 

@@ -151,7 +151,7 @@ def test_membership_inference_scores_minus_the_mean_loss_and_finds_the_leaking_t
 def trainer_loss(diffusion, batch, generator) -> torch.Tensor:
     """DiffusionTrainer.loss itself, on the pipeline's core with no condition dropout."""
     trainer = SimpleNamespace(loop=SimpleNamespace(accelerator=SimpleNamespace(device=torch.device("cpu"))),
-                              condition_dropout=0.0, text_dropout=0.0, diffusion=diffusion)
+                              condition_dropout=0.0, text_dropout=0.0, augment=None, diffusion=diffusion)
     with torch.no_grad():
         return DiffusionTrainer.loss(trainer, batch, generator)
 
