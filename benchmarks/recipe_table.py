@@ -16,6 +16,8 @@ import csv
 import json
 from pathlib import Path
 
+from build_scores import interval
+
 REALISM_SPACES = ("self_supervised", "random_cnn", "radiomics")
 PRIVACY = ("dcr_share", "copy_rate", "membership_inference_auc", "membership_inference_tpr_at_1pct_fpr")
 
@@ -55,10 +57,10 @@ def summary(run: Path) -> dict:
         # DCR share as the gate reads it (self-supervised space); the other rows have one space each
         row = row_value(rows, "privacy", metric, "self_supervised") or row_value(rows, "privacy", metric)
         if row is not None:
-            out[metric] = _with_interval(row)
+            out[metric] = interval(row)
     for row in rows:
         if row["section"] == "adherence" and row["metric"] == "attribute_balanced_accuracy_ratio":
-            out[f"adherence {row['stratum']}"] = _with_interval(row)
+            out[f"adherence {row['stratum']}"] = interval(row)
     frontier = run / "train" / "diffusion" / "frontier" / "frontier.csv"
     if frontier.is_file():
         with open(frontier, newline="") as handle:
@@ -71,12 +73,6 @@ def summary(run: Path) -> dict:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.3g}" if isinstance(value, float) else str(value)
-
-
-def _with_interval(row: dict) -> str:
-    if row.get("ci_low") is None:
-        return _fmt(row["value"])
-    return f"{_fmt(row['value'])} ({_fmt(row['ci_low'])}-{_fmt(row['ci_high'])})"
 
 
 def markdown(summaries: list[dict]) -> str:
