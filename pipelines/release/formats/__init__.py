@@ -43,7 +43,7 @@ def check_format_supports(format_name: str, samples: Sequence[ReleaseSample], in
     if format_name in ("nnunet", "msd"):
         _check_segmentation(format_name, samples, info)
     elif format_name == "png16":
-        _check_2d(info.spatial_dims)
+        _check_png16_is_2d(info.spatial_dims)
     elif format_name == "imagefolder":
         _check_classes(samples, info)
     elif format_name == "dicom":
@@ -59,10 +59,10 @@ def check_formats_for_build(formats: Sequence[str], spatial_dims: int, pairs: bo
                                  "images alone (sampling.pairs: false)",
                                  "sampling.pairs: true with conditioning.use_masks, or monai, imagefolder or png16")
         if format_name == "png16":
-            _check_2d(spatial_dims)
+            _check_png16_is_2d(spatial_dims)
 
 
-def _check_2d(spatial_dims: int) -> None:
+def _check_png16_is_2d(spatial_dims: int) -> None:
     if spatial_dims != 2:
         raise UserInputError(WHERE, f"png16 holds 2D images, the dataset is {spatial_dims}D",
                              "nnunet, msd, monai or dicom for 3D")
