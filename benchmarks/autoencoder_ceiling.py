@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from build_scores import machine
 
 from radsynth.configs import load_config
 from radsynth.generators.prompts import render_prompt
@@ -95,8 +95,7 @@ def main() -> None:
         "reconstructions": realism_rows(out / "eval" / "scorecard.json"),
         "build_samples": realism_rows(build_scorecard) if build_scorecard.is_file() else None,
         "seconds": round(time.perf_counter() - started, 1),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__},
+        "machine": {**machine(), "torch": torch.__version__},
     }, indent=2))
 
 
