@@ -302,8 +302,8 @@ class DiffusionConfig(Section):
                                    "fills the same share of the batches (rare findings as often as 'none'); "
                                    "the ControlNet and mask generator train on the same draws; null: every case equally often")
     augment: AugmentConfig = Field(default_factory=AugmentConfig, description="non-leaking augmentation of the "
-                                   "training latents, for small datasets; the ControlNet and mask generator train "
-                                   "without it")
+                                   "training latents, for small datasets; the ControlNet, the mask generator and a "
+                                   "fine-tune (finetune.from) train without it")
     learning_rate: float = Field(1e-4, gt=0)
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
