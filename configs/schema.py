@@ -653,6 +653,10 @@ class GateConfig(Section):
         0.05, ge=0, description="quality: coverage at least the real floor minus this; null: not gated")
     mask_dice_ratio_min: float | None = Field(
         0.9, ge=0, description="quality: segmenter Dice on synthetic / on real test, per label; null: not gated")
+    mask_dice_judge_min: float = Field(
+        0.5, ge=0, le=1, description="quality, with mask_dice_ratio_min: the real-trained segmenter's Dice on real "
+        "test images per label, below which its ratio is not evidence and the label fails (a rare finding needs a "
+        "judge trained longer: scoring.segmenter_steps)")
     intensity: bool = Field(True, description="quality: per-label intensity within the real data's range")
     attribute_adherence_min: float | None = Field(
         0.8, ge=0, description="quality: per conditioned attribute, the real-trained classifier's balanced accuracy "
