@@ -603,7 +603,9 @@ class ScoringConfig(Section):
     pixel_comparison_size: int = Field(64, ge=8, description="pixel nearest neighbours compare at most this per side")
     pixel_max_shift: int = Field(2, ge=0, description="shifts (pixels) tolerated by the pixel nearest neighbour")
     self_supervised_steps: int = Field(300, ge=1)
-    segmenter_steps: int = Field(300, ge=1)
+    segmenter_steps: int = Field(300, ge=1, description="training steps of the real-trained segmenter that judges "
+                                 "mask adherence: the gate counts a label only where it finds it on real test images "
+                                 "(release.gate.mask_dice_judge_min); small findings need more steps")
     classifier_steps: int = Field(300, ge=1)
     attributes: list[str] | None = Field(
         None, description="prompt attributes to score adherence and strata on; default conditioning.attributes"
