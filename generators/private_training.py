@@ -3,10 +3,18 @@
 The guarantee is user-level: the unit it protects is a patient, whatever number of cases they have. Each step
 samples every patient independently with probability ``sample_rate`` (Poisson sampling, which the accountant's
 amplification-by-subsampling bound assumes), takes one of each sampled patient's cases, clips that patient's
-gradient to ``max_grad_norm`` and sums; Gaussian noise of standard deviation ``noise_multiplier * max_grad_norm``
-is added to the sum, which is divided by the expected number of patients per step. Whatever one patient's data,
+gradient to ``max_grad_norm`` (or, with ``clipping: normalize``, scales it to that norm) and sums; Gaussian
+noise of standard deviation ``noise_multiplier * max_grad_norm`` is added to the sum, which is divided by the
+expected number of patients per step. Whatever one patient's data,
 the noisy sum moves by at most ``max_grad_norm`` with or without them: that is the sensitivity the accountant
 (Opacus's RDP or PRV accountant) composes over the steps into the spent (epsilon, delta).
+
+Two choices change how much of the signal survives the noise, never the guarantee. A bound far above the
+gradients' norms buries them (the noise is scaled to the bound, not to them); normalising makes every patient
+contribute exactly the bound whatever the gradients' scale, and Adam's update does not depend on that scale.
+And a diffusion loss's gradient on one case varies mostly with its random timestep and noise: averaging
+``noise_multiplicity`` draws on the case before clipping keeps more of what the patients agree on (DPDM's noise
+multiplicity, Dockhorn et al. 2022); it is still that one patient's gradient.
 
 The patients sampled and the noise come from a secret seed drawn from the operating system when a run starts and
 kept in its checkpoints (never in the config or the model): a known seed would let anyone subtract the noise and
@@ -43,6 +51,7 @@ class PrivacyPlan:
     steps: int  # the steps the noise is calibrated for
     patients: int
     accountant: str = "rdp"
+    clipping: str = "clip"  # or "normalize": every patient's gradient scaled to max_grad_norm
 
     @property
     def expected_patients(self) -> float:
@@ -72,7 +81,7 @@ def spent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 def plan_privacy(target_epsilon: float, delta: float, max_grad_norm: float, patients: int, patients_per_step: int,
-                 steps: int, accountant: str = "rdp") -> PrivacyPlan:
+                 steps: int, accountant: str = "rdp", clipping: str = "clip") -> PrivacyPlan:
     """The noise that lets ``steps`` steps spend at most ``target_epsilon``, or one line saying why none can."""
     if delta >= 1.0 / patients:
         raise UserInputError("finetune.privacy.delta", f"{delta:g} is not below 1 / {patients} patients: a mechanism "
@@ -90,7 +99,8 @@ def plan_privacy(target_epsilon: float, delta: float, max_grad_norm: float, pati
         raise UserInputError("finetune.privacy.epsilon", f"{target_epsilon:g} cannot be reached in {steps} steps "
                              f"sampling {sample_rate:.3g} of {patients} patients (the noise needed drowns every "
                              "gradient)", "a larger epsilon, or fewer finetune.max_steps") from None
-    return PrivacyPlan(target_epsilon, delta, max_grad_norm, sample_rate, float(noise), steps, patients, accountant)
+    return PrivacyPlan(target_epsilon, delta, max_grad_norm, sample_rate, float(noise), steps, patients, accountant,
+                       clipping)
 
 
 class PatientSampler:
@@ -107,17 +117,19 @@ class PatientSampler:
 
 
 def clipped_gradient_sum(parameters: Sequence[torch.nn.Parameter], losses: Iterable[torch.Tensor],
-                         max_grad_norm: float) -> tuple[list[torch.Tensor], list[float]]:
+                         max_grad_norm: float, normalize: bool = False) -> tuple[list[torch.Tensor], list[float]]:
     """The sum over patients of each patient's gradient, scaled down to an L2 norm of at most ``max_grad_norm``
-    (over all ``parameters`` together), and each patient's norm before clipping. ``losses``: one per patient,
-    built lazily so only one graph lives at a time."""
+    (over all ``parameters`` together; with ``normalize``, scaled to exactly that norm, up or down), and each
+    patient's norm before clipping. ``losses``: one per patient, built lazily so only one graph lives at a time."""
     total = [torch.zeros_like(p) for p in parameters]
     norms = []
     for loss in losses:
         grads = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True))]
         norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
-        scale = min(1.0, max_grad_norm / (norm + 1e-12))
+        scale = max_grad_norm / (norm + 1e-12)
+        if not normalize:
+            scale = min(1.0, scale)
         for running, grad in zip(total, grads):
             running.add_(grad, alpha=scale)
         norms.append(norm)
@@ -140,7 +152,8 @@ class PrivacyState:
 class PrivateDiffusionTrainer(DiffusionTrainer):
     """``DiffusionTrainer`` whose step is DP-SGD over patients (``PrivacyPlan``); one process, no accumulation."""
 
-    def __init__(self, *args, plan: PrivacyPlan, patient_of_row: Sequence[str], **kwargs):
+    def __init__(self, *args, plan: PrivacyPlan, patient_of_row: Sequence[str], noise_multiplicity: int = 1,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         settings = self.loop.settings
         if self.loop.accelerator.num_processes > 1 or settings.gradient_accumulation_steps > 1:
@@ -149,7 +162,7 @@ class PrivateDiffusionTrainer(DiffusionTrainer):
                                  "runtime.launch.num_processes: 1 and gradient_accumulation_steps: 1")
         if settings.max_steps > plan.steps:
             raise ValueError(f"the noise is calibrated for {plan.steps} steps, the loop would take {settings.max_steps}")
-        self.plan = plan
+        self.plan, self.noise_multiplicity = plan, noise_multiplicity
         self.sampler = PatientSampler(patient_of_row, plan.sample_rate)
         self.secret = PrivacyState()
         self.loop.register_state("privacy", self.secret)
@@ -166,11 +179,14 @@ class PrivateDiffusionTrainer(DiffusionTrainer):
 
         def patient_losses():
             for row in rows:
-                loss = self.loss(self.latents.batch([row], generator), generator)
+                # Several draws of timestep, noise and posterior on the one case (DPDM's noise multiplicity): their
+                # mean gradient is still this patient's alone, so the sensitivity and the epsilon are unchanged.
+                loss = self.loss(self.latents.batch([row] * self.noise_multiplicity, generator), generator)
                 losses.append(loss.item())
                 yield loss
 
-        total, norms = clipped_gradient_sum(self.parameters, patient_losses(), plan.max_grad_norm)
+        total, norms = clipped_gradient_sum(self.parameters, patient_losses(), plan.max_grad_norm,
+                                            normalize=plan.clipping == "normalize")
         noise_stream = torch.Generator().manual_seed(int(secret.integers(2**62)))
         for parameter, summed in zip(self.parameters, total):
             noise = torch.randn(summed.shape, generator=noise_stream, dtype=summed.dtype)

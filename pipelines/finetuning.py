@@ -63,8 +63,12 @@ class FinetuneResult:
 def _run_key(config: RadsynthConfig, base_hash: str) -> str:
     """Checkpoints belong to one base model and one set of fine-tune settings: a run never resumes another's
     state (a different rank would not even load). ``max_steps`` is left out so a longer run continues, except
-    under differential privacy: the noise is calibrated for it, and a longer run would spend more than planned."""
-    settings = config.finetune.model_dump(mode="json", exclude=None if config.finetune.privacy.enabled else {"max_steps"})
+    under differential privacy: the noise is calibrated for it and for the patients per step (the sample rate),
+    and a run resumed under other values would spend what neither plan accounts for."""
+    private = config.finetune.privacy.enabled
+    settings = config.finetune.model_dump(mode="json", exclude=None if private else {"max_steps"})
+    if private:
+        settings["patients_per_step"] = config.diffusion.batch_size
     return hashlib.sha256(json.dumps({"base": base_hash, **settings}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -117,7 +121,8 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         trainer = DiffusionTrainer(base.diffusion(), [unet], latents, run_dir, loop, **arguments)
     else:
         trainer = PrivateDiffusionTrainer(base.diffusion(), [unet], latents, run_dir, loop, **arguments, plan=plan,
-                                          patient_of_row=[record.patient_id for record in subset])
+                                          patient_of_row=[record.patient_id for record in subset],
+                                          noise_multiplicity=settings.privacy.noise_multiplicity)
     trainer.fit()
     privacy = None if plan is None else plan.summary(trainer.loop.state.step)
     with trainer.inference_weights() as (trained_unet,):
@@ -162,4 +167,5 @@ def _privacy_plan(config: RadsynthConfig, subset: list[CaseRecord]) -> PrivacyPl
                              "about them can come from fine-tuning it", "a base trained on other (public) data")
     patients = len({record.patient_id for record in subset})
     return plan_privacy(privacy.epsilon, privacy.delta, privacy.max_grad_norm, patients,
-                        min(config.diffusion.batch_size, patients), settings.max_steps, privacy.accountant)
+                        min(config.diffusion.batch_size, patients), settings.max_steps, privacy.accountant,
+                        privacy.clipping)

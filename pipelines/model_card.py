@@ -102,12 +102,19 @@ def _frontier_lines(frontier: dict) -> list[str]:
     return [f"- checkpoint chosen on the privacy-realism frontier (train/diffusion/frontier/): {choice}"]
 
 
+def clipping_text(guarantee: dict) -> str:
+    """How each patient's gradient was bounded (``PrivacyPlan.clipping``; guarantees from before it was a choice
+    were clipped)."""
+    verb = "scaled to norm" if guarantee.get("clipping") == "normalize" else "clipped to"
+    return f"each patient's gradient {verb} {guarantee['max_grad_norm']:g}"
+
+
 def _privacy_lines(guarantee: dict) -> list[str]:
     return ["## Differential privacy", "",
             f"Fine-tuned by DP-SGD: ({guarantee['epsilon']:.3g}, {guarantee['delta']:.3g})-differential privacy per "
             f"patient for the {guarantee['patients']} fine-tune patients (target epsilon {guarantee['target_epsilon']:g}; "
             f"{guarantee['steps_taken']} of {guarantee['steps']} planned steps; each patient sampled at "
-            f"{guarantee['sample_rate']:.3g} per step, one case each; gradients clipped to {guarantee['max_grad_norm']:g}; "
+            f"{guarantee['sample_rate']:.3g} per step, one case each; {clipping_text(guarantee)}; "
             f"noise multiplier {guarantee['noise_multiplier']:.4g}; Opacus {guarantee['accountant']} accountant).",
             "Only the LoRA factors trained; the autoencoder, text encoder (and its vocabulary) and the rest of the UNet "
             "are the base's, which must not have been trained on these patients: the guarantee does not cover the "

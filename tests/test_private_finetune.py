@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from radsynth.configs import UserInputError
+from radsynth.generators.data import CachedLatents
 from radsynth.generators.private_training import (
     PatientSampler,
     clipped_gradient_sum,
@@ -19,7 +20,7 @@ from radsynth.generators.private_training import (
     spent_epsilon,
 )
 from radsynth.pipelines.data.ingest import ingest
-from radsynth.pipelines.finetuning import _privacy_plan, finetune, matching_cases
+from radsynth.pipelines.finetuning import _privacy_plan, _run_key, finetune, matching_cases
 from radsynth.pipelines.release.card import write_dataset_card
 from radsynth.pipelines.sampling.generate import generate
 from radsynth.pipelines.training import ingested_dataset, model_dir, train
@@ -79,6 +80,28 @@ def test_each_patients_contribution_is_bounded_however_extreme_their_data():
         torch.testing.assert_close(a, b)
 
 
+def test_normalised_clipping_moves_the_sum_by_exactly_the_bound_for_every_patient():
+    # Automatic clipping: a patient with a tiny gradient counts as much as an extreme one, and no one more.
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    parameters = list(model.parameters())
+    inputs = [torch.randn(3), torch.randn(3), torch.full((3,), 1e4)]
+    with torch.no_grad():  # the first patient is almost fitted already, the last far off
+        targets = [model(inputs[0]) + 1e-4, model(inputs[1]) + 1.0, torch.full((1,), -1e6)]
+
+    def losses(indices):
+        return ((model(inputs[i]) - targets[i]).pow(2).sum() for i in indices)
+
+    bound = 0.5
+    everyone, norms = clipped_gradient_sum(parameters, losses(range(3)), bound, normalize=True)
+    assert min(norms) < 1e-2 * bound < 1e6 * bound < max(norms)  # one far below the bound, one far above
+    for left_out in range(3):
+        others, _ = clipped_gradient_sum(parameters, losses([i for i in range(3) if i != left_out]), bound,
+                                         normalize=True)
+        contribution = torch.sqrt(sum((a - b).pow(2).sum() for a, b in zip(everyone, others)))
+        assert contribution.item() == pytest.approx(bound, rel=1e-4)
+
+
 def test_patients_are_poisson_sampled_and_count_once_whatever_their_number_of_cases():
     rows = ["a"] * 20 + ["b", "c", "d", "e"]  # patient a has 20 cases, the others one each
     sampler = PatientSampler(rows, sample_rate=0.25)
@@ -131,6 +154,7 @@ def test_a_private_finetune_records_its_guarantee_in_the_model_card_and_every_sa
     assert guarantee["patients"] == len({record.patient_id for record in subset}) < result.cases == len(subset)
     card = (result.model_dir / "README.md").read_text()
     assert "## Differential privacy" in card and f"({guarantee['epsilon']:.3g}, 0.001)-differential privacy" in card
+    assert "each patient's gradient clipped to 1;" in card
     # Only LoRA targets changed: the rest of the UNet is the base's, bit for bit.
     tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     original = load_file(str(base_model.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -143,6 +167,37 @@ def test_a_private_finetune_records_its_guarantee_in_the_model_card_and_every_sa
     assert sidecars and all(s["differential_privacy"]["epsilon"] == guarantee["epsilon"] for s in sidecars)
     secret = json.loads(next((tmp_path / "private").rglob("checkpoints/step-0000004/privacy.json")).read_text())["seed"]
     assert not any(secret in path.read_text(errors="ignore") for path in result.model_dir.rglob("*.json"))
+
+
+def test_noise_multiplicity_draws_many_times_on_one_case_of_one_patient(base_model, tmp_path, monkeypatch):
+    # What DP-SGD clips must be one patient's gradient: each loss it clips averages K draws of timestep and noise on
+    # a single case, and a step takes as many such losses as it sampled patients (the guarantee rests on this).
+    batches = []
+    original = CachedLatents.batch
+
+    def recording(self, indices, generator):
+        batches.append([int(i) for i in indices])
+        return original(self, indices, generator)
+
+    monkeypatch.setattr(CachedLatents, "batch", recording)
+    config = private_config(tmp_path / "k4", base_model, "finetune.privacy.noise_multiplicity=4",
+                            "finetune.privacy.clipping=normalize")
+    result = finetune(config, progress=False)
+    assert len(batches) >= 4  # some patients were sampled in four steps
+    assert all(len(rows) == 4 and len(set(rows)) == 1 for rows in batches)
+    # How the gradients were bounded is part of the mechanism the card states.
+    assert json.loads((result.model_dir / "model_index.json").read_text())["differential_privacy"]["clipping"] == "normalize"
+    assert "each patient's gradient scaled to norm 1;" in (result.model_dir / "README.md").read_text()
+
+
+def test_a_private_run_resumes_only_under_the_sample_rate_its_noise_was_planned_for(base_model, tmp_path):
+    config = private_config(tmp_path / "run", base_model)
+    wider = config.model_copy(update={"diffusion": config.diffusion.model_copy(update={"batch_size": 16})})
+    assert _run_key(config, "base") != _run_key(wider, "base")
+    public = config.model_copy(update={"finetune": config.finetune.model_copy(
+        update={"privacy": config.finetune.privacy.model_copy(update={"epsilon": None})})})
+    public_wider = public.model_copy(update={"diffusion": wider.diffusion})
+    assert _run_key(public, "base") == _run_key(public_wider, "base")  # a public run may continue at any batch
 
 
 @pytest.mark.slow
@@ -178,7 +233,9 @@ def test_bad_privacy_settings_are_one_line_and_exit_2(base_model, tmp_path):
     assert not list(run.glob("model-finetune-*")) and not list(run.glob("train/model-finetune-*"))  # nothing written
     for override, key in {"finetune.privacy.epsilon=-1": "finetune.privacy.epsilon: Input should be greater than 0",
                           "finetune.privacy.epsilon=inf": "finetune.privacy.epsilon: Input should be a finite number",
-                          "finetune.privacy.accountant=moments": "finetune.privacy.accountant"}.items():
+                          "finetune.privacy.accountant=moments": "finetune.privacy.accountant",
+                          "finetune.privacy.clipping=adaptive": "finetune.privacy.clipping",
+                          "finetune.privacy.noise_multiplicity=0": "finetune.privacy.noise_multiplicity"}.items():
         with pytest.raises(UserInputError, match=key):
             tiny_config(run, override)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from radsynth.pipelines.data.io import write_text
-from radsynth.pipelines.model_card import energy_text
+from radsynth.pipelines.model_card import clipping_text, energy_text
 
 from .hub import hub_configs
 from .redaction import suppress_small_cells
@@ -467,8 +467,7 @@ def _formal_guarantee(provenance: Mapping) -> list[str]:
             f"-differential privacy per {_md(guarantee.get('unit') or 'patient')} for the "
             f"{format_number(guarantee.get('patients'))} patients the generator was fine-tuned on (DP-SGD: "
             f"{format_number(guarantee.get('steps_taken'))} steps, each patient sampled at "
-            f"{format_number(guarantee.get('sample_rate'))}, gradients clipped to "
-            f"{format_number(guarantee.get('max_grad_norm'))}, noise multiplier "
+            f"{format_number(guarantee.get('sample_rate'))}, {clipping_text(guarantee)}, noise multiplier "
             f"{format_number(guarantee.get('noise_multiplier'))}, {_md(guarantee.get('accountant'))} accountant). It "
             "holds whatever the attack; the base model it started from is not covered.",
             f"- Empirical figures on the released samples: {empirical or 'not measured'}."]

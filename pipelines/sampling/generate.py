@@ -251,4 +251,5 @@ def _privacy_guarantee(pipeline) -> dict:
         return {}
     return {"differential_privacy": {key: guarantee[key] for key in ("epsilon", "delta", "unit", "steps_taken",
                                                                      "noise_multiplier", "sample_rate", "max_grad_norm",
-                                                                     "patients", "accountant")}}
+                                                                     "clipping", "patients", "accountant")
+                                   if key in guarantee}}
