@@ -457,11 +457,11 @@ class FinetunePrivacyConfig(Section):
                                   "spend; null: not private (an ordinary fine-tune)")
     delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1 / (fine-tune patients)")
     max_grad_norm: float = Field(1.0, gt=0, description="L2 bound on each patient's gradient per step")
-    clipping: Literal["clip", "normalize"] = Field(
-        "clip", description="clip: a patient's gradient above max_grad_norm is scaled down to it, one below is kept; "
-        "normalize: every patient's gradient is scaled to norm max_grad_norm (automatic clipping), so the bound needs "
-        "no tuning to the gradients' scale (LoRA gradients of a diffusion loss are ~1e-2: clipped at 1, the noise "
-        "buries them)")
+    clipping: Literal["normalize", "clip"] = Field(
+        "normalize", description="normalize: every patient's gradient is scaled to norm max_grad_norm (automatic "
+        "clipping), so the bound needs no tuning to the gradients' scale (a LoRA's gradients of a diffusion loss are "
+        "~1e-2: clipped at 1 they keep their size and the noise, scaled to the bound, buries them); clip: a gradient "
+        "above max_grad_norm is scaled down to it, one below is kept")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant: Renyi DP or privacy random "
                                               "variables (tighter)")
     noise_multiplicity: int = Field(

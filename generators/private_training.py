@@ -2,12 +2,12 @@
 
 The guarantee is user-level: the unit it protects is a patient, whatever number of cases they have. Each step
 samples every patient independently with probability ``sample_rate`` (Poisson sampling, which the accountant's
-amplification-by-subsampling bound assumes), takes one of each sampled patient's cases, clips that patient's
-gradient to ``max_grad_norm`` (or, with ``clipping: normalize``, scales it to that norm) and sums; Gaussian
+amplification-by-subsampling bound assumes), takes one of each sampled patient's cases, scales that patient's
+gradient to norm ``max_grad_norm`` (or, with ``clipping: clip``, only down to it) and sums; Gaussian
 noise of standard deviation ``noise_multiplier * max_grad_norm`` is added to the sum, which is divided by the
-expected number of patients per step. Whatever one patient's data,
-the noisy sum moves by at most ``max_grad_norm`` with or without them: that is the sensitivity the accountant
-(Opacus's RDP or PRV accountant) composes over the steps into the spent (epsilon, delta).
+expected number of patients per step. Whatever one patient's data, the noisy sum moves by at most
+``max_grad_norm`` with or without them: that is the sensitivity the accountant (Opacus's RDP or PRV accountant)
+composes over the steps into the spent (epsilon, delta).
 
 Two choices change how much of the signal survives the noise, never the guarantee. A bound far above the
 gradients' norms buries them (the noise is scaled to the bound, not to them); normalising makes every patient
@@ -51,7 +51,7 @@ class PrivacyPlan:
     steps: int  # the steps the noise is calibrated for
     patients: int
     accountant: str = "rdp"
-    clipping: str = "clip"  # or "normalize": every patient's gradient scaled to max_grad_norm
+    clipping: str = "normalize"  # every patient's gradient scaled to max_grad_norm; "clip": only those above it
 
     @property
     def expected_patients(self) -> float:
@@ -81,7 +81,7 @@ def spent_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta
 
 
 def plan_privacy(target_epsilon: float, delta: float, max_grad_norm: float, patients: int, patients_per_step: int,
-                 steps: int, accountant: str = "rdp", clipping: str = "clip") -> PrivacyPlan:
+                 steps: int, accountant: str = "rdp", clipping: str = "normalize") -> PrivacyPlan:
     """The noise that lets ``steps`` steps spend at most ``target_epsilon``, or one line saying why none can."""
     if delta >= 1.0 / patients:
         raise UserInputError("finetune.privacy.delta", f"{delta:g} is not below 1 / {patients} patients: a mechanism "

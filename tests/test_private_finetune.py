@@ -154,7 +154,7 @@ def test_a_private_finetune_records_its_guarantee_in_the_model_card_and_every_sa
     assert guarantee["patients"] == len({record.patient_id for record in subset}) < result.cases == len(subset)
     card = (result.model_dir / "README.md").read_text()
     assert "## Differential privacy" in card and f"({guarantee['epsilon']:.3g}, 0.001)-differential privacy" in card
-    assert "each patient's gradient clipped to 1;" in card
+    assert guarantee["clipping"] == "normalize" and "each patient's gradient scaled to norm 1;" in card
     # Only LoRA targets changed: the rest of the UNet is the base's, bit for bit.
     tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     original = load_file(str(base_model.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
@@ -181,13 +181,13 @@ def test_noise_multiplicity_draws_many_times_on_one_case_of_one_patient(base_mod
 
     monkeypatch.setattr(CachedLatents, "batch", recording)
     config = private_config(tmp_path / "k4", base_model, "finetune.privacy.noise_multiplicity=4",
-                            "finetune.privacy.clipping=normalize")
+                            "finetune.privacy.clipping=clip")
     result = finetune(config, progress=False)
     assert len(batches) >= 4  # some patients were sampled in four steps
     assert all(len(rows) == 4 and len(set(rows)) == 1 for rows in batches)
     # How the gradients were bounded is part of the mechanism the card states.
-    assert json.loads((result.model_dir / "model_index.json").read_text())["differential_privacy"]["clipping"] == "normalize"
-    assert "each patient's gradient scaled to norm 1;" in (result.model_dir / "README.md").read_text()
+    assert json.loads((result.model_dir / "model_index.json").read_text())["differential_privacy"]["clipping"] == "clip"
+    assert "each patient's gradient clipped to 1;" in (result.model_dir / "README.md").read_text()
 
 
 def test_a_private_run_resumes_only_under_the_sample_rate_its_noise_was_planned_for(base_model, tmp_path):
