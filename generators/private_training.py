@@ -14,7 +14,8 @@ gradients' norms buries them (the noise is scaled to the bound, not to them); no
 contribute exactly the bound whatever the gradients' scale, and Adam's update does not depend on that scale.
 And a diffusion loss's gradient on one case varies mostly with its random timestep and noise: averaging
 ``noise_multiplicity`` draws on the case before clipping keeps more of what the patients agree on (DPDM's noise
-multiplicity, Dockhorn et al. 2022); it is still that one patient's gradient.
+multiplicity, Dockhorn et al. 2022); it is still that one patient's gradient. Neither lifts the ceiling that the
+noise sets with few patients and many trained parameters (README, "Differentially private fine-tuning").
 
 The patients sampled and the noise come from a secret seed drawn from the operating system when a run starts and
 kept in its checkpoints (never in the config or the model): a known seed would let anyone subtract the noise and
