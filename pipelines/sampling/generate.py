@@ -249,7 +249,8 @@ def _privacy_guarantee(pipeline) -> dict:
     guarantee = pipeline.config.get("differential_privacy")
     if not guarantee:
         return {}
-    return {"differential_privacy": {key: guarantee[key] for key in ("epsilon", "delta", "unit", "steps_taken",
-                                                                     "noise_multiplier", "sample_rate", "max_grad_norm",
-                                                                     "clipping", "patients", "accountant")
-                                   if key in guarantee}}
+    recorded = {key: guarantee[key] for key in ("epsilon", "delta", "unit", "steps_taken", "noise_multiplier",
+                                                "sample_rate", "max_grad_norm", "patients", "accountant")}
+    if "clipping" in guarantee:  # absent from models made before it was a choice: they clipped (clipping_text)
+        recorded["clipping"] = guarantee["clipping"]
+    return {"differential_privacy": recorded}
