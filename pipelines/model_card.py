@@ -51,7 +51,7 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
             "index: " + ", ".join(f"{name} {index}" for name, index in base_model["label_indices"].items()) + "."),
            ""] if base_model and base_model.get("label_indices") else []),
         *(_distillation_lines(distilled, steps) if distilled else []),
-        *(_privacy_lines(differential_privacy) if differential_privacy else []),
+        *(_privacy_lines(differential_privacy, base_model["method"]) if differential_privacy else []),
         "## Training", "",
         *(_frontier_lines(frontier) if frontier else []),
         f"- diffusion steps: {steps}; objective: {_saved_objective(folder)}; "
@@ -109,15 +109,20 @@ def clipping_text(guarantee: dict) -> str:
     return f"each patient's gradient {verb} {guarantee['max_grad_norm']:g}"
 
 
-def _privacy_lines(guarantee: dict) -> list[str]:
+# What a private fine-tune trains (finetune.method; full is refused under privacy).
+PRIVATE_ADAPTERS = {"lora": "the LoRA factors", "domain_embedding": "the domain embedding (the timestep embedding's "
+                    "output bias)"}
+
+
+def _privacy_lines(guarantee: dict, method: str) -> list[str]:
     return ["## Differential privacy", "",
             f"Fine-tuned by DP-SGD: ({guarantee['epsilon']:.3g}, {guarantee['delta']:.3g})-differential privacy per "
             f"patient for the {guarantee['patients']} fine-tune patients (target epsilon {guarantee['target_epsilon']:g}; "
             f"{guarantee['steps_taken']} of {guarantee['steps']} planned steps; each patient sampled at "
             f"{guarantee['sample_rate']:.3g} per step, one case each; {clipping_text(guarantee)}; "
             f"noise multiplier {guarantee['noise_multiplier']:.4g}; Opacus {guarantee['accountant']} accountant).",
-            "Only the LoRA factors trained; the autoencoder, text encoder (and its vocabulary) and the rest of the UNet "
-            "are the base's, which must not have been trained on these patients: the guarantee does not cover the "
+            f"Only {PRIVATE_ADAPTERS[method]} trained; the autoencoder, text encoder (and its vocabulary) and the rest "
+            "of the UNet are the base's, which must not have been trained on these patients: the guarantee does not cover the "
             "base's own training data. The saved weights are the last step's: nothing was chosen by looking at the "
             "data. Prompts drawn at sampling from the test split's attribute values are outside the guarantee "
             "(set sampling.prompts for an end-to-end one).", ""]

@@ -1,4 +1,5 @@
-"""Fine-tuning on a rare finding: LoRA changes only attention projections and never the base folder."""
+"""Fine-tuning on a rare finding: LoRA changes only attention projections, a domain embedding only the timestep
+embedding's output bias, and neither the base folder."""
 
 import hashlib
 import json
@@ -8,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from radsynth.configs import UserInputError
+from radsynth.generators.domain_embedding import add_domain_embedding
 from radsynth.generators.lora import add_lora, merge_lora
 from radsynth.generators.unet import RadsynthUNet
 from radsynth.pipelines.data.ingest import ingest
@@ -54,7 +56,37 @@ def test_lora_merge_is_exactly_the_low_rank_update_and_starts_as_identity():
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_domain_embedding_trains_one_vector_of_the_timestep_embedding_and_starts_at_the_base():
+    torch.manual_seed(0)
+    unet = RadsynthUNet(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=8, cross_attention_dim=32)
+    with torch.no_grad():  # MONAI starts its output convolutions at zero, which no trained base has
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.05)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([10, 500])
+    reference = unet(x, t, context)
+    (shift,) = add_domain_embedding(unet)
+    assert shift.shape == (16 * 4,)  # MONAI's time_embed_dim: channels[0] * 4
+    assert [n for n, p in unet.named_parameters() if p.requires_grad] == ["net.time_embed.2.bias"]
+    torch.testing.assert_close(unet(x, t, context), reference)  # trained from where the base left it
+    unet(x, t, context).square().mean().backward()
+    assert shift.grad.abs().sum() > 0  # every residual block reads it
+    assert all(p.grad is None for n, p in unet.named_parameters() if p is not shift)
+
+
+def test_a_domain_embedding_finds_a_diffusers_unet_s_timestep_embedding_and_refuses_a_model_without_one():
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 16), down_block_types=(
+        "DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=8, norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
+    (shift,) = add_domain_embedding(unet)
+    assert shift is unet.time_embedding.linear_2.bias
+    with pytest.raises(ValueError, match="no timestep embedding"):
+        add_domain_embedding(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+@pytest.mark.parametrize("method", ["lora", "domain_embedding", "full"])
 def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(base_model, tmp_path, method):
     run, base = base_model
     digest_before = folder_digest(base.model_dir)
@@ -70,6 +102,8 @@ def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(ba
     changed = {k for k in tuned if not torch.equal(tuned[k], original[k])}
     if method == "lora":
         assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
+    elif method == "domain_embedding":
+        assert changed == {"net.time_embed.2.bias"}
     else:
         assert any(k.rsplit(".", 2)[-2] not in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
     assert "Fine-tuned" in (result.model_dir / "README.md").read_text()

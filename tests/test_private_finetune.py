@@ -190,6 +190,18 @@ def test_noise_multiplicity_draws_many_times_on_one_case_of_one_patient(base_mod
     assert "each patient's gradient clipped to 1;" in (result.model_dir / "README.md").read_text()
 
 
+def test_a_private_domain_embedding_moves_only_the_timestep_embedding_s_bias(base_model, tmp_path):
+    config = private_config(tmp_path / "domain", base_model, "finetune.method=domain_embedding")
+    result = finetune(config, progress=False)
+    guarantee = json.loads((result.model_dir / "model_index.json").read_text())["differential_privacy"]
+    assert 0 < guarantee["epsilon"] <= 8 and result.model_dir.name.startswith("model-finetune-domain_embedding-")
+    tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(base_model.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {k for k in tuned if not torch.equal(tuned[k], original[k])} == {"net.time_embed.2.bias"}
+    assert "Only the domain embedding (the timestep embedding's output bias) trained" in (
+        result.model_dir / "README.md").read_text()
+
+
 def test_a_private_run_resumes_only_under_the_sample_rate_its_noise_was_planned_for(base_model, tmp_path):
     config = private_config(tmp_path / "run", base_model)
     wider = config.model_copy(update={"diffusion": config.diffusion.model_copy(update={"batch_size": 16})})
