@@ -468,7 +468,8 @@ class FinetunePrivacyConfig(Section):
     noise_multiplicity: int = Field(
         1, ge=1, le=256, description="draws of timestep and noise per sampled patient, averaged before the bound: "
         "the patient's gradient varies less, at no cost in epsilon (it is still one patient's); each step costs "
-        "this many times the compute (8 did not lift realism on the shared chest X-rays: README)")
+        "this many times the compute (on the shared chest X-rays 8 raised the agreement of the patients' gradients on "
+        "the domain embedding from 0.41 to 0.67, and did not lift the LoRA's realism: README)")
 
     @property
     def enabled(self) -> bool:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -117,17 +117,24 @@ class PatientSampler:
         return np.asarray([rng.choice(self.rows_of[patient]) for patient in chosen], dtype=np.int64)
 
 
+def patient_gradients(parameters: Sequence[torch.nn.Parameter], losses: Iterable[torch.Tensor]
+                      ) -> Iterator[tuple[list[torch.Tensor], float]]:
+    """Each patient's gradient of ``parameters`` and its L2 norm over all of them, one patient at a time.
+    ``losses``: one per patient, built lazily so only one graph lives at a time."""
+    for loss in losses:
+        grads = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True))]
+        yield grads, torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+
+
 def clipped_gradient_sum(parameters: Sequence[torch.nn.Parameter], losses: Iterable[torch.Tensor],
                          max_grad_norm: float, normalize: bool = False) -> tuple[list[torch.Tensor], list[float]]:
     """The sum over patients of each patient's gradient, scaled down to an L2 norm of at most ``max_grad_norm``
     (over all ``parameters`` together; with ``normalize``, scaled to exactly that norm, up or down), and each
-    patient's norm before clipping. ``losses``: one per patient, built lazily so only one graph lives at a time."""
+    patient's norm before clipping."""
     total = [torch.zeros_like(p) for p in parameters]
     norms = []
-    for loss in losses:
-        grads = [torch.zeros_like(p) if g is None else g
-                 for p, g in zip(parameters, torch.autograd.grad(loss, parameters, allow_unused=True))]
-        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads)).item()
+    for grads, norm in patient_gradients(parameters, losses):
         scale = max_grad_norm / (norm + 1e-12)
         if not normalize:
             scale = min(1.0, scale)
