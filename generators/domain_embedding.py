@@ -6,8 +6,9 @@ whole network towards a new dataset's intensities and textures, the way a class 
 It is the bias of the embedding MLP's output layer, trained from where the base left it: the adapted model starts
 exactly at the base and saves as an ordinary model of the base's kind, with nothing to merge.
 
-Its point is its size: the time_embed_dim parameters (256 on radsynth's default UNet, against 129,024 LoRA factors
-at rank 8) are what a differentially private fine-tune on tens of patients can move above its noise.
+Its point is its size: the noise of a differentially private fine-tune grows with the square root of what
+trains, and time_embed_dim parameters (256 on radsynth's default UNet, against 129,024 LoRA factors at rank 8) keep
+the signal of 20 patients near its noise where a LoRA's is 30 times below it (README: what it did for realism).
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@
 base folder (never writes it), picks the train-split cases that match the filter, encodes them with the
 base autoencoder, trains LoRA factors on the UNet's attention (``method: domain_embedding``: one vector added to
 the timestep embedding; ``full``: the whole UNet), and saves a complete, self-contained pipeline folder next to
-the base one. With ``conditioning.use_masks`` a
-ControlNet then trains beside the saved model on the cases' label maps (``bases.base_controlnet``: a MAISI base's
-own, fine-tuned on the local vocabulary) and is saved into the folder, so pairs come from the fine-tune.
+the base one. With ``conditioning.use_masks`` a ControlNet then trains beside the saved model on the cases' label
+maps (``bases.base_controlnet``: a MAISI base's own, fine-tuned on the local vocabulary) and is saved into the
+folder, so pairs come from the fine-tune.
 
 With ``finetune.privacy.epsilon`` the adapter trains by DP-SGD over patients (``generators.private_training``)
 and the spent (epsilon, delta) is saved in the model's config, its card and every sample's sidecar. The rest of
