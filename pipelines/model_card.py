@@ -122,9 +122,9 @@ def _privacy_lines(guarantee: dict, method: str) -> list[str]:
             f"{guarantee['sample_rate']:.3g} per step, one case each; {clipping_text(guarantee)}; "
             f"noise multiplier {guarantee['noise_multiplier']:.4g}; Opacus {guarantee['accountant']} accountant).",
             f"Only {PRIVATE_ADAPTERS[method]} trained; the autoencoder, text encoder (and its vocabulary) and the rest "
-            "of the UNet are the base's, which must not have been trained on these patients: the guarantee does not cover the "
-            "base's own training data. The saved weights are the last step's: nothing was chosen by looking at the "
-            "data. Prompts drawn at sampling from the test split's attribute values are outside the guarantee "
+            "of the UNet are the base's, which must not have been trained on these patients: the guarantee does not "
+            "cover the base's own training data. The saved weights are the last step's: nothing was chosen by looking "
+            "at the data. Prompts drawn at sampling from the test split's attribute values are outside the guarantee "
             "(set sampling.prompts for an end-to-end one).", ""]
 
 
