@@ -469,7 +469,7 @@ class FinetunePrivacyConfig(Section):
         1, ge=1, le=256, description="draws of timestep and noise per sampled patient, averaged before the bound: "
         "the patient's gradient varies less, at no cost in epsilon (it is still one patient's); each step costs "
         "this many times the compute (on the shared chest X-rays 8 raised the agreement of the patients' gradients on "
-        "the domain embedding from 0.39 to 0.65, and lifted neither adapter's realism: README)")
+        "the domain embedding from 0.39 to 0.65: README)")
 
     @property
     def enabled(self) -> bool:
