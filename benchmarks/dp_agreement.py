@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import torch
 from build_scores import figure_arguments, machine
 
@@ -39,26 +38,29 @@ def main() -> None:
     records, _ = ingested_dataset(config)
     plan = _privacy_plan(config, matching_cases(records, config.finetune.filter, config.finetune.max_cases))
 
-    units = []
+    units = {"sum": None, "count": 0}  # the mean unit vector is all the agreement needs: a running sum, not each one
     recorded = private_training.patient_gradients
 
     def recording(parameters, losses):
         for grads, norm in recorded(parameters, losses):
-            units.append((torch.cat([g.flatten() for g in grads]) / (norm + 1e-12)).double().numpy())
+            unit = (torch.cat([g.flatten() for g in grads]) / (norm + 1e-12)).double()
+            units["sum"] = unit if units["sum"] is None else units["sum"] + unit
+            units["count"] += 1
             yield grads, norm
 
     private_training.patient_gradients = recording
     probe = config.model_copy(update={"finetune": config.finetune.model_copy(
         update={"max_steps": args.steps, "learning_rate": 1e-9})})
     finetune(probe, progress=False)
-    if not units:
+    if not units["count"]:
         raise SystemExit(f"no step ran: {args.out} already holds this probe's fine-tune; give a fresh --out")
-    agreement = float(np.linalg.norm(np.mean(units, axis=0)))
-    parameters = len(units[0])
+    agreement = float(torch.linalg.vector_norm(units["sum"] / units["count"]))
+    parameters = units["sum"].numel()
     snr = (math.sqrt(plan.steps) * agreement * plan.expected_patients / (plan.noise_multiplier * math.sqrt(parameters)))
     print(json.dumps({"method": config.finetune.method, "noise_multiplicity": config.finetune.privacy.noise_multiplicity,
-                      "trained_parameters": parameters, "patient_steps": len(units), "agreement": round(agreement, 4),
-                      "chance": round(1 / math.sqrt(len(units)), 4), "steps": plan.steps,
+                      "trained_parameters": parameters, "patient_steps": units["count"],
+                      "agreement": round(agreement, 4), "chance": round(1 / math.sqrt(units["count"]), 4),
+                      "steps": plan.steps,
                       "noise_multiplier": plan.noise_multiplier, "patients_per_step": plan.expected_patients,
                       "signal_to_noise": round(snr, 3), "machine": machine()}))
 
