@@ -60,7 +60,9 @@ def write_model_card(folder: Path, config: RadsynthConfig, records: list[CaseRec
         *(_augment_lines(config.diffusion.augment)
           if config.diffusion.augment.probability and not (base_model or distilled) else []),
         *(["- autoencoder reconstruction on the holdout split (physical units): "
-           + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []), "",
+           + ", ".join(f"{k} {v:.4g}" for k, v in autoencoder_holdout.items())] if autoencoder_holdout else []),
+        *(["- autoencoder reconstruction: not measured (the data has no holdout cases)"]
+          if not (autoencoder_holdout or base_model or distilled) else []), "",
         "```yaml",
         yaml.safe_dump({key: config.model_dump(mode="json", by_alias=True)[key]
                         for key in ("autoencoder", "diffusion", "conditioning", "sampling")}, sort_keys=False).strip(),

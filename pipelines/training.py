@@ -111,6 +111,9 @@ def sampling_model_dir(config: RadsynthConfig) -> Path:
 def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     config.check_trainable()
     records, summary = ingested_dataset(config)
+    if config.diffusion.frontier_every:  # it scores against every real split: refuse now, not after the autoencoder
+        for split in ("holdout", "test"):
+            split_cases(records, split)
     cache_dir = Path(summary["cache"])
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     train_images = CachedImages(split_cases(records, "train"), cache_dir, conditioning)
@@ -258,7 +261,8 @@ def _file_sha256(path: Path) -> str:
 def split_cases(records: list[CaseRecord], split: str) -> list[CaseRecord]:
     chosen = [record for record in records if record.split == split]
     if not chosen:
-        raise UserInputError("data.split", f"the {split} split is empty", "give it a non-zero fraction")
+        raise UserInputError(f"data.split.{split}", f"the {split} split is empty",
+                             "a non-zero fraction, over at least one source that is not train_only")
     return chosen
 
 
@@ -318,9 +322,10 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
                                  config.diffusion.max_grad_norm)
     autoencoder = trainer.fit()
     calibrate_scaling_factor(autoencoder, train_images, settings.batch_size)
-    holdout_images = CachedImages(split_cases(records, "holdout"), cache_dir, conditioning)
-    holdout = holdout_reconstruction(autoencoder, holdout_images, settings.batch_size,
-                                     intensity["low"], intensity["high"])
+    held_out = [record for record in records if record.split == "holdout"]
+    # A base pretrained on train-only sources alone (MedNIST: no patient ids) has no holdout to measure on.
+    holdout = holdout_reconstruction(autoencoder, CachedImages(held_out, cache_dir, conditioning), settings.batch_size,
+                                     intensity["low"], intensity["high"]) if held_out else {}
     if trainer.loop.accelerator.is_main_process:
         save_atomically(lambda folder: autoencoder.save_pretrained(folder, safe_serialization=True), final)
         write_json(final / "holdout_metrics.json", holdout)

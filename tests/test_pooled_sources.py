@@ -261,3 +261,35 @@ def test_the_chaos_translation_preset_pools_real_mri_and_ct_phantoms_under_one_v
         # two anatomies (the CT phantoms once were).
         sides = [np.argwhere(labels[0] == value)[:, 0].mean() for value in (1, 4)]
         assert sides[0] > sides[1], record.case_id
+
+
+TINY_NETWORKS = ["autoencoder.channels=[8,16,16]", "autoencoder.norm_num_groups=8", "autoencoder.max_steps=2",
+                 "autoencoder.batch_size=4", "diffusion.channels=[16,32,32]", "diffusion.norm_num_groups=8",
+                 "diffusion.num_head_channels=8", "diffusion.batch_size=4", "diffusion.max_steps=2",
+                 "diffusion.warmup_steps=1", "diffusion.validate_every=100", "conditioning.embed_dim=32"]
+
+
+def _every_source_train_only(config):
+    for source in config["data"]["sources"]:
+        source["train_only"] = True
+
+
+def test_a_base_of_train_only_sources_trains_and_its_card_says_the_autoencoder_was_not_measured(tmp_path):
+    from radsynth.pipelines.training import train
+
+    config = pooled_config(tmp_path, *TINY_NETWORKS, edit=_every_source_train_only)
+    ingest(config, progress=False)
+    result = train(config, progress=False)
+    assert result.autoencoder_holdout == {}
+    card = (result.model_dir / "README.md").read_text()
+    assert "autoencoder reconstruction: not measured (the data has no holdout cases)" in card
+
+
+def test_a_frontier_over_train_only_sources_is_refused_before_training(tmp_path):
+    from radsynth.pipelines.training import train, train_dir
+
+    config = pooled_config(tmp_path, *TINY_NETWORKS, "diffusion.frontier_every=1", edit=_every_source_train_only)
+    ingest(config, progress=False)
+    with pytest.raises(UserInputError, match="data.split.holdout: the holdout split is empty"):
+        train(config, progress=False)
+    assert not (train_dir(config) / "autoencoder").exists()
