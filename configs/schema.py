@@ -450,8 +450,8 @@ class FinetunePrivacyConfig(Section):
 
     Each step samples patients independently (Poisson, as the accountant assumes), takes one case of each, clips
     each patient's gradient to ``max_grad_norm`` and adds Gaussian noise calibrated so that the whole run spends
-    at most ``epsilon``. Only the adapter trains (``finetune.method`` lora or domain_embedding); the base must not
-    have seen these patients.
+    at most ``epsilon``. Only the adapter trains (``finetune.method`` lora, domain_embedding or block_shifts); the
+    base must not have seen these patients.
     """
 
     epsilon: float | None = Field(None, gt=0, allow_inf_nan=False, description="the budget the whole fine-tune may "
@@ -489,11 +489,12 @@ class FinetuneConfig(Section):
     maisi: MaisiBaseConfig = Field(default_factory=MaisiBaseConfig)
     filter: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="attribute values the cases must have, e.g. {finding: pneumothorax}")
-    method: Literal["lora", "domain_embedding", "full"] = Field(
+    method: Literal["lora", "domain_embedding", "block_shifts", "full"] = Field(
         "lora", description="what trains: lora, low-rank factors on the UNet's attention projections (rank, alpha); "
         "domain_embedding, one vector added to the timestep embedding (256 parameters on the default UNet: small "
         "enough that a private fine-tune on 20 patients keeps a signal-to-noise near 1, against 0.03 for a rank-8 "
-        "LoRA; README); full, the whole UNet")
+        "LoRA; README); block_shifts, that vector and a per-channel shift of each residual block (1,472 "
+        "parameters); full, the whole UNet")
     rank: int = Field(8, ge=1, description="with method lora")
     alpha: float = Field(8.0, gt=0, description="with method lora")
     max_cases: int = Field(50, ge=1)

@@ -3,10 +3,10 @@
 ``radsynth train CONFIG finetune.from=runs/demo/model finetune.filter="{finding: pneumothorax}"`` reads the
 base folder (never writes it), picks the train-split cases that match the filter, encodes them with the
 base autoencoder, trains LoRA factors on the UNet's attention (``method: domain_embedding``: one vector added to
-the timestep embedding; ``full``: the whole UNet), and saves a complete, self-contained pipeline folder next to
-the base one. With ``conditioning.use_masks`` a ControlNet then trains beside the saved model on the cases' label
-maps (``bases.base_controlnet``: a MAISI base's own, fine-tuned on the local vocabulary) and is saved into the
-folder, so pairs come from the fine-tune.
+the timestep embedding; ``block_shifts``: that and each residual block's channel shift; ``full``: the whole UNet),
+and saves a complete, self-contained pipeline folder next to the base one. With ``conditioning.use_masks`` a
+ControlNet then trains beside the saved model on the cases' label maps (``bases.base_controlnet``: a MAISI base's
+own, fine-tuned on the local vocabulary) and is saved into the folder, so pairs come from the fine-tune.
 
 With ``finetune.privacy.epsilon`` the adapter trains by DP-SGD over patients (``generators.private_training``)
 and the spent (epsilon, delta) is saved in the model's config, its card and every sample's sidecar. The rest of
@@ -27,7 +27,7 @@ import torch
 from radsynth.configs import RadsynthConfig, UserInputError
 from radsynth.generators.data import CachedImages, ConditioningSpec
 from radsynth.generators.diffusion_trainer import DiffusionTrainer
-from radsynth.generators.domain_embedding import add_domain_embedding
+from radsynth.generators.domain_embedding import add_block_shifts, add_domain_embedding
 from radsynth.generators.lora import add_lora, merge_lora
 from radsynth.generators.maisi import MaisiControlNet
 from radsynth.generators.private_training import PrivacyPlan, PrivateDiffusionTrainer, plan_privacy
@@ -111,6 +111,8 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
         add_lora(unet, settings.rank, settings.alpha)
     elif settings.method == "domain_embedding":
         add_domain_embedding(unet)
+    elif settings.method == "block_shifts":
+        add_block_shifts(unet)
     else:
         unet.requires_grad_(True)
     unet.train()
@@ -165,7 +167,7 @@ def _privacy_plan(config: RadsynthConfig, subset: list[CaseRecord]) -> PrivacyPl
     if settings.method == "full":
         raise UserInputError("finetune.method", "full fine-tuning is not offered under finetune.privacy: the noise "
                              "grows with the trained parameters, millions here against thousands in an adapter",
-                             "lora or domain_embedding")
+                             "lora, domain_embedding or block_shifts")
     if Path(settings.from_).resolve() == model_dir(config).resolve():
         raise UserInputError("finetune.from", "is the model this config trains on these very patients: no guarantee "
                              "about them can come from fine-tuning it", "a base trained on other (public) data")

@@ -113,7 +113,8 @@ def clipping_text(guarantee: dict) -> str:
 
 # What a private fine-tune trains (finetune.method; full is refused under privacy).
 PRIVATE_ADAPTERS = {"lora": "the LoRA factors", "domain_embedding": "the domain embedding (the timestep embedding's "
-                    "output bias)"}
+                    "output bias)", "block_shifts": "the domain embedding and each residual block's shift (the "
+                    "timestep projections' biases)"}
 
 
 def _privacy_lines(guarantee: dict, method: str) -> list[str]:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from radsynth.configs import UserInputError
-from radsynth.generators.domain_embedding import add_domain_embedding
+from radsynth.generators.domain_embedding import add_block_shifts, add_domain_embedding
 from radsynth.generators.lora import add_lora, merge_lora
 from radsynth.generators.unet import RadsynthUNet
 from radsynth.pipelines.data.ingest import ingest
@@ -74,6 +74,30 @@ def test_a_domain_embedding_trains_one_vector_of_the_timestep_embedding_and_star
     assert all(p.grad is None for n, p in unet.named_parameters() if p is not shift)
 
 
+def test_block_shifts_train_the_domain_embedding_and_every_residual_block_s_shift_and_start_at_the_base():
+    torch.manual_seed(0)
+    unet = RadsynthUNet(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=8, cross_attention_dim=32)
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.05)
+    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([10, 500])
+    reference = unet(x, t, context)
+    shifts = add_block_shifts(unet)
+    trained = [n for n, p in unet.named_parameters() if p.requires_grad]
+    blocks = [n for n, _ in unet.named_modules() if n.endswith(".time_emb_proj")]
+    assert len(blocks) >= 7  # down, middle and up residual blocks
+    assert sorted(trained) == sorted(["net.time_embed.2.bias", *(f"{n}.bias" for n in blocks)])
+    assert sum(s.numel() for s in shifts) == 16 * 4 + sum(unet.get_submodule(n).out_features for n in blocks)
+    torch.testing.assert_close(unet(x, t, context), reference)
+    unet(x, t, context).square().mean().backward()
+    assert all(s.grad.abs().sum() > 0 for s in shifts)  # every block's shift moves the output
+    embedding_only = torch.nn.Module()
+    embedding_only.time_embed = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU(), torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no residual block"):
+        add_block_shifts(embedding_only)
+
+
 def test_a_domain_embedding_finds_a_diffusers_unet_s_timestep_embedding_and_refuses_a_model_without_one():
     from diffusers import UNet2DConditionModel
 
@@ -82,11 +106,12 @@ def test_a_domain_embedding_finds_a_diffusers_unet_s_timestep_embedding_and_refu
         cross_attention_dim=8, norm_num_groups=4, layers_per_block=1, attention_head_dim=4)
     (shift,) = add_domain_embedding(unet)
     assert shift is unet.time_embedding.linear_2.bias
+    assert len(add_block_shifts(unet)) == 1 + sum(1 for n, _ in unet.named_modules() if n.endswith("time_emb_proj"))
     with pytest.raises(ValueError, match="no timestep embedding"):
         add_domain_embedding(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 
-@pytest.mark.parametrize("method", ["lora", "domain_embedding", "full"])
+@pytest.mark.parametrize("method", ["lora", "domain_embedding", "block_shifts", "full"])
 def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(base_model, tmp_path, method):
     run, base = base_model
     digest_before = folder_digest(base.model_dir)
@@ -104,6 +129,9 @@ def test_finetuning_leaves_the_base_folder_intact_and_writes_a_loadable_model(ba
         assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
     elif method == "domain_embedding":
         assert changed == {"net.time_embed.2.bias"}
+    elif method == "block_shifts":
+        assert "net.time_embed.2.bias" in changed and len(changed) > 1
+        assert all(k == "net.time_embed.2.bias" or k.endswith(".time_emb_proj.bias") for k in changed)
     else:
         assert any(k.rsplit(".", 2)[-2] not in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
     assert "Fine-tuned" in (result.model_dir / "README.md").read_text()

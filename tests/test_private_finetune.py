@@ -202,6 +202,18 @@ def test_a_private_domain_embedding_moves_only_the_timestep_embedding_s_bias(bas
         result.model_dir / "README.md").read_text()
 
 
+def test_private_block_shifts_move_only_the_timestep_embedding_and_projection_biases(base_model, tmp_path):
+    config = private_config(tmp_path / "shifts", base_model, "finetune.method=block_shifts")
+    result = finetune(config, progress=False)
+    assert result.model_dir.name.startswith("model-finetune-block_shifts-")
+    tuned = load_file(str(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    original = load_file(str(base_model.model_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    changed = {k for k in tuned if not torch.equal(tuned[k], original[k])}
+    assert "net.time_embed.2.bias" in changed and len(changed) > 1
+    assert all(k == "net.time_embed.2.bias" or k.endswith(".time_emb_proj.bias") for k in changed)
+    assert "Only the domain embedding and each residual block's shift" in (result.model_dir / "README.md").read_text()
+
+
 def test_a_private_run_resumes_only_under_the_sample_rate_its_noise_was_planned_for(base_model, tmp_path):
     config = private_config(tmp_path / "run", base_model)
     wider = config.model_copy(update={"diffusion": config.diffusion.model_copy(update={"batch_size": 16})})
