@@ -195,7 +195,8 @@ def _train(config: RadsynthConfig, args: argparse.Namespace) -> dict:
         print(f"model {result.model_dir} (hash {result.model_hash[:12]}), {result.diffusion_steps} diffusion steps"
               + (f", resumed from step {result.resumed_from}" if result.resumed_from else "")
               + (f", {processes.num_processes} processes" if processes.num_processes > 1 else ""))
-        print("autoencoder on holdout: " + ", ".join(f"{k} {v:.4g}" for k, v in result.autoencoder_holdout.items()))
+        print("autoencoder on holdout: " + (", ".join(f"{k} {v:.4g}" for k, v in result.autoencoder_holdout.items())
+                                            or "not measured (no holdout cases)"))
     return {"command": "train", "model_dir": str(result.model_dir), "model_hash": result.model_hash,
             "diffusion_steps": result.diffusion_steps, "resumed_from": result.resumed_from,
             "scaling_factor": result.scaling_factor, "autoencoder_holdout": result.autoencoder_holdout,
