@@ -7,8 +7,7 @@ from radsynth.flows.cli import main
 
 from .conftest import REPO
 
-PRESETS = ["demo", "demo-3d", "cxr", "hippocampus", "ct-abdomen", "base-2d", "base-3d", "translate-abdomen",
-           "translate-chaos"]
+PRESETS = sorted(path.stem for path in (REPO / "configs").glob("*.yaml"))  # a new preset cannot be left out
 
 
 @pytest.mark.parametrize("name", PRESETS)

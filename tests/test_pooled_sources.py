@@ -187,6 +187,23 @@ def test_bad_pooled_configs_name_what_is_wrong(tmp_path, edit, expected):
     assert expected in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_a_source_filter_keeps_the_cases_of_its_values_and_one_matching_none_exits_2(tmp_path, capsys):
+    def head_ct_only(config):
+        config["data"]["sources"][1]["filter"] = {"modality": "ct", "body_region": "head"}
+    records = ingest(pooled_config(tmp_path / "kept", edit=head_ct_only), progress=False).records
+    mixed = [record for record in records if record.source == "mixed"]
+    assert len(mixed) == 4 and {(r.modality, r.body_region) for r in mixed} == {("ct", "head")}
+    assert sum(record.source == "xray" for record in records) == 12  # the other sources as they were
+
+    def nothing(config):
+        config["data"]["sources"][1]["filter"] = {"modality": "xray"}
+    pooled_config(tmp_path / "none", edit=nothing)
+    assert main(["ingest", str(tmp_path / "none" / "pool.yaml")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "data.sources[mixed].filter: no case has {'modality': 'xray'}" in error and "\n" not in error
+    assert not (tmp_path / "none" / "run" / "data" / "manifest.jsonl").exists()
+
+
 def test_unknown_modality_in_a_modality_column_exits_2_with_the_row(tmp_path, capsys):
     config = pooled_config(tmp_path)
     mixed = tmp_path / "mixed" / "manifest.csv"
@@ -218,6 +235,7 @@ def test_a_multi_modality_pool_is_not_released_and_its_roots_are_redacted(tmp_pa
 
 
 @pytest.mark.parametrize("preset, modalities, train_only", [("base-2d", {"ct", "mri", "xray"}, "mednist"),
+                                                            ("base-cxr", {"xray"}, "mednist"),
                                                             ("base-3d", {"ct", "mri"}, None)])
 def test_base_presets_ingest_from_the_shared_data(shared_data, tmp_path, preset, modalities, train_only):
     config = load_config(REPO / "configs" / f"{preset}.yaml", [f"runtime.output_dir={tmp_path / 'run'}"])

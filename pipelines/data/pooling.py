@@ -31,7 +31,7 @@ def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
         own = read_source(source, Path(work_dir) / source.name)
         if not own:
             raise UserInputError(where, "no cases found", f"see the layout expected by format '{source.format}'")
-        own = _drawn(own, source.max_cases, data.split.seed)
+        own = _drawn(_filtered(own, source.filter, where), source.max_cases, data.split.seed)
         if not source.with_labels:
             own = [record.model_copy(update={"label": None, "sha256": file_sha256(record.image)}) for record in own]
         own = _split(own, source, data.split, where)
@@ -39,6 +39,18 @@ def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
                                               "patient_id": f"{source.name}/{record.patient_id}",
                                               "source": source.name}) for record in own]
     return _one_vocabulary(records) if data.label_names is None else _shared_vocabulary(records, data.label_names)
+
+
+def _filtered(records: list[CaseRecord], wanted: dict[str, str], where: str) -> list[CaseRecord]:
+    """The cases whose modality, body region or attributes equal every value of ``wanted`` (compared as text)."""
+    def value(record: CaseRecord, key: str):
+        return getattr(record, key) if key in ("modality", "body_region") else record.attributes.get(key)
+
+    kept = [record for record in records if all(str(value(record, key)) == str(wanted[key]) for key in wanted)]
+    if not kept:
+        raise UserInputError(f"{where}.filter", f"no case has {wanted}",
+                             "values of modality, body_region or an attribute as the source records them")
+    return kept
 
 
 def _drawn(records: list[CaseRecord], max_cases: int | None, seed: int) -> list[CaseRecord]:
