@@ -187,7 +187,7 @@ class PooledSource(DataSource):
     """One of several datasets pooled into one manifest (``data.sources``): a multi-dataset, multi-modality base."""
 
     max_cases: int | None = Field(None, ge=1, description="use this many of its cases (a seeded draw of patients)")
-    filter: dict[str, str] = Field(
+    filter: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description="keep only the cases with these values of modality, body_region or an "
         "attribute (compared as text), before max_cases, e.g. {modality: xray, body_region: chest}")
     train_only: bool = Field(

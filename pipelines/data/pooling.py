@@ -41,7 +41,7 @@ def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
     return _one_vocabulary(records) if data.label_names is None else _shared_vocabulary(records, data.label_names)
 
 
-def _filtered(records: list[CaseRecord], wanted: dict[str, str], where: str) -> list[CaseRecord]:
+def _filtered(records: list[CaseRecord], wanted: dict, where: str) -> list[CaseRecord]:
     """The cases whose modality, body region or attributes equal every value of ``wanted`` (compared as text)."""
     def value(record: CaseRecord, key: str):
         return getattr(record, key) if key in ("modality", "body_region") else record.attributes.get(key)
