@@ -56,14 +56,20 @@ def test_lora_merge_is_exactly_the_low_rank_update_and_starts_as_identity():
     assert changed and all(k.rsplit(".", 2)[-2] in ("to_q", "to_k", "to_v", "out_proj") for k in changed)
 
 
-def test_a_domain_embedding_trains_one_vector_of_the_timestep_embedding_and_starts_at_the_base():
+def _trained_looking_unet():
+    """A small UNet whose every parameter is non-zero, and an input: MONAI starts its output convolutions at zero,
+    which no trained base has (a zero layer would hide whether a shift reaches the output)."""
     torch.manual_seed(0)
     unet = RadsynthUNet(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=8, cross_attention_dim=32)
-    with torch.no_grad():  # MONAI starts its output convolutions at zero, which no trained base has
+    with torch.no_grad():
         for parameter in unet.parameters():
             if not parameter.any():
                 parameter.normal_(std=0.05)
-    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([10, 500])
+    return unet, (torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 5, 32))
+
+
+def test_a_domain_embedding_trains_one_vector_of_the_timestep_embedding_and_starts_at_the_base():
+    unet, (x, t, context) = _trained_looking_unet()
     reference = unet(x, t, context)
     (shift,) = add_domain_embedding(unet)
     assert shift.shape == (16 * 4,)  # MONAI's time_embed_dim: channels[0] * 4
@@ -75,13 +81,7 @@ def test_a_domain_embedding_trains_one_vector_of_the_timestep_embedding_and_star
 
 
 def test_block_shifts_train_the_domain_embedding_and_every_residual_block_s_shift_and_start_at_the_base():
-    torch.manual_seed(0)
-    unet = RadsynthUNet(channels=(16, 32, 32), norm_num_groups=8, num_head_channels=8, cross_attention_dim=32)
-    with torch.no_grad():
-        for parameter in unet.parameters():
-            if not parameter.any():
-                parameter.normal_(std=0.05)
-    x, context, t = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32), torch.tensor([10, 500])
+    unet, (x, t, context) = _trained_looking_unet()
     reference = unet(x, t, context)
     shifts = add_block_shifts(unet)
     trained = [n for n, p in unet.named_parameters() if p.requires_grad]
