@@ -497,7 +497,7 @@ class FinetuneConfig(Section):
         "domain_embedding, one vector added to the timestep embedding (256 parameters on the default UNet: small "
         "enough that a private fine-tune on 20 patients keeps a signal-to-noise near 1, against 0.03 for a rank-8 "
         "LoRA; README); block_shifts, that vector and a per-channel shift of each residual block (1,472 "
-        "parameters: nearly a LoRA's realism without privacy, less than the domain embedding's with it; README); "
+        "parameters: nearly a LoRA's realism without privacy, about the domain embedding's with it; README); "
         "full, the whole UNet")
     rank: int = Field(8, ge=1, description="with method lora")
     alpha: float = Field(8.0, gt=0, description="with method lora")
