@@ -73,7 +73,9 @@ def main() -> None:
         prompts = [conditioning.prompt(source[i % len(source)]) for i in range(args.per_class)]
         generators = [torch.Generator().manual_seed(config.runtime.seed * 1000 + i) for i in range(args.per_class)]
         images = pipeline(prompts, num_inference_steps=config.sampling.num_inference_steps,
-                          guidance_scale=config.sampling.guidance_scale, generator=generators, output_type="pt").images
+                          guidance_scale=config.sampling.guidance_scale,
+                          guidance_interval=config.sampling.guidance_interval, generator=generators,
+                          output_type="pt").images
         predicted = classifier.predict(images.float().cpu())
         per_class[value] = {"share_assigned_to_prompt": float(np.mean([p == value for p in predicted])),
                             "predicted": {c: predicted.count(c) for c in classes if predicted.count(c)}}

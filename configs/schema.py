@@ -581,6 +581,10 @@ class SamplingConfig(Section):
     scheduler: Literal["ddpm", "ddim", "dpm_solver", "flow_match_euler"] = "ddim"
     num_inference_steps: int = Field(50, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
+    guidance_interval: tuple[float, float] | None = Field(
+        None, description="guide only the steps whose noise level lies in [low, high] (the timestep as a fraction of "
+        "the training schedule: 1 pure noise, 0 clean); the others run the conditional model alone, at half the "
+        "compute (Kynkaanniemi et al. 2024). The image model's steps only; null: every step")
     mask_guidance_scale: float | None = Field(None, ge=0, description="the mask generator's classifier-free "
                                               "guidance when pairs draw their maps; null: guidance_scale")
     num_samples: int = Field(64, ge=1)
@@ -599,6 +603,13 @@ class SamplingConfig(Section):
     output_format: Literal["auto", "nifti", "png16"] = "auto"
     student: bool = Field(False, description="sample with the distilled few-step student (radsynth distill; "
                           "distill.steps steps, its learnt guidance) instead of the trained model")
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _noise_levels(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0.0 <= value[0] < value[1] <= 1.0:
+            raise ValueError(f"must be two noise levels with 0 <= low < high <= 1, got {list(value)}")
+        return value
 
 
 class ScoringConfig(Section):

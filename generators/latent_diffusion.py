@@ -29,7 +29,7 @@ from .controlnet import one_hot_labels
 from .objectives import TrainingObjective
 from .prompts import parse_prompt
 
-__all__ = ["NULL_PROMPT", "Conditioning", "Constraint", "LatentDiffusion"]
+__all__ = ["NULL_PROMPT", "Conditioning", "Constraint", "LatentDiffusion", "guidance_at"]
 
 NULL_PROMPT = ""  # what a dropped condition reads as: the unconditional half of classifier-free guidance
 NULL_CLASS = 0  # class index of "no class" (dropped, or a value the model never saw)
@@ -208,9 +208,11 @@ class LatentDiffusion:
 
     @torch.no_grad()
     def sample(self, latents: Tensor, condition: Conditioning, scheduler, timesteps: Iterable[Tensor] | None = None,
-               *, guidance_scale: float = 1.0, generator=None, constrain: Constraint | None = None) -> Tensor:
+               *, guidance_scale: float = 1.0, guidance_interval: tuple[float, float] | None = None, generator=None,
+               constrain: Constraint | None = None) -> Tensor:
         """Denoise ``latents`` under ``scheduler`` (already set to its timesteps) over ``timesteps`` (default all
-        of the scheduler's; a tail of them regenerates from mid-schedule). Guidance > 1 runs the null half too.
+        of the scheduler's; a tail of them regenerates from mid-schedule). Guidance > 1 runs the null half too, at
+        every step or at those whose noise level lies in ``guidance_interval`` (``guidance_at``).
         constrain: applied to the latents before each step (with its timestep) and after the last (with None)."""
         unconditional = self.unconditional(condition) if guidance_scale > 1.0 else None
         step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
@@ -219,7 +221,9 @@ class LatentDiffusion:
                 latents = constrain(latents, timestep)
             # The samplers radsynth uses (DDPM, DDIM, DPM-Solver, FlowMatchEuler, consistency) feed the latents to
             # the model unscaled (no scale_model_input), so the clip below reads the same latents the step does.
-            prediction = self.guided_prediction(latents, timestep, condition, guidance_scale, unconditional)
+            scale = guidance_at(timestep, scheduler.config.num_train_timesteps, guidance_scale, guidance_interval)
+            prediction = self.guided_prediction(latents, timestep, condition, scale,
+                                                unconditional if scale > 1.0 else None)
             latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
         return latents if constrain is None else constrain(latents, None)
 
@@ -260,6 +264,20 @@ class LatentDiffusion:
     def decode(self, latents: Tensor) -> Tensor:
         codec = _unwrapped(self.codec)
         return codec.decode(latents.to(device=codec.device, dtype=codec.dtype))
+
+
+def guidance_at(timestep: Tensor | float, num_train_timesteps: int, guidance_scale: float,
+                interval: tuple[float, float] | None) -> float:
+    """The guidance of the step at ``timestep``: ``guidance_scale`` where its noise level (``timestep`` over the
+    training schedule's length: 1 pure noise, 0 clean; a flow-matching scheduler's timestep is its sigma times that
+    length) lies in ``interval``, 1 (the conditional model alone) outside it. No interval: every step.
+
+    Guidance at high noise narrows what samples become most, and late guidance adds little (Kynkaanniemi et al.
+    2024, "Applying guidance in a limited interval"); skipping it halves those steps' compute."""
+    if interval is None:
+        return guidance_scale
+    level = float(timestep) / num_train_timesteps
+    return guidance_scale if interval[0] <= level <= interval[1] else 1.0
 
 
 def _unwrapped(module):

@@ -159,6 +159,14 @@ def test_card_has_front_matter_and_every_section_in_order(tmp_path):
     assert "| 2.271 (2.475 to 3.147) | real vs real: 1.408 (1.77 to 2.425) | 72 | lower |" in body
 
 
+def test_card_and_report_say_at_which_noise_levels_the_samples_were_guided(tmp_path, xray_samples):
+    provenance = _provenance()
+    assert "noise levels" not in write_dataset_card(tmp_path, provenance).read_text()
+    provenance["generator"]["guidance_interval"] = [0.3, 0.7]
+    assert "guidance scale 3 at noise levels 0.3 to 0.7" in write_dataset_card(tmp_path, provenance).read_text()
+    assert "guidance 3 at noise levels 0.3 to 0.7" in write_html_report(tmp_path, xray_samples, provenance).read_text()
+
+
 @pytest.mark.parametrize("license_text, identifier", [
     ("CC BY-SA 4.0 (the training data's license; synthetic data)", "cc-by-sa-4.0"),
     ("CC0-1.0 (the training data's license; synthetic data)", "cc0-1.0"),

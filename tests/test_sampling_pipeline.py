@@ -4,6 +4,7 @@ save/load, model hash) and the sample writers (NIfTI with affine, 16-bit PNG, JS
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -11,15 +12,19 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from radsynth.configs import load_config
 from radsynth.configs.errors import UserInputError
 from radsynth.generators.autoencoder import RadsynthAutoencoder
 from radsynth.generators.objectives import build_inference_scheduler
 from radsynth.generators.text_encoder import RadsynthTextEncoder, WordTokenizer
 from radsynth.generators.unet import RadsynthUNet
 from radsynth.pipelines.data.preprocess import IntensityMap
+from radsynth.pipelines.sampling.generate import sample_seed, sampler_settings
 from radsynth.pipelines.sampling.pipeline import model_hash
 from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline
 from radsynth.pipelines.sampling.writers import write_sample
+
+from .conftest import REPO
 
 PROMPTS = ["finding: nodule; view: PA. small nodule right upper lobe", "finding: none. normal chest"]
 SHAPES = {2: (16, 16), 3: (8, 8, 8)}  # image side / 2 = latent side (autoencoder with two levels)
@@ -135,6 +140,40 @@ def test_guidance_batches_null_and_conditional_prompts_only_when_above_one():
     torch.testing.assert_close(context[:2], null)  # [null, cond] order: the guidance formula depends on it
     torch.testing.assert_close(context[2:], conditional)
     assert np.abs(guided - unguided).mean() > 1e-3
+
+
+@pytest.mark.parametrize(("objective", "scheduler"), [("v_prediction", "ddim"), ("rectified_flow", "flow_match_euler")])
+def test_a_guidance_interval_guides_only_the_steps_at_its_noise_levels(objective, scheduler):
+    pipeline = make_pipeline(2, objective, scheduler)
+    batches: list[int] = []
+    hook = pipeline.unet.register_forward_hook(lambda module, args, output: batches.append(args[0].shape[0]))
+    try:
+        # Four DDIM steps of a 1000-step schedule sit at noise levels 0.999, 0.749, 0.499 and 0.249 (timesteps
+        # 999 ... 249); flow matching's at its sigmas 1, 0.667, 0.334, 0.001. The interval guides the middle two.
+        middle = run(pipeline, steps=4, guidance_scale=3.0, guidance_interval=(0.3, 0.8)).images
+        assert batches == [2, 4, 4, 2]
+        batches.clear()
+        everywhere = run(pipeline, steps=4, guidance_scale=3.0, guidance_interval=(0.0, 1.0)).images
+        assert batches == [4, 4, 4, 4]
+    finally:
+        hook.remove()
+    np.testing.assert_array_equal(everywhere, run(pipeline, steps=4, guidance_scale=3.0).images)
+    nowhere = run(pipeline, steps=4, guidance_scale=3.0, guidance_interval=(0.9, 0.95)).images
+    unguided = run(pipeline, steps=4, guidance_scale=1.0).images
+    np.testing.assert_array_equal(nowhere, unguided)
+    assert np.abs(middle - everywhere).mean() > 1e-4 and np.abs(middle - unguided).mean() > 1e-4
+
+
+def test_a_guidance_interval_keys_the_seeds_and_the_sidecar_and_leaves_earlier_seeds_alone():
+    model = SimpleNamespace(config=SimpleNamespace(distilled_guidance_scale=None))
+    plain = load_config(REPO / "configs" / "demo.yaml", ["sampling.guidance_interval=null"])
+    interval = load_config(REPO / "configs" / "demo.yaml", ["sampling.guidance_interval=[0.2,0.6]"])
+    assert "guidance_interval" not in sampler_settings(plain, model)  # the seeds of earlier releases stand
+    settings = sampler_settings(interval, model)
+    assert settings["guidance_interval"] == [0.2, 0.6]  # written into each sidecar as it is
+    assert sample_seed("m", interval, 0, settings) != sample_seed("m", plain, 0, sampler_settings(plain, model))
+    student = SimpleNamespace(config=SimpleNamespace(distilled_guidance_scale=2.0))
+    assert "guidance_interval" not in sampler_settings(interval, student)  # a student runs unguided
 
 
 def test_latent_clip_bounds_the_sampled_latents():

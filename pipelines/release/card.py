@@ -40,7 +40,8 @@ CONFIG_SUMMARY_FIELDS = {
     "data": ("name", "format", "modality", "body_region", "license"),
     "diffusion": ("objective", "num_train_timesteps", "max_steps"),
     "conditioning": ("text_encoder", "attributes", "class_attribute", "use_masks", "condition_dropout"),
-    "sampling": ("scheduler", "num_inference_steps", "guidance_scale", "num_samples", "output_format"),
+    "sampling": ("scheduler", "num_inference_steps", "guidance_scale", "guidance_interval", "num_samples",
+                 "output_format"),
     "release": ("formats", "internal"),
 }
 COMPARISON_SIGNS = {"<=": "≤", ">=": "≥"}  # readable in markdown and HTML alike, nothing to escape
@@ -61,6 +62,13 @@ def format_number(value: object) -> str:
         return f"{float(value):.4g}"
     except (TypeError, ValueError):
         return str(value)
+
+
+def format_guidance(generator: Mapping) -> str:
+    """``3``, or ``3 at noise levels 0.2 to 0.6`` where guidance was applied to those steps only."""
+    interval = generator.get("guidance_interval")
+    scale = format_number(generator.get("guidance_scale"))
+    return scale if not interval else f"{scale} at noise levels {format_number(interval[0])} to {format_number(interval[1])}"
 
 
 def format_interval(row: Mapping, prefix: str = "") -> str:
@@ -286,8 +294,7 @@ def _generation(provenance: Mapping) -> str:
         f"- generator model hash: `{_md(generator.get('model_hash') or 'unknown')}`",
         f"- model card: {f'[{_md(card)}]({_md(card)})' if card else 'not available'}",
         f"- objective: {_md(generator.get('objective') or 'n/a')}; scheduler: {_md(generator.get('scheduler') or 'n/a')}, "
-        f"{format_number(generator.get('num_inference_steps'))} steps, guidance scale "
-        f"{format_number(generator.get('guidance_scale'))}",
+        f"{format_number(generator.get('num_inference_steps'))} steps, guidance scale {format_guidance(generator)}",
         f"- seeds: runtime seed {format_number(seeds.get('runtime_seed'))}; each sample's seed is "
         f"{_md(seeds.get('sample_seeds') or 'recorded in its sidecar')}, so any sample can be regenerated exactly",
     ]

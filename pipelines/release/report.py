@@ -24,6 +24,7 @@ from PIL import Image as PILImage
 from radsynth.pipelines.data.io import Image, write_text
 from radsynth.pipelines.release.card import (
     SYNTHETIC_STATEMENT,
+    format_guidance,
     format_interval,
     format_limit,
     format_number,
@@ -285,7 +286,7 @@ def _header(provenance: Mapping, n_samples: int) -> str:
     facts = [f"{n_samples} synthetic {sample_kind(dataset)}",
              f"created {dataset.get('created') or 'n/a'}", f"generator {str(generator.get('model_hash') or 'unknown')[:16]}",
              f"{generator.get('scheduler') or 'n/a'}, {format_number(generator.get('num_inference_steps'))} steps, "
-             f"guidance {format_number(generator.get('guidance_scale'))}"]
+             f"guidance {format_guidance(generator)}"]
     status = _badge(gate.get("passed"), "gate passed", "gate failed") if gate else ""
     derived = int(dataset.get("derived_from_real") or 0)
     return "\n".join([

@@ -158,7 +158,8 @@ def build_provenance(config: RadsynthConfig, info: DatasetInfo, selection: Selec
                     "derived_from_real": sum(s.derived_from_real for s in selection.kept), "license": info.license},
         # What the samples' sidecars say they were drawn with, never the current config (it may describe another model).
         "generator": {key: first.get(key) for key in ("model_hash", "objective", "scheduler", "num_inference_steps",
-                                                       "guidance_scale", "distilled_guidance_scale", "differential_privacy")
+                                                       "guidance_scale", "guidance_interval", "distilled_guidance_scale",
+                                                       "differential_privacy")
                       if key in first}
         | {"model_card": None},
         "training_data": redacted_training_data(training_data, config.conditioning.attributes),

@@ -94,9 +94,11 @@ def sampler_settings(config: RadsynthConfig, pipeline: RadsynthPipeline) -> dict
     # keep the guidance it learnt).
     maps = ({"mask_guidance_scale": sampling.mask_guidance_scale} if sampling.pairs and
             sampling.mask_source == "generated" and sampling.mask_guidance_scale is not None else {})
+    # Set only when configured: absent, the seeds (hashed from these settings) stay those of earlier releases.
+    interval = {"guidance_interval": list(sampling.guidance_interval)} if sampling.guidance_interval else {}
     if distilled is None:
         return {"scheduler": sampling.scheduler, "num_inference_steps": sampling.num_inference_steps,
-                "guidance_scale": sampling.guidance_scale, **maps}
+                "guidance_scale": sampling.guidance_scale, **interval, **maps}
     return {"scheduler": STUDENT_SCHEDULER, "num_inference_steps": config.distill.steps, "guidance_scale": 1.0,
             "distilled_guidance_scale": distilled}
 
@@ -172,7 +174,8 @@ def generate(config: RadsynthConfig, model_dir: str | Path, n_samples: int, samp
             drawn = [choices[i % len(choices)] for i in indices]
         output = pipeline([pair.prompt for pair in drawn], conditions=[pair.conditions for pair in drawn],
                           num_inference_steps=sampler["num_inference_steps"],
-                          guidance_scale=sampler["guidance_scale"], generator=generators, output_type="physical",
+                          guidance_scale=sampler["guidance_scale"], guidance_interval=sampler.get("guidance_interval"),
+                          generator=generators, output_type="physical",
                           **_pair_inputs(drawn, config, sampler))
         if getattr(output, "mask_sources", None):  # the maps were generated: their conditions come with them
             drawn = [generated_condition(pair.prompt, label_map[0], edits, pipeline.mask_generator.label_vocabulary)

@@ -47,7 +47,8 @@ class RadsynthLesionInpaintPipeline(RadsynthPipeline):
     def __call__(self, prompts: str | list[str], images: torch.Tensor | np.ndarray,
                  label_maps: torch.Tensor | np.ndarray, regions: torch.Tensor | np.ndarray, margin: int = 2,
                  conditions: Conditions | None = None, conditioning_scale: float = 1.0, num_inference_steps: int = 50,
-                 guidance_scale: float = 3.0, generator=None, output_type: str = "np") -> RadsynthPipelineOutput:
+                 guidance_scale: float = 3.0, guidance_interval: tuple[float, float] | None = None, generator=None,
+                 output_type: str = "np") -> RadsynthPipelineOutput:
         """One image per prompt: ``images`` with new content inside ``regions``.
 
         images: real images (B, 1, *image_shape) in [-1, 1] (the preprocessed cache's range).
@@ -75,7 +76,8 @@ class RadsynthLesionInpaintPipeline(RadsynthPipeline):
             return keep_new * latents + (1.0 - keep_new) * background
 
         latents, latent_std = self.draw(prompts, conditions, num_inference_steps=num_inference_steps,
-                                        guidance_scale=guidance_scale, generator=generator, label_maps=maps,
+                                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                        generator=generator, label_maps=maps,
                                         conditioning_scale=conditioning_scale, constrain=keep_background)
         generated = self.decode(latents)
         pasted = torch.where(region.to(generated.device), generated, images.to(generated))

@@ -31,8 +31,9 @@ class RadsynthMaskToImagePipeline(RadsynthPipeline):
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], label_maps: torch.Tensor | np.ndarray,
                  conditions: Conditions | None = None, conditioning_scale: float = 1.0, num_inference_steps: int = 50,
-                 guidance_scale: float = 3.0, generator=None, latents: torch.Tensor | None = None,
-                 output_type: str = "np", return_dict: bool = True) -> RadsynthPipelineOutput | tuple:
+                 guidance_scale: float = 3.0, guidance_interval: tuple[float, float] | None = None, generator=None,
+                 latents: torch.Tensor | None = None, output_type: str = "np",
+                 return_dict: bool = True) -> RadsynthPipelineOutput | tuple:
         """One image per prompt, each on its label map's grid.
 
         label_maps: integer labels (B, 1, *image_shape) in 0..num_labels-1, one per prompt.
@@ -43,8 +44,9 @@ class RadsynthMaskToImagePipeline(RadsynthPipeline):
         check_output_type(output_type)
         maps = as_label_maps(label_maps, len(prompts), self.config.image_shape)
         latents, latent_std = self.draw(prompts, conditions, num_inference_steps=num_inference_steps,
-                                        guidance_scale=guidance_scale, generator=generator, latents=latents,
-                                        label_maps=maps, conditioning_scale=conditioning_scale)
+                                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                        generator=generator, latents=latents, label_maps=maps,
+                                        conditioning_scale=conditioning_scale)
         images = self.finish(self.decode(latents), output_type)
         if not return_dict:
             return images, latent_std

@@ -221,16 +221,19 @@ class RadsynthPipeline(DiffusionPipeline):
         return latents.to(device=device, dtype=dtype) * getattr(scheduler, "init_noise_sigma", 1.0)
 
     def draw(self, prompts: list[str], conditions: Conditions | None = None, *, num_inference_steps: int,
-             guidance_scale: float, generator=None, latents: torch.Tensor | None = None,
-             label_maps: torch.Tensor | None = None, conditioning_scale: float = 1.0,
-             constrain: Constraint | None = None) -> tuple[torch.Tensor, float]:
-        """Latents drawn under the prompts (and label maps, through the ControlNet): (latents, their std)."""
+             guidance_scale: float, guidance_interval: tuple[float, float] | None = None, generator=None,
+             latents: torch.Tensor | None = None, label_maps: torch.Tensor | None = None,
+             conditioning_scale: float = 1.0, constrain: Constraint | None = None) -> tuple[torch.Tensor, float]:
+        """Latents drawn under the prompts (and label maps, through the ControlNet): (latents, their std).
+        guidance_interval: the noise levels (fractions of the training schedule) where guidance applies; None:
+        every step (``LatentDiffusion.sample``)."""
         diffusion = self.diffusion(self.mask_controlnet if label_maps is not None else None, conditioning_scale)
         condition = diffusion.condition(prompts, conditions=conditions, label_maps=label_maps)
         latents = self.prepare_latents(len(prompts), generator, latents, self.scheduler)
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         latents = diffusion.sample(latents, condition, self.scheduler, self.progress_bar(self.scheduler.timesteps),
-                                   guidance_scale=guidance_scale, generator=generator, constrain=constrain)
+                                   guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                   generator=generator, constrain=constrain)
         return latents, float(latents.float().std())
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

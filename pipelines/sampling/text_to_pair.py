@@ -91,7 +91,8 @@ class RadsynthTextToPairPipeline(RadsynthPipeline):
     @torch.no_grad()
     def __call__(self, prompts: str | list[str], label_maps: torch.Tensor | np.ndarray | None = None,
                  lesions: Sequence[str] = (), conditions: Conditions | None = None, conditioning_scale: float = 1.0,
-                 num_inference_steps: int = 50, guidance_scale: float = 3.0, generator=None,
+                 num_inference_steps: int = 50, guidance_scale: float = 3.0,
+                 guidance_interval: tuple[float, float] | None = None, generator=None,
                  mask_inference_steps: int | None = None, mask_guidance_scale: float | None = None,
                  output_type: str = "np", return_dict: bool = True) -> RadsynthPairOutput | tuple:
         """One image + label map per prompt.
@@ -102,7 +103,7 @@ class RadsynthTextToPairPipeline(RadsynthPipeline):
         generator: one per prompt makes each pair reproducible on its own (map noise, edits, image noise).
         mask_inference_steps: the mask generator's steps (default ``num_inference_steps``).
         mask_guidance_scale: the mask generator's guidance (default ``guidance_scale``; a distilled student's maps
-            keep the guidance it learnt).
+            keep the guidance it learnt). guidance_interval applies to the images, not the maps.
         """
         prompts = self.check_prompts(prompts, generator, conditions)
         check_output_type(output_type)
@@ -116,8 +117,9 @@ class RadsynthTextToPairPipeline(RadsynthPipeline):
             sources = ["user"] * len(prompts)
         edits = self.edit_lesions(maps, lesions, generator)
         latents, latent_std = self.draw(prompts, conditions, num_inference_steps=num_inference_steps,
-                                        guidance_scale=guidance_scale, generator=generator,
-                                        label_maps=torch.from_numpy(maps), conditioning_scale=conditioning_scale)
+                                        guidance_scale=guidance_scale, guidance_interval=guidance_interval,
+                                        generator=generator, label_maps=torch.from_numpy(maps),
+                                        conditioning_scale=conditioning_scale)
         images = self.finish(self.decode(latents), output_type)
         if not return_dict:
             return images, maps, latent_std

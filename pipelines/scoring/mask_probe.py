@@ -28,7 +28,8 @@ class MaskAdherenceProbe:
 
     def __init__(self, segmenter: Segmenter, images: np.ndarray, label_maps: np.ndarray, prompts: Sequence[str],
                  label_names: Mapping[int, str], seed: int = 0, num_inference_steps: int = 50,
-                 guidance_scale: float = 3.0, batch_size: int = 8):
+                 guidance_scale: float = 3.0, guidance_interval: tuple[float, float] | None = None,
+                 batch_size: int = 8):
         if not len(images) == len(label_maps) == len(prompts) > 0:
             raise ValueError(f"need as many images, maps and prompts (> 0), got {len(images)}, {len(label_maps)}, "
                              f"{len(prompts)}")
@@ -36,6 +37,7 @@ class MaskAdherenceProbe:
         self.labels = sorted(value for value in label_names if value != 0)
         self.names = [label_names[value] for value in self.labels]
         self.seed, self.steps, self.guidance, self.batch_size = seed, num_inference_steps, guidance_scale, batch_size
+        self.guidance_interval = guidance_interval
         self.ceiling = self._per_label(np.asarray(images))
 
     @classmethod
@@ -65,8 +67,8 @@ class MaskAdherenceProbe:
             rows = range(start, min(start + self.batch_size, len(self.prompts)))
             generators = [torch.Generator().manual_seed(self.seed + i) for i in rows]
             output = pipeline([self.prompts[i] for i in rows], self.label_maps[rows.start:rows.stop, None],
-                              num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generators,
-                              output_type="np")
+                              num_inference_steps=self.steps, guidance_scale=self.guidance,
+                              guidance_interval=self.guidance_interval, generator=generators, output_type="np")
             images.append(np.asarray(output.images)[:, 0])
         generated = self._per_label(np.concatenate(images))
         logs = {f"dice/{name}": float(value) for name, value in zip(self.names, generated)}
