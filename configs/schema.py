@@ -145,6 +145,7 @@ class SplitConfig(Section):
 
 
 SourceFormat = Literal["phantom", "msd", "image_folder", "dicom"]
+CaseFilter = dict[str, str | int | float | bool]  # modality, body_region or attribute -> value (manifest.matches)
 
 
 class DataSource(Section):
@@ -187,7 +188,7 @@ class PooledSource(DataSource):
     """One of several datasets pooled into one manifest (``data.sources``): a multi-dataset, multi-modality base."""
 
     max_cases: int | None = Field(None, ge=1, description="use this many of its cases (a seeded draw of patients)")
-    filter: dict[str, str | int | float | bool] = Field(
+    filter: CaseFilter = Field(
         default_factory=dict, description="keep only the cases with these values of modality, body_region or an "
         "attribute (compared as text), before max_cases, e.g. {modality: xray, body_region: chest}")
     train_only: bool = Field(
@@ -490,8 +491,9 @@ class FinetuneConfig(Section):
     base_format: Literal["auto", "radsynth", "diffusers", "maisi"] = Field(
         "auto", description="what finetune.from is; auto reads it off the folder's files")
     maisi: MaisiBaseConfig = Field(default_factory=MaisiBaseConfig)
-    filter: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description="attribute values the cases must have, e.g. {finding: pneumothorax}")
+    filter: CaseFilter = Field(
+        default_factory=dict, description="the cases' values of modality, body_region or an attribute (compared as "
+        "text), e.g. {finding: pneumothorax}")
     method: Literal["lora", "domain_embedding", "block_shifts", "full"] = Field(
         "lora", description="what trains: lora, low-rank factors on the UNet's attention projections (rank, alpha); "
         "domain_embedding, one vector added to the timestep embedding (256 parameters on the default UNet: small "

@@ -33,7 +33,7 @@ from radsynth.generators.maisi import MaisiControlNet
 from radsynth.generators.private_training import PrivacyPlan, PrivateDiffusionTrainer, plan_privacy
 
 from .bases import base_controlnet, base_format, load_base
-from .data.manifest import CaseRecord
+from .data.manifest import CaseRecord, matches
 from .model_card import write_model_card, write_training_compute
 from .sampling.generate import load_pipeline
 from .sampling.pipeline import CONTROLNET_FOLDER, model_hash
@@ -75,11 +75,8 @@ def _run_key(config: RadsynthConfig, base_hash: str) -> str:
 
 
 def matching_cases(records: list[CaseRecord], filter: dict, limit: int) -> list[CaseRecord]:
-    """Train-split cases whose attributes equal every filter value (compared as text), first ``limit``."""
-    wanted = {key: str(value) for key, value in filter.items()}
-    chosen = [r for r in records if r.split == "train"
-              and all(str(r.attributes.get(key)) == value for key, value in wanted.items())]
-    return chosen[:limit]
+    """Train-split cases with every filter value (``manifest.matches``), first ``limit``."""
+    return [r for r in records if r.split == "train" and matches(r, filter)][:limit]
 
 
 def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
@@ -91,7 +88,8 @@ def finetune(config: RadsynthConfig, progress: bool = True) -> FinetuneResult:
     subset = matching_cases(records, settings.filter, settings.max_cases)
     if not subset:
         raise UserInputError("finetune.filter", f"no train-split case matches {settings.filter}",
-                             "attribute values as they appear in the manifest, e.g. {finding: pneumothorax}")
+                             "values of modality, body_region or an attribute as they appear in the manifest, e.g. "
+                             "{finding: pneumothorax}")
     plan = _privacy_plan(config, subset)  # before anything is encoded or trained
     conditioning = ConditioningSpec(config.conditioning.attributes, config.conditioning.include_text)
     images = CachedImages(subset, summary["cache"], conditioning)

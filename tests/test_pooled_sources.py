@@ -12,6 +12,8 @@ from radsynth.flows.cli import main
 from radsynth.generators.data import ConditioningSpec
 from radsynth.pipelines.bases import check_compatible
 from radsynth.pipelines.data.ingest import ingest
+from radsynth.pipelines.data.manifest import CaseRecord, matches
+from radsynth.pipelines.finetuning import matching_cases
 from radsynth.pipelines.release.redaction import REDACTED, redacted_config
 from radsynth.pipelines.release.stage import dataset_info
 
@@ -202,6 +204,21 @@ def test_a_source_filter_keeps_the_cases_of_its_values_and_one_matching_none_exi
     error = capsys.readouterr().err.strip()
     assert "data.sources[mixed].filter: no case has {'modality': 'xray'}" in error and "\n" not in error
     assert not (tmp_path / "none" / "run" / "data" / "manifest.jsonl").exists()
+
+
+def test_one_filter_rule_for_sources_and_fine_tunes_record_fields_and_attributes_compared_as_text():
+    def case(case_id, modality, split, **attributes):
+        return CaseRecord(case_id=case_id, patient_id=case_id, modality=modality, body_region="chest", image="x.png",
+                          spacing=(1.0, 1.0), shape=(8, 8), attributes=attributes, split=split, source="s",
+                          sha256="0")
+    records = [case("a", "xray", "train", finding="nodule", age=3), case("b", "ct", "train", finding="nodule", age=4),
+               case("c", "xray", "test", finding="nodule", age=3), case("d", "xray", "train", finding="none", age=3)]
+    assert matches(records[0], {"modality": "xray", "finding": "nodule", "age": "3"})  # a YAML "3" is the manifest's 3
+    assert matches(records[0], {"body_region": "chest", "age": 3})
+    assert not matches(records[0], {"modality": "ct"}) and not matches(records[0], {"view": "PA"})
+    # A fine-tune's filter reads record fields too (it read attributes alone before), and keeps train cases only.
+    assert [r.case_id for r in matching_cases(records, {"modality": "xray", "finding": "nodule"}, 10)] == ["a"]
+    assert [r.case_id for r in matching_cases(records, {"age": 3}, 1)] == ["a"]
 
 
 def test_unknown_modality_in_a_modality_column_exits_2_with_the_row(tmp_path, capsys):

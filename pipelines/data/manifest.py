@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +95,15 @@ def with_record_fields(records: Sequence[CaseRecord], named: Iterable[str]) -> l
         return list(records)
     return [record.model_copy(update={"attributes": {**{key: getattr(record, key) for key in fields},
                                                      **record.attributes}}) for record in records]
+
+
+def matches(record: CaseRecord, wanted: Mapping[str, object]) -> bool:
+    """Whether the case has every value of ``wanted``: of its modality, body region or an attribute, compared as
+    text (a YAML ``3`` and a manifest's ``"3"`` are one value; so are ``true`` and ``"True"``)."""
+    def value(key: str):
+        return getattr(record, key) if key in RECORD_FIELD_ATTRIBUTES else record.attributes.get(key)
+
+    return all(str(value(key)) == str(wanted[key]) for key in wanted)
 
 
 def check_unique_case_ids(records: Sequence[CaseRecord], where: str | Path) -> None:

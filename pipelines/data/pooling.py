@@ -17,7 +17,7 @@ from radsynth.configs.errors import UserInputError
 from radsynth.configs.schema import DataConfig, PooledSource, SplitConfig
 
 from .adapters import read_source
-from .manifest import CaseRecord, file_sha256
+from .manifest import CaseRecord, file_sha256, matches
 from .splits import assign_splits, patient_order
 
 POOLED_WHERE = "data.sources"
@@ -42,11 +42,8 @@ def pooled_records(data: DataConfig, work_dir: Path) -> list[CaseRecord]:
 
 
 def _filtered(records: list[CaseRecord], wanted: dict, where: str) -> list[CaseRecord]:
-    """The cases whose modality, body region or attributes equal every value of ``wanted`` (compared as text)."""
-    def value(record: CaseRecord, key: str):
-        return getattr(record, key) if key in ("modality", "body_region") else record.attributes.get(key)
-
-    kept = [record for record in records if all(str(value(record, key)) == str(wanted[key]) for key in wanted)]
+    """The cases with every value of ``wanted`` (``manifest.matches``)."""
+    kept = [record for record in records if matches(record, wanted)]
     if not kept:
         raise UserInputError(f"{where}.filter", f"no case has {wanted}",
                              "values of modality, body_region or an attribute as the source records them")
