@@ -8,7 +8,9 @@ Where they fall short of the real floor in a feature space (texture, say), more 
 the gap; the autoencoder has to change. The reconstructions are written as a sample folder (marked derived from
 real; scratch output, never released) and scored by ``radsynth evaluate`` itself, so the figures are the
 scorecard's. Prints one JSON object with the machine: per space, the reconstructions' coverage and precision
-with the real floor, beside the build's own samples' when its scorecard exists.
+with the real floor, beside the build's own samples' when its scorecard exists; and the radiomics features that
+set the reconstructions apart most (mean difference in SDs of the real training images, the scorecard's scaling,
+with the real test images' beside it: near 0 for every feature).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from radsynth.pipelines.sampling.generate import load_pipeline
 from radsynth.pipelines.sampling.pipeline import model_hash
 from radsynth.pipelines.sampling.writers import write_sample
 from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
+from radsynth.pipelines.scoring.features.radiomics import RadiomicsFeatures
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.training import sampling_model_dir
 
@@ -58,6 +61,20 @@ def write_reconstructions(pipeline, test, reconstructions: np.ndarray, keys: lis
                      png_range=(pipeline.config.intensity_low, pipeline.config.intensity_high))
 
 
+def separating_features(train: np.ndarray, test: np.ndarray, reconstructions: np.ndarray, top: int = 8) -> list[dict]:
+    """The radiomics features whose mean differs most between reconstructions and real training images, in SDs
+    of the training images (a feature constant on them is left in its units, as the scorecard leaves it)."""
+    extractor = RadiomicsFeatures(train.ndim - 1)
+    real, unseen, rebuilt = (extractor.extract(x) for x in (train, test, reconstructions))
+    mean, sd = real.mean(0), real.std(0)
+    sd[sd == 0] = 1.0
+    shift = lambda features: (features.mean(0) - mean) / sd  # noqa: E731
+    rebuilt_shift, test_shift = shift(rebuilt), shift(unseen)
+    order = np.argsort(-np.abs(rebuilt_shift))[:top]
+    return [{"feature": extractor.feature_names[i], "reconstructions_sd": round(float(rebuilt_shift[i]), 2),
+             "real_test_sd": round(float(test_shift[i]), 2)} for i in order]
+
+
 def realism_rows(scorecard: Path) -> dict:
     """{space: {metric: value, "<metric>_floor": the real-vs-real reference}} of the scorecard's whole-set rows."""
     rows = json.loads(scorecard.read_text())["rows"]
@@ -76,6 +93,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model folder (default: the build's)")
     parser.add_argument("--n", type=int, default=64, help="test images to reconstruct")
     parser.add_argument("--out", type=Path, default=None, help="default: <output_dir>/autoencoder-ceiling")
+    parser.add_argument("--train-n", type=int, default=512, help="real training images the feature shifts are "
+                        "measured against")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
 
@@ -94,6 +113,8 @@ def main() -> None:
         "reconstruction_mae": round(float(np.abs(reconstructions - test.images).mean()), 5),
         "reconstructions": realism_rows(out / "eval" / "scorecard.json"),
         "build_samples": realism_rows(build_scorecard) if build_scorecard.is_file() else None,
+        "separating_radiomics": separating_features(cached_split(config, "train", limit=args.train_n).images,
+                                                    test.images, reconstructions),
         "seconds": round(time.perf_counter() - started, 1),
         "machine": {**machine(), "torch": torch.__version__},
     }, indent=2))
