@@ -30,7 +30,7 @@ from radsynth.generators.prompts import render_prompt
 from radsynth.pipelines.sampling.generate import load_pipeline
 from radsynth.pipelines.sampling.pipeline import model_hash
 from radsynth.pipelines.sampling.writers import write_sample
-from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate
+from radsynth.pipelines.scoring.evaluate import build_eval_dir, evaluate, real_scaling
 from radsynth.pipelines.scoring.features.radiomics import RadiomicsFeatures
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.training import sampling_model_dir
@@ -63,11 +63,10 @@ def write_reconstructions(pipeline, test, reconstructions: np.ndarray, keys: lis
 
 def separating_features(train: np.ndarray, test: np.ndarray, reconstructions: np.ndarray, top: int = 8) -> list[dict]:
     """The radiomics features whose mean differs most between reconstructions and real training images, in SDs
-    of the training images (a feature constant on them is left in its units, as the scorecard leaves it)."""
+    of the training images, scaled as the scorecard scales them (``real_scaling``)."""
     extractor = RadiomicsFeatures(train.ndim - 1)
     real, unseen, rebuilt = (extractor.extract(x) for x in (train, test, reconstructions))
-    mean, sd = real.mean(0), real.std(0)
-    sd[sd == 0] = 1.0
+    mean, sd = real_scaling(real)
     shift = lambda features: (features.mean(0) - mean) / sd  # noqa: E731
     rebuilt_shift, test_shift = shift(rebuilt), shift(unseen)
     order = np.argsort(-np.abs(rebuilt_shift))[:top]

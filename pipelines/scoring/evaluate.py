@@ -212,6 +212,14 @@ def _extractor(name: str, inputs: ScoringInputs, with_masks: bool, settings: Sco
     return extractor
 
 
+def real_scaling(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, SD) per feature of real rows, the map every set is z-scored with; a feature constant on the real
+    images keeps its units (SD 1)."""
+    mean, sd = real.mean(0), real.std(0)
+    sd[sd == 0] = 1.0
+    return mean, sd
+
+
 def _standardise(table: FeatureTable) -> FeatureTable:
     """z-score every feature with the real images' mean and SD (one linear map for all sets).
 
@@ -219,9 +227,7 @@ def _standardise(table: FeatureTable) -> FeatureTable:
     largest would decide every nearest neighbour. The self-supervised space is a unit-norm embedding and is
     left as trained.
     """
-    real = np.concatenate([a for a in (table.train, table.holdout, table.test) if a is not None])
-    mean, sd = real.mean(0), real.std(0)
-    sd[sd == 0] = 1.0
+    mean, sd = real_scaling(np.concatenate([a for a in (table.train, table.holdout, table.test) if a is not None]))
     scaled = [None if a is None else (a - mean) / sd for a in (table.synthetic, table.train, table.holdout, table.test)]
     return FeatureTable(table.name, table.extractor, *scaled, uses_masks=table.uses_masks, mean=mean, sd=sd)
 
