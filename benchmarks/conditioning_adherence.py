@@ -72,10 +72,8 @@ def main() -> None:
         source = [r for r in test if str(r.attributes[key]) == value] or [r for r in train if str(r.attributes[key]) == value]
         prompts = [conditioning.prompt(source[i % len(source)]) for i in range(args.per_class)]
         generators = [torch.Generator().manual_seed(config.runtime.seed * 1000 + i) for i in range(args.per_class)]
-        images = pipeline(prompts, num_inference_steps=config.sampling.num_inference_steps,
-                          guidance_scale=config.sampling.guidance_scale,
-                          guidance_interval=config.sampling.guidance_interval, generator=generators,
-                          output_type="pt").images
+        images = pipeline(prompts, num_inference_steps=config.sampling.num_inference_steps, generator=generators,
+                          output_type="pt", **config.sampling.guidance).images
         predicted = classifier.predict(images.float().cpu())
         per_class[value] = {"share_assigned_to_prompt": float(np.mean([p == value for p in predicted])),
                             "predicted": {c: predicted.count(c) for c in classes if predicted.count(c)}}

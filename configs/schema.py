@@ -606,6 +606,11 @@ class SamplingConfig(Section):
     student: bool = Field(False, description="sample with the distilled few-step student (radsynth distill; "
                           "distill.steps steps, its learnt guidance) instead of the trained model")
 
+    @property
+    def guidance(self) -> dict:
+        """The image model's guidance as a sampling pipeline takes it (``pipeline(..., **sampling.guidance)``)."""
+        return {"guidance_scale": self.guidance_scale, "guidance_interval": self.guidance_interval}
+
     @field_validator("guidance_interval")
     @classmethod
     def _noise_levels(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:

@@ -378,8 +378,7 @@ def controlnet_probe(config: RadsynthConfig, train_images: CachedImages, latents
         validation.images(range(len(validation)))[:, 0].numpy(), validation.label_maps()[:, 0].numpy(),
         validation.prompts, label_names, segmenter_steps=config.controlnet.segmenter_steps,
         seed=config.runtime.seed, num_inference_steps=min(config.sampling.num_inference_steps, 50),
-        guidance_scale=config.sampling.guidance_scale, guidance_interval=config.sampling.guidance_interval,
-        batch_size=config.sampling.batch_size))
+        batch_size=config.sampling.batch_size, **config.sampling.guidance))
 
 
 def fit_controlnet(config: RadsynthConfig, base: RadsynthPipeline, controlnet: torch.nn.Module,
@@ -539,8 +538,7 @@ def _validation_grid(pipeline, prompts: list[str], config: RadsynthConfig, path:
     generator = torch.Generator().manual_seed(config.runtime.seed)
     pipeline.set_progress_bar_config(disable=True)  # the training bar already shows progress
     output = pipeline([p for p in prompts for _ in range(per_prompt)], num_inference_steps=min(
-        config.sampling.num_inference_steps, 50), guidance_scale=config.sampling.guidance_scale,
-        guidance_interval=config.sampling.guidance_interval, generator=generator, output_type="np")
+        config.sampling.num_inference_steps, 50), generator=generator, output_type="np", **config.sampling.guidance)
     save_grid(np.asarray(output["images"]), rows=len(prompts), path=path)
     return {"latent_std": float(output["latent_std"])}
 

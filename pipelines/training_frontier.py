@@ -50,9 +50,8 @@ class Frontier:
         sampling = self.config.sampling
         images = np.concatenate([
             pipeline(self.prompts[start:start + sampling.batch_size], num_inference_steps=sampling.num_inference_steps,
-                     guidance_scale=sampling.guidance_scale, guidance_interval=sampling.guidance_interval,
-                     generator=generator[start:start + sampling.batch_size],
-                     output_type="np").images[:, 0]
+                     generator=generator[start:start + sampling.batch_size], output_type="np",
+                     **sampling.guidance).images[:, 0]
             for start in range(0, len(self.prompts), sampling.batch_size)])
         point = self.scorer.score(step, images)
         best = choose(self.points)
