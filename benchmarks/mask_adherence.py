@@ -6,7 +6,9 @@
 Ingests and trains (each a no-op when current) with ``conditioning.use_masks=true``. A MONAI UNet segmenter is
 trained on the real train split; its per-label Dice on the real test split is the ceiling. Then each test
 case's label map and prompt condition one generated image, the segmenter segments it, and the per-label Dice
-against the conditioning map is the adherence. The same maps at ``conditioning_scale=0`` (the text-only
+against the conditioning map is the adherence. The segmenter's Dice on the autoencoder's reconstructions of the
+same test images is the model's own ceiling: every generated image leaves through that decoder, so a label it
+loses there no ControlNet can draw. The same maps at ``conditioning_scale=0`` (the text-only
 model, the ControlNet switched off) are the floor: what the prompt alone gets right. With ``--lesion`` every
 test map first gets that edit (and its prompt the request): the report adds the requested lesion size, the size
 in the edited maps, and the size the segmenter finds in the generated images. With ``mask_generator.enabled=true``
@@ -25,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from autoencoder_ceiling import reconstruct
 
 from radsynth.configs import load_config
 from radsynth.generators.data import ConditioningSpec
@@ -78,6 +81,7 @@ def main() -> None:
         voxel = float(np.prod(test_set.spacing)) / (1000.0 if masks.ndim == 4 else 1.0)  # ml in 3D, mm^2 in 2D
         sizes = {"unit": edits[0].volume_unit, "requested": float(np.median([e.requested_volume for e in edits])),
                  "in_edited_maps": float(np.median([e.achieved_volume for e in edits]))}
+    autoencoder = per_label_dice(segmenter.predict(reconstruct(pipeline, test_set.images)), test_set.masks, labels)
     maps = masks[:, None]
     dice, seconds = {}, {}
     for name, scale in (("controlnet", config.controlnet.conditioning_scale), ("text_only", 0.0)):
@@ -87,8 +91,7 @@ def main() -> None:
             generators = [torch.Generator().manual_seed(config.runtime.seed + i)
                           for i in range(first, min(first + config.sampling.batch_size, len(prompts)))]
             output = pipeline(prompts[rows], maps[rows], conditioning_scale=scale, generator=generators,
-                              num_inference_steps=config.sampling.num_inference_steps,
-                              guidance_scale=config.sampling.guidance_scale)
+                              num_inference_steps=config.sampling.num_inference_steps, **config.sampling.guidance)
             images.append(np.asarray(output.images)[:, 0])
         seconds[name] = (time.perf_counter() - start) / len(prompts)
         predicted = segmenter.predict(np.concatenate(images))
@@ -113,8 +116,7 @@ def main() -> None:
             output = pair_pipeline([prompts[i] if lesions else base_prompts[i] for i in rows], lesions=lesions,
                                    generator=[torch.Generator().manual_seed(config.runtime.seed + i) for i in rows],
                                    num_inference_steps=config.sampling.num_inference_steps,
-                                   guidance_scale=config.sampling.guidance_scale,
-                                   conditioning_scale=config.controlnet.conditioning_scale)
+                                   conditioning_scale=config.controlnet.conditioning_scale, **config.sampling.guidance)
             maps.append(output.label_maps[:, 0])
             images.append(np.asarray(output.images)[:, 0])
             edits += [record for records in output.lesions for record in records]
@@ -138,6 +140,7 @@ def main() -> None:
         "config": args.config, "overrides": args.overrides, "n_pairs": len(prompts),
         "controlnet_steps": config.controlnet.max_steps, "diffusion_steps": config.diffusion.max_steps,
         "dice_real_test_ceiling": per_label(ceiling),
+        "dice_autoencoder_reconstructions": per_label(autoencoder),
         "dice_generated_controlnet": per_label(dice["controlnet"]),
         "dice_generated_text_only": per_label(dice["text_only"]),
         "lesion": {"request": args.lesion, **sizes} if lesion is not None else None,
