@@ -129,7 +129,7 @@ def train_task(config: RadsynthConfig, data_sha256: str) -> dict:
         return {"model_dir": str(result.model_dir), "model_hash": digest, "steps": result.steps}
     parts = {"autoencoder": (train_dir(config) / AUTOENCODER_DIR / "metrics.csv", config.autoencoder.max_steps),
              "diffusion": (train_dir(config) / DIFFUSION_DIR / "metrics.csv", config.diffusion.max_steps)}
-    if config.conditioning.use_masks:
+    if config.conditioning.use_masks and config.conditioning.mask_input == "controlnet":
         parts["controlnet"] = (train_dir(config) / CONTROLNET_FOLDER / "metrics.csv", config.controlnet.max_steps)
     if config.mask_generator.enabled:
         parts["mask_generator"] = (train_dir(config) / MASK_GENERATOR_FOLDER / "metrics.csv",

@@ -28,8 +28,9 @@ class DiffusionTrainer:
 
     diffusion: the model being trained; trained: the modules among its ``denoiser``, ``text_encoder`` and
     ``controlnet`` whose parameters with ``requires_grad`` train (the rest stay as they are). EMA covers what
-    trains. Batches carrying ``label_maps`` condition the ControlNet; text and classes are dropped at
-    ``condition_dropout`` while the label map always stays, so guidance over text keeps working with a mask.
+    trains. Batches carrying ``label_maps`` condition the ControlNet (or a UNet that reads maps); text and classes
+    are dropped at ``condition_dropout`` while the label map stays, so guidance over text keeps working with a
+    mask; ``map_dropout`` drops the map itself, so a UNet that reads maps also learns to draw without one.
     Batches carrying ``attribute_prompts`` show a case's attributes alone instead of its whole prompt at
     ``text_dropout``: sampling asks in attributes alone, so the model must learn them without a report beside.
     With ``augment`` each case's latents are transformed and the denoiser told how (its augmentation label);
@@ -39,13 +40,13 @@ class DiffusionTrainer:
     def __init__(self, diffusion: LatentDiffusion, trained: Sequence[torch.nn.Module], latents: CachedLatents,
                  run_dir: str | Path, settings: LoopSettings, *, learning_rate: float, lr_schedule: str,
                  warmup_steps: int, batch_size: int, condition_dropout: float, max_grad_norm: float,
-                 ema_decay: float | None, seed: int, text_dropout: float = 0.0,
+                 ema_decay: float | None, seed: int, text_dropout: float = 0.0, map_dropout: float = 0.0,
                  augment: LatentAugment | None = None):
         self.loop = TrainingLoop(run_dir, settings)
         accelerator = self.loop.accelerator
         self.diffusion, self.latents, self.batch_size = diffusion, latents, batch_size
         self.condition_dropout, self.max_grad_norm, self.seed = condition_dropout, max_grad_norm, seed
-        self.text_dropout = text_dropout
+        self.text_dropout, self.map_dropout = text_dropout, map_dropout
         if augment is not None and latents.label_maps is not None:
             raise ValueError("latents with label maps cannot be augmented: the maps would not move with them")
         self.augment = augment
@@ -100,8 +101,8 @@ class DiffusionTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        """The batch's mean denoising loss, its conditions dropped at ``condition_dropout`` and its prompts' text at
-        ``text_dropout``, its latents augmented when the trainer augments."""
+        """The batch's mean denoising loss, its conditions dropped at ``condition_dropout``, its prompts' text at
+        ``text_dropout`` and its label maps at ``map_dropout``, its latents augmented when the trainer augments."""
         device = self.loop.accelerator.device
         clean, augment = batch["latents"], None
         if self.augment is not None:  # draws nothing otherwise: runs without augmentation keep their streams
@@ -109,9 +110,12 @@ class DiffusionTrainer:
         clean = clean.to(device)
         keep = torch.rand(len(clean), generator=generator) >= self.condition_dropout
         prompts = training_prompts(batch, self.text_dropout, generator)
+        label_maps, keep_map = batch.get("label_maps"), None
+        if label_maps is not None and self.map_dropout:  # draws nothing otherwise, as augmentation
+            keep_map = torch.rand(len(clean), generator=generator) >= self.map_dropout
         condition = self.diffusion.condition(prompts, class_labels=batch.get("class_labels"),
-                                             spacing=batch["spacing"], label_maps=batch.get("label_maps"), keep=keep,
-                                             augment=augment)
+                                             spacing=batch["spacing"], label_maps=label_maps, keep=keep,
+                                             keep_map=keep_map, augment=augment)
         noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(device)
         timesteps = self.diffusion.objective.sample_timesteps(len(clean), device=device, generator=generator)
         return self.diffusion.losses(clean, condition, noise, timesteps).mean()

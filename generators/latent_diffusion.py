@@ -3,12 +3,13 @@
 MONAI's ``LatentDiffusionInferer`` pattern. A ``LatentDiffusion`` holds a denoiser (the UNet, or the mask
 generator), its codec (the autoencoder, or the mask generator's label-share map), the text encoder, the
 objective the denoiser was trained with and optionally a ControlNet beside it, and it is the only code that
-calls the denoiser:
+calls the denoiser. A label map steers it through that ControlNet, or through the denoiser's own input when the
+UNet was built to read one (``RadsynthUNet(label_channels=...)``):
 
 - ``condition``: a ``Conditioning`` (text states, class labels, spacing, augmentation labels, one-hot label maps)
   built once per batch from prompts and attribute values (data, never prompt text parsed back) - the same for
   training and sampling;
-- ``predict``: the denoiser's output, with the ControlNet's residuals added inside it;
+- ``predict``: the denoiser's output, with the ControlNet's residuals added inside it (or the map in its input);
 - ``losses``: the training loss of each sample (trainers average it; the membership probe reads it per image);
 - ``sample``: a diffusers scheduler's loop with classifier-free guidance, the clean-latent clip and an
   optional constraint on the latents (inpainting's known region).
@@ -42,8 +43,9 @@ class Conditioning:
     """What a batch is denoised under, one row per sample.
 
     context: text states (B, T, D); class_labels: (B,) indices, 0 = none; spacing: (B, spatial_dims) mm, for a
-    denoiser that reads it; control: one-hot label maps (B, L, *image_shape), for the ControlNet; augment: the
-    augmentation labels of transformed training latents (``augmentation.LatentAugment``; None: no transform).
+    denoiser that reads it; control: one-hot label maps (B, L, *image_shape), for the ControlNet or a UNet that
+    reads maps (a row of zeros: no map); augment: the augmentation labels of transformed training latents
+    (``augmentation.LatentAugment``; None: no transform).
     """
 
     context: Tensor
@@ -65,7 +67,8 @@ class Conditioning:
 
 
 class LatentDiffusion:
-    """A denoiser over a codec's latents, conditioned on text (+ classes, spacing, a ControlNet's label map).
+    """A denoiser over a codec's latents, conditioned on text (+ classes, spacing, a label map for its ControlNet or
+    its own input).
 
     denoiser: ``RadsynthUNet`` or ``RadsynthMaskGenerator`` (``(sample, timestep, context, class_labels=,
         spacing=, **residuals)``); codec: anything with ``encode(images) -> latents`` and ``decode``;
@@ -105,6 +108,13 @@ class LatentDiffusion:
         denoiser = _unwrapped(self.denoiser)
         return bool(getattr(denoiser, "uses_spacing", denoiser.config.get("use_spacing", False)))
 
+    @property
+    def map_labels(self) -> int:
+        """The labels of the one-hot maps this model reads (its ControlNet's, or its UNet's own input's); 0: none."""
+        if self.controlnet is not None:
+            return _unwrapped(self.controlnet).num_labels
+        return int(_unwrapped(self.denoiser).config.get("label_channels", 0))
+
     def class_labels(self, conditions: Sequence[Mapping[str, object]]) -> Tensor | None:
         """Class indices of the class attribute's values (0, the null class, when absent or unseen)."""
         if not self.class_attribute or not self.class_names:
@@ -114,7 +124,7 @@ class LatentDiffusion:
 
     def condition(self, prompts: Sequence[str], *, conditions: Sequence[Mapping[str, object]] | None = None,
                   class_labels: Tensor | None = None, spacing: Tensor | Sequence[float] | None = None,
-                  label_maps: Tensor | None = None, keep: Tensor | None = None,
+                  label_maps: Tensor | None = None, keep: Tensor | None = None, keep_map: Tensor | None = None,
                   augment: Tensor | None = None) -> Conditioning:
         """The conditioning of a batch, built once.
 
@@ -122,10 +132,12 @@ class LatentDiffusion:
             header of a rendered prompt (``prompts.parse_prompt``, the inverse of ``render_prompt``).
         class_labels: indices given directly (a training batch's), instead of ``conditions``.
         spacing: (B, spatial_dims) or (spatial_dims,) mm; default the model's own.
-        label_maps: integer maps (B, 1, *image_shape) or one-hot floats, for the ControlNet.
+        label_maps: integer maps (B, 1, *image_shape) or one-hot floats, for the ControlNet or a UNet that reads them.
         keep: (B,) booleans, False where a condition is dropped (training's classifier-free dropout): the text
             becomes the null prompt and the class the null class; spacing, label map and augmentation are always
             kept.
+        keep_map: (B,) booleans, False where the label map is dropped (its rows zero: no map), so a UNet that
+            reads maps also learns to draw without one (``conditioning.mask_dropout``).
         augment: (B, label_dims) augmentation labels of transformed training latents (training only).
         """
         prompts = list(prompts)
@@ -137,8 +149,10 @@ class LatentDiffusion:
             class_labels = self.class_labels(conditions if conditions is not None else [parse_prompt(p) for p in prompts])
         if class_labels is not None:
             class_labels = (class_labels * keep if keep is not None else class_labels).to(device)
-        return Conditioning(context, class_labels, self._spacing(spacing, len(prompts)),
-                            None if label_maps is None else self._control(label_maps),
+        control = None if label_maps is None else self._control(label_maps)
+        if control is not None and keep_map is not None:
+            control = control * keep_map.to(control.device).view(-1, *[1] * (control.ndim - 1)).to(control.dtype)
+        return Conditioning(context, class_labels, self._spacing(spacing, len(prompts)), control,
                             None if augment is None else augment.to(device=device, dtype=dtype))
 
     def unconditional(self, condition: Conditioning) -> Conditioning:
@@ -159,20 +173,23 @@ class LatentDiffusion:
         return (spacing.expand(batch, -1) if spacing.ndim == 1 else spacing).to(self.device)
 
     def _control(self, label_maps: Tensor) -> Tensor:
-        if self.controlnet is None:
-            raise ValueError("label maps condition a ControlNet, and this model has none")
+        if not self.map_labels:
+            raise ValueError("label maps steer a ControlNet or a UNet built to read them, and this model has neither")
         maps = torch.as_tensor(label_maps)
         if not maps.is_floating_point():
-            maps = one_hot_labels(maps, _unwrapped(self.controlnet).num_labels)
+            maps = one_hot_labels(maps, self.map_labels)
         return maps.to(device=self.device, dtype=self.dtype)
 
     # ---------------------------------------------------------------------------------------- denoiser
 
     def predict(self, noisy: Tensor, timesteps: Tensor, condition: Conditioning) -> Tensor:
-        """The denoiser's output for ``noisy`` at ``timesteps`` (model units), the ControlNet's residuals inside."""
-        # Only a denoiser trained with augmentation reads its labels (the others' signatures lack them).
+        """The denoiser's output for ``noisy`` at ``timesteps`` (model units), the ControlNet's residuals inside (or
+        the label map in its input)."""
+        # Only a denoiser trained with augmentation (or maps) reads its labels (the others' signatures lack them).
         extra = {} if condition.augment is None else {"augment": condition.augment}
-        if condition.control is not None:
+        if condition.control is not None and self.controlnet is None:
+            extra["label_map"] = condition.control
+        elif condition.control is not None:
             context = _unwrapped(self.denoiser).conditioning_context(condition.context, condition.spacing, **extra)
             down, mid = self.controlnet(noisy, timesteps, context, condition.control, self.conditioning_scale,
                                         condition.class_labels)

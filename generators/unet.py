@@ -4,7 +4,10 @@ Wrapped as a diffusers ModelMixin/ConfigMixin so that it saves and loads as a pi
 conditionings sit on top of the text: class labels (added to the timestep embedding, MONAI's mechanism), the
 voxel spacing, which becomes one extra context token so a 3D model trained on mixed resolutions knows the
 physical size of a voxel, and the augmentation label of a training case (``augmentation.LatentAugment``), one
-more token, zero (no transform) whenever none is given.
+more token, zero (no transform) whenever none is given. A UNet built with ``label_channels`` also reads a label
+map: its one-hot shares, averaged over each latent voxel's image voxels, are concatenated to the latents
+(concatenation conditioning, as Konz et al. 2024's segmentation-guided diffusion); no map reads as all zeros,
+which no one-hot map is.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from monai.networks.nets import DiffusionModelUNet
@@ -61,11 +65,12 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         num_class_embeds: int | None = None,
         use_spacing: bool = False,
         augment_dims: int = 0,
+        label_channels: int = 0,
     ) -> None:
         super().__init__()
         self.net = DiffusionModelUNet(
             spatial_dims=spatial_dims,
-            in_channels=in_channels,
+            in_channels=in_channels + label_channels,
             out_channels=out_channels,
             channels=tuple(channels),
             attention_levels=tuple(attention_levels),
@@ -126,6 +131,7 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         augment: Tensor | None = None,
         down_block_additional_residuals: tuple[Tensor, ...] | None = None,
         mid_block_additional_residual: Tensor | None = None,
+        label_map: Tensor | None = None,
     ) -> Tensor:
         """Prediction of sample's shape.
 
@@ -133,6 +139,8 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         spacing: (B, spatial_dims) or (spatial_dims,) in mm; read only when the model was built with use_spacing.
         augment: (B, augment_dims) augmentation labels; read only when built with augment_dims (None: zero).
         The two residual arguments are the ControlNet hooks of MONAI's UNet, passed through unchanged.
+        label_map: one-hot floats (B, label_channels, *image grid), the image grid a whole multiple of the latents';
+            read only when built with label_channels (None: no map).
         """
         batch = sample.shape[0]
         timesteps = torch.as_tensor(timestep, device=sample.device)
@@ -142,6 +150,8 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
         if timesteps.shape != (batch,):
             raise ValueError(f"timestep must be a scalar or have shape ({batch},), got {tuple(timesteps.shape)}")
         context = self.conditioning_context(encoder_hidden_states, spacing, augment)
+        if self.config.label_channels:
+            sample = torch.cat([sample, self.label_shares(label_map, sample)], dim=1)
         return self.net(
             sample,
             timesteps,
@@ -150,3 +160,17 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
             down_block_additional_residuals=down_block_additional_residuals,
             mid_block_additional_residual=mid_block_additional_residual,
         )
+
+    def label_shares(self, label_map: Tensor | None, sample: Tensor) -> Tensor:
+        """Each label's share of every latent voxel's image voxels (B, label_channels, *latent grid); zeros without a
+        map."""
+        batch, grid = sample.shape[0], tuple(sample.shape[2:])
+        if label_map is None:
+            return sample.new_zeros(batch, self.config.label_channels, *grid)
+        factor = label_map.shape[-1] // grid[-1]
+        if (tuple(label_map.shape[:2]) != (batch, self.config.label_channels) or factor < 1
+                or tuple(label_map.shape[2:]) != tuple(size * factor for size in grid)):
+            raise ValueError(f"label_map must be one-hot (B={batch}, {self.config.label_channels}, *grid) on a whole "
+                             f"multiple of the latent grid {grid}, got {tuple(label_map.shape)}")
+        pool = (F.avg_pool2d, F.avg_pool3d)[len(grid) - 2]
+        return (pool(label_map.float(), factor) if factor > 1 else label_map.float()).to(sample.dtype)

@@ -127,6 +127,14 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
                               config.autoencoder.batch_size)
     class_names = class_vocabulary(train_images.records, config.conditioning.class_attribute)
     latents.class_labels = class_labels(train_images.records, config.conditioning.class_attribute, class_names)
+    maps_in_unet = config.conditioning.use_masks and config.conditioning.mask_input == "concat"
+    map_labels, loss_weights = 0, None
+    if maps_in_unet:  # the UNet learns the maps with everything else
+        latents.label_maps = train_images.label_maps()
+        map_labels = max(label_vocabulary(train_images.records)) + 1
+        if config.diffusion.rare_label_weight:
+            loss_weights = ControlLossWeights(rare_labels(latents.label_maps, map_labels),
+                                              config.diffusion.rare_label_weight, autoencoder.downsample_factor)
     if config.diffusion.balance_by:
         latents.row_weights = balance_weights(train_images.records, config.diffusion.balance_by)
 
@@ -136,25 +144,29 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
         max_length=config.conditioning.max_tokens, embed_dim=config.conditioning.embed_dim,
         num_layers=config.conditioning.text_layers, num_heads=config.conditioning.text_heads,
         min_cases=config.conditioning.min_word_cases)
-    # Masks condition a ControlNet beside the diffusion model, not the model itself. The text encoder's vocabulary
-    # is part of what it learns from: a model on another vocabulary starts over (its embedding would not load).
+    # Masks condition a ControlNet beside the diffusion model, not the model itself, unless the UNet reads them
+    # (mask_input: concat, which implies use_masks). The text encoder's vocabulary is part of what it learns from: a
+    # model on another vocabulary starts over (its embedding would not load).
     vocabulary = json.dumps(text_encoder.config.get("vocab", []))
     start_over_if_changed(train_dir(config) / DIFFUSION_DIR, part_fingerprint(
         config, "diffusion", upstream=autoencoder_stamp + hashlib.sha256(vocabulary.encode()).hexdigest(),
-        also=("conditioning",), ignore=("use_masks",)))
-    unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None)
+        also=("conditioning",), ignore=("use_masks",) if maps_in_unet else ("use_masks", "mask_dropout")))
+    unet = _unet(config, autoencoder, text_encoder.embed_dim, len(class_names) + 1 if class_names else None,
+                 map_labels)
     diffusion = config.diffusion
     core = LatentDiffusion(unet, autoencoder, text_encoder,
                            TrainingObjective(diffusion.objective, diffusion.num_train_timesteps,
                                              min_snr_gamma=diffusion.min_snr_gamma),
-                           class_attribute=config.conditioning.class_attribute, class_names=class_names)
+                           class_attribute=config.conditioning.class_attribute, class_names=class_names,
+                           loss_weights=loss_weights)
     # The default text encoder learns with the UNet; a pretrained one stays frozen.
     trained = [unet, text_encoder] if any(p.requires_grad for p in text_encoder.parameters()) else [unet]
     # One callback serves the validation grid and the frontier: it is called at the steps either asks for.
     every = math.gcd(diffusion.validate_every, diffusion.frontier_every or diffusion.validate_every)
     trainer = _trainer(config, core, trained, latents, train_dir(config) / DIFFUSION_DIR,
                        loop_settings(config, progress, validate_every=every),
-                       diffusion.learning_rate, diffusion.batch_size, augment=latent_augment(config))
+                       diffusion.learning_rate, diffusion.batch_size, augment=latent_augment(config),
+                       map_dropout=config.conditioning.mask_dropout if maps_in_unet else 0.0)
 
     def pipeline_now() -> RadsynthTextToImagePipeline:
         unwrap = trainer.loop.accelerator.unwrap_model
@@ -191,9 +203,10 @@ def train(config: RadsynthConfig, progress: bool = True) -> TrainResult:
     accelerator.wait_for_everyone()
     parts = [AUTOENCODER_DIR, DIFFUSION_DIR]
     if config.conditioning.use_masks:
-        _mask_models(config, train_images, controlnet_validation(config, records, cache_dir), latents, digest,
-                     progress)
-        parts += [CONTROLNET_FOLDER] + ([MASK_GENERATOR_FOLDER] if config.mask_generator.enabled else [])
+        validation = None if maps_in_unet else controlnet_validation(config, records, cache_dir)
+        _mask_models(config, train_images, validation, latents, digest, progress)
+        parts += [] if maps_in_unet else [CONTROLNET_FOLDER]
+        parts += [MASK_GENERATOR_FOLDER] if config.mask_generator.enabled else []
     out = model_dir(config)
     if accelerator.is_main_process:
         write_training_compute(out, {part: train_dir(config) / part for part in parts})
@@ -283,14 +296,16 @@ def loop_settings(config: RadsynthConfig, progress: bool, part=None, *,
 
 def _trainer(config: RadsynthConfig, core: LatentDiffusion, trained: list[torch.nn.Module], data: CachedLatents,
              folder: Path, loop: LoopSettings, learning_rate: float, batch_size: int,
-             augment: LatentAugment | None = None) -> DiffusionTrainer:
-    """A trainer of ``trained`` (parts of ``core``) with the diffusion section's schedule, clipping, EMA and dropout."""
+             augment: LatentAugment | None = None, map_dropout: float = 0.0) -> DiffusionTrainer:
+    """A trainer of ``trained`` (parts of ``core``) with the diffusion section's schedule, clipping, EMA and dropout
+    (``map_dropout``: of the label maps, for a UNet that reads them)."""
     diffusion = config.diffusion
     return DiffusionTrainer(core, trained, data, folder, loop, learning_rate=learning_rate,
                             lr_schedule=diffusion.lr_schedule, warmup_steps=diffusion.warmup_steps,
                             batch_size=batch_size, condition_dropout=config.conditioning.condition_dropout,
                             text_dropout=config.conditioning.text_dropout, max_grad_norm=diffusion.max_grad_norm,
-                            ema_decay=diffusion.ema_decay, seed=config.runtime.seed, augment=augment)
+                            ema_decay=diffusion.ema_decay, seed=config.runtime.seed, map_dropout=map_dropout,
+                            augment=augment)
 
 
 def latent_augment(config: RadsynthConfig) -> LatentAugment | None:
@@ -335,16 +350,17 @@ def _autoencoder(config, train_images, records, cache_dir, conditioning, intensi
 
 def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation: CachedImages | None,
                  latents: CachedLatents, base_hash: str, progress: bool) -> None:
-    """The models beside the saved (frozen) base that make pairs: the ControlNet, and the mask generator when
-    enabled. Each trains on the training label maps and is saved into the model folder. ``validation``: the
-    held-out cases whose maps the ControlNet's validation generates from."""
+    """The models beside the saved (frozen) base that make pairs: the ControlNet (unless the UNet reads the maps
+    itself), and the mask generator when enabled. Each trains on the training label maps and is saved into the
+    model folder. ``validation``: the held-out cases whose maps the ControlNet's validation generates from."""
     base = RadsynthTextToImagePipeline.from_model_dir(model_dir(config))
     latents.label_maps = train_images.label_maps()
     label_names = label_vocabulary(train_images.records)
-    torch.manual_seed(config.runtime.seed + 2)
-    controlnet = RadsynthControlNet.from_unet(base.unet, max(label_names) + 1, base.vae.downsample_factor)
-    fit_controlnet(config, base, controlnet, latents, train_dir(config) / CONTROLNET_FOLDER, model_dir(config),
-                   base_hash, controlnet_probe(config, train_images, latents, validation, label_names), progress)
+    if config.conditioning.mask_input == "controlnet":
+        torch.manual_seed(config.runtime.seed + 2)
+        controlnet = RadsynthControlNet.from_unet(base.unet, max(label_names) + 1, base.vae.downsample_factor)
+        fit_controlnet(config, base, controlnet, latents, train_dir(config) / CONTROLNET_FOLDER, model_dir(config),
+                       base_hash, controlnet_probe(config, train_images, latents, validation, label_names), progress)
     if config.mask_generator.enabled:
         _mask_generator(config, base, latents, label_names, base_hash, progress)
 
@@ -488,7 +504,7 @@ def class_labels(records: list[CaseRecord], attribute: str | None, names: list[s
 
 
 def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim: int,
-          num_class_embeds: int | None) -> RadsynthUNet:
+          num_class_embeds: int | None, label_channels: int = 0) -> RadsynthUNet:
     settings = config.diffusion
     latent_channels = autoencoder.config.latent_channels
     return RadsynthUNet(
@@ -497,7 +513,8 @@ def _unet(config: RadsynthConfig, autoencoder: RadsynthAutoencoder, context_dim:
         num_res_blocks=settings.num_res_blocks, num_head_channels=settings.num_head_channels,
         cross_attention_dim=context_dim, norm_num_groups=settings.norm_num_groups, num_class_embeds=num_class_embeds,
         use_spacing=config.data.spatial_dims == 3,
-        augment_dims=LatentAugment.label_dims(config.data.spatial_dims) if latent_augment(config) else 0)
+        augment_dims=LatentAugment.label_dims(config.data.spatial_dims) if latent_augment(config) else 0,
+        label_channels=label_channels)
 
 
 def _pipeline(config, unet, autoencoder, text_encoder, summary, latents: CachedLatents,

@@ -39,7 +39,7 @@ FORMAT_DESCRIPTIONS = {
 CONFIG_SUMMARY_FIELDS = {
     "data": ("name", "format", "modality", "body_region", "license"),
     "diffusion": ("objective", "num_train_timesteps", "max_steps"),
-    "conditioning": ("text_encoder", "attributes", "class_attribute", "use_masks", "condition_dropout"),
+    "conditioning": ("text_encoder", "attributes", "class_attribute", "use_masks", "mask_input", "condition_dropout"),
     "sampling": ("scheduler", "num_inference_steps", "guidance_scale", "guidance_interval", "num_samples",
                  "output_format"),
     "release": ("formats", "internal"),

@@ -31,7 +31,7 @@ from .compute_log import log_batch
 from .lesion_inpaint import RadsynthLesionInpaintPipeline
 from .mask_to_image import RadsynthMaskToImagePipeline
 from .pairs import PairSource, SampleCondition, generated_condition, with_lesions
-from .pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, RadsynthPipeline, model_hash
+from .pipeline import CONTROLNET_FOLDER, MASK_GENERATOR_FOLDER, RadsynthPipeline, model_hash, unet_reads_label_maps
 from .text_to_image import RadsynthTextToImagePipeline
 from .text_to_pair import RadsynthTextToPairPipeline
 from .writers import write_sample
@@ -51,7 +51,7 @@ class GenerateResult:
 def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool = True,
                   pairs: bool | None = None) -> RadsynthPipeline:
     """The trained text-to-image pipeline; for pairs (default ``sampling.pairs``) the mask-to-image one (its
-    ControlNet beside it), or with ``sampling.mask_source: generated`` the text-to-pair one.
+    ControlNet beside it, or its UNet reading the maps), or with ``sampling.mask_source: generated`` the text-to-pair one.
 
     The sampler is ``sampling.scheduler`` for the objective saved with the model (never ``diffusion.objective``
     of the current config, which may describe another model); a distilled student keeps its own.
@@ -67,7 +67,7 @@ def load_pipeline(model_dir: str | Path, config: RadsynthConfig, progress: bool 
         generated = config.sampling.mask_source == "generated"
         needed, setting = ((MASK_GENERATOR_FOLDER, "mask_generator.enabled: true") if generated
                            else (CONTROLNET_FOLDER, "conditioning.use_masks: true"))
-        if not (model_dir / needed).is_dir():
+        if not (model_dir / needed).is_dir() and not (needed == CONTROLNET_FOLDER and unet_reads_label_maps(model_dir)):
             raise UserInputError(model_dir, f"no {needed} in this model", f"train with {setting} to generate pairs")
         kind = (RadsynthTextToPairPipeline if generated else
                 RadsynthLesionInpaintPipeline if config.sampling.inpaint else RadsynthMaskToImagePipeline)

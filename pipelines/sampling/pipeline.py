@@ -1,10 +1,10 @@
 """What every radsynth sampling pipeline shares: its components, its image space, and the steps it composes.
 
-A trained model folder holds the base model (``unet``, ``vae``, ``text_encoder``, ``scheduler``) and, when it
-was trained with masks, a ``mask_controlnet`` and a ``mask_generator`` beside it. Each task is a pipeline of its
-own (text-to-image, mask-to-image, text-to-pair, lesion inpainting), all reading the same folder; none
-subclasses another. Each ``__call__`` reads as diffusers' pipelines do: check the inputs -> build the
-conditioning -> ``LatentDiffusion.sample`` -> decode. The denoising itself lives in
+A trained model folder holds the base model (``unet``, ``vae``, ``text_encoder``, ``scheduler``) and, when it was
+trained with masks, a ``mask_controlnet`` (unless its UNet reads the maps itself) and a ``mask_generator`` beside
+it. Each task is a pipeline of its own (text-to-image, mask-to-image, text-to-pair, lesion inpainting), all
+reading the same folder; none subclasses another. Each ``__call__`` reads as diffusers' pipelines do: check the
+inputs -> build the conditioning -> ``LatentDiffusion.sample`` -> decode. The denoising itself lives in
 ``generators.latent_diffusion``, written once for training, sampling and the privacy probes.
 
 The pipeline's config (modality, image shape, spacing, intensity range, latent clip, class vocabulary and the
@@ -126,7 +126,7 @@ class RadsynthPipeline(DiffusionPipeline):
     @classmethod
     def from_model_dir(cls, folder: str | Path, optional: Sequence[str] = (), **components) -> RadsynthPipeline:
         """A trained model folder with the components this task needs (``required_components``) beside the base,
-        and those of ``optional`` that the folder has.
+        and those of ``optional`` that the folder has. A UNet that reads label maps stands in for the ControlNet.
 
         Loaded plainly: low_cpu_mem_usage builds modules under accelerate's init_empty_weights, which patches
         torch.nn.Module for the whole process, so shards loading side by side on threads land on the meta device.
@@ -134,7 +134,7 @@ class RadsynthPipeline(DiffusionPipeline):
         folder = Path(folder)
         present = [name for name in optional if (folder / name / "config.json").is_file()]
         for name in (*cls.required_components, *present):
-            if name in components:
+            if name in components or (name == CONTROLNET_FOLDER and unet_reads_label_maps(folder)):
                 continue
             kinds, how = _EXTRA_COMPONENTS[name]
             if not (folder / name / "config.json").is_file():
@@ -251,6 +251,13 @@ class RadsynthPipeline(DiffusionPipeline):
         """[-1, 1] -> physical units: the inverse of the preprocessing intensity map (IntensityMap.inverse)."""
         low, high = self.config.intensity_low, self.config.intensity_high
         return ((np.asarray(images, dtype=np.float32) + 1.0) / 2.0 * (high - low) + low).astype(np.float32)
+
+
+def unet_reads_label_maps(folder: str | Path) -> bool:
+    """Whether a model folder's UNet reads label maps itself (``conditioning.mask_input: concat``): its pairs need no
+    ControlNet."""
+    unet_config = Path(folder) / "unet" / "config.json"
+    return unet_config.is_file() and bool(json.loads(unet_config.read_text()).get("label_channels"))
 
 
 def check_output_type(output_type: str) -> None:

@@ -640,7 +640,7 @@ def _copy_detector(inputs: ScoringInputs, table: FeatureTable, settings: Scoring
         # What a memorising generator emits: a training latent partly noised and denoised again.
         copies["partial_noise_regeneration"] = partial_noise_regeneration(
             inputs.pipeline, images, sources.prompts, strength=0.3, seed=seed, spacing=sources.spacing,
-            conditions=sources.conditions, **(inputs.sampler or {}))[:, 0].numpy()
+            conditions=sources.conditions, label_maps=sources.masks, **(inputs.sampler or {}))[:, 0].numpy()
     # A near copy keeps its source's label map (close enough for the small shifts of the copies made here).
     embeddings = {kind: table.embed(copy, sources.masks) for kind, copy in copies.items()}
     kinds = [kind for kind, e in embeddings.items() for _ in range(len(e))]

@@ -154,6 +154,7 @@ def partial_noise_regeneration(
     batch_size: int = 16,
     spacing: Sequence[float] | torch.Tensor | None = None,
     conditions: Sequence[dict] | None = None,
+    label_maps: np.ndarray | None = None,
 ) -> torch.Tensor:
     """SDEdit near copies: encode, noise the latent to ``strength`` of the schedule, denoise with the prompt, decode.
 
@@ -162,6 +163,7 @@ def partial_noise_regeneration(
     num_inference_steps, guidance_scale: default to the pipeline's own sampling defaults.
     spacing: (spatial_dims,) mm for a UNet that reads spacing (3D); the pipeline's spacing when None.
     conditions: each image's attribute values (its class label); default: read from the prompts' headers.
+    label_maps: (N, *spatial) each image's own label map, for a UNet that reads maps (``_own_maps``).
     seed: the noise of sample i depends on (seed, i) only, never on the batch.
     Works with every scheduler the pipeline may carry: the noising is the model's own noise path, and each
     step is the pipeline's sampling step (guidance, latent clip) under a fresh copy of its scheduler.
@@ -178,11 +180,21 @@ def partial_noise_regeneration(
         for rows in _batches(len(images), batch_size):
             generators = _sample_generators(seed, range(rows.start, rows.stop))
             condition = diffusion.condition(prompts[rows], spacing=_rows(spacing, rows),
-                                            conditions=None if conditions is None else conditions[rows])
+                                            conditions=None if conditions is None else conditions[rows],
+                                            label_maps=_own_maps(diffusion, label_maps, rows))
             latents = _regenerate(pipeline, diffusion, diffusion.encode(images[rows]), condition, strength,
                                   generators, steps, guidance)
             outputs.append(_decode(pipeline, latents))
     return torch.cat(outputs)
+
+
+def _own_maps(diffusion, label_maps: np.ndarray | None, rows: slice) -> torch.Tensor | None:
+    """The rows' own label maps (B, 1, *spatial) where the UNet reads maps itself: the attacker holds the whole case,
+    map included, and a probe without it would see the model at its map-dropout fallback and understate leakage.
+    None for every other model (a ControlNet's maps are not part of the base model's training)."""
+    if label_maps is None or not diffusion.map_labels:
+        return None
+    return torch.as_tensor(np.asarray(label_maps[rows])).long().unsqueeze(1)
 
 
 def _rows(values, rows: slice):
@@ -253,6 +265,7 @@ def denoising_losses(
     batch_size: int = 16,
     spacing: Sequence[float] | torch.Tensor | None = None,
     conditions: Sequence[dict] | None = None,
+    label_maps: np.ndarray | None = None,
 ) -> np.ndarray:
     """(N, T) training losses per image and fixed timestep: the white-box membership signal.
 
@@ -263,6 +276,7 @@ def denoising_losses(
         the same index are noised identically and the losses do not depend on ``batch_size``.
     spacing: (spatial_dims,) or (N, spatial_dims) mm, read only by UNets that use spacing (3D).
     conditions: each image's attribute values (its class label); default: read from the prompts' headers.
+    label_maps: (N, *spatial) each image's own label map, for a UNet that reads maps (``_own_maps``).
     The clean latent is the posterior mean (the centre of what training drew from), which removes one source
     of noise from the comparison.
     """
@@ -276,7 +290,8 @@ def denoising_losses(
         for rows in _batches(len(images), batch_size):
             latents = diffusion.encode(images[rows])
             condition = diffusion.condition(prompts[rows], spacing=_rows(spacing, rows),
-                                            conditions=None if conditions is None else conditions[rows])
+                                            conditions=None if conditions is None else conditions[rows],
+                                            label_maps=_own_maps(diffusion, label_maps, rows))
             generators = _sample_generators(noise_seed, range(rows.start, rows.stop))
             # One (T, C, *spatial) block per sample from its own generator: noise independent of the batch.
             noise = torch.stack([torch.randn((len(steps), *latents.shape[1:]), generator=g) for g in generators])
@@ -385,7 +400,8 @@ def membership_inference_report(
 ) -> dict:
     """The white-box attack on a trained pipeline: members = a train subset, non-members = holdout, equal sizes.
 
-    members / non_members: images in [-1, 1] with their prompts (the captions the model trained on) and spacing.
+    members / non_members: images in [-1, 1] with their prompts (the captions the model trained on) and spacing,
+        and their label maps, which a UNet that reads maps is probed with.
     n_max: cap on each set's size (the larger set is subsampled with ``seed``).
     by: a condition key (e.g. "finding"): also the AUC within each value it takes in both sets.
     Returns a JSON-ready dict: auc with a patient-level bootstrap CI over both sets, tpr_at_1pct_fpr,
@@ -396,7 +412,7 @@ def membership_inference_report(
     steps = _objective_timesteps(objective, timesteps)
     training_steps = steps * objective.num_train_timesteps if objective.is_flow else steps
     losses = [denoising_losses(pipeline, _as_batch(images), images.prompts, timesteps, noise_seed, batch_size,
-                               images.spacing, images.conditions) for images in (members, non_members)]
+                               images.spacing, images.conditions, images.masks) for images in (members, non_members)]
     result = membership_inference(*losses)
 
     def auc_of(member_rows: np.ndarray, non_member_rows: np.ndarray) -> float:
