@@ -1,20 +1,22 @@
-"""Do generated images show what their label maps draw? ControlNet adherence, with the segmenter's ceiling.
+"""Do generated images show what their label maps draw? Mask adherence, with the segmenter's ceiling.
 
     python benchmarks/mask_adherence.py CONFIG [key=value ...] [--n 32] [--segmenter-steps 300]
         [--lesion "nodule 15 mm in right lung"] [--out report.json]
 
 Ingests and trains (each a no-op when current) with ``conditioning.use_masks=true``. A MONAI UNet segmenter is
-trained on the real train split; its per-label Dice on the real test split is the ceiling. Then each test
-case's label map and prompt condition one generated image, the segmenter segments it, and the per-label Dice
-against the conditioning map is the adherence. The segmenter's Dice on the autoencoder's reconstructions of the
-same test images is the model's own ceiling: every generated image leaves through that decoder, so a label it
-loses there no ControlNet can draw. The same maps at ``conditioning_scale=0`` (the text-only
-model, the ControlNet switched off) are the floor: what the prompt alone gets right. With ``--lesion`` every
-test map first gets that edit (and its prompt the request): the report adds the requested lesion size, the size
-in the edited maps, and the size the segmenter finds in the generated images. With ``mask_generator.enabled=true``
-the report adds pairs from text alone: the mask generator draws each map from the test prompt (and the lesion
-request), the image is drawn from it, and the segmenter's Dice against the drawn map is reported with how much
-of the maps each label covers, generated against the real test maps. Prints one JSON object.
+trained on the real train split; its per-label Dice on the real test split is the ceiling. Then each test case's
+label map and prompt condition one generated image, the segmenter segments it, and the per-label Dice against the
+conditioning map is the adherence. The segmenter's Dice on the autoencoder's reconstructions of the same test
+images is the model's own ceiling: every generated image leaves through that decoder, so a label it loses there no
+map input can draw. The same prompts drawn by the text-to-image model without the maps (the ControlNet off, or a
+UNet that reads maps given none) are the floor: what the prompt alone gets right. The maps steer the images
+through the model's ControlNet or, with ``conditioning.mask_input=concat``, the UNet's own input. With
+``--lesion`` every test map first gets that edit (and its prompt the request): the report adds the requested
+lesion size, the size in the edited maps, and the size the segmenter finds in the generated images. With
+``mask_generator.enabled=true`` the report adds pairs from text alone: the mask generator draws each map from the
+test prompt (and the lesion request), the image is drawn from it, and the segmenter's Dice against the drawn map
+is reported with how much of the maps each label covers, generated against the real test maps. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from radsynth.pipelines.data.ingest import data_dir, ingest
 from radsynth.pipelines.data.manifest import read_manifest
 from radsynth.pipelines.masks import apply_lesion_edit, parse_lesion_request
 from radsynth.pipelines.sampling.mask_to_image import RadsynthMaskToImagePipeline
+from radsynth.pipelines.sampling.text_to_image import RadsynthTextToImagePipeline
 from radsynth.pipelines.sampling.text_to_pair import RadsynthTextToPairPipeline
 from radsynth.pipelines.scoring.loading import cached_split
 from radsynth.pipelines.scoring.segmenter import Segmenter, per_label_dice
@@ -84,14 +87,18 @@ def main() -> None:
     autoencoder = per_label_dice(segmenter.predict(reconstruct(pipeline, test_set.images)), test_set.masks, labels)
     maps = masks[:, None]
     dice, seconds = {}, {}
-    for name, scale in (("controlnet", config.controlnet.conditioning_scale), ("text_only", 0.0)):
+    text_to_image = RadsynthTextToImagePipeline.from_pipe(pipeline)
+    for name in ("from_maps", "text_only"):
         images, start = [], time.perf_counter()
         for first in range(0, len(prompts), config.sampling.batch_size):
             rows = slice(first, first + config.sampling.batch_size)
             generators = [torch.Generator().manual_seed(config.runtime.seed + i)
                           for i in range(first, min(first + config.sampling.batch_size, len(prompts)))]
-            output = pipeline(prompts[rows], maps[rows], conditioning_scale=scale, generator=generators,
-                              num_inference_steps=config.sampling.num_inference_steps, **config.sampling.guidance)
+            steered = ({"label_maps": maps[rows], "conditioning_scale": config.controlnet.conditioning_scale}
+                       if name == "from_maps" else {})
+            output = (pipeline if steered else text_to_image)(
+                prompts[rows], generator=generators, num_inference_steps=config.sampling.num_inference_steps,
+                **steered, **config.sampling.guidance)
             images.append(np.asarray(output.images)[:, 0])
         seconds[name] = (time.perf_counter() - start) / len(prompts)
         predicted = segmenter.predict(np.concatenate(images))
@@ -138,14 +145,15 @@ def main() -> None:
 
     report = {
         "config": args.config, "overrides": args.overrides, "n_pairs": len(prompts),
-        "controlnet_steps": config.controlnet.max_steps, "diffusion_steps": config.diffusion.max_steps,
+        "mask_input": config.conditioning.mask_input, "diffusion_steps": config.diffusion.max_steps,
+        "controlnet_steps": config.controlnet.max_steps if config.conditioning.mask_input == "controlnet" else None,
         "dice_real_test_ceiling": per_label(ceiling),
         "dice_autoencoder_reconstructions": per_label(autoencoder),
-        "dice_generated_controlnet": per_label(dice["controlnet"]),
+        "dice_generated_from_maps": per_label(dice["from_maps"]),
         "dice_generated_text_only": per_label(dice["text_only"]),
         "lesion": {"request": args.lesion, **sizes} if lesion is not None else None,
         "generated_masks": generated,
-        "seconds_per_pair": round(seconds["controlnet"], 3), "seconds_per_image_text_only": round(seconds["text_only"], 3),
+        "seconds_per_pair": round(seconds["from_maps"], 3), "seconds_per_image_text_only": round(seconds["text_only"], 3),
         "train_seconds": round(train_seconds, 1),
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
