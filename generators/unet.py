@@ -173,4 +173,4 @@ class RadsynthUNet(ModelMixin, ConfigMixin):
             raise ValueError(f"label_map must be one-hot (B={batch}, {self.config.label_channels}, *grid) on a whole "
                              f"multiple of the latent grid {grid}, got {tuple(label_map.shape)}")
         pool = (F.avg_pool2d, F.avg_pool3d)[len(grid) - 2]
-        return (pool(label_map.float(), factor) if factor > 1 else label_map.float()).to(sample.dtype)
+        return pool(label_map.float(), factor).to(sample.dtype)

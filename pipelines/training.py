@@ -354,7 +354,8 @@ def _mask_models(config: RadsynthConfig, train_images: CachedImages, validation:
     itself), and the mask generator when enabled. Each trains on the training label maps and is saved into the
     model folder. ``validation``: the held-out cases whose maps the ControlNet's validation generates from."""
     base = RadsynthTextToImagePipeline.from_model_dir(model_dir(config))
-    latents.label_maps = train_images.label_maps()
+    if latents.label_maps is None:  # a UNet that reads maps has them already
+        latents.label_maps = train_images.label_maps()
     label_names = label_vocabulary(train_images.records)
     if config.conditioning.mask_input == "controlnet":
         torch.manual_seed(config.runtime.seed + 2)
