@@ -123,6 +123,7 @@ def main() -> None:
             output = pair_pipeline([prompts[i] if lesions else base_prompts[i] for i in rows], lesions=lesions,
                                    generator=[torch.Generator().manual_seed(config.runtime.seed + i) for i in rows],
                                    num_inference_steps=config.sampling.num_inference_steps,
+                                   mask_guidance_scale=config.sampling.mask_guidance_scale,
                                    conditioning_scale=config.controlnet.conditioning_scale, **config.sampling.guidance)
             maps.append(output.label_maps[:, 0])
             images.append(np.asarray(output.images)[:, 0])
@@ -135,7 +136,8 @@ def main() -> None:
                  for label in labels}
         generated = {"dice": per_label(per_label_dice(predicted, maps, labels)), "label_share": share,
                      "seconds_per_pair": round(seconds["generated_pairs"], 3),
-                     "mask_generator_steps": config.mask_generator.max_steps}
+                     "mask_generator_steps": config.mask_generator.max_steps,
+                     "mask_guidance_scale": config.sampling.mask_guidance_scale}
         if lesion is not None:
             found = (predicted == lesion).reshape(len(predicted), -1).sum(1) * voxel
             generated["lesion"] = {"requested": float(np.median([e.get("requested_volume") for e in edits])),
